@@ -1,0 +1,49 @@
+"""Expected failures.
+
+Every failure a user can cause (bad path, corrupt file, unknown model, wrong option, ...) is raised as an
+`LrcError` whose message names the cause and the fix. The CLI turns it into a single `Error:` line and the
+exit code below; library users catch the class they care about.
+
+Exit codes (documented in the README):
+    1  a report gate failed, or an unexpected internal error
+    2  bad usage: an option value that cannot work (kappa <= 1, a pattern that matches nothing, ...)
+    3  bad input: model, file or data not found, unreadable, corrupt, or not fitting the architecture
+    4  output problem: output exists (without --force), its folder is missing, or it cannot be written
+    5  training stopped: non-finite loss (the last good checkpoint is kept)
+    6  environment: a missing optional dependency, or a device that is not there (--device cuda)
+  130  interrupted (Ctrl-C / SIGTERM); for recover, the resume command is printed
+"""
+
+from __future__ import annotations
+
+
+class LrcError(Exception):
+    exit_code = 1
+
+
+class GateFailed(LrcError):
+    exit_code = 1
+
+
+class UsageError(LrcError):
+    exit_code = 2
+
+
+class InputError(LrcError):
+    exit_code = 3
+
+
+class OutputError(LrcError):
+    exit_code = 4
+
+
+class TrainingError(LrcError):
+    exit_code = 5
+
+
+class EnvironmentProblem(LrcError):
+    exit_code = 6
+
+
+class Interrupted(LrcError):
+    exit_code = 130
