@@ -1,0 +1,77 @@
+"""The `lrc` command: a thin layer over the Python API, with one error boundary.
+
+Every expected failure is an LrcError: it prints one `Error: ...` line on stderr and exits with its code
+(see lowrank_cli.errors). Anything else is a bug: one line too, the traceback only with LRC_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from lowrank_cli._version import __version__
+from lowrank_cli.cli import factorize_cmd
+
+app = typer.Typer(
+    name="lrc",
+    help="Make pretrained transformers smaller and faster by low-rank factorization (PELA).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lrc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Make pretrained transformers smaller and faster by low-rank factorization (PELA)."""
+
+
+factorize_cmd.register(app)
+
+# Recent typer vendors its own click, older typer uses click itself: take the class typer actually raises.
+_CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _error(message: str, code: int) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lowrank_cli.errors import LrcError
+
+    debug = os.environ.get("LRC_DEBUG", "") not in ("", "0")
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="lrc", standalone_mode=False)
+    except _CLICK_USAGE_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `lrc` alone: show the help, not an error
+            print(e.ctx.get_help())
+            sys.exit(0)
+        name = e.ctx.command_path if getattr(e, "ctx", None) else "lrc"
+        _error(f"{e.format_message()} (see '{name} --help')", 2)
+    except typer.Abort:
+        _error("interrupted", 130)
+    except KeyboardInterrupt:
+        _error("interrupted", 130)
+    except LrcError as e:
+        if debug:
+            raise
+        _error(str(e), e.exit_code)
+    except Exception as e:
+        if debug:
+            raise
+        _error(f"unexpected {type(e).__name__}: {e} (a bug in lrc: rerun with LRC_DEBUG=1 and report the traceback)", 1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,94 @@
+"""`lrc factorize`: any timm model -> low-rank model -> self-describing safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lowrank_cli.cli import console
+from lowrank_cli.cli.options import Arch, Device, Force, InputSize, Json, Model, ModelArg, Output, Revision, parse_input_size
+
+EPILOG = """\
+Examples:
+
+  lrc factorize deit_base --kappa 2 -o deit_lr.safetensors
+
+  lrc factorize hf-hub:timm/deit_small_patch16_224.fb_in1k --kappa 3 --rank-multiple 64 -o s.safetensors
+
+  lrc factorize local-dir:./my_vit --kappa 2 --exclude 'blocks\\.11\\..*' -o out.safetensors
+
+  lrc factorize weights.pth --arch vit_small_patch16_224 --model-arg num_classes=10 -o out.safetensors
+"""
+
+
+def factorize(
+    model: Model,
+    output: Output,
+    kappa: Annotated[float, typer.Option("--kappa", help="Per-layer compression ratio of parameters and MACs (> 1).")] = 2.0,
+    rank_multiple: Annotated[int, typer.Option("--rank-multiple", help="Round ranks down to a multiple of this (8: tensor cores; 1: the paper's ranks).")] = 8,
+    rank_pattern: Annotated[Optional[list[str]], typer.Option("--rank-pattern", help="REGEX=RANK override for matching modules (repeatable; first match wins).", show_default=False)] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Factorize the linears whose name fully matches REGEX (repeatable) instead of the block linears.", show_default=False)] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Keep the linears whose name fully matches REGEX dense (repeatable; wins over --include).", show_default=False)] = None,
+    svd: Annotated[str, typer.Option("--svd", help="exact (torch.linalg.svd) or randomized (torch.svd_lowrank).")] = "exact",
+    device: Device = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store the model as float32, float16 or bfloat16 (default: the source dtype).", show_default=False)] = None,
+    arch: Arch = None,
+    model_arg: ModelArg = None,
+    revision: Revision = None,
+    input_size: InputSize = None,
+    force: Force = False,
+    json_out: Json = False,
+) -> None:
+    """Replace every linear of the transformer blocks by its truncated SVD and write an lrc checkpoint."""
+    from lowrank_cli.factorize import factorize_file
+    from lowrank_cli.sources import parse_model_args
+
+    with console.progress() as bar:
+        task = None
+
+        def advance(name: str, done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task("SVD", total=total, status="")
+            bar.update(task, completed=done, status=name)
+
+        result = factorize_file(
+            model, str(output),
+            arch=arch, model_args=parse_model_args(model_arg), revision=revision, force=force,
+            log=lambda msg: console.info(f"Model: {msg}"),
+            kappa=kappa, rank_multiple=rank_multiple, include=include, exclude=exclude, rank_pattern=rank_pattern,
+            svd=svd, device=device, dtype=dtype, input_size=parse_input_size(input_size),
+            progress=advance, warn=console.warn,
+        )
+    summary = result.summary()
+    summary["output"] = str(output)
+    if json_out:
+        console.print_json(summary)
+        return
+    print_summary(summary)
+
+
+def print_summary(s: dict) -> None:
+    from rich.table import Table
+
+    from lowrank_cli.counting import format_size
+
+    table = Table(title=f"lrc factorize -> {s['output']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("parameters", f"{format_size(s['params_before'])} -> {format_size(s['params_after'])} "
+                  f"({s['compression']:.2f}x smaller)")
+    table.add_row("factorized linears", str(s["factorized"]))
+    for group, ranks in s["ranks_by_group"].items():
+        table.add_row(f"  rank of {group}", ", ".join(map(str, ranks)))
+    table.add_row("largest relative error", f"{s['max_rel_error']:.4f}  (||W - W_r||_F / ||W||_F)")
+    if s["left_dense"]:
+        table.add_row("left dense", "\n".join(f"{k}: {v}" for k, v in s["left_dense"].items()))
+    table.add_row("elapsed", f"{s['seconds']:.1f} s")
+    console.out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=EPILOG)(factorize)

@@ -1,0 +1,44 @@
+"""Option types shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Model = Annotated[
+    str,
+    typer.Argument(
+        help="timm name (deit_base), hf-hub:ORG/REPO, local-dir:PATH or a folder, a weights file with --arch, "
+        "or an lrc checkpoint.",
+        show_default=False,
+    ),
+]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file (written atomically).", show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+Arch = Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file.", show_default=False)]
+ModelArg = Annotated[
+    Optional[list[str]],
+    typer.Option("--model-arg", help="KEY=VALUE constructor argument for --arch (repeatable), e.g. num_classes=10.", show_default=False),
+]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) for hf-hub: sources.", show_default=False)]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (auto: cuda when available).")]
+InputSize = Annotated[
+    Optional[str], typer.Option("--input-size", help="C,H,W input size (default: the model's pretrained_cfg).", show_default=False)
+]
+
+
+def parse_input_size(text: str | None) -> tuple[int, ...] | None:
+    from lowrank_cli.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        size = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise UsageError(f"--input-size '{text}' is not C,H,W (e.g. 3,224,224)")
+    return size

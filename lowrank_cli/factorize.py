@@ -1,0 +1,245 @@
+"""Factorize: replace each planned nn.Linear by the truncated SVD of its weight (a LowRankLinear), in place."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_cli.checkpoint import CheckpointInfo, swap_in
+from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
+from lowrank_cli.lowrank_linear import LowRankLinear
+from lowrank_cli.model_spec import ModelSpec
+from lowrank_cli.plan import Plan, make_plan
+from lowrank_cli.svd import SVD_METHODS, truncated_svd
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class LayerResult:
+    name: str
+    d_in: int
+    d_out: int
+    rank: int
+    kept_energy: float
+    rel_error: float
+    method: str
+
+
+@dataclass
+class FactorizeResult:
+    model: nn.Module
+    plan: Plan
+    layers: list[LayerResult] = field(default_factory=list)
+    dense: dict[str, str] = field(default_factory=dict)  # target linears left dense, and why
+    params_before: int = 0
+    params_after: int = 0
+    seconds: float = 0.0
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((r.rel_error for r in self.layers), default=0.0)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary (the `--json` output of `lrc factorize`)."""
+        groups: dict[str, list[int]] = {}
+        for r in self.layers:
+            groups.setdefault(r.name.rsplit(".", 1)[-1], []).append(r.rank)
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "compression": self.params_before / max(self.params_after, 1),
+            "factorized": len(self.layers),
+            "ranks_by_group": {g: sorted(set(v)) for g, v in groups.items()},
+            "max_rel_error": self.max_rel_error,
+            "left_dense": self.dense,
+            "seconds": round(self.seconds, 3),
+            "layers": [vars(r) for r in self.layers],
+        }
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem("--device cuda was asked for but no CUDA device is available here: use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, ...] | None) -> list[str]:
+    """The named linears that a forward pass never calls as modules.
+
+    Some timm models use `F.linear(x, self.qkv.weight)` (beit, eva, ...): a swapped-in LowRankLinear would then
+    never run and the model would silently break. One batch-1 forward with hooks finds them.
+    """
+    if not names:
+        return []
+    from lowrank_cli.image_data import data_config
+
+    size = tuple(input_size or data_config(model)["input_size"])
+    called: set[str] = set()
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: called.add(n)) for n in names
+    ]
+    param = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *size), dtype=param.dtype, device=param.device))
+    except Exception as e:
+        raise InputError(
+            f"a test forward pass at input size {size} failed ({type(e).__name__}: {str(e)[:120]}), so lrc cannot "
+            "check which linears the model calls: pass the right --input-size C,H,W"
+        ) from None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [n for n in names if n not in called]
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def factorize(
+    model: nn.Module,
+    *,
+    kappa: float = 2.0,
+    rank_multiple: int = 8,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    rank_pattern: list[str] | None = None,
+    plan: Plan | None = None,
+    svd: str = "exact",
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    input_size: tuple[int, ...] | None = None,
+    check_calls: bool = True,
+    factor_fn: Callable[[str, torch.Tensor, int], Any] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> FactorizeResult:
+    """`lowrank_cli.factorize(model, kappa=2)`: swap the planned linears of `model` for low-rank ones, in place.
+
+    The plan comes from `plan`, or from kappa / rank_multiple / include / exclude / rank_pattern (see
+    `lowrank_cli.plan`). Linears the model never calls as modules stay dense, with a warning. `factor_fn(name,
+    weight, rank)` can replace the plain SVD (data-aware truncation); it returns an object shaped like
+    `svd.Factors`. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
+    carries its metadata as `model.lrc_info` for `lowrank_cli.save`.
+    """
+    if svd not in SVD_METHODS:
+        raise UsageError(f"--svd '{svd}' is not one of {', '.join(SVD_METHODS)}")
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    out_dtype = resolve_dtype(dtype)
+    plan = plan or make_plan(
+        model, kappa=kappa, rank_multiple=rank_multiple, include=include, exclude=exclude, rank_pattern=rank_pattern
+    )
+    if check_calls:
+        uncalled = uncalled_linears(model, list(plan.ranks), input_size)
+        if uncalled:
+            warn(
+                f"{len(uncalled)} linear(s) are not called as modules by the model (it uses their weight directly, "
+                f"e.g. F.linear): left dense: {', '.join(uncalled[:4])}{', ...' if len(uncalled) > 4 else ''}"
+            )
+            plan = plan.without({n: "dense: not called as a module (F.linear on its weight)" for n in uncalled})
+    result = FactorizeResult(model, plan, params_before=count_params(model))
+    spectra: dict[str, list[float]] = {}
+    for done, (name, rank) in enumerate(plan.ranks.items(), 1):
+        linear = model.get_submodule(name)
+        weight = linear.weight
+        factors = factor_fn(name, weight, rank) if factor_fn else truncated_svd(weight, rank, method=svd, device=dev)
+        target = out_dtype or weight.dtype
+        if not (torch.isfinite(factors.first).all() and torch.isfinite(factors.second).all()):
+            raise InputError(f"the SVD of {name} is not finite: the weights hold NaN or Inf; check the source model")
+        layer = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                              device=weight.device, dtype=target)
+        with torch.no_grad():
+            layer.first.weight.copy_(factors.first)
+            layer.second.weight.copy_(factors.second)
+            if linear.bias is not None:
+                layer.second.bias.copy_(linear.bias)
+        layer.train(linear.training)
+        swap_in(model, name, layer)
+        spectra[name] = factors.singular_values.tolist()
+        result.layers.append(LayerResult(name, linear.in_features, linear.out_features, rank,
+                                         factors.kept_energy, factors.rel_error, factors.method))
+        if progress:
+            progress(name, done, len(plan.ranks))
+    if out_dtype is not None:
+        model.to(out_dtype)
+    result.dense = plan.dense
+    result.params_after = count_params(model)
+    result.seconds = time.perf_counter() - start
+    info = getattr(model, "lrc_info", None)
+    spec = info.spec if info is not None else _timm_spec(model)
+    model.lrc_info = CheckpointInfo(
+        spec=spec,
+        ranks={r.name: r.rank for r in result.layers},
+        provenance={"kappa": kappa, "rank_multiple": rank_multiple, "svd": svd,
+                    "dtype": str(out_dtype or next(model.parameters()).dtype).removeprefix("torch.")},
+        layers={r.name: {k: v for k, v in vars(r).items() if k != "name"} for r in result.layers},
+        dense=result.dense,
+        spectra=spectra,
+    )
+    return result
+
+
+def _timm_spec(model: nn.Module) -> ModelSpec:
+    from lowrank_cli.checkpoint import _spec_of
+
+    try:
+        return _spec_of(model)
+    except UsageError:
+        return ModelSpec(type(model).__name__, library="unknown")
+
+
+def factorize_file(
+    source: str,
+    output: str,
+    *,
+    arch: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> FactorizeResult:
+    """What `lrc factorize` does: load any MODEL source, factorize it, save the lrc checkpoint atomically.
+
+    The output is checked first, so a doomed run fails before the SVDs rather than after them.
+    """
+    from lowrank_cli.atomic import check_output
+    from lowrank_cli.checkpoint import save
+    from lowrank_cli.sources import load_model
+
+    check_output(output, force=force)
+    if options.get("svd", "exact") not in SVD_METHODS:
+        raise UsageError(f"--svd '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
+    resolve_dtype(options.get("dtype"))
+    resolve_device(options.get("device", "auto"))
+    loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, log=log)
+    if loaded.checkpoint is not None:
+        raise UsageError(f"'{source}' is already an lrc checkpoint: factorize its dense source model instead")
+    result = factorize(loaded.model, **options)
+    result.model.lrc_info.provenance["source"] = loaded.source
+    save(result.model, output, force=force)
+    return result

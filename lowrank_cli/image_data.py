@@ -1,0 +1,423 @@
+"""Images on disk -> batches for `lrc recover`, `lrc eval` and data-aware factorization.
+
+Four pieces, each usable on its own:
+
+* `find_images(root, split)` finds the images and their labels (`ImageSet`), see its docstring for the
+  layouts it accepts;
+* `make_transform(model_or_config, training)` builds the model's preprocessing through `timm.data`;
+* `ImageDataset` + `collate` decode with PIL and turn unreadable files into a count instead of a crash;
+* `EpochSampler` gives each rank its share of an epoch, reproducibly and resumable mid-epoch.
+
+`make_loader` puts them together into a `DataLoader` that yields `Batch(images, labels, skipped)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+# What torchvision's ImageFolder accepts, plus .gif (PIL reads it; timm's reader has no fixed list).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+)
+TRAIN_SPLITS = ("train",)
+VAL_SPLITS = ("val", "validation")
+_HOW_TO_POINT = "point --data at an ImageFolder (DIR/train/<class>/...) or a folder of images"
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """The images of one split: `samples` are (path, label) in sorted order; label is -1 when unlabelled."""
+
+    root: Path
+    samples: list[tuple[Path, int]]
+    classes: list[str] = field(default_factory=list)
+    layout: str = "flat"  # "imagefolder" (root/train/<class>), "classes" (root/<class>) or "flat"
+    split: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _visible(name: str) -> bool:
+    # .ipynb_checkpoints, .DS_Store, ._foo.jpg (macOS resource forks) are never data.
+    return not name.startswith(".")
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _visible(p.name) and p.is_dir())
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if _visible(p.name) and is_image_file(p) and p.is_file())
+    found = []
+    # followlinks: ImageNet copies are often trees of symlinks.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if _visible(d)]
+        found += [Path(dirpath, f) for f in filenames if _visible(f) and is_image_file(f)]
+    return sorted(found)
+
+
+def _split_dir(root: Path, names: Sequence[str]) -> Path | None:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _class_tree(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """torchvision ImageFolder rules: every visible sub-folder is a class (sorted), its images at any depth."""
+    found = [d.name for d in _subdirs(folder)]
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise InputError(
+                f"'{folder}' has classes that the train split lacks ({', '.join(unknown[:5])}"
+                f"{', ...' if len(unknown) > 5 else ''}): give train/ and val/ the same class folders"
+            )
+    index = {name: i for i, name in enumerate(classes)}
+    samples = [(p, index[name]) for name in found for p in _images_in(folder / name, recursive=True)]
+    return classes, samples
+
+
+def find_images(
+    root: str | os.PathLike[str],
+    split: str | None = None,
+    *,
+    required: bool = True,
+    labelled: bool | None = None,
+) -> ImageSet | None:
+    """Find the images under `root` and their labels.
+
+    Layouts, tried in this order:
+
+    1. ImageFolder dataset root: `root/train/<class>/...` and/or `root/val/<class>/...` (`validation/` is
+       also accepted). `split` picks one; None means train. The val split uses the train split's class
+       list, so that a label means the same class in both. Loose images next to the class folders of a
+       split are ignored (as torchvision does); a split with loose images only is read as unlabelled.
+    2. Class tree: `root/<class>/...` with no images directly in root (e.g. `--data imagenet/train`).
+       Every visible sub-folder is a class, sorted by name as torchvision's ImageFolder does, and its
+       images are taken at any depth.
+    3. Flat: images directly in root. Unlabelled (label -1); images in sub-folders are taken as well,
+       since folders next to loose images are not a class structure.
+
+    `split="train"` on a class tree or a flat folder means the folder itself; `split="val"` there means
+    there is no val split. A missing split returns None, or raises `InputError` when `required`.
+    `labelled=False` reads any layout as unlabelled images (sub-folders that are not classes);
+    `labelled=True` insists on labels. Hidden files and folders (starting with '.') are skipped and
+    symlinks are followed. The order is sorted and so the same on every machine and rank.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise InputError(f"data folder '{root}' does not exist: {_HOW_TO_POINT}")
+    if not root.is_dir():
+        raise InputError(f"--data '{root}' is not a folder: {_HOW_TO_POINT}")
+    if split is not None and split not in TRAIN_SPLITS + VAL_SPLITS:
+        raise UsageError(f"unknown data split '{split}': use 'train' or 'val'")
+    want_val = split in VAL_SPLITS
+
+    train_dir, val_dir = _split_dir(root, TRAIN_SPLITS), _split_dir(root, VAL_SPLITS)
+    if train_dir or val_dir:
+        folder = val_dir if want_val else train_dir
+        if folder is None:
+            if required:
+                name = "val" if want_val else "train"
+                raise InputError(f"data folder '{root}' has no {name}/ split: add '{root / name}/<class>/...'"
+                                 f" or point --data at a folder with one")
+            return None
+        layout, split_name = "imagefolder", folder.name
+    else:
+        if want_val:
+            if required:
+                raise InputError(f"data folder '{root}' has no val/ split: add '{root / 'val'}/<class>/...'"
+                                 f" next to '{root / 'train'}/', or point the validation data at its own folder")
+            return None
+        folder, layout, split_name = root, None, None
+
+    loose = _images_in(folder, recursive=False)
+    # Loose images next to sub-folders mean the sub-folders are not classes, except in a split folder,
+    # where (as in torchvision) the class folders win and loose files are ignored.
+    if labelled is not False and not (layout is None and loose):
+        classes = None
+        if folder is val_dir and train_dir is not None:
+            classes = [d.name for d in _subdirs(train_dir)]
+        classes, samples = _class_tree(folder, classes)
+        if samples:
+            if loose:
+                log.warning("%d images directly in '%s' are ignored: an ImageFolder split keeps images in"
+                            " <class>/ sub-folders", len(loose), folder)
+            return ImageSet(root=folder, samples=samples, classes=classes, layout=layout or "classes",
+                            split=split_name)
+    samples = [(p, -1) for p in _images_in(folder, recursive=True)]
+    if not samples:
+        shown = ", ".join(IMAGE_EXTENSIONS[:3])
+        raise InputError(f"data folder '{folder}' has no images ({shown}, ...): {_HOW_TO_POINT}")
+    if labelled:
+        raise InputError(f"data folder '{folder}' has images but no class folders: labels need"
+                         f" '{folder}/<class>/image.jpg' (an ImageFolder)")
+    return ImageSet(root=folder, samples=samples, classes=[], layout="flat", split=split_name)
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+
+def data_config(model_or_config: torch.nn.Module | Mapping[str, Any]) -> dict[str, Any]:
+    """timm's data config (input_size, interpolation, mean, std, crop_pct, crop_mode) for a model.
+
+    A model's pretrained_cfg describes the checkpoint it was published with, not the model as built:
+    `create_model(..., img_size=32, in_chans=1)` still reports (3, 224, 224). The channel count and,
+    for models with a fixed input size (ViT patch embedding), the image size are read from the model.
+    A mapping (a pretrained_cfg or a data config, e.g. from checkpoint metadata) is taken as it is.
+    """
+    import timm.data
+
+    if isinstance(model_or_config, torch.nn.Module):
+        model = model_or_config
+        cfg = dict(timm.data.resolve_data_config({}, model=model))
+        chans, size = cfg["input_size"][0], tuple(cfg["input_size"][1:])
+        chans = int(getattr(model, "in_chans", 0) or _first_conv_channels(model) or chans)
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        cfg["input_size"] = (chans, *size)
+    else:
+        cfg = dict(timm.data.resolve_data_config({}, pretrained_cfg=dict(model_or_config)))
+    chans = cfg["input_size"][0]
+    for key in ("mean", "std"):
+        value = tuple(float(v) for v in cfg[key])
+        # timm adapts 3-channel weights to 1 channel by summing the filters, so a grey image normalised
+        # with the averaged statistics matches what the RGB filters saw.
+        if chans == 1 and len(value) == 3:
+            value = (sum(value) / 3,)
+        cfg[key] = value
+    cfg["input_size"] = tuple(int(v) for v in cfg["input_size"])
+    image_mode(cfg)  # fail early on channel counts that images cannot provide
+    return cfg
+
+
+def _first_conv_channels(model: torch.nn.Module) -> int | None:
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    if not name:
+        return None
+    try:
+        return getattr(model.get_submodule(name), "in_channels", None)
+    except AttributeError:
+        return None
+
+
+def image_mode(model_or_config: torch.nn.Module | Mapping[str, Any]) -> str:
+    """The PIL mode images must be decoded to: 'L' for 1-channel models, 'RGB' for 3."""
+    cfg = model_or_config if isinstance(model_or_config, Mapping) else data_config(model_or_config)
+    chans = int(cfg["input_size"][0])
+    if chans not in (1, 3):
+        raise InputError(f"the model expects {chans} input channels, but images give 1 (grey) or 3 (RGB):"
+                         " use a model built with in_chans=1 or 3")
+    return "L" if chans == 1 else "RGB"
+
+
+def make_transform(model_or_config: torch.nn.Module | Mapping[str, Any], training: bool) -> Callable[..., Any]:
+    """The model's preprocessing, built by `timm.data.create_transform` from `data_config`.
+
+    Evaluation: resize + center crop as the model was published (crop_pct). Training: random resized
+    crop and horizontal flip only. Distillation matches the frozen teacher on the same input, so
+    regularising augmentations (auto-augment, random erasing, colour jitter, mixup) only slow recovery.
+    """
+    import timm.data
+
+    cfg = data_config(model_or_config)
+    extra: dict[str, Any] = {}
+    if training:
+        extra = dict(hflip=0.5, vflip=0.0, color_jitter=None, auto_augment=None, re_prob=0.0)
+    return timm.data.create_transform(**cfg, is_training=training, **extra)
+
+
+# ---------------------------------------------------------------------------------------- dataset
+
+
+class Batch(NamedTuple):
+    """images: float (N, C, H, W); labels: long (N,), -1 when unlabelled; skipped: unreadable files dropped.
+
+    N is 0 when every file of the batch was unreadable; images is then an empty tensor.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(self.images.to(device, non_blocking=non_blocking),
+                     self.labels.to(device, non_blocking=non_blocking), self.skipped)
+
+
+class ImageDataset(Dataset):
+    """Decodes `image_set`'s files with PIL (to `mode`) and applies `transform`.
+
+    An unreadable, corrupt or truncated file gives None (logged with its path) instead of an exception,
+    so one bad file in a million does not end a run; `collate` counts them. Errors of the transform
+    itself are not caught: they are bugs, not bad data.
+    """
+
+    def __init__(self, image_set: ImageSet, transform: Callable[[Image.Image], Any], mode: str = "RGB"):
+        self.samples = image_set.samples
+        self.transform = transform
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                img = im.convert(self.mode)  # convert() loads fully, so truncation surfaces here
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+            log.warning("skipping unreadable image '%s': %s", path, exc)
+            return None
+        return self.transform(img), label
+
+
+def collate(items: Sequence[tuple[torch.Tensor, int] | None]) -> Batch:
+    """Stacks the readable samples; the count of dropped ones travels in the batch, across workers."""
+    good = [item for item in items if item is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
+    images = torch.stack([img for img, _ in good])
+    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    return Batch(images, labels, skipped)
+
+
+# ---------------------------------------------------------------------------------------- sampler
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's sample indices for one epoch; use as `sampler=` with `DataLoader(batch_size=batch_size)`.
+
+    Like torch's DistributedSampler: the permutation comes from (seed + epoch), identical on all ranks,
+    and rank r takes positions r, r + world_size, ... of it. drop_last=True trims the epoch to whole
+    global batches (batch_size * world_size), so every rank sees the same number of full batches;
+    drop_last=False pads with indices from the start instead, so every sample is seen (a few twice) and
+    only the last batch may be short.
+
+    Resuming: `set_epoch(e)` then `set_start_batch(k)` skips the k batches already consumed, and the
+    rest is exactly what the uninterrupted run would have seen. `set_epoch` resets the start to 0.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True):
+        if num_samples < 0 or batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sampler arguments: num_samples={num_samples} batch_size={batch_size}"
+                             f" rank={rank} world_size={world_size}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.shuffle, self.seed = shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def per_rank(self) -> int:
+        """Samples per rank in a whole epoch."""
+        if self.drop_last:
+            return self.num_samples // (self.batch_size * self.world_size) * self.batch_size
+        return math.ceil(self.num_samples / self.world_size)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start_batch = 0
+
+    def set_start_batch(self, k: int) -> None:
+        if not 0 <= k <= self.batches_per_epoch:
+            raise UsageError(f"cannot resume at batch {k}: an epoch has {self.batches_per_epoch} batches here"
+                             " (did the data, --batch-size or the number of processes change?)")
+        self.start_batch = k
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's whole epoch, ignoring the start batch."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        total = self.per_rank * self.world_size
+        if total > len(order) and order:  # pad (drop_last=False): repeat from the start, as often as needed
+            order = (order * math.ceil(total / len(order)))
+        return order[:total][self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.start_batch * self.batch_size:])
+
+    def __len__(self) -> int:
+        # What is left of this epoch, so that len(loader) counts the batches still to come.
+        return max(self.per_rank - self.start_batch * self.batch_size, 0)
+
+
+# ----------------------------------------------------------------------------------------- loader
+
+
+def make_loader(image_set: ImageSet, transform: Callable[[Image.Image], Any], batch_size: int, *,
+                shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                drop_last: bool | None = None, mode: str = "RGB") -> tuple[DataLoader, EpochSampler]:
+    """A DataLoader of `Batch` over `image_set`, and its sampler (call `set_epoch` / `set_start_batch`).
+
+    drop_last defaults to `shuffle` (training trims to whole batches, evaluation sees every image; with
+    world_size > 1 evaluation pads, so a few images count twice). `mode` is `image_mode(model)`.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {num_workers}")
+    drop_last = shuffle if drop_last is None else drop_last
+    sampler = EpochSampler(len(image_set), batch_size, shuffle, seed, rank, world_size, drop_last)
+    if sampler.batches_per_epoch == 0:
+        raise InputError(f"data folder '{image_set.root}' has {len(image_set)} images, fewer than one batch of"
+                         f" {batch_size} x {world_size} process(es): lower --batch-size or add images")
+    loader = DataLoader(
+        ImageDataset(image_set, transform, mode),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=False,  # the sampler already decided
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        # Seeds the workers' augmentation RNGs reproducibly, differently per rank.
+        generator=torch.Generator().manual_seed(seed * 1000 + rank),
+    )
+    return loader, sampler

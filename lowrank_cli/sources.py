@@ -1,0 +1,377 @@
+"""MODEL argument -> nn.Module + everything needed to rebuild it.
+
+Accepted sources (one string):
+    deit_base, deit_base_patch16_224.fb_in1k   a timm name; weights from its Hub repo (cache, HF_HUB_OFFLINE honoured)
+    hf-hub:org/repo                            a repo in timm's Hub layout (config.json + model.safetensors)
+    local-dir:PATH, or an existing folder      the same layout on disk (timm's save_for_hf)
+    file.safetensors|.pth|.pt|.bin + --arch    bare weights; pickles are never unpickled (weights_only=True)
+    an lrc checkpoint (.safetensors with lrc metadata)
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.model_spec import ModelSpec, build_empty, fill, json_safe
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS = "model.safetensors"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: ModelSpec
+    source: dict[str, Any] = field(default_factory=dict)  # provenance: kind, id, revision / sha256
+    checkpoint: Any = None  # CheckpointInfo when the source is an lrc checkpoint
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """`key=value` pairs; values are JSON when they parse (10, 0.1, true, [1,2]) and strings otherwise."""
+    args: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--model-arg '{item}' is not KEY=VALUE: write e.g. --model-arg num_classes=10")
+        try:
+            args[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key.strip()] = value
+    return args
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- timm names
+
+
+def resolve_timm_name(name: str) -> str:
+    """`deit_base` -> `deit_base_patch16_224.fb_in1k`: the registered default of a short name.
+
+    A full architecture name keeps its default pretrained tag. A short name is the prefix of architectures
+    whose rest is only patch size / resolution (`_patch16_224`); the lowest resolution wins (the standard
+    one); several left (`vit_base`: patch 8, 16, 32) is ambiguous and the candidates are listed.
+    """
+    import timm
+
+    arch, _, tag = name.partition(".")
+    archs = set(timm.list_models())
+    if arch in archs:
+        if tag and name not in timm.list_pretrained(arch + ".*") and name not in timm.list_pretrained(name):
+            tags = timm.list_pretrained(arch + ".*")
+            raise InputError(f"timm has no weights '{name}'; {arch} has: {', '.join(tags) or 'none'}")
+        if tag:
+            return name
+        tags = timm.list_pretrained(arch + ".*")
+        return tags[0] if tags else arch
+    if not tag:
+        variant = re.compile(re.escape(arch) + r"((_patch\d+)?(_\d+)?)")
+        matches = [a for a in sorted(archs) if variant.fullmatch(a) and variant.fullmatch(a).group(1)]
+        if matches:
+
+            def resolution(a: str) -> int:
+                m = re.search(r"_(\d+)$", a)
+                return int(m.group(1)) if m else 0
+
+            low = min(resolution(a) for a in matches)
+            best = [a for a in matches if resolution(a) == low]
+            if len(best) == 1:
+                return resolve_timm_name(best[0])
+            raise InputError(
+                f"'{name}' is ambiguous in timm: {', '.join(best)}: give the full name"
+            )
+    # Compare with short family_size prefixes too (deit_bse ~ deit_base), then show the full names.
+    short = {"_".join(a.split("_")[:2]): a for a in sorted(archs, key=len, reverse=True)}
+    close = [short[c] for c in difflib.get_close_matches(arch, list(short), n=3, cutoff=0.7)]
+    close += difflib.get_close_matches(name, sorted(archs), n=5, cutoff=0.6)
+    hint = ", ".join(list(dict.fromkeys(close))[:5]) or "none"
+    raise InputError(
+        f"'{name}' is not a file, a folder or a timm model name (closest timm names: {hint}); "
+        "for a Hub repo write hf-hub:ORG/REPO, for a folder local-dir:PATH"
+    )
+
+
+def looks_like_path(text: str) -> bool:
+    return text.endswith(WEIGHT_SUFFIXES) or text.startswith((".", "/", "~")) or os.sep in text
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+
+
+def hub_download(repo: str, filename: str, revision: str | None) -> Path:
+    """One file from the Hub through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise InputError(
+            f"{filename} of hf-hub:{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
+            f"and {why}: run once with network access (or unset HF_HUB_OFFLINE), or point at a local folder"
+        ) from e
+    except hf_errors.EntryNotFoundError:  # the repo has no such file: the caller may try another name
+        raise
+    except hf_errors.RevisionNotFoundError:
+        raise InputError(f"hf-hub:{repo} has no revision '{revision}': check --revision") from None
+    except hf_errors.GatedRepoError:
+        raise InputError(f"hf-hub:{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise InputError(
+            f"hf-hub:{repo} does not exist or is private: check the name, or set HF_TOKEN for a private repo"
+        ) from None
+    except hf_errors.HfHubHTTPError as e:
+        raise InputError(f"downloading {filename} of hf-hub:{repo} failed ({e}): try again later") from None
+
+
+def hub_weights(repo: str, revision: str | None) -> Path:
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        return hub_download(repo, SAFE_WEIGHTS, revision)
+    except hf_errors.EntryNotFoundError:
+        pass
+    try:
+        return hub_download(repo, PICKLE_WEIGHTS, revision)
+    except hf_errors.EntryNotFoundError:
+        raise InputError(f"hf-hub:{repo} has neither {SAFE_WEIGHTS} nor {PICKLE_WEIGHTS}: it is not a timm model repo") from None
+
+
+def snapshot_revision(path: Path) -> str | None:
+    """The commit a cached Hub file belongs to (…/snapshots/<commit>/file)."""
+    parts = path.parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a torch file read with weights_only=True (never unpickled).
+
+    Unwraps a `state_dict` / `model` / `state_dict_ema` wrapper key and strips DDP's `module.` prefix.
+    """
+    if not path.is_file():
+        raise InputError(f"weights file '{path}' does not exist: check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for every kind of corruption
+            raise InputError(f"'{path}' is not a readable safetensors file ({e}): is it truncated or corrupt?") from None
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                raise InputError(
+                    f"'{path}' holds pickled Python objects, which lrc never unpickles: re-save it as "
+                    "torch.save(model.state_dict(), ...) or as safetensors"
+                ) from None
+            raise InputError(f"'{path}' is not a readable PyTorch weights file ({msg}): is it truncated or corrupt?") from None
+        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise InputError(f"'{path}' does not hold a state dict (name -> tensor): save model.state_dict()")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_folder_config(folder: Path) -> tuple[str, dict, dict]:
+    """(architecture, model_args, pretrained_cfg) of a folder in timm's Hub layout."""
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise InputError(
+            f"folder '{folder}' has no {CONFIG_NAME}: expected timm's Hub layout (config.json + model.safetensors, "
+            "as written by timm.models.save_for_hf), or pass a weights file with --arch"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"'{cfg_path}' is not valid JSON ({e}): fix or re-export the folder") from None
+    if "pretrained_cfg" in cfg:
+        pretrained_cfg = dict(cfg["pretrained_cfg"])
+        arch = cfg.get("architecture")
+    else:  # timm's older single-dict layout
+        pretrained_cfg = dict(cfg)
+        arch = pretrained_cfg.pop("architecture", None)
+    if not arch:
+        if "model_type" in cfg or "architectures" in cfg:
+            raise InputError(
+                f"'{cfg_path}' is a Hugging Face transformers config; this version of lrc handles timm models only"
+            )
+        raise InputError(f"'{cfg_path}' names no 'architecture': not a timm model config")
+    model_args = dict(cfg.get("model_args") or {})
+    if "num_classes" in cfg:
+        model_args.setdefault("num_classes", cfg["num_classes"])
+    if "global_pool" in cfg:
+        model_args.setdefault("global_pool", cfg["global_pool"])
+    for key in ("file", "source", "hf_hub_id", "url"):
+        pretrained_cfg.pop(key, None)
+    return arch, model_args, pretrained_cfg
+
+
+def folder_weights(folder: Path) -> Path:
+    for name in (SAFE_WEIGHTS, PICKLE_WEIGHTS, "pytorch_model.pth"):
+        if (folder / name).is_file():
+            return folder / name
+    raise InputError(f"folder '{folder}' has no {SAFE_WEIGHTS} (or {PICKLE_WEIGHTS}): re-export it with timm's save_for_hf")
+
+
+def default_pretrained_cfg(arch_or_name: str) -> dict:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch_or_name)
+    return json_safe(cfg.to_dict()) if cfg is not None else {}
+
+
+def _match_input_size(model: nn.Module, spec: ModelSpec) -> None:
+    """--model-arg img_size=64 changes the model but not the default pretrained_cfg it was built with: record
+    the real input size, so that transforms, MAC counts and the saved checkpoint agree with the weights."""
+    from lowrank_cli.image_data import data_config
+
+    size = list(data_config(model)["input_size"])
+    if list(spec.pretrained_cfg.get("input_size") or []) != size:
+        spec.pretrained_cfg["input_size"] = size
+        spec.pretrained_cfg.pop("test_input_size", None)
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": tuple(size)}
+
+
+def build(spec: ModelSpec, state_dict: dict[str, torch.Tensor], what: str) -> nn.Module:
+    return fill(build_empty(spec), state_dict, what)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def load_model(
+    source: str,
+    *,
+    arch: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    revision: str | None = None,
+    log=None,
+) -> LoadedModel:
+    """Load any MODEL source (see the module docstring). `log(msg)` receives what was chosen."""
+    model_args = dict(model_args or {})
+    log = log or (lambda msg: None)
+    if source.startswith("hf-hub:"):
+        repo = source[len("hf-hub:"):]
+        repo, _, at = repo.partition("@")
+        rev = revision or at or None
+        config = hub_download(repo, CONFIG_NAME, rev)
+        weights = hub_weights(repo, rev)
+        loaded = _load_folder_files(config.parent, weights, model_args, f"hf-hub:{repo}")
+        loaded.source = {"kind": "hf-hub", "id": repo, "revision": snapshot_revision(weights) or rev}
+        return loaded
+    if source.startswith("local-dir:"):
+        folder = Path(source[len("local-dir:"):]).expanduser()
+        if not folder.is_dir():
+            raise InputError(f"local-dir:{folder} is not a folder: check the path")
+        return _load_folder(folder, model_args)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path, model_args)
+    if path.is_file():
+        return _load_file(path, arch, model_args)
+    if looks_like_path(source):
+        raise InputError(f"'{source}' does not exist: check the path (a Hub repo is written hf-hub:ORG/REPO)")
+    if "/" in source:
+        raise InputError(f"'{source}' is not a file or folder here: for a Hub repo write hf-hub:{source}")
+    return _load_timm_name(source, model_args, log)
+
+
+def _load_folder(folder: Path, model_args: dict) -> LoadedModel:
+    loaded = _load_folder_files(folder, None, model_args, f"'{folder}'")
+    weights = folder_weights(folder)
+    loaded.source = {"kind": "local-dir", "id": str(folder.resolve()), "sha256": file_sha256(weights)}
+    return loaded
+
+
+def _load_folder_files(folder: Path, weights: Path | None, model_args: dict, what: str) -> LoadedModel:
+    arch, args, pretrained_cfg = read_folder_config(folder)
+    args.update(model_args)
+    weights = weights or folder_weights(folder)
+    spec = ModelSpec(arch, args, json_safe(pretrained_cfg))
+    model = build(spec, read_state_dict(weights), what)
+    return LoadedModel(model, spec)
+
+
+def _load_file(path: Path, arch: str | None, model_args: dict) -> LoadedModel:
+    if path.suffix == ".safetensors":
+        from lowrank_cli.checkpoint import is_lrc_checkpoint, read_checkpoint
+
+        if is_lrc_checkpoint(path):
+            return read_checkpoint(path)
+    elif path.suffix not in WEIGHT_SUFFIXES:
+        raise InputError(
+            f"'{path}' is not a weights file lrc reads ({', '.join(WEIGHT_SUFFIXES)}): pass a timm folder, "
+            "a weights file with --arch, or an lrc checkpoint"
+        )
+    if not arch:
+        raise UsageError(
+            f"'{path}' is a bare weights file: say which architecture it is for with --arch NAME "
+            "(e.g. --arch vit_small_patch16_224, plus --model-arg num_classes=10 if needed)"
+        )
+    import timm
+
+    arch_name = arch.partition(".")[0]
+    if arch_name not in timm.list_models():
+        close = difflib.get_close_matches(arch_name, timm.list_models(), n=5)
+        raise InputError(f"--arch '{arch}' is not a timm architecture (closest: {', '.join(close) or 'none'})")
+    spec = ModelSpec(arch_name, dict(model_args), default_pretrained_cfg(arch))
+    model = build(spec, read_state_dict(path), f"'{path}'")
+    _match_input_size(model, spec)
+    return LoadedModel(model, spec, {"kind": "file", "id": str(path.resolve()), "sha256": file_sha256(path), "arch": arch})
+
+
+def _load_timm_name(name: str, model_args: dict, log) -> LoadedModel:
+    import timm
+
+    resolved = resolve_timm_name(name)
+    if resolved != name:
+        log(f"{name} -> {resolved}")
+    arch = resolved.partition(".")[0]
+    pretrained_cfg = default_pretrained_cfg(resolved)
+    repo = pretrained_cfg.get("hf_hub_id")
+    if repo:
+        weights = hub_weights(repo, None)
+        state_dict = read_state_dict(weights)
+        for key in ("hf_hub_id", "url", "file", "source"):
+            pretrained_cfg.pop(key, None)
+        spec = ModelSpec(arch, dict(model_args), pretrained_cfg)
+        model = build(spec, state_dict, resolved)
+        return LoadedModel(model, spec, {"kind": "timm", "id": resolved, "hub": repo, "revision": snapshot_revision(weights)})
+    # Weights only at a URL (no Hub repo): timm's own loader knows how to convert them.
+    try:
+        model = timm.create_model(resolved, pretrained=True, **model_args).eval()
+    except Exception as e:
+        raise InputError(f"timm could not load the pretrained weights of {resolved} ({e}): check the network or the name") from None
+    spec = ModelSpec(arch, dict(model_args), json_safe(dict(model.pretrained_cfg)))
+    return LoadedModel(model, spec, {"kind": "timm", "id": resolved})

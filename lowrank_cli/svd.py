@@ -1,0 +1,68 @@
+"""Truncated SVD of one weight matrix, split into the two factors of a LowRankLinear (PELA Eq. 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SVD_METHODS = ("exact", "randomized")
+
+
+@dataclass
+class Factors:
+    first: torch.Tensor  # rank x d_in:  sqrt(S_r) V_r^T
+    second: torch.Tensor  # d_out x rank: U_r sqrt(S_r)
+    singular_values: torch.Tensor  # every singular value computed (descending), float32 on the CPU
+    kept_energy: float  # sum of the kept sigma^2 over ||W||_F^2
+    rel_error: float  # ||W - second @ first||_F / ||W||_F, measured, not inferred from the spectrum
+    method: str
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 is enough for the SVD of a trained weight; float64 sources stay float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each factor sqrt(S): both then have the same scale, which keeps low-precision storage and
+    recovery training well conditioned."""
+    root = s[:rank].sqrt()
+    first = root[:, None] * vh[:rank]
+    second = u[:, :rank] * root[None, :]
+    return first.contiguous(), second.contiguous()
+
+
+def truncated_svd(
+    weight: torch.Tensor,
+    rank: int,
+    *,
+    method: str = "exact",
+    device: torch.device | str | None = None,
+    oversample: int | None = None,
+    power_iterations: int = 4,
+    seed: int = 0,
+) -> Factors:
+    """Top-`rank` factors of `weight` (d_out x d_in), computed in float32 or better on `device`.
+
+    `exact` uses torch.linalg.svd; `randomized` uses torch.svd_lowrank with oversampling and power iterations,
+    which is faster for small ranks of large matrices at the price of a small extra error (reported in
+    rel_error, next to the kept energy the exact method would give).
+    """
+    if method not in SVD_METHODS:
+        raise ValueError(f"unknown SVD method {method!r}; choose one of {SVD_METHODS}")
+    w = weight.detach().to(device=device or weight.device, dtype=compute_dtype(weight.dtype))
+    if method == "exact":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    else:
+        q = min(rank + (oversample if oversample is not None else max(10, rank // 4)), *w.shape)
+        # svd_lowrank draws a random test matrix: seed it so that the same command gives the same file.
+        with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(w, q=q, niter=power_iterations)
+        vh = v.mT
+    first, second = split_balanced(u, s, vh, rank)
+    total = w.square().sum()
+    kept = s[:rank].square().sum() / total if total > 0 else torch.tensor(1.0)
+    err = torch.linalg.matrix_norm(w - second @ first) / total.sqrt() if total > 0 else torch.tensor(0.0)
+    return Factors(first, second, s.float().cpu(), float(kept), float(err), method)
