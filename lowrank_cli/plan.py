@@ -79,6 +79,19 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def block_names(model: nn.Module) -> list[str]:
+    """Names of the model's repeated blocks (see block_linear_names), outermost first, in model order."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = [c for c in module.children() if any(True for _ in c.children())]
+        classes = [type(c) for c in children]
+        if any(classes.count(c) >= 2 for c in set(classes)):
+            names += [f"{name}.{child}" if name else child for child, c in module.named_children() if any(True for _ in c.children())]
+    return names
+
+
 def block_linear_names(model: nn.Module) -> list[str]:
     """Linears inside the model's repeated blocks: the transformer blocks, in PELA's sense.
 
@@ -86,16 +99,7 @@ def block_linear_names(model: nn.Module) -> list[str]:
     same class (timm `blocks.N`, Swin `layers.N.blocks.M`, BERT `encoder.layer.N`). Heads, patch embeddings,
     poolers and an MLP written as a Sequential of bare Linears are not blocks, so they stay dense.
     """
-    block_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        children = [c for c in module.children() if any(True for _ in c.children())]
-        classes = [type(c) for c in children]
-        if any(classes.count(c) >= 2 for c in set(classes)):
-            for child_name, child in module.named_children():
-                if any(True for _ in child.children()):
-                    block_prefixes.append(f"{name}.{child_name}." if name else f"{child_name}.")
+    block_prefixes = [b + "." for b in block_names(model)]
     return [n for n in linear_names(model) if any(n.startswith(p) for p in block_prefixes)]
 
 

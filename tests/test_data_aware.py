@@ -361,8 +361,10 @@ def test_uniform_ranks_rule():
 
 
 def test_calibrated_budgeted_beats_uniform_plain_on_held_out_images(vit):
-    names = [n for n, m in vit.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
-    calib = collect_second_moments(vit, names, [images(32, s) for s in range(4)], device="cpu")
+    # the first half of the blocks keeps the test fast; 64 images give 1088 tokens per layer
+    names = [n for n, m in vit.named_modules() if isinstance(m, nn.Linear) and n.split(".")[:2] in
+             [["blocks", str(b)] for b in range(6)]]
+    calib = collect_second_moments(vit, names, [images(32, s) for s in range(2)], device="cpu")
     held = collect_second_moments(vit, names, [images(32, s) for s in range(10, 12)], device="cpu")
     weights = {n: vit.get_submodule(n).weight.detach().double() for n in names}
 
@@ -384,4 +386,5 @@ def test_calibrated_budgeted_beats_uniform_plain_on_held_out_images(vit):
         if ranks[n] is not None:
             first, second, _ = data_aware_factors(w, calib[n].second_moment, ranks[n])
             aware_err += output_rel_error(w, second @ first, held[n].second_moment)
+    print(f"sum of held-out relative output errors: data-aware + budget {aware_err:.3f}, uniform plain {plain_err:.3f}")
     assert aware_err < plain_err

@@ -1,0 +1,7 @@
+"""`lrc bench` (being written)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
