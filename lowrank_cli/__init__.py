@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from lowrank_cli._version import __version__
 
 _API = {
-    "factorize": "lowrank_cli.factorize",
-    "FactorizeResult": "lowrank_cli.factorize",
+    "factorize": "lowrank_cli.factorization",
+    "FactorizeResult": "lowrank_cli.factorization",
     "load": "lowrank_cli.checkpoint",
     "save": "lowrank_cli.checkpoint",
     "read_info": "lowrank_cli.checkpoint",
@@ -36,7 +36,7 @@ __all__ = ["__version__", *_API]
 if TYPE_CHECKING:
     from lowrank_cli.checkpoint import CheckpointInfo, load, read_info, save
     from lowrank_cli.errors import LrcError
-    from lowrank_cli.factorize import FactorizeResult, factorize
+    from lowrank_cli.factorization import FactorizeResult, factorize
     from lowrank_cli.lowrank_linear import LowRankLinear
     from lowrank_cli.plan import make_plan, pela_rank
     from lowrank_cli.sources import LoadedModel, load_model

@@ -36,7 +36,7 @@ from lowrank_cli._version import __version__
 from lowrank_cli.atomic import atomic_path, check_output
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.lowrank_linear import LowRankLinear
-from lowrank_cli.model_spec import ModelSpec, build_empty, check_fits, json_safe
+from lowrank_cli.model_spec import ModelSpec, build_empty, check_fits, json_safe, record_input_size
 
 SCHEMA = 1
 PREFIX = "lrc."
@@ -201,7 +201,9 @@ def _spec_of(model: nn.Module) -> ModelSpec:
         )
     for key in ("hf_hub_id", "url", "file", "source", "state_dict"):
         cfg.pop(key, None)
-    return ModelSpec(arch, json_safe(dict(getattr(model, "_model_args", {}) or {})), json_safe(cfg))
+    spec = ModelSpec(arch, json_safe(dict(getattr(model, "_model_args", {}) or {})), json_safe(cfg))
+    record_input_size(model, spec)
+    return spec
 
 
 def _compact(values: list[float]) -> list[float]:

@@ -25,6 +25,19 @@ def json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: list(o) if isinstance(o, (tuple, set)) else None))
 
 
+def record_input_size(model: nn.Module, spec: ModelSpec) -> None:
+    """A model built with another img_size (--model-arg img_size=64) keeps the default pretrained_cfg of its
+    architecture (224): record the size the weights really take, so that transforms, MAC counts and the saved
+    checkpoint agree with the model."""
+    from lowrank_cli.image_data import data_config
+
+    size = list(data_config(model)["input_size"])
+    if list(spec.pretrained_cfg.get("input_size") or []) != size:
+        spec.pretrained_cfg["input_size"] = size
+        spec.pretrained_cfg.pop("test_input_size", None)
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "input_size": tuple(size)}
+
+
 def _non_persistent_buffers(model: nn.Module) -> bool:
     persistent = set(model.state_dict().keys())
     return any(name not in persistent for name, _ in model.named_buffers())

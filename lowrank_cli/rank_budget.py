@@ -45,6 +45,13 @@ class LayerSpectrum:
     singular_values: torch.Tensor | Sequence[float]  # descending; whitened ones under calibration
     cost_per_param: float = 1.0  # 1 for a parameter budget; e.g. tokens seen for a MAC budget
 
+    def __post_init__(self) -> None:
+        if self.d_in < 1 or self.d_out < 1 or not self.cost_per_param > 0:
+            raise UsageError(
+                f"a layer needs positive sizes and cost per parameter, got d_in={self.d_in}, d_out={self.d_out}, "
+                f"cost_per_param={self.cost_per_param}: leave out layers that never run"
+            )
+
     @property
     def dense_params(self) -> int:
         return self.d_in * self.d_out

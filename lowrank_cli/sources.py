@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.model_spec import ModelSpec, build_empty, fill, json_safe
+from lowrank_cli.model_spec import ModelSpec, build_empty, fill, json_safe, record_input_size
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 CONFIG_NAME = "config.json"
@@ -111,7 +112,7 @@ def resolve_timm_name(name: str) -> str:
 
 
 def looks_like_path(text: str) -> bool:
-    return text.endswith(WEIGHT_SUFFIXES) or text.startswith((".", "/", "~")) or os.sep in text
+    return text.endswith(WEIGHT_SUFFIXES) or text.startswith((".", "/", "~"))
 
 
 # ---------------------------------------------------------------------------------------------- the Hub
@@ -183,15 +184,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise InputError(f"'{path}' is not a readable safetensors file ({e}): is it truncated or corrupt?") from None
     else:
         try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols; the error below says it all
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            if "weights_only" in str(e) or "Unsupported global" in str(e):
+            if "Unsupported global" in str(e):  # a class or function in the pickle: refused, not run
                 raise InputError(
                     f"'{path}' holds pickled Python objects, which lrc never unpickles: re-save it as "
                     "torch.save(model.state_dict(), ...) or as safetensors"
                 ) from None
-            raise InputError(f"'{path}' is not a readable PyTorch weights file ({msg}): is it truncated or corrupt?") from None
+            raise InputError(
+                f"'{path}' is not a readable PyTorch weights file ({type(e).__name__}): is it truncated or corrupt?"
+            ) from None
         for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
@@ -251,18 +255,6 @@ def default_pretrained_cfg(arch_or_name: str) -> dict:
     return json_safe(cfg.to_dict()) if cfg is not None else {}
 
 
-def _match_input_size(model: nn.Module, spec: ModelSpec) -> None:
-    """--model-arg img_size=64 changes the model but not the default pretrained_cfg it was built with: record
-    the real input size, so that transforms, MAC counts and the saved checkpoint agree with the weights."""
-    from lowrank_cli.image_data import data_config
-
-    size = list(data_config(model)["input_size"])
-    if list(spec.pretrained_cfg.get("input_size") or []) != size:
-        spec.pretrained_cfg["input_size"] = size
-        spec.pretrained_cfg.pop("test_input_size", None)
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": tuple(size)}
-
-
 def build(spec: ModelSpec, state_dict: dict[str, torch.Tensor], what: str) -> nn.Module:
     return fill(build_empty(spec), state_dict, what)
 
@@ -303,7 +295,7 @@ def load_model(
     if looks_like_path(source):
         raise InputError(f"'{source}' does not exist: check the path (a Hub repo is written hf-hub:ORG/REPO)")
     if "/" in source:
-        raise InputError(f"'{source}' is not a file or folder here: for a Hub repo write hf-hub:{source}")
+        raise InputError(f"'{source}' is not a file or folder here (check the path); for a Hub repo write hf-hub:{source}")
     return _load_timm_name(source, model_args, log)
 
 
@@ -347,7 +339,7 @@ def _load_file(path: Path, arch: str | None, model_args: dict) -> LoadedModel:
         raise InputError(f"--arch '{arch}' is not a timm architecture (closest: {', '.join(close) or 'none'})")
     spec = ModelSpec(arch_name, dict(model_args), default_pretrained_cfg(arch))
     model = build(spec, read_state_dict(path), f"'{path}'")
-    _match_input_size(model, spec)
+    record_input_size(model, spec)
     return LoadedModel(model, spec, {"kind": "file", "id": str(path.resolve()), "sha256": file_sha256(path), "arch": arch})
 
 

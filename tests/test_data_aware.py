@@ -22,6 +22,16 @@ SINGULAR = ["dead_and_constant", "few_tokens"]
 ALL_INPUTS = [*WELL_CONDITIONED, "lowrank_noise", *SINGULAR]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These are many small float64 LAPACK calls: threads gain nothing, and on a busy 2-core machine OpenMP's
+    waiting between threads made them 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_inputs(kind: str, d_in: int, seed: int = 0, tokens: int = 256) -> torch.Tensor:
     """tokens x d_in calibration inputs with a given structure."""
     g = torch.Generator().manual_seed(seed)
@@ -56,7 +66,7 @@ def make_weight(kind: str, d_out: int, d_in: int, seed: int = 1) -> torch.Tensor
 def whitened_tail(w: torch.Tensor, c: torch.Tensor, rank: int) -> float:
     """Eckart-Young in the whitened space, computed independently: the eigenvalues of W C W^T are the
     squared singular values of W C^{1/2}."""
-    sq = torch.linalg.eigvalsh(w @ c @ w.T).flip(0).clamp_min(0)
+    sq = torch.linalg.eigvalsh(w @ c @ w.T).flip(0).clamp_min(0)[: min(w.shape)]  # the rest is rounding noise
     return math.sqrt(float(sq[rank:].sum() / sq.sum()))
 
 
@@ -135,6 +145,20 @@ def test_singular_second_moment(shape, input_kind):
     assert exact - 1e-9 <= info["output_rel_error"] <= exact * (1 + 1e-4) + 1e-9
     _, _, p_info = plain_factors(w, rank, second_moment=c)
     assert info["output_rel_error"] <= p_info["output_rel_error"] * (1 + 1e-6)
+
+
+def test_indefinite_second_moment_falls_back_to_eigh():
+    w = make_weight("gaussian", 40, 24)
+    c = (x := make_inputs("iid", 24)).T @ x
+    v = torch.linalg.eigh(c).eigenvectors[:, -1:]
+    indefinite = c - 2 * float(torch.linalg.eigvalsh(c)[-1]) * (v @ v.T)  # top eigenvalue flipped negative
+    first, second, info = data_aware_factors(w, indefinite, 6)
+    assert info["method"] == "eigh" and torch.isfinite(first).all() and torch.isfinite(second).all()
+    # clamping the negative eigenvalue at 0 means: optimise on the positive part of C
+    evals, q = torch.linalg.eigh(indefinite)
+    positive = (q * evals.clamp_min(0)) @ q.T
+    p_first, p_second, _ = data_aware_factors(w, positive, 6, jitter=0)
+    torch.testing.assert_close(second @ first, p_second @ p_first)
 
 
 def test_factors_are_balanced_and_independent_of_the_activation_scale():
@@ -323,10 +347,7 @@ def test_at_least_as_good_as_uniform(multiple):
             for kappa in (1.2, 1.5, 2, 3, 4):
                 uniform = uniform_ranks(layers, kappa, multiple)
                 cost = budget_cost(layers, uniform)
-                try:
-                    ranks = allocate_ranks(layers, target_cost=cost, rank_multiple=multiple)
-                except UsageError:  # uniform kept some layers dense below the all-minimum cost: nothing to compare
-                    continue
+                ranks = allocate_ranks(layers, target_cost=cost, rank_multiple=multiple)
                 check_valid(layers, ranks, multiple)
                 assert budget_cost(layers, ranks) <= cost * (1 + 1e-9)
                 assert kept_energy(layers, ranks) >= kept_energy(layers, uniform) - 1e-9, (seed, kappa)
@@ -361,9 +382,9 @@ def test_uniform_ranks_rule():
 
 
 def test_calibrated_budgeted_beats_uniform_plain_on_held_out_images(vit):
-    # the first half of the blocks keeps the test fast; 64 images give 1088 tokens per layer
+    # three blocks keep the test fast; 64 images give 1088 tokens per layer
     names = [n for n, m in vit.named_modules() if isinstance(m, nn.Linear) and n.split(".")[:2] in
-             [["blocks", str(b)] for b in range(6)]]
+             [["blocks", str(b)] for b in range(3)]]
     calib = collect_second_moments(vit, names, [images(32, s) for s in range(2)], device="cpu")
     held = collect_second_moments(vit, names, [images(32, s) for s in range(10, 12)], device="cpu")
     weights = {n: vit.get_submodule(n).weight.detach().double() for n in names}

@@ -75,4 +75,6 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _error(f"unexpected {type(e).__name__}: {e} (a bug in lrc: rerun with LRC_DEBUG=1 and report the traceback)", 1)
+    if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent Exit(130)
+        _error("interrupted", 130)
     sys.exit(code if isinstance(code, int) else 0)

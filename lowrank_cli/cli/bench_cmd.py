@@ -1,7 +1,209 @@
-"""`lrc bench` (being written)."""
+"""`lrc bench`: latency and throughput of a (compressed) model and the model it is measured against, in one run."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
 
 import typer
 
+from lowrank_cli.cli import console
+from lowrank_cli.cli.options import Arch, Device, InputSize, Json, Model, ModelArg, Revision, parse_input_size
+
+EPILOG = """\
+Examples:
+
+  lrc bench deit_lr.safetensors --against deit_base --device cuda --dtype bf16 --batch-size 1,32,256
+
+  lrc bench deit_lr.safetensors --against deit_base --device cuda --dtype bf16 --compile --cuda-graphs
+
+  lrc bench deit_lr.safetensors --against deit_base --device cpu --threads 2 --batch-size 16 --json
+
+  lrc bench deit_lr.safetensors --against deit_base --profile
+"""
+
+DEFAULT_BATCHES = {"cuda": "1,32,256", "cpu": "1,16"}
+
+
+def bench(
+    model: Model,
+    against: Annotated[Optional[str], typer.Option("--against", help="The model to compare with (any MODEL source, e.g. the dense original); its row is the 1.00x reference.", show_default=False)] = None,
+    device: Device = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16 (both models are cast to it).")] = "fp32",
+    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Comma-separated batch sizes [default: 1,32,256 on cuda, 1,16 on cpu].", show_default=False)] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models the same way (the first calls compile: slow).")] = False,
+    compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs (implies --compile).", show_default=False)] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay both models from CUDA graphs (with --compile: mode reduce-overhead); CUDA only.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", show_default=False)] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", help="Warm-up calls per model and batch size [default: 3 on cuda, 1 on cpu; +2 compiled].", show_default=False)] = None,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", help="Timed repeats per model and batch size [default: at least 5 (3 on cpu) and --min-time].", show_default=False)] = None,
+    min_time: Annotated[Optional[float], typer.Option("--min-time", help="Seconds of timed repeats per model and batch size [default: 2 on cuda, 1 on cpu].", show_default=False)] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="Also split one forward pass at the largest batch into GEMMs, attention and the rest (torch.profiler).")] = False,
+    input_size: InputSize = None,
+    arch: Arch = None,
+    model_arg: ModelArg = None,
+    revision: Revision = None,
+    json_out: Json = False,
+) -> None:
+    """Measure latency (median and spread), throughput and peak memory of MODEL, and of --against in the same run."""
+    import torch
+
+    from lowrank_cli.bench import SHORT_DTYPE, bench as run_bench, device_name, parse_batch_sizes, process_peak_rss, resolve_dtype
+    from lowrank_cli.errors import UsageError
+    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.sources import load_model, parse_model_args
+
+    # Everything that can be refused is refused before the (slow) loading.
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    sizes = parse_batch_sizes(batch_size or DEFAULT_BATCHES["cuda" if dev.type == "cuda" else "cpu"])
+    size = parse_input_size(input_size)
+    if repeats is not None and repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {repeats}")
+    if warmup is not None and warmup < 1:
+        raise UsageError(f"--warmup must be >= 1, got {warmup}")
+    if cuda_graphs and dev.type != "cuda":
+        raise UsageError("--cuda-graphs needs a CUDA device: drop it, or use --device cuda")
+    compile_arg: bool | str = compile_mode or compile_
+
+    loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg), revision=revision,
+                        log=lambda msg: console.info(f"Model: {msg}"))
+    models: dict[str, Any] = {}
+    label = _label(model)
+    models[label] = loaded.model
+    reference = None
+    if against is not None:
+        ref = load_model(against, revision=revision, log=lambda msg: console.info(f"Against: {msg}"))
+        ref_label = _label(against)
+        if ref_label == label:
+            ref_label += " (against)"
+        models[ref_label] = ref.model
+        reference = ref_label
+    status = console.err.status("benchmarking", spinner="dots") if console.is_main_process() else None
+    if status:
+        status.start()
+    try:
+        rows = run_bench(
+            models, device=dev, dtype=dt, batch_sizes=sizes, input_size=size, reference=reference,
+            compile=compile_arg, cuda_graphs=cuda_graphs, warmup=warmup, repeats=repeats, min_time=min_time,
+            progress=(lambda msg: status.update(f"benchmarking: {msg}")) if status else None, warn=console.warn,
+        )
+        profiles = []
+        if profile:
+            from lowrank_cli.bench import profile as run_profile
+
+            largest = max(sizes)
+            x = torch.randn((largest, *(size or _input_size(models, reference))), generator=torch.Generator().manual_seed(0)).to(dev, dt)
+            for name, m in models.items():
+                if status:
+                    status.update(f"profiling {name} at batch {largest}")
+                profiles.append(run_profile(m, x, name=name))
+    finally:
+        if status:
+            status.stop()
+
+    document = {
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "dtype": SHORT_DTYPE[dt],
+        "compile": rows[0].compile if rows else None,
+        "cuda_graphs": cuda_graphs,
+        "threads": torch.get_num_threads(),
+        "input_size": list(size or _input_size(models, reference)),
+        "reference": reference,
+        "models": {name: {"source": src, "params": sum(p.numel() for p in m.parameters()),
+                          "macs_per_image": next((r.macs // r.batch_size for r in rows if r.model == name and r.macs), None)}
+                   for (name, m), src in zip(models.items(), [model, against])},
+        "rows": [r.to_json() for r in rows],
+        "peak_memory_note": _memory_note(dev.type),
+        "process_peak_rss_bytes": process_peak_rss(),
+        "torch": torch.__version__,
+    }
+    if profile:
+        document["profile"] = [p.to_json() for p in profiles]
+        document["profile_note"] = ("ms per forward pass at the largest batch, eager (not compiled): "
+                                    + ("CUDA kernel time" if dev.type == "cuda" else "self time of CPU ops"))
+    if json_out:
+        console.print_json(document)
+        return
+    print_table(document, rows)
+    if profile:
+        print_profiles(profiles, document["profile_note"])
+
+
+def _label(source: str) -> str:
+    from pathlib import Path
+
+    return Path(source).name if ("/" in source or "\\" in source) and not source.startswith("hf-hub:") else source
+
+
+def _input_size(models: dict, reference: str | None) -> tuple[int, ...]:
+    from lowrank_cli.image_data import data_config
+
+    return tuple(data_config(models[reference or next(iter(models))])["input_size"])
+
+
+def _memory_note(device_type: str) -> str:
+    from lowrank_cli.bench import PEAK_MEMORY_NOTE
+
+    return PEAK_MEMORY_NOTE["cuda" if device_type == "cuda" else "cpu"]
+
+
+def print_table(doc: dict, rows: list) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from lowrank_cli.counting import format_size
+
+    title = (f"lrc bench on {doc['device_name']}, {doc['dtype']}"
+             f"{', compiled (' + doc['compile'] + ')' if doc['compile'] else ', eager'}"
+             f"{', CUDA graphs' if doc['cuda_graphs'] else ''}, input {'x'.join(map(str, doc['input_size']))}")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    memory = any(r.peak_memory_bytes is not None for r in rows)  # never on the CPU: see the note below
+    table.add_column("model", overflow="fold", min_width=16)
+    for col in ("batch", "median ms", "p10-p90 ms", "img/s", "speed-up", "MAC ratio", *(["peak mem"] if memory else [])):
+        table.add_column(col, justify="right", no_wrap=True)
+    last_batch = None
+    for r in rows:
+        if last_batch is not None and r.batch_size != last_batch:
+            table.add_section()
+        last_batch = r.batch_size
+        speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        macs = "-" if r.mac_ratio is None else f"{r.mac_ratio:.2f}x"
+        mem = "n/a" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:,.0f} MiB"
+        table.add_row(r.model + (" (ref)" if r.model == r.reference else ""), str(r.batch_size),
+                      f"{r.median_ms:,.2f}", f"{r.p10_ms:,.2f}-{r.p90_ms:,.2f}", f"{r.throughput:,.1f}", speed, macs,
+                      *([mem] if memory else []))
+    console.out.print(table)
+    rss = doc["process_peak_rss_bytes"]
+    notes = ["speed-up: reference median / model median; MAC ratio: reference MACs / model MACs"
+             if doc["reference"] else "one model: pass --against MODEL for speed-up and MAC ratio"]
+    notes.append(f"peak memory: {doc['peak_memory_note']}"
+                 + (f"; process peak RSS {format_size(rss)}B" if rss and doc["device"] == "cpu" else ""))
+    for n in notes:
+        console.out.print(n, highlight=False)
+
+
+def print_profiles(profiles: list, note: str) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"where the time goes ({note})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model", overflow="fold", min_width=16)
+    for col in ("batch", "GEMM ms", "attention ms", "other ms", "total ms", "GEMM share"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for p in profiles:
+        share = p.gemm_ms / p.total_ms if p.total_ms else 0.0
+        table.add_row(p.model, str(p.batch_size), f"{p.gemm_ms:,.1f}", f"{p.attention_ms:,.1f}", f"{p.other_ms:,.1f}",
+                      f"{p.total_ms:,.1f}", f"{share:.0%}")
+    console.out.print(table)
+    for p in profiles:
+        top = ", ".join(f"{n} {ms:,.1f} ms ({kind})" for kind, n, ms in p.top[:4])
+        console.out.print(f"largest in {p.model}: {top}", highlight=False)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command(epilog=EPILOG)(bench)

@@ -42,7 +42,7 @@ def factorize(
     json_out: Json = False,
 ) -> None:
     """Replace every linear of the transformer blocks by its truncated SVD and write an lrc checkpoint."""
-    from lowrank_cli.factorize import factorize_file
+    from lowrank_cli.factorization import factorize_file
     from lowrank_cli.sources import parse_model_args
 
     with console.progress() as bar:

@@ -1,7 +1,221 @@
-"""`lrc recover` (being written)."""
+"""`lrc recover` (distil a low-rank model back towards its dense teacher) and `lrc eval` (top-1 / top-5)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from lowrank_cli.cli import console
+from lowrank_cli.cli.options import Arch, Device, Force, Json, Model, ModelArg, Output
+
+RECOVER_EPILOG = """\
+Examples:
+
+  lrc recover deit_lr.safetensors --teacher deit_base --data imagenet/ --steps 2000 -o deit_lr_rec.safetensors
+
+  lrc recover deit_lr.safetensors --teacher deit_base --data unlabeled_images/ --epochs 1 -o out.safetensors
+
+  lrc recover deit_base --kappa 2 --teacher deit_base --data imagenet/ --steps 2000 -o out.safetensors
+
+  torchrun --standalone --nproc_per_node 8 -m lowrank_cli recover deit_lr.safetensors --teacher deit_base \\
+      --data imagenet/ --steps 2000 -o deit_lr_rec.safetensors
+
+  lrc recover ... --resume        (after a crash, a kill or Ctrl-C: continues where it stopped)
+
+Data: DIR/train/<class>/... (labels: cross-entropy + distillation), optional DIR/val/<class>/... (accuracy
+before and after), or a folder of images without classes (distillation only). --batch-size is per process.
+Every --save-every steps the training state is written to <output stem>.train.safetensors; metrics go to
+<output stem>.metrics.jsonl.
+"""
+
+EVAL_EPILOG = """\
+Examples:
+
+  lrc eval deit_lr_rec.safetensors --data imagenet/          (imagenet/val/<class>/...)
+
+  lrc eval deit_base --data imagenet/val --json
+"""
+
+Data = Annotated[
+    Path,
+    typer.Option("--data", help="ImageFolder root (train/<class>/..., optional val/<class>/...), a class tree, or a "
+                 "folder of unlabelled images.", show_default=False),
+]
+Workers = Annotated[int, typer.Option("--workers", help="Data-loading processes per training process.")]
+
+
+def _resume_command() -> str:
+    """The command that continues this run (shown when it is interrupted)."""
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    prog = Path(sys.argv[0]).name if sys.argv else "lrc"
+    if os.environ.get("WORLD_SIZE") or prog == "__main__.py":
+        nproc = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        launcher = f"torchrun --nproc_per_node {nproc} -m lowrank_cli" if os.environ.get("WORLD_SIZE") else "python -m lowrank_cli"
+        return f"{launcher} {shlex.join(args)} --resume"
+    if prog not in ("lrc", "lrc.exe"):  # called from Python (tests): the arguments are not in sys.argv
+        return "the same lrc recover command with --resume"
+    return f"lrc {shlex.join(args)} --resume"
+
+
+class _Bars:
+    """The progress bars of a recovery: one per phase (accuracy, training), on stderr, rank 0 only."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.tasks = bar, {}
+
+    def __call__(self, phase: str, done: int, total: int, status: str | None) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(phase, total=total, completed=done, status=status or "")
+        fields = {"status": status} if status is not None else {}
+        self.bar.update(self.tasks[phase], completed=done, total=total, **fields)
+
+
+def _quiet_on_other_ranks(fn):
+    """Under torchrun only rank 0 reports an error; the other ranks exit with the same code silently."""
+    from lowrank_cli.errors import LrcError
+
+    try:
+        return fn()
+    except LrcError as e:
+        if console.is_main_process():
+            raise
+        raise typer.Exit(e.exit_code) from None
+
+
+def recover(
+    student: Model,
+    output: Output,
+    teacher: Annotated[str, typer.Option("--teacher", help="The dense model the student was made from (any MODEL source).", show_default=False)],
+    data: Data,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (or give --epochs).", show_default=False)] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training images (fractions allowed).", show_default=False)] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of AdamW (linear warm-up, then cosine to 0).")] = 1e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per micro-batch, per process.")] = 64,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="Linear warm-up steps (default: 5% of the steps).", show_default=False)] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (matrices only).")] = 0.05,
+    clip_grad: Annotated[float, typer.Option("--clip-grad", help="Clip the gradient norm to this (0: off).")] = 1.0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the feature distillation (block outputs, MSE).")] = 1.0,
+    beta: Annotated[float, typer.Option("--beta", help="Weight of the weight-perturbation regulariser (max|second@first - W| - eps)^2.")] = 0.0,
+    gamma: Annotated[float, typer.Option("--gamma", help="Weight of the logit distillation (KL at --temperature).")] = 0.0,
+    eps: Annotated[float, typer.Option("--eps", help="The weight perturbation the regulariser aims at.")] = 1e-3,
+    temperature: Annotated[float, typer.Option("--temperature", help="Temperature of the logit distillation.")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the cross-entropy (labelled data).")] = 0.0,
+    freeze_dense: Annotated[bool, typer.Option("--freeze-dense", help="Train only the factorized layers (norms, embeddings, head stay).")] = False,
+    kappa: Annotated[Optional[float], typer.Option("--kappa", help="Factorize a dense STUDENT on the fly at this ratio.", show_default=False)] = None,
+    rank_multiple: Annotated[int, typer.Option("--rank-multiple", help="With --kappa: round ranks down to a multiple of this.")] = 8,
+    save_every: Annotated[int, typer.Option("--save-every", help="Write the training state every N steps.")] = 500,
+    log_every: Annotated[int, typer.Option("--log-every", help="Log metrics every N steps.")] = 10,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from its training state.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the student and the teacher.")] = False,
+    eval_: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure accuracy on the val split before and after.")] = True,
+    eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", help="Batch size of the accuracy runs (default: --batch-size).", show_default=False)] = None,
+    device: Device = "auto",
+    workers: Workers = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, augmentations and dropout.")] = 0,
+    arch: Arch = None,
+    model_arg: ModelArg = None,
+    force: Force = False,
+    json_out: Json = False,
+) -> None:
+    """Recover the accuracy of a low-rank model by distillation from its dense teacher (PELA Eq. 7)."""
+    from lowrank_cli.recover import recover as run_recover
+    from lowrank_cli.sources import parse_model_args
+
+    def go():
+        with console.progress() as bar:
+            return run_recover(
+                student, teacher, data, output=output, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                grad_accum=grad_accum, alpha=alpha, beta=beta, gamma=gamma, eps=eps, temperature=temperature,
+                label_smoothing=label_smoothing, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                clip_grad=clip_grad, freeze_dense=freeze_dense, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
+                model_args=parse_model_args(model_arg), save_every=save_every, log_every=log_every, resume=resume,
+                force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size,
+                device=device, num_workers=workers, seed=seed, progress=_Bars(bar), log=console.info,
+                warn=console.warn, resume_command=_resume_command(),
+            )
+
+    result = _quiet_on_other_ranks(go)
+    if not console.is_main_process():
+        return
+    summary = result.summary()
+    if json_out:
+        console.print_json(summary)
+        return
+    print_summary(summary)
+
+
+def _percent(acc: dict | None, key: str) -> str:
+    return f"{100 * acc[key]:.2f}" if acc else "-"
+
+
+def print_summary(s: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"lrc recover -> {s['output']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    settings = s["settings"]
+    resumed = f" (resumed at step {s['resumed_from']})" if s["resumed_from"] else ""
+    table.add_row("steps", f"{s['steps']} x {settings['images_per_step']} images{resumed}")
+    table.add_row("images seen", f"{s['images_seen']:,} ({s['images_per_second']:.0f} images/s, {s['seconds']:.1f} s)")
+    if s["skipped_images"]:
+        table.add_row("unreadable images", f"{s['skipped_images']} skipped")
+    for term, values in s["losses"].items():
+        table.add_row(f"{term}", f"{values['first']:.4g} -> {values['last']:.4g}")
+    acc = s["accuracy"]
+    if acc.get("after") or acc.get("teacher"):
+        table.add_row("top-1 / top-5 (%)", "")
+        for name in ("teacher", "before", "after"):
+            a = acc.get(name)
+            if a:
+                table.add_row(f"  {name}", f"{_percent(a, 'top1')} / {_percent(a, 'top5')}  ({a['images']} images)")
+    else:
+        table.add_row("accuracy", "not measured (no labelled val/ split)")
+    table.add_row("metrics", str(s["metrics"]))
+    console.out.print(table)
+
+
+def eval_command(
+    model: Model,
+    data: Data,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 128,
+    device: Device = "auto",
+    workers: Workers = 4,
+    arch: Arch = None,
+    model_arg: ModelArg = None,
+    json_out: Json = False,
+) -> None:
+    """Top-1 / top-5 accuracy of any MODEL on DIR/val (or on DIR when it is a class tree)."""
+    from lowrank_cli.evaluate import evaluate, val_split
+    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.sources import load_model, parse_model_args
+
+    image_set = val_split(data)  # a wrong folder fails before the model loads
+    dev = resolve_device(device)
+    loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg),
+                        log=lambda msg: console.info(f"Model: {msg}"))
+    loaded.model.to(dev).float()
+    with console.progress() as bar:
+        task = bar.add_task("accuracy", total=None, status="")
+        result = evaluate(loaded.model, image_set, batch_size=batch_size, device=dev, num_workers=workers,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    result = {"model": model, "data": str(image_set.root), **result}
+    if json_out:
+        console.print_json(result)
+        return
+    skipped = f", {result['skipped']} unreadable skipped" if result["skipped"] else ""
+    console.out.print(
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+        f"({result['images']} images of {result['data']}{skipped})"
+    )
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command(epilog=RECOVER_EPILOG)(recover)
+    app.command("eval", epilog=EVAL_EPILOG)(eval_command)

@@ -1,7 +1,136 @@
-"""`lrc report` (being written)."""
+"""`lrc report`: parameters, MACs, compression and provenance of any model or lrc checkpoint; CI gates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from lowrank_cli.cli import console
+from lowrank_cli.cli.options import Arch, InputSize, Json, Model, ModelArg, Revision, parse_input_size
+
+EPILOG = """\
+Examples:
+
+  lrc report deit_lr.safetensors
+
+  lrc report deit_lr.safetensors --per-layer
+
+  lrc report deit_base
+
+  lrc report deit_lr.safetensors --compare deit_base
+
+  lrc report deit_lr.safetensors --json
+
+  lrc report deit_lr.safetensors --markdown >> "$GITHUB_STEP_SUMMARY"
+
+  lrc report deit_lr.safetensors --max-params 50M --max-macs 9G --min-compression 1.8
+
+  lrc report weights.safetensors --arch vit_small_patch16_224 --model-arg num_classes=10
+
+  lrc report deit_lr.safetensors --plot spectrum.png
+
+A failed gate exits with code 1 after printing the report. MACs are fvcore multiply-accumulates for one
+image (FLOPs = 2 x MACs). The JSON keys are documented in docs/report_schema.md.
+"""
+
+
+
+def report(
+    model: Model,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="One row per linear: d_in, d_out, rank, params, MACs, kept energy.")] = False,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="Dense MODEL to measure the compression against (default: rebuilt from the lrc metadata).", show_default=False)] = None,
+    json_out: Json = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub-flavoured markdown (e.g. >> $GITHUB_STEP_SUMMARY).")] = False,
+    max_params: Annotated[Optional[str], typer.Option("--max-params", help="Gate: fail (exit 1) above this many parameters, e.g. 50M.", show_default=False)] = None,
+    max_macs: Annotated[Optional[str], typer.Option("--max-macs", help="Gate: fail (exit 1) above this many MACs per image, e.g. 9G.", show_default=False)] = None,
+    min_compression: Annotated[Optional[str], typer.Option("--min-compression", help="Gate: fail (exit 1) below this parameter compression vs the dense reference, e.g. 1.8.", show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw spectra with the kept ranks and the kept energy per layer to this image (needs lowrank-cli[plot]).", show_default=False)] = None,
+    input_size: InputSize = None,
+    arch: Arch = None,
+    model_arg: ModelArg = None,
+    revision: Revision = None,
+) -> None:
+    """Count parameters and MACs, show the compression and where the model came from; optionally gate CI on them."""
+    from lowrank_cli.counting import parse_size
+    from lowrank_cli.errors import GateFailed, UsageError
+    from lowrank_cli.report import apply_gates, build_report, describe_gate, parse_ratio, to_markdown
+    from lowrank_cli.sources import parse_model_args
+
+    if json_out and markdown:
+        raise UsageError("--json and --markdown both print the report on stdout: choose one")
+
+    def size_option(option: str, text: str | None) -> int | None:
+        try:
+            return parse_size(text) if text is not None else None
+        except UsageError as e:
+            raise UsageError(f"{option}: {e}") from None
+
+    limits = {
+        "max_params": size_option("--max-params", max_params),
+        "max_macs": size_option("--max-macs", max_macs),
+        "min_compression": parse_ratio(min_compression),
+    }
+    size = parse_input_size(input_size)
+    if plot is not None:
+        from lowrank_cli.report_plot import check_plot_output
+
+        check_plot_output(plot)
+
+    result = build_report(
+        model, arch=arch, model_args=parse_model_args(model_arg), revision=revision, input_size=size,
+        compare=compare, log=lambda msg: console.info(msg),
+    )
+    failed = apply_gates(result, **limits)
+
+    if json_out:
+        console.print_json(result.document)
+    elif markdown:
+        if console.is_main_process():
+            console.out.file.write(to_markdown(result.document, per_layer=per_layer))
+            console.out.file.flush()
+    else:
+        print_report(result.document, per_layer)
+
+    if plot is not None:
+        from lowrank_cli.report_plot import plot_report
+
+        console.info(f"Wrote {plot_report(result, plot)}")
+    if failed:
+        raise GateFailed("gates failed: " + "; ".join(describe_gate(g) for g in failed))
+    if result.document["gates"]:
+        console.info("gates passed: " + "; ".join(describe_gate(g) for g in result.document["gates"]))
+
+
+def print_report(doc: dict, per_layer: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from lowrank_cli.report import layer_cells, layer_columns, summary_rows
+
+    name = doc["source"]["argument"] or doc["source"]["id"]
+    table = Table(title=f"lrc report: {escape(str(name))}", show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for label, value in summary_rows(doc):
+        style = "red" if value.startswith("FAILED") or label.strip() == "NOT counted" else None
+        table.add_row(escape(label), escape(value), style=style)
+    console.out.print(table)
+    if doc["macs"]["uncounted"]:
+        console.warn("some ops were not counted (listed under 'NOT counted'): the MAC figure is a lower bound")
+    if per_layer:
+        if not doc["layers"]:
+            console.info("--per-layer: no layer rows (the model was not built: pass --arch to build it)")
+            return
+        cols = layer_columns(doc)
+        layers = Table(title="linear layers", title_justify="left")
+        for i, col in enumerate(cols):
+            layers.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        for row in doc["layers"]:
+            layers.add_row(*(escape(c) for c in layer_cells(row, len(cols) > 7)))
+        console.out.print(layers)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command(epilog=EPILOG)(report)

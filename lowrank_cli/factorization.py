@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from lowrank_cli.checkpoint import CheckpointInfo, swap_in
-from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
+from lowrank_cli.devices import resolve_device, resolve_dtype
+from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.lowrank_linear import LowRankLinear
 from lowrank_cli.model_spec import ModelSpec
 from lowrank_cli.plan import Plan, make_plan
 from lowrank_cli.svd import SVD_METHODS, truncated_svd
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -62,23 +62,6 @@ class FactorizeResult:
             "seconds": round(self.seconds, 3),
             "layers": [vars(r) for r in self.layers],
         }
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EnvironmentProblem("--device cuda was asked for but no CUDA device is available here: use --device cpu or auto")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, ...] | None) -> list[str]:

@@ -1,0 +1,195 @@
+"""The recovery loss of PELA (Eq. 7), one term per function, plus the hooks that collect block outputs.
+
+    L = L_ce + alpha * L_fd + beta * L_rwp + gamma * L_kd
+
+- L_ce: cross-entropy on the labels (with optional label smoothing), when the data has labels.
+- L_fd: feature distillation: the mean over the transformer blocks of the MSE between the student's and the
+  frozen teacher's block outputs, all tokens (identity mapping: the shapes are the same).
+- L_rwp: regularized weight perturbation: for each factorized layer, (max_ij |second@first - W|_ij - eps)^2
+  with W the teacher's dense weight of the same module name; the mean over layers. Squared as in the authors'
+  code (`F.mse_loss(torch.norm(rebuild - W, inf), eps)`), so the term is 0 exactly at a perturbation of eps.
+- L_kd: optional logit distillation, KL(teacher || student) at temperature T, scaled by T^2 (Hinton et al.).
+
+Terms whose weight is 0 are not computed at all, so the defaults (alpha=1, beta=0, gamma=0) cost one MSE per
+block. Everything is computed in float32, also under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_cli.lowrank_linear import LowRankLinear
+
+# The names under which the terms are logged, in this order (loss = the weighted sum).
+TERMS = ("loss", "ce", "fd", "rwp", "kd")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    alpha: float = 1.0  # feature distillation
+    beta: float = 0.0  # weight perturbation regulariser
+    gamma: float = 0.0  # logit distillation
+    eps: float = 1e-3  # the perturbation L_rwp aims at
+    temperature: float = 1.0  # of the logit distillation
+    label_smoothing: float = 0.0  # of the cross-entropy
+
+    def check(self) -> None:
+        from lowrank_cli.errors import UsageError
+
+        for name in ("alpha", "beta", "gamma", "eps", "label_smoothing"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):  # also refuses NaN
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not self.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
+        if not self.temperature > 0 or self.temperature == float("inf"):
+            raise UsageError(f"--temperature must be a finite number > 0, got {self.temperature}")
+
+
+def innermost_blocks(model: nn.Module) -> list[str]:
+    """The model's repeated transformer blocks, innermost ones only (Swin: `layers.N.blocks.M`, not `layers.N`)."""
+    from lowrank_cli.plan import block_names
+
+    names = block_names(model)
+    return [n for n in names if not any(other.startswith(n + ".") for other in names)]
+
+
+def _first_tensor(output: object) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"a block returned {type(output).__name__}, not a tensor: its output cannot be distilled")
+
+
+class BlockOutputs:
+    """Forward hooks that keep the output of each named block during a forward pass.
+
+        with BlockOutputs(model, names) as feats:
+            model(x)
+            outputs = feats.take()   # list, in `names` order; cleared for the next pass
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        self.names = list(names)
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name in self.names:
+            module = model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            self.outputs[name] = _first_tensor(output)
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise RuntimeError(f"blocks {missing[:3]} did not run in the forward pass: they cannot be distilled")
+        outputs = [self.outputs[n] for n in self.names]
+        self.outputs.clear()
+        return outputs
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.outputs.clear()
+
+    def __enter__(self) -> BlockOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+# ---------------------------------------------------------------------------------------------- the terms
+
+
+def feature_distillation(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_fd: mean over blocks of the MSE between block outputs (every token, every channel)."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"feature distillation needs the same, non-zero number of blocks: {len(student)} vs {len(teacher)}")
+    losses = [F.mse_loss(s.float(), t.detach().float()) for s, t in zip(student, teacher)]
+    return torch.stack(losses).mean()
+
+
+def weight_perturbation(pairs: Iterable[tuple[LowRankLinear, torch.Tensor]], eps: float) -> torch.Tensor:
+    """L_rwp: mean over factorized layers of (max_ij |second@first - W|_ij - eps)^2, in float32."""
+    losses = []
+    for layer, dense in pairs:
+        product = layer.second.weight.float() @ layer.first.weight.float()
+        losses.append(((product - dense.float()).abs().amax() - eps) ** 2)
+    if not losses:
+        raise ValueError("weight perturbation needs at least one factorized layer")
+    return torch.stack(losses).mean()
+
+
+def logit_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """L_kd: KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over the batch."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def classification(student: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """L_ce: cross-entropy on the labels (labels are class indices)."""
+    return F.cross_entropy(student.float(), labels, label_smoothing=label_smoothing)
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """A model's logits: timm models return a tensor; a tuple (distilled heads) gives its first element."""
+    return _first_tensor(output)
+
+
+class RecoveryLoss:
+    """Eq. 7 over one batch. `pairs` ((LowRankLinear, teacher W) per factorized layer) is needed when beta > 0."""
+
+    def __init__(self, weights: LossWeights, *, use_labels: bool,
+                 pairs: Sequence[tuple[LowRankLinear, torch.Tensor]] = ()):
+        weights.check()
+        self.weights = weights
+        self.use_labels = use_labels
+        self.pairs = list(pairs)
+        if weights.beta > 0 and not self.pairs:
+            raise ValueError("beta > 0 needs the (low-rank layer, teacher weight) pairs")
+
+    @property
+    def active(self) -> list[str]:
+        """The terms this loss computes (and logs), `loss` first."""
+        w = self.weights
+        return ["loss"] + [name for name, on in (("ce", self.use_labels), ("fd", w.alpha > 0), ("rwp", w.beta > 0),
+                                                 ("kd", w.gamma > 0)) if on]
+
+    @property
+    def uses_logits(self) -> bool:
+        return self.use_labels or self.weights.gamma > 0
+
+    def __call__(self, *, student_logits: torch.Tensor | None, teacher_logits: torch.Tensor | None,
+                 student_blocks: Sequence[torch.Tensor], teacher_blocks: Sequence[torch.Tensor],
+                 labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        w = self.weights
+        terms: dict[str, torch.Tensor] = {}
+        if self.use_labels:
+            terms["ce"] = classification(student_logits, labels, w.label_smoothing)
+        if w.alpha > 0:
+            terms["fd"] = feature_distillation(student_blocks, teacher_blocks)
+        if w.beta > 0:
+            device_type = self.pairs[0][0].first.weight.device.type
+            with torch.autocast(device_type, enabled=False):  # the max of a difference needs float32 products
+                terms["rwp"] = weight_perturbation(self.pairs, w.eps)
+        if w.gamma > 0:
+            terms["kd"] = logit_distillation(student_logits, teacher_logits, w.temperature)
+        total = terms.get("ce", 0.0)
+        for name, weight in (("fd", w.alpha), ("rwp", w.beta), ("kd", w.gamma)):
+            if name in terms:
+                total = total + weight * terms[name]
+        if not isinstance(total, torch.Tensor):
+            raise ValueError("the loss has no term: give alpha, beta or gamma > 0, or labelled data")
+        return {"loss": total, **terms}

@@ -1,0 +1,881 @@
+"""Recovery: distil the low-rank student back towards its dense teacher (PELA Eq. 7).
+
+    from lowrank_cli.recover import recover
+    result = recover("deit_lr.safetensors", "deit_base", "imagenet/", output="deit_lr_rec.safetensors", steps=2000)
+    result.accuracy        # {"teacher": {...}, "before": {...}, "after": {...}} on imagenet/val
+    result.summary()       # what `lrc recover --json` prints
+
+Single process, or data parallel under torchrun (the same call: see lowrank_cli.distributed):
+
+    torchrun --standalone --nproc_per_node 8 -m lowrank_cli recover deit_lr.safetensors --teacher deit_base \\
+        --data imagenet/ --steps 2000 -o deit_lr_rec.safetensors
+
+One training step: the frozen teacher (eval mode, no gradients) and the student see the same micro-batch; forward
+hooks on the innermost transformer blocks keep both models' block outputs, so the student runs forward once;
+the loss is distill_loss.RecoveryLoss; AdamW with a cosine schedule after a linear warm-up, gradient clipping,
+bf16 autocast on CUDA (float32 on the CPU).
+
+A run is never lost. Every `save_every` steps the training state (weights, optimizer, step, data position) is
+written atomically next to the output (train_state.py); SIGINT / SIGTERM finish the current step, save and
+exit with the command that resumes; a non-finite loss stops before the optimizer step, so the last saved state
+stays good. `resume=True` continues exactly: the data order comes from (seed, epoch), each image's augmentation
+from (seed, epoch, index) and the model's own randomness (dropout, drop path) is reseeded every step from
+(seed, step, rank), so a resumed run computes what the uninterrupted run would have, with any number of
+data-loader workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lowrank_cli import distributed
+from lowrank_cli.distill_loss import BlockOutputs, LossWeights, RecoveryLoss, innermost_blocks, logits_of
+from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError, UsageError
+from lowrank_cli.evaluate import autocast_for, check_classes, evaluate, num_classes, val_split
+from lowrank_cli.image_data import Batch, EpochSampler, ImageDataset, ImageSet, collate, data_config, find_images
+from lowrank_cli.lowrank_linear import LowRankLinear
+from lowrank_cli.train_state import (
+    TrainState,
+    changed_options,
+    check_fingerprint,
+    load_train_state,
+    metrics_path,
+    read_train_state,
+    save_train_state,
+    train_state_path,
+)
+
+ProgressFn = Callable[[str, int, int, str], None]  # (phase, done, total, status)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class RecoverResult:
+    model: nn.Module  # the recovered student (plain nn.Module, on the training device, eval mode)
+    output: Path
+    steps: int
+    resumed_from: int  # 0 for a fresh run
+    images_seen: int  # over all ranks, all steps (also those before a resume)
+    skipped: int  # unreadable training images met
+    seconds: float  # training time, all attempts
+    accuracy: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # teacher, before, after
+    losses: dict[str, dict[str, float]] = field(default_factory=dict)  # first / last logged value of each term
+    history: list[dict[str, Any]] = field(default_factory=list)  # the metric lines logged by this call
+    metrics: Path | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_seen / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary (the `--json` output of `lrc recover`)."""
+        return {
+            "output": str(self.output),
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "images_seen": self.images_seen,
+            "skipped_images": self.skipped,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 1),
+            "accuracy": self.accuracy,
+            "losses": self.losses,
+            "metrics": str(self.metrics) if self.metrics else None,
+            "settings": self.settings,
+        }
+
+
+@dataclass
+class StepStats:
+    terms: dict[str, float]  # mean over the step's micro-batches and ranks
+    grad_norm: float
+    images: int  # over all ranks
+    skipped: int  # over all ranks
+
+
+# ---------------------------------------------------------------------------------------------- seeds
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (stable across processes and Python versions, unlike hash())."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's CPU generators for a block, then put their states back."""
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.random.set_rng_state(cpu)
+
+
+class SeededImages(Dataset):
+    """ImageDataset whose augmentation for image `index` in epoch `epoch` is seeded by (seed, epoch, index).
+
+    The key is (epoch, index), so the random crop and flip of an image do not depend on which worker loads
+    it or on how many batches came before: a resumed run sees the very same tensors.
+    """
+
+    def __init__(self, dataset: ImageDataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with _seeded(derive_seed(self.seed, "image", epoch, index)):
+            return self.dataset[index]
+
+
+class EpochKeys(Sampler):
+    """(epoch, index) keys for SeededImages, from an EpochSampler (which keeps the order and the resume point)."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: workers leave it to the main process, which saves and exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train_loader(image_set: ImageSet, transform, mode: str, batch_size: int, *, seed: int, rank: int,
+                 world_size: int, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, EpochSampler]:
+    """Shuffled training batches (whole global batches only), seeded per image; see SeededImages."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {num_workers}")
+    sampler = EpochSampler(len(image_set), batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size,
+                           drop_last=True)
+    if sampler.batches_per_epoch == 0:
+        raise InputError(f"data folder '{image_set.root}' has {len(image_set)} images, fewer than one batch of "
+                         f"{batch_size} x {world_size} process(es): lower --batch-size or add images")
+    loader = DataLoader(
+        SeededImages(ImageDataset(image_set, transform, mode), seed),
+        batch_size=batch_size, sampler=EpochKeys(sampler), collate_fn=collate, num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+    )
+    return loader, sampler
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier for the optimizer step `step` (0-based): linear warm-up, then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (linear and factor weights), none on biases, norms and tokens."""
+    decay = [p for n, p in named if p.ndim >= 2 and not n.endswith(("cls_token", "pos_embed", "dist_token", "reg_token"))]
+    keep = [p for n, p in named if not (p.ndim >= 2 and not n.endswith(("cls_token", "pos_embed", "dist_token", "reg_token")))]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}) if g["params"]]
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+class Distiller:
+    """One recovery step: forward both models on each micro-batch, Eq. 7, backward, clip, AdamW step.
+
+    `student` is the plain model (hooks go on its blocks); `forward` calls it, possibly through DDP and
+    torch.compile. The step's loss terms, gradient norm and image counts are summed over ranks in one
+    collective and checked for finiteness before the optimizer step, so every rank takes the same decision.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: RecoveryLoss, blocks: list[str], *,
+                 optimizer: torch.optim.Optimizer, params: list[nn.Parameter], clip_grad: float,
+                 device: torch.device, input_size: tuple[int, ...], ctx: distributed.DistContext | None = None,
+                 forward: Callable[[torch.Tensor], Any] | None = None,
+                 teacher_forward: Callable[[torch.Tensor], Any] | None = None):
+        self.student, self.teacher, self.loss = student, teacher, loss
+        self.optimizer, self.params, self.clip_grad = optimizer, params, clip_grad
+        self.device, self.input_size = device, tuple(input_size)
+        self.ctx = ctx or distributed.DistContext(device=device)
+        self.forward = forward or student
+        self.teacher_forward = teacher_forward or teacher
+        self.blocks = blocks if loss.weights.alpha > 0 else []
+        self.student_blocks = BlockOutputs(student, self.blocks)
+        self.teacher_blocks = BlockOutputs(teacher, self.blocks)
+        self.terms = loss.active
+
+    def close(self) -> None:
+        self.student_blocks.remove()
+        self.teacher_blocks.remove()
+
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+        """Forward both models on one micro-batch, backward its loss times `scale`; return the detached terms."""
+        with autocast_for(self.device):
+            with torch.no_grad():
+                teacher_out = self.teacher_forward(images)
+            teacher_blocks = self.teacher_blocks.take() if self.blocks else []
+            student_out = self.forward(images)
+            student_blocks = self.student_blocks.take() if self.blocks else []
+            terms = self.loss(
+                student_logits=logits_of(student_out), teacher_logits=logits_of(teacher_out),
+                student_blocks=student_blocks, teacher_blocks=teacher_blocks,
+                labels=labels if self.loss.use_labels else None,
+            )
+        (terms["loss"] * scale).backward()
+        return {k: v.detach() for k, v in terms.items()}
+
+    def step(self, batches: list[Batch], step: int | None = None) -> StepStats:
+        n = len(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(len(self.terms), device=self.device)
+        weight = images_seen = skipped = 0
+        for i, batch in enumerate(batches):
+            images, labels, w = batch.images, batch.labels, 1.0
+            if len(images) == 0:  # every image of the batch was unreadable: a zero-weight pass keeps ranks in step
+                images = torch.zeros((1, *self.input_size))
+                labels, w = torch.zeros(1, dtype=torch.long), 0.0
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            no_sync = getattr(self.forward, "no_sync", None)
+            sync = no_sync() if (no_sync is not None and i < n - 1) else contextlib.nullcontext()
+            with sync:
+                terms = self.micro_step(images, labels, w / n)
+            if w:
+                sums += torch.stack([terms[t].float() for t in self.terms])
+            weight += w
+            images_seen += len(batch.images)
+            skipped += batch.skipped
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad if self.clip_grad > 0 else float("inf"))
+        counts = torch.tensor([weight, images_seen, skipped], dtype=torch.float32)
+        stats = torch.cat([sums, norm.detach().float().reshape(1), counts.to(self.device)])
+        if self.ctx.enabled:
+            stats = distributed.all_reduce_sum(self.ctx, stats if self.ctx.device.type == "cuda" else stats.cpu())
+        values = stats.tolist()  # the one host sync of the step
+        k = len(self.terms)
+        weight, norm_value = values[k + 1], values[k] / self.ctx.world_size
+        terms = {t: (values[i] / weight if weight else 0.0) for i, t in enumerate(self.terms)}
+        where = f" at step {step}" if step is not None else ""
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                raise TrainingError(f"the {'total loss' if name == 'loss' else name + ' loss term'} is {value}{where}")
+        if not math.isfinite(norm_value):
+            raise TrainingError(f"the gradient norm is {norm_value}{where}")
+        if weight:
+            self.optimizer.step()
+        return StepStats(terms, norm_value, int(values[k + 2]), int(values[k + 3]))
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _is_lowrank(model: nn.Module) -> bool:
+    return any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, student_name: str, teacher_name: str,
+                  student_arch: str, teacher_arch: str) -> list[tuple[str, LowRankLinear, torch.Tensor]]:
+    """The teacher must be the student's dense architecture: the same tensors, except that each factorized
+    module of the student is an nn.Linear of the same shape in the teacher. Returns (name, low-rank layer,
+    teacher weight) for each factorized module; raises InputError naming both models otherwise."""
+    who = f"the teacher {teacher_name} ({teacher_arch}) and the student {student_name} ({student_arch})"
+    lowrank = {n: m for n, m in student.named_modules() if isinstance(m, LowRankLinear)}
+    teacher_modules = dict(teacher.named_modules())
+    pairs, problems = [], []
+    for name, layer in lowrank.items():
+        dense = teacher_modules.get(name)
+        if not isinstance(dense, nn.Linear):
+            problems.append(f"'{name}' is factorized in the student but is "
+                            f"{'missing' if dense is None else 'a ' + type(dense).__name__} in the teacher")
+        elif (dense.out_features, dense.in_features) != (layer.out_features, layer.in_features):
+            problems.append(f"'{name}' is {layer.out_features}x{layer.in_features} in the student, "
+                            f"{dense.out_features}x{dense.in_features} in the teacher")
+        elif (dense.bias is None) != (layer.second.bias is None):
+            problems.append(f"'{name}' has a bias in only one of them")
+        else:
+            pairs.append((name, layer, dense.weight))
+    skip = tuple(n + "." for n in lowrank)
+    s_shapes = {k: tuple(v.shape) for k, v in student.state_dict().items() if not k.startswith(skip)}
+    t_shapes = {k: tuple(v.shape) for k, v in teacher.state_dict().items() if not k.startswith(skip)}
+    for key in sorted(set(s_shapes) | set(t_shapes)):
+        if key not in t_shapes:
+            problems.append(f"'{key}' is in the student only")
+        elif key not in s_shapes:
+            problems.append(f"'{key}' is in the teacher only")
+        elif s_shapes[key] != t_shapes[key]:
+            problems.append(f"'{key}' is {s_shapes[key]} in the student, {t_shapes[key]} in the teacher")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise InputError(
+            f"{who} do not share the architecture: {'; '.join(problems[:3])}{more}. The teacher must be the dense "
+            "model the student was factorized from (same architecture and model args)"
+        )
+    return pairs
+
+
+def _params_reached(student: nn.Module, teacher: nn.Module, loss: RecoveryLoss, blocks: list[str],
+                    input_size: tuple[int, ...], device: torch.device) -> set[str]:
+    """Names of the student's parameters that the loss reaches (one backward on a blank image, eval mode).
+
+    With unlabelled data and no logit distillation, the final norm and the head get no gradient: they are
+    frozen, which DDP needs (and which saves AdamW the work)."""
+    distiller = Distiller(student, teacher, loss, blocks, optimizer=None, params=[], clip_grad=0.0,
+                          device=device, input_size=input_size)
+    was_training = student.training
+    student.eval()
+    try:
+        distiller.micro_step(torch.zeros((2, *input_size), device=device),
+                             torch.zeros(2, dtype=torch.long, device=device), 1.0)
+        return {n for n, p in student.named_parameters() if p.grad is not None}
+    finally:
+        distiller.close()
+        student.zero_grad(set_to_none=True)
+        student.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+
+class StopRequest:
+    """SIGINT / SIGTERM during training set a flag that the loop checks after each step; a second Ctrl-C
+    raises KeyboardInterrupt at once (the last saved state is then what is left)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def _metrics_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            lines.append(json.loads(line))
+    return lines
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume: keep the lines up to the resumed step (the steps after it are done again)."""
+    from lowrank_cli.atomic import write_text
+
+    kept = [line for line in _metrics_lines(path) if line.get("step", 0) <= step]
+    write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
+
+
+# ---------------------------------------------------------------------------------------------- the API
+
+
+def _load(source, what: str, arch, model_args, log):
+    from lowrank_cli.sources import LoadedModel, load_model
+
+    if isinstance(source, LoadedModel):
+        return source
+    if isinstance(source, nn.Module):
+        raise UsageError(f"pass the {what} as a MODEL source string or a LoadedModel (lowrank_cli.load_model), "
+                         "not a bare nn.Module: recovery needs its architecture to check and save it")
+    return load_model(str(source), arch=arch, model_args=model_args, log=lambda m: log(f"{what.capitalize()}: {m}"))
+
+
+def _name(loaded) -> str:
+    source = loaded.source or {}
+    return str(source.get("id") or loaded.spec.architecture)
+
+
+def recover(
+    student: Any,
+    teacher: Any,
+    data: str | os.PathLike,
+    *,
+    output: str | os.PathLike,
+    steps: int | None = None,
+    epochs: float | None = None,
+    lr: float = 1e-4,
+    batch_size: int = 64,
+    grad_accum: int = 1,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    gamma: float = 0.0,
+    eps: float = 1e-3,
+    temperature: float = 1.0,
+    label_smoothing: float = 0.0,
+    warmup_steps: int | None = None,
+    warmup_fraction: float = 0.05,
+    weight_decay: float = 0.05,
+    clip_grad: float = 1.0,
+    freeze_dense: bool = False,
+    kappa: float | None = None,
+    rank_multiple: int = 8,
+    arch: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    save_every: int = 500,
+    log_every: int = 10,
+    resume: bool = False,
+    force: bool = False,
+    compile: bool = False,
+    evaluate_accuracy: bool = True,
+    eval_batch_size: int | None = None,
+    device: str | torch.device | None = "auto",
+    num_workers: int = 4,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    resume_command: str | None = None,
+    on_step: Callable[[int, nn.Module], bool | None] | None = None,
+) -> RecoverResult:
+    """Distil `student` (an lrc checkpoint, or a dense MODEL with `kappa`) towards `teacher` on `data`.
+
+    student / teacher: MODEL source strings (any that `lrc` accepts) or `LoadedModel`s. data: an ImageFolder
+    root (train/<class>/..., optional val/<class>/...), a class tree, or a flat folder of unlabelled images
+    (then distillation only). Exactly one of `steps` (optimizer steps) and `epochs` (passes over the training
+    images; fractions allowed). `batch_size` is per process; each step uses batch_size x grad_accum x
+    processes images. The loss weights are PELA's (see distill_loss). `freeze_dense` trains only the
+    factorized layers. The output checkpoint keeps the student's lrc metadata and adds `recovery` (settings
+    and the accuracy measured on the val split, when there is one with labels). Training states go to
+    `<output stem>.train.safetensors` every `save_every` steps and metrics to `<output stem>.metrics.jsonl`
+    every `log_every` steps. `on_step(step, model)` is called after each step; returning True stops the run
+    as SIGINT does (for tests and notebooks). `resume_command` is the command printed on interruption.
+    """
+    log = log or (lambda msg: None)
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+    weights = LossWeights(alpha, beta, gamma, eps, temperature, label_smoothing)
+    weights.check()
+    _check_options(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                   warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, weight_decay=weight_decay,
+                   clip_grad=clip_grad, save_every=save_every, log_every=log_every, num_workers=num_workers,
+                   kappa=kappa)
+    output = Path(output)
+    state_path = train_state_path(output)
+    from lowrank_cli.atomic import check_output
+
+    check_output(output, force=force)
+    if resume and not state_path.is_file():
+        raise InputError(f"--resume: there is no training state '{state_path}' to continue (it is written every "
+                         "--save-every steps, and removed when a run finishes): start without --resume")
+    if not resume and state_path.exists() and not force:
+        raise OutputError(f"the training state of an earlier, unfinished run is at '{state_path}': continue it with "
+                          "--resume, or pass --force to start again")
+    ctx = distributed.setup(device)
+    try:
+        return _Run(ctx, log, warn, progress).run(
+            student, teacher, Path(data).expanduser(), output=output, state_path=state_path, weights=weights,
+            steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+            warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, weight_decay=weight_decay,
+            clip_grad=clip_grad, freeze_dense=freeze_dense, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
+            model_args=model_args, save_every=save_every, log_every=log_every, resume=resume,
+            compile=compile, evaluate_accuracy=evaluate_accuracy,
+            eval_batch_size=eval_batch_size or batch_size, num_workers=num_workers, seed=seed,
+            resume_command=resume_command, on_step=on_step,
+        )
+    except torch.cuda.OutOfMemoryError:
+        raise EnvironmentProblem(
+            f"out of GPU memory at --batch-size {batch_size}: use a smaller --batch-size with a larger --grad-accum "
+            "(same images per step)"
+        ) from None
+    finally:
+        distributed.teardown(ctx)
+
+
+def _check_options(*, steps, epochs, lr, batch_size, grad_accum, warmup_steps, warmup_fraction, weight_decay,
+                   clip_grad, save_every, log_every, num_workers, kappa) -> None:
+    if (steps is None) == (epochs is None):
+        raise UsageError("give the length of the recovery as --steps N or as --epochs E (one of them)")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
+        raise UsageError(f"--epochs must be a number > 0, got {epochs}")
+    checks = [
+        (lr > 0 and math.isfinite(lr), f"--lr must be a number > 0, got {lr}"),
+        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+        (grad_accum >= 1, f"--grad-accum must be at least 1, got {grad_accum}"),
+        (warmup_steps is None or warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {warmup_steps}"),
+        (0 <= warmup_fraction < 1, f"the warm-up fraction must be in [0, 1), got {warmup_fraction}"),
+        (weight_decay >= 0, f"--weight-decay must be 0 or more, got {weight_decay}"),
+        (clip_grad >= 0, f"--clip-grad must be 0 (off) or more, got {clip_grad}"),
+        (save_every >= 1, f"--save-every must be at least 1, got {save_every}"),
+        (log_every >= 1, f"--log-every must be at least 1, got {log_every}"),
+        (num_workers >= 0, f"--workers must be 0 or more, got {num_workers}"),
+        (kappa is None or kappa > 1, f"--kappa must be a number > 1, got {kappa}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+class _Run:
+    """One call of `recover`, split into its phases (set-up, evaluation, training, output)."""
+
+    def __init__(self, ctx: distributed.DistContext, log, warn, progress: ProgressFn | None):
+        self.ctx = ctx
+        self.main = ctx.is_main
+        self.log = log if self.main else (lambda msg: None)
+        self.warn = warn if self.main else (lambda msg: None)
+        self.progress = progress if (progress is not None and self.main) else (lambda *a: None)
+
+    # -- set-up ------------------------------------------------------------------------------------------
+
+    def _models(self, student, teacher, *, kappa, rank_multiple, arch, model_args):
+        from lowrank_cli.factorization import factorize
+
+        s = _load(student, "student", arch, model_args, self.log)
+        t = _load(teacher, "teacher", arch, model_args, self.log)
+        if kappa is not None:
+            if s.checkpoint is not None or _is_lowrank(s.model):
+                raise UsageError(f"--kappa factorizes a dense student, but {_name(s)} is already low-rank: leave out "
+                                 "--kappa")
+            self.log(f"Factorizing the student at kappa {kappa:g} (rank multiple {rank_multiple})")
+            factorize(s.model, kappa=kappa, rank_multiple=rank_multiple, device=self.ctx.device, warn=self.warn)
+            s.model.lrc_info.provenance["source"] = s.source
+        elif not _is_lowrank(s.model):
+            raise UsageError(f"the student {_name(s)} has no low-rank layers: pass an lrc checkpoint (lrc factorize), "
+                             "or factorize it on the fly with --kappa")
+        if t.checkpoint is not None or _is_lowrank(t.model):
+            raise InputError(f"the teacher {_name(t)} is a low-rank model: the teacher is the dense model the student "
+                             "was factorized from")
+        pairs = check_teacher(s.model, t.model, _name(s), _name(t), s.spec.architecture, t.spec.architecture)
+        if s.spec.architecture != t.spec.architecture:
+            self.warn(f"the teacher is {t.spec.architecture} and the student was made from {s.spec.architecture}: "
+                      "the shapes agree, so distillation works, but check that this is the teacher you meant")
+        return s, t, pairs
+
+    def run(self, student, teacher, data: Path, *, output: Path, state_path: Path, weights: LossWeights, steps,
+            epochs, lr, batch_size, grad_accum, warmup_steps, warmup_fraction, weight_decay, clip_grad,
+            freeze_dense, kappa, rank_multiple, arch, model_args, save_every, log_every, resume, compile,
+            evaluate_accuracy, eval_batch_size, num_workers, seed, resume_command, on_step) -> RecoverResult:
+        ctx, dev = self.ctx, self.ctx.device
+        # Data first: a wrong folder fails before any model is loaded.
+        train_set = find_images(data, "train")
+        val_set = val_split(data, required=False) if evaluate_accuracy else None
+        hard = {
+            "--batch-size": batch_size, "--grad-accum": grad_accum, "--seed": seed, "--freeze-dense": freeze_dense,
+            "number of processes": ctx.world_size, "number of training images": len(train_set),
+        }
+        saved_state = None
+        if resume:
+            if not distributed.all_ranks(ctx, state_path.is_file()):
+                raise InputError(f"--resume: '{state_path}' is not visible to every process: put the output on a "
+                                 "file system that all nodes share")
+            saved_state, _ = read_train_state(state_path)
+            check_fingerprint(saved_state.fingerprint, hard, state_path)
+
+        s, t, pairs = self._models(student, teacher, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
+                                   model_args=model_args)
+        raw, tea = s.model, t.model
+        save_dtype = next(raw.parameters()).dtype
+        raw.to(device=dev, dtype=torch.float32).train()
+        tea.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
+        cfg = data_config(tea)
+        input_size = tuple(cfg["input_size"])
+        blocks = innermost_blocks(raw)
+        if weights.alpha > 0 and not blocks:
+            raise UsageError(f"{_name(s)} has no repeated transformer blocks to distil features from: use --alpha 0 "
+                             "with labels or --gamma > 0")
+
+        use_labels = train_set.labelled
+        if use_labels and (problem := check_classes(raw, train_set, "the student")):
+            self.warn(f"labels not used ({problem}): distillation only")
+            use_labels = False
+        if val_set is not None and (problem := check_classes(tea, val_set, "the teacher")):
+            self.warn(f"accuracy not measured: {problem}")
+            val_set = None
+        if not use_labels and weights.alpha == 0 and weights.gamma == 0 and weights.beta == 0:
+            raise UsageError("the data has no labels (or none that fit the model) and alpha, beta and gamma are 0: "
+                             "nothing to learn from; keep --alpha 1")
+        loss = RecoveryLoss(weights, use_labels=use_labels, pairs=[(layer, w) for _, layer, w in pairs])
+
+        from lowrank_cli.image_data import image_mode, make_transform
+
+        loader, sampler = train_loader(train_set, make_transform(tea, training=True), image_mode(tea), batch_size,
+                                       seed=seed, rank=ctx.rank, world_size=ctx.world_size, num_workers=num_workers,
+                                       pin_memory=dev.type == "cuda")
+        per_epoch = sampler.batches_per_epoch
+        total = steps if steps is not None else max(1, math.ceil(epochs * per_epoch / grad_accum))
+        warmup = warmup_steps if warmup_steps is not None else int(round(warmup_fraction * total))
+        warmup = min(warmup, max(total - 1, 0))
+
+        # What trains: the student's parameters the loss reaches (only the factorized layers with freeze_dense).
+        reached = _params_reached(raw, tea, loss, blocks, input_size, dev)
+        lowrank_prefixes = tuple(n + "." for n, m in raw.named_modules() if isinstance(m, LowRankLinear))
+        named = []
+        for name, p in raw.named_parameters():
+            trains = name in reached and (not freeze_dense or name.startswith(lowrank_prefixes))
+            p.requires_grad_(trains)
+            if trains:
+                named.append((name, p))
+        unreached = [n for n, _ in raw.named_parameters() if n not in reached]
+        if unreached:
+            self.log(f"Frozen (the loss does not reach them): {', '.join(unreached[:4])}"
+                     f"{', ...' if len(unreached) > 4 else ''}")
+        if not named:
+            raise UsageError("no parameter of the student would train: check --freeze-dense and the loss weights")
+        param_names = [n for n, _ in named]
+        params = [p for _, p in named]
+        groups = param_groups(named, weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999),
+                                      fused=True if dev.type == "cuda" else None)
+        schedule = {"kind": "warmup-cosine", "lr": lr, "warmup_steps": warmup, "total_steps": total}
+        soft = {"--steps": total, "--lr": lr, "--warmup-steps": warmup, "--weight-decay": weight_decay,
+                "--clip-grad": clip_grad, "--alpha": weights.alpha, "--beta": weights.beta, "--gamma": weights.gamma,
+                "--eps": weights.eps, "--temperature": weights.temperature,
+                "--label-smoothing": weights.label_smoothing, "--teacher": _name(t), "--data": str(data.resolve())}
+
+        state = TrainState(schedule=schedule, fingerprint={**hard, **soft})
+        if resume:
+            state = load_train_state(state_path, raw, optimizer, param_names)
+            for option, then, now in changed_options(saved_state.fingerprint, soft):
+                self.warn(f"{option} was {then} in the interrupted run and is {now} now: the result will differ from "
+                          "an uninterrupted run")
+            state.schedule, state.fingerprint = schedule, {**hard, **soft}
+            for group, fresh in zip(optimizer.param_groups, groups):
+                group["weight_decay"] = fresh["weight_decay"]
+            if state.step >= total:
+                self.log(f"The saved state is at step {state.step} of {total}: no training left")
+            else:
+                self.log(f"Resuming at step {state.step}/{total} (epoch {state.epoch}, batch {state.batch})")
+        resumed_from = state.step
+
+        # Accuracy before (measured once; a resumed run reuses the first run's numbers).
+        accuracy: dict[str, dict[str, Any] | None] = {"teacher": None, "before": None, "after": None}
+        if val_set is not None:
+            self.log(f"Data: {len(train_set)} training images"
+                     f"{f' ({train_set.num_classes} classes)' if train_set.labelled else ' (no labels)'}, "
+                     f"{len(val_set)} validation images")
+            accuracy["teacher"] = state.extra.get("teacher") or self._evaluate(tea, val_set, "accuracy: teacher",
+                                                                             eval_batch_size, num_workers, tea)
+            accuracy["before"] = state.extra.get("before") or self._evaluate(raw, val_set, "accuracy: before",
+                                                                           eval_batch_size, num_workers, tea)
+            state.extra.update(teacher=accuracy["teacher"], before=accuracy["before"])
+        else:
+            self.log(f"Data: {len(train_set)} training images"
+                     f"{f' ({train_set.num_classes} classes)' if train_set.labelled else ' (no labels)'}; "
+                     "no labelled val/ split, so accuracy is not measured")
+
+        # Metrics log: a fresh run starts it, a resumed one continues it from the resumed step.
+        metrics = metrics_path(output)
+        if self.main:
+            if resume:
+                _truncate_metrics(metrics, state.step)
+            else:
+                from lowrank_cli.atomic import write_text
+
+                write_text(metrics, "")
+
+        forward, teacher_forward = raw, tea
+        if compile:
+            forward, teacher_forward = torch.compile(raw), torch.compile(tea)
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(forward, device_ids=[dev.index] if dev.type == "cuda" else None)
+        distiller = Distiller(raw, tea, loss, blocks, optimizer=optimizer, params=params, clip_grad=clip_grad,
+                              device=dev, input_size=input_size, ctx=ctx, forward=forward,
+                              teacher_forward=teacher_forward)
+        settings = {
+            "teacher": t.source or {"id": _name(t)}, "data": str(data.resolve()), "train_images": len(train_set),
+            "labels": use_labels, "steps": total, "lr": lr, "schedule": "warmup-cosine", "warmup_steps": warmup,
+            "batch_size": batch_size, "grad_accum": grad_accum, "processes": ctx.world_size,
+            "images_per_step": batch_size * grad_accum * ctx.world_size, "alpha": weights.alpha,
+            "beta": weights.beta, "gamma": weights.gamma, "eps": weights.eps, "temperature": weights.temperature,
+            "label_smoothing": weights.label_smoothing, "weight_decay": weight_decay, "clip_grad": clip_grad,
+            "freeze_dense": freeze_dense, "trained_parameters": sum(p.numel() for p in params), "seed": seed,
+            "precision": "bf16" if dev.type == "cuda" else "fp32", "compile": compile,
+        }
+        history: list[dict[str, Any]] = []
+        try:
+            self._train(distiller, loader, sampler, state, state_path=state_path, raw=raw, optimizer=optimizer,
+                        param_names=param_names, total=total, per_epoch=per_epoch, grad_accum=grad_accum,
+                        lr=lr, warmup=warmup, save_every=save_every, log_every=log_every, seed=seed,
+                        metrics=metrics, history=history, train_images=len(train_set),
+                        resume_command=resume_command, on_step=on_step)
+        finally:
+            distiller.close()
+
+        # Accuracy after, the output checkpoint, and the training state is no longer needed.
+        raw.eval()
+        if val_set is not None:
+            accuracy["after"] = self._evaluate(raw, val_set, "accuracy: after", eval_batch_size, num_workers, tea)
+        lines = _metrics_lines(metrics) if self.main else history
+        losses = {}
+        if lines:
+            for term in loss.active:
+                values = [line[term] for line in lines if term in line]
+                if values:
+                    losses[term] = {"first": values[0], "last": values[-1]}
+        recovery = {**settings, "images_seen": state.images_seen, "skipped_images": state.skipped,
+                    "seconds": round(state.seconds, 3), "accuracy": accuracy,
+                    "final_losses": {k: v["last"] for k, v in losses.items()}}
+        info = raw.lrc_info
+        info.recovery = recovery
+
+        def write() -> None:
+            from lowrank_cli.checkpoint import save
+
+            save(raw, output, force=True, dtype=save_dtype if save_dtype != torch.float32 else None)
+            state_path.unlink(missing_ok=True)
+
+        distributed.on_main(ctx, write)
+        self.log(f"Wrote {output}")
+        return RecoverResult(
+            model=raw, output=output, steps=total, resumed_from=resumed_from, images_seen=state.images_seen,
+            skipped=state.skipped, seconds=state.seconds, accuracy=accuracy, losses=losses, history=history,
+            metrics=metrics, settings=settings,
+        )
+
+    def _evaluate(self, model, image_set, phase, batch_size, num_workers, transform_from):
+        result = evaluate(model, image_set, batch_size=batch_size, device=self.ctx.device, num_workers=num_workers,
+                          transform_from=transform_from, dist=self.ctx,
+                          progress=lambda done, total: self.progress(phase, done, total, ""))
+        return result
+
+    # -- training ----------------------------------------------------------------------------------------
+
+    def _train(self, distiller: Distiller, loader, sampler: EpochSampler, state: TrainState, *, state_path, raw,
+               optimizer, param_names, total, per_epoch, grad_accum, lr, warmup, save_every, log_every, seed,
+               metrics, history, train_images, resume_command, on_step) -> None:
+        ctx = self.ctx
+
+        def batches() -> Iterator[tuple[int, int, Batch]]:
+            """(epoch, micro-batches of that epoch consumed after this one, batch), from the saved position."""
+            epoch, start = state.epoch, state.batch
+            while True:
+                sampler.set_epoch(epoch)
+                sampler.set_start_batch(start)
+                for position, batch in enumerate(loader, start + 1):
+                    yield epoch, position, batch
+                epoch, start = epoch + 1, 0
+
+        def save() -> None:
+            distributed.on_main(ctx, save_train_state, state_path, state, raw, optimizer, param_names)
+
+        saved_at = state.step if state.step > 0 else -1
+        interval: dict[str, float] = {}
+        interval_steps, interval_images, interval_start = 0, 0, time.perf_counter()
+        self.progress("recover", state.step, total, "")
+        first_step = state.step + 1
+        stream = batches()
+        with StopRequest() as stop:
+            while state.step < total:
+                step_start = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * lr_factor(state.step, warmup, total)
+                current_lr = optimizer.param_groups[0]["lr"]
+                torch.manual_seed(derive_seed(seed, "step", state.step, ctx.rank))
+                micro = [next(stream) for _ in range(grad_accum)]
+                try:
+                    stats = distiller.step([b for _, _, b in micro], step=state.step + 1)
+                except TrainingError as e:
+                    kept = (f"the last good training state (step {saved_at}) is kept in '{state_path}'; resume from it"
+                            f" with a lower --lr (now {lr:g}): {self._resume_hint(resume_command, lr / 10)}"
+                            if saved_at > 0 else "no training state was saved yet; start again with a lower --lr "
+                            f"(now {lr:g})")
+                    raise TrainingError(f"training stopped: {e}; {kept}") from None
+                epoch, position, _ = micro[-1]
+                if position >= per_epoch:
+                    epoch, position = epoch + 1, 0
+                state.step += 1
+                state.epoch, state.batch = epoch, position
+                state.images_seen += stats.images
+                state.skipped += stats.skipped
+                state.seconds += time.perf_counter() - step_start
+
+                for name, value in stats.terms.items():
+                    interval[name] = interval.get(name, 0.0) + value
+                interval["grad_norm"] = interval.get("grad_norm", 0.0) + stats.grad_norm
+                interval_steps += 1
+                interval_images += stats.images
+                # The first step of a call is logged too, so that a short or resumed run shows numbers at once.
+                if state.step % log_every == 0 or state.step in (first_step, total):
+                    elapsed = time.perf_counter() - interval_start
+                    line = {"step": state.step, "epoch": round(state.images_seen / train_images, 4), "lr": current_lr,
+                            **{k: v / interval_steps for k, v in interval.items()},
+                            "images_per_s": round(interval_images / elapsed, 2) if elapsed > 0 else None,
+                            "images": state.images_seen, "skipped": state.skipped, "seconds": round(state.seconds, 3)}
+                    history.append(line)
+                    if self.main:
+                        with open(metrics, "a") as f:
+                            f.write(json.dumps(line) + "\n")
+                    status = "  ".join(f"{k} {line[k]:.4g}" for k in distiller.terms) + (
+                        f"  {line['images_per_s']:.0f} img/s" if line["images_per_s"] else "")
+                    self.progress("recover", state.step, total, status)
+                    interval, interval_steps, interval_images = {}, 0, 0
+                    interval_start = time.perf_counter()
+                else:
+                    self.progress("recover", state.step, total, None)
+
+                if state.step % save_every == 0 or state.step == total:
+                    save()
+                    saved_at = state.step
+                asked = bool(on_step(state.step, raw)) if on_step is not None else False
+                if distributed.any_rank(ctx, asked or stop.signal is not None) and state.step < total:
+                    if saved_at != state.step:
+                        save()
+                    why = stop.signal or "stop requested"
+                    raise Interrupted(
+                        f"{why}: interrupted at step {state.step}/{total}; the training state is saved in "
+                        f"'{state_path}'. Resume with: {self._resume_hint(resume_command)}"
+                    )
+        if saved_at != state.step:  # resumed at the end: nothing ran, nothing new to save
+            save()
+
+    def _resume_hint(self, command: str | None, lr: float | None = None) -> str:
+        if command:
+            return command + (f" --lr {lr:g}" if lr is not None else "")
+        return f"recover(..., resume=True{f', lr={lr:g}' if lr is not None else ''})"
+

@@ -1,0 +1,304 @@
+"""Speed-aware plans: factorize a layer only where the factorized form runs faster on the target hardware.
+
+Fewer multiply-adds is not less time: two skinny GEMMs can be slower than one square one (a rank off the
+tensor-core tiles, too few tokens to fill the device, launch overhead at batch 1). `speed_plan` times each
+candidate layer *shape* of a plan on the target device, dtype and batch shape, dense (one nn.Linear) against
+factorized (a LowRankLinear of the planned rank), and keeps dense every layer whose factorized form is not
+faster. Ranks are never raised, so each factorized layer keeps the plan's compression (the kappa budget); the
+model as a whole is compressed less when layers stay dense, never more.
+
+    plan = make_plan(model, kappa=2, rank_multiple=auto_rank_multiple("cuda", torch.bfloat16))
+    plan, timings = speed_plan(model, plan, device="cuda", dtype=torch.bfloat16, batch_size=256)
+    factorize(model, plan=plan)
+    model.lrc_info.plan = timings                       # stored as `lrc.plan` in the checkpoint
+
+Many layers share a shape (DeiT-B: 48 linears, 4 shapes), so each (d_in, d_out, rank, input shape, bias) is
+timed once. The layers are timed eagerly, one at a time, on a random input of the shape the layer sees in the
+model at that batch size (found by one batch-1 forward with hooks); under torch.compile the GEMMs are the same
+library calls, so the decision carries over, but the rest of the model (fusions, launch overhead) is not part
+of it: `lrc bench` measures the whole model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.plan import LayerPlan, Plan
+
+
+class LayerShape(NamedTuple):
+    """What one timing depends on: the layer's shape, its rank and the shape of its input."""
+
+    d_in: int
+    d_out: int
+    rank: int
+    input_shape: tuple[int, ...]  # as the layer sees it at the target batch size, e.g. (256, 197, 768)
+    bias: bool
+
+    @property
+    def rows(self) -> int:
+        n = 1
+        for v in self.input_shape[:-1]:
+            n *= v
+        return n
+
+
+# timer(shape) -> (dense_ms, lowrank_ms): the function speed_plan calls for each unique shape.
+Timer = Callable[[LayerShape], tuple[float, float]]
+
+
+def auto_rank_multiple(device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None) -> int:
+    """The rank multiple that `--rank-multiple auto` means on this device and dtype.
+
+    CUDA, bf16 / fp16: 64. Tensor-core GEMM tiles are multiples of 64 along K and N; on an H100 under
+        torch.compile DeiT-B at kappa 2 ran 19.1 ms with ranks rounded to /64 against 20.0 ms with /8 and
+        24.5 ms dense (batch 256), while ranks off the multiple-of-8 grid fell off the tensor cores
+        (0.54x dense). Rounding to 64 also cuts more MACs (ranks 256/192 instead of 304/288/192 at kappa 2).
+    CUDA, fp32 / fp64: 8. TF32 (and FP64) tensor-core MMAs need K and N in multiples of 8 (4-byte types:
+        16-byte alignment is 4 elements; 8 keeps every tile whole), and no larger grid was measured to pay.
+    CPU, any dtype: 8. Measured on a 2-core AVX2 machine (fp32, 3152 tokens, the DeiT-B shapes): ranks on
+        multiples of 8 ran the two GEMMs at ~93% of the dense layer's efficiency per MAC, PELA's floor ranks
+        (307) at ~88%, and coarser grids (16, 32, 64) no more efficiently per MAC (they only cut more MACs,
+        i.e. compress more than kappa asks). 8 floats are one AVX2 register, the unit of MKL's kernels.
+    """
+    from lowrank_cli.bench import resolve_dtype
+    from lowrank_cli.devices import resolve_device
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    if dev.type == "cuda":
+        return 64 if dt in (torch.bfloat16, torch.float16) else 8
+    return 8
+
+
+def parse_rank_multiple(value: str | int, device: str | torch.device | None = "auto",
+                        dtype: str | torch.dtype | None = None) -> int:
+    """`--rank-multiple` value: a whole number >= 1, or "auto" (auto_rank_multiple for device and dtype)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return auto_rank_multiple(device, dtype)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise UsageError(f"--rank-multiple '{value}' is not a whole number >= 1 or 'auto'")
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Sequence[int] | None = None,
+                       batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+    """The input shape each named linear sees at `batch_size`: one batch-1 forward with hooks, batch scaled."""
+    from lowrank_cli.image_data import data_config
+
+    size = tuple(input_size or data_config(model)["input_size"])
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def record(module, args, output):
+            seen.setdefault(name, tuple(args[0].shape))
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    param = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.zeros((1, *size), dtype=param.dtype, device=param.device))
+    except Exception as e:
+        raise InputError(
+            f"a test forward pass at input size {size} failed ({type(e).__name__}: {str(e)[:120]}), so the layer "
+            "shapes to time are unknown: pass the right --input-size C,H,W, or tokens="
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise InputError(
+            f"{len(missing)} planned linear(s) are not called as modules by the model ({', '.join(missing[:3])}): "
+            "they cannot be timed (nor factorized): exclude them"
+        )
+    # Every shape here has the batch first; a layer that sees (B*windows, N, d) scales the same way.
+    return {n: (s[0] * batch_size, *s[1:]) for n, s in seen.items()}
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def time_layer(shape: LayerShape, *, device: torch.device, dtype: torch.dtype, repeats: int = 5,
+               warmup: int = 2, min_sample_s: float | None = None, seed: int = 0) -> tuple[float, float]:
+    """Median milliseconds of (dense nn.Linear, LowRankLinear) forward on a random input of `shape`.
+
+    The two are interleaved (dense, low-rank, low-rank, dense, ...) so that drift hits both. Weights are small
+    random values (no denormals on the CPU); the timing does not depend on them.
+    """
+    from lowrank_cli.bench import synchronize
+    from lowrank_cli.lowrank_linear import LowRankLinear
+
+    gen = torch.Generator().manual_seed(seed)
+    dense = nn.Linear(shape.d_in, shape.d_out, bias=shape.bias)
+    low = LowRankLinear(shape.d_in, shape.d_out, shape.rank, bias=shape.bias)
+    dense.to(device=device, dtype=dtype).eval()
+    low.to(device=device, dtype=dtype).eval()
+    x = torch.randn(shape.input_shape, generator=gen).to(device, dtype)
+    cuda = device.type == "cuda"
+    min_sample_s = (0.005 if cuda else 0.02) if min_sample_s is None else min_sample_s
+
+    def run(layer: nn.Module, calls: int) -> float:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            for _ in range(calls):
+                layer(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / calls
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            layer(x)
+        return (time.perf_counter() - t0) * 1e3 / calls
+
+    with torch.inference_mode():
+        for _ in range(max(warmup, 1)):
+            dense(x)
+            low(x)
+        synchronize(device)
+        one = max(run(dense, 1), 1e-4)
+        calls = max(1, min(1000, int(min_sample_s * 1e3 / one)))
+        times: dict[str, list[float]] = {"dense": [], "low": []}
+        for i in range(max(repeats, 1)):
+            order = (("dense", dense), ("low", low)) if i % 2 == 0 else (("low", low), ("dense", dense))
+            for key, layer in order:
+                times[key].append(run(layer, calls))
+    return statistics.median(times["dense"]), statistics.median(times["low"])
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def speed_plan(
+    model: nn.Module,
+    base_plan: Plan,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    batch_size: int = 1,
+    tokens: int | Sequence[int] | None = None,
+    input_size: Sequence[int] | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    min_gain: float = 1.0,
+    timer: Timer | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[Plan, dict[str, Any]]:
+    """`base_plan` with every layer kept dense whose factorized form is not faster; and the timings, JSON-ready.
+
+    model: the dense model the plan is for (only its shapes are read; one batch-1 forward finds the shape each
+        layer's input has, unless `tokens` is given).
+    device, dtype: where and how the model will run (dtype default: the model's own).
+    batch_size: images per forward pass at inference; tokens: the sequence length each linear sees per image
+        (e.g. 197 for DeiT at 224 px), or the exact per-image input shape without the feature dim, e.g. (197,);
+        default: measured by the forward pass.
+    min_gain: a layer is factorized only if dense_ms / lowrank_ms > min_gain (1.0: strictly faster; a tie stays
+        dense, since the point of this plan is speed).
+    timer: `timer(LayerShape) -> (dense_ms, lowrank_ms)`, called once per unique shape; default `time_layer` on
+        `device` / `dtype` with `repeats` and `warmup`.
+
+    Returns (plan, timings) where timings is
+        {"kind": "speed", "device", "dtype", "batch_size", "repeats", "min_gain", "torch",
+         "layers": {name: {"d_in", "d_out", "rank", "input_shape", "dense_ms", "lowrank_ms", "gain",
+                           "factorized"}},
+         "kept_dense": [names], "estimated_gain": sum of dense_ms / sum of the chosen forms' ms}
+    for `CheckpointInfo.plan` (`lrc.plan` in the checkpoint).
+    """
+    from lowrank_cli.bench import SHORT_DTYPE, device_name, resolve_dtype
+    from lowrank_cli.devices import resolve_device
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if min_gain <= 0:
+        raise UsageError(f"min_gain must be > 0, got {min_gain}")
+    dev = resolve_device(device)
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dt = resolve_dtype(dtype)
+    candidates = [p for p in base_plan.layers if p.rank is not None]
+
+    names = [p.name for p in candidates]
+    if tokens is not None:
+        per_image = (int(tokens),) if isinstance(tokens, int) else tuple(int(t) for t in tokens)
+        shapes_in = {p.name: (batch_size, *per_image, p.d_in) for p in candidates}
+    else:
+        shapes_in = layer_input_shapes(model, names, input_size=input_size, batch_size=batch_size) if names else {}
+
+    def bias_of(name: str) -> bool:
+        try:
+            return getattr(model.get_submodule(name), "bias", None) is not None
+        except AttributeError:
+            return True
+
+    shapes = {p.name: LayerShape(p.d_in, p.d_out, p.rank, shapes_in[p.name], bias_of(p.name)) for p in candidates}
+    unique = list(dict.fromkeys(shapes.values()))
+    if timer is None:
+        def timer(shape: LayerShape) -> tuple[float, float]:
+            return time_layer(shape, device=dev, dtype=dt, repeats=repeats, warmup=warmup)
+
+    measured: dict[LayerShape, tuple[float, float]] = {}
+    for i, shape in enumerate(unique, 1):
+        dense_ms, low_ms = timer(shape)
+        measured[shape] = (float(dense_ms), float(low_ms))
+        if progress:
+            progress(f"{shape.d_out}x{shape.d_in} rank {shape.rank}", i, len(unique))
+
+    where = f"{dev.type} {SHORT_DTYPE[dt]}, batch {batch_size}"
+    layers_json: dict[str, dict[str, Any]] = {}
+    keep_dense: dict[str, str] = {}
+    total_dense = total_chosen = 0.0
+    for p in candidates:
+        dense_ms, low_ms = measured[shapes[p.name]]
+        gain = dense_ms / low_ms if low_ms > 0 else float("inf")
+        factorized = gain > min_gain
+        if not factorized:
+            keep_dense[p.name] = (f"dense: factorized {low_ms:.3g} ms vs dense {dense_ms:.3g} ms "
+                                  f"({gain:.2f}x) on {where}")
+        total_dense += dense_ms
+        total_chosen += low_ms if factorized else dense_ms
+        layers_json[p.name] = {
+            "d_in": p.d_in, "d_out": p.d_out, "rank": p.rank, "input_shape": list(shapes[p.name].input_shape),
+            "dense_ms": round(dense_ms, 5), "lowrank_ms": round(low_ms, 5),
+            "gain": round(gain, 4) if gain != float("inf") else None, "factorized": factorized,
+        }
+    plan = base_plan.without(keep_dense)
+    plan = Plan([
+        LayerPlan(p.name, p.d_in, p.d_out, p.rank, f"{p.why}; speed {layers_json[p.name]['gain']}x on {where}")
+        if p.rank is not None and p.name in layers_json else p
+        for p in plan.layers
+    ])
+    info = {
+        "kind": "speed",
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "dtype": SHORT_DTYPE[dt],
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "min_gain": min_gain,
+        "torch": torch.__version__.split("+")[0],
+        "unique_shapes": len(unique),
+        "layers": layers_json,
+        "kept_dense": list(keep_dense),
+        "estimated_gain": round(total_dense / total_chosen, 4) if total_chosen > 0 else None,
+    }
+    return plan, info

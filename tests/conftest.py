@@ -1,0 +1,87 @@
+"""Shared fixtures. No test touches the network: the Hub is offline and its cache lives in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports huggingface_hub, which reads these once.
+_HF_HOME = tempfile.mkdtemp(prefix="lrc-test-hf-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/digits.py and friends
+
+
+TINY_VIT = dict(img_size=32, patch_size=8, num_classes=10, depth=4)
+
+
+def make_tiny_vit(seed: int = 0, **overrides):
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides}).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_folder(tmp_path_factory) -> Path:
+    """A tiny ViT saved in timm's Hub layout (config.json + model.safetensors), as timm's save_for_hf writes it."""
+    from timm.models import save_for_hf
+
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    save_for_hf(make_tiny_vit(), str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def hub_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face cache folder for this test, and a function that puts a repo into it exactly as
+    huggingface_hub lays out a download (refs/main -> snapshots/<commit>/<files>)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    def add(repo: str, files: dict[str, Path], commit: str = "0123456789abcdef0123456789abcdef01234567") -> str:
+        root = cache / f"models--{repo.replace('/', '--')}"
+        snapshot = root / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for name, src in files.items():
+            shutil.copy(src, snapshot / name)
+        (root / "refs").mkdir(exist_ok=True)
+        (root / "refs" / "main").write_text(commit)
+        return commit
+
+    add.path = cache
+    return add
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run `lrc ARGS` in-process through the real entry point; returns (exit code, stdout, stderr)."""
+    from lowrank_cli.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("Error:")]
+
+
+def read_json(text: str):
+    return json.loads(text)

@@ -1,0 +1,238 @@
+"""`lrc bench`, speed plans and --rank-multiple auto: sane rows, honest ratios, clear errors.
+
+Speed itself is measured in benchmarks/inference_speed.py (ratios in one run), never asserted here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+
+import pytest
+import torch
+from conftest import error_lines, make_tiny_vit, run_cli
+
+import lowrank_cli
+from lowrank_cli.bench import BenchRow, bench, classify, parse_batch_sizes, profile, resolve_dtype
+from lowrank_cli.counting import count_macs
+from lowrank_cli.errors import EnvironmentProblem, UsageError
+from lowrank_cli.plan import make_plan
+from lowrank_cli.speed_plan import LayerShape, auto_rank_multiple, parse_rank_multiple, speed_plan
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is missing")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    dense = make_tiny_vit()
+    low = copy.deepcopy(dense)
+    lowrank_cli.factorize(low, kappa=2, rank_multiple=8, check_calls=False)
+    return dense, low
+
+
+@pytest.fixture(scope="module")
+def rows(pair):
+    dense, low = pair
+    return bench({"lrc": low, "dense": dense}, device="cpu", dtype="fp32", batch_sizes="1,4", reference="dense",
+                 repeats=4, warmup=1, min_sample_s=0.005)
+
+
+# ------------------------------------------------------------------------------------------------ bench()
+
+
+def test_bench_rows_are_sane(rows, pair):
+    assert [(r.model, r.batch_size) for r in rows] == [("lrc", 1), ("dense", 1), ("lrc", 4), ("dense", 4)]
+    for r in rows:
+        assert isinstance(r, BenchRow)
+        assert r.repeats == 4 and len(r.samples_ms) == 4 and r.calls_per_repeat >= 1
+        assert r.median_ms > 0 and r.p10_ms <= r.median_ms <= r.p90_ms
+        assert r.median_ms == pytest.approx(statistics.median(r.samples_ms))
+        assert r.throughput == pytest.approx(r.batch_size / (r.median_ms / 1e3))
+        assert r.peak_memory_bytes is None  # no per-model figure on the CPU
+        assert r.device == "cpu" and r.dtype == "fp32" and r.compile is None and r.reference == "dense"
+        json.dumps(r.to_json())
+
+
+def test_bench_ratios_come_from_the_two_medians_and_the_mac_counts(rows, pair):
+    dense, low = pair
+    size = (3, 32, 32)
+    macs = {"dense": count_macs(dense, size).total, "lrc": count_macs(low, size).total}
+    for bs in (1, 4):
+        ref = next(r for r in rows if r.model == "dense" and r.batch_size == bs)
+        row = next(r for r in rows if r.model == "lrc" and r.batch_size == bs)
+        assert ref.speedup == pytest.approx(1.0) and ref.mac_ratio == pytest.approx(1.0)
+        assert row.speedup == pytest.approx(ref.median_ms / row.median_ms)
+        assert row.macs == macs["lrc"] * bs and ref.macs == macs["dense"] * bs
+        assert row.mac_ratio == pytest.approx(macs["dense"] / macs["lrc"])
+        assert row.mac_ratio > 1.3  # kappa 2 on the block linears
+
+
+def test_bench_one_model_has_no_ratios():
+    rows = bench({"only": make_tiny_vit()}, device="cpu", batch_sizes=[2], repeats=2, count_macs=False,
+                 min_sample_s=0.001)
+    assert len(rows) == 1 and rows[0].speedup is None and rows[0].mac_ratio is None and rows[0].macs is None
+
+
+def test_bench_refuses_what_cannot_work():
+    model = make_tiny_vit()
+    with pytest.raises(UsageError, match="reference"):
+        bench({"a": model}, device="cpu", reference="b")
+    with pytest.raises(UsageError, match="cuda-graphs"):
+        bench({"a": model}, device="cpu", cuda_graphs=True)
+    with pytest.raises(UsageError, match="--compile-mode"):
+        bench({"a": model}, device="cpu", compile="fastest")
+    with pytest.raises(UsageError, match="batch-size"):
+        parse_batch_sizes("1,x")
+    with pytest.raises(UsageError, match="dtype"):
+        resolve_dtype("int8")
+    assert parse_batch_sizes("1, 32,256,32") == [1, 32, 256]
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(None) is torch.float32
+
+
+@no_cuda
+def test_bench_on_missing_cuda_is_an_environment_problem():
+    with pytest.raises(EnvironmentProblem, match="--device cpu"):
+        bench({"a": make_tiny_vit()}, device="cuda")
+
+
+def test_profile_splits_gemms_from_the_rest(pair):
+    dense, _ = pair
+    p = profile(dense, torch.randn(2, 3, 32, 32), name="dense")
+    assert p.gemm_ms > 0 and p.other_ms > 0 and p.total_ms == pytest.approx(p.gemm_ms + p.attention_ms + p.other_ms)
+    assert p.top and all(kind in ("gemm", "attention", "other") for kind, _, _ in p.top)
+    json.dumps(p.to_json())
+    assert classify("aten::addmm") == "gemm" and classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert classify("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NTN") == "gemm"
+    assert classify("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert classify("pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert classify("aten::native_layer_norm") == "other" and classify("triton_poi_fused_gelu_0") == "other"
+
+
+# ------------------------------------------------------------------------------------------------ speed plan
+
+
+def test_speed_plan_keeps_dense_exactly_the_slower_layers():
+    model = make_tiny_vit()
+    base = make_plan(model, kappa=2, rank_multiple=8)
+    calls: list[LayerShape] = []
+
+    def fake_timer(shape: LayerShape) -> tuple[float, float]:
+        calls.append(shape)
+        # fc2 (768 -> 192) slower factorized, qkv a tie (stays dense), the rest faster.
+        if shape.d_in > shape.d_out:
+            return 1.0, 1.5
+        if shape.d_out == 3 * shape.d_in:
+            return 1.0, 1.0
+        return 2.0, 1.0
+
+    plan, info = speed_plan(model, base, device="cpu", batch_size=8, timer=fake_timer)
+    # Four shapes in the blocks (qkv, proj, fc1, fc2), each timed once for 16 layers.
+    assert len(calls) == len(set(calls)) == 4 == info["unique_shapes"]
+    assert all(s.input_shape == (8, 17, s.d_in) for s in calls)  # 16 patches + class token, batch 8
+    slower = {n for n in base.ranks if n.endswith(("mlp.fc2", "attn.qkv"))}
+    assert set(plan.dense) == slower == set(info["kept_dense"])
+    assert set(plan.ranks) == set(base.ranks) - slower
+    assert all(plan.ranks[n] == base.ranks[n] for n in plan.ranks)  # ranks are never changed
+    assert [p.name for p in plan.layers] == [p.name for p in base.layers]
+    assert "dense: factorized" in plan.dense[next(iter(slower))]
+    doc = json.loads(json.dumps(info))  # JSON-ready, as stored in the checkpoint's lrc.plan
+    assert doc["device_type"] == "cpu" and doc["dtype"] == "fp32" and doc["batch_size"] == 8
+    fc2 = doc["layers"]["blocks.0.mlp.fc2"]
+    assert fc2 == {**fc2, "dense_ms": 1.0, "lowrank_ms": 1.5, "factorized": False}
+    assert fc2["gain"] == pytest.approx(1 / 1.5, rel=1e-3)
+    assert doc["layers"]["blocks.0.mlp.fc1"]["factorized"] is True
+    # 16 layers at 2 ms dense / (4 x [fc1 1 + proj 1 + qkv 1 (dense) + fc2 1 (dense)]) ...
+    assert doc["estimated_gain"] == pytest.approx((4 * (2 + 2 + 1 + 1)) / (4 * (1 + 1 + 1 + 1)))
+
+
+def test_speed_plan_with_tokens_skips_the_forward_and_real_timer_runs():
+    model = make_tiny_vit()
+    base = make_plan(model, kappa=2, include=[r"blocks\.0\.mlp\.fc1"])
+    plan, info = speed_plan(model, base, device="cpu", batch_size=2, tokens=5, repeats=2, warmup=1)
+    layer = info["layers"]["blocks.0.mlp.fc1"]
+    assert layer["input_shape"] == [2, 5, 192] and layer["dense_ms"] > 0 and layer["lowrank_ms"] > 0
+    assert layer["factorized"] == (layer["dense_ms"] / layer["lowrank_ms"] > 1.0)
+    assert set(plan.ranks) | set(plan.dense) == {"blocks.0.mlp.fc1"}
+
+
+def test_auto_rank_multiple():
+    assert auto_rank_multiple("cpu", "fp32") == 8
+    assert auto_rank_multiple("cpu", torch.bfloat16) == 8
+    assert parse_rank_multiple("auto", "cpu") == 8 and parse_rank_multiple("64") == 64
+    with pytest.raises(UsageError, match="rank-multiple"):
+        parse_rank_multiple("0")
+
+
+@no_cuda
+def test_auto_rank_multiple_on_missing_cuda_is_an_environment_problem():
+    with pytest.raises(EnvironmentProblem):
+        auto_rank_multiple("cuda", "bf16")
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_auto_rank_multiple_on_cuda():
+    assert auto_rank_multiple("cuda", "bf16") == auto_rank_multiple("cuda", "fp16") == 64
+    assert auto_rank_multiple("cuda", "fp32") == 8
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, pair):
+    dense, low = pair
+    folder = tmp_path_factory.mktemp("bench")
+    lowrank_cli.save(low, folder / "lr.safetensors")
+    lowrank_cli.save(dense, folder / "dense.safetensors")
+    return folder / "lr.safetensors", folder / "dense.safetensors"
+
+
+@no_cuda
+def test_cli_device_cuda_without_cuda_exits_6(checkpoints, capsys):
+    lr, dense = checkpoints
+    code, out, err = run_cli(["bench", lr, "--against", dense, "--device", "cuda"], capsys)
+    assert code == 6 and out == ""
+    assert len(error_lines(err)) == 1 and "CUDA" in error_lines(err)[0]
+
+
+def test_cli_json_has_the_documented_keys(checkpoints, capsys):
+    lr, dense = checkpoints
+    code, out, err = run_cli(["bench", lr, "--against", dense, "--device", "cpu", "--batch-size", "1,2",
+                              "--repeats", "2", "--threads", "2", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert {"device", "device_name", "dtype", "compile", "cuda_graphs", "threads", "input_size", "reference",
+            "models", "rows", "peak_memory_note", "process_peak_rss_bytes"} <= set(doc)
+    assert doc["device"] == "cpu" and doc["dtype"] == "fp32" and doc["input_size"] == [3, 32, 32]
+    assert doc["reference"] == "dense.safetensors" and doc["threads"] == 2
+    assert set(doc["models"]) == {"lr.safetensors", "dense.safetensors"}
+    assert len(doc["rows"]) == 4
+    for row in doc["rows"]:
+        assert {"model", "batch_size", "median_ms", "p10_ms", "p90_ms", "repeats", "throughput", "speedup",
+                "mac_ratio", "macs", "peak_memory_bytes", "reference"} <= set(row)
+        assert row["repeats"] == 2 and row["median_ms"] > 0
+    lr_row = next(r for r in doc["rows"] if r["model"] == "lr.safetensors" and r["batch_size"] == 2)
+    ref_row = next(r for r in doc["rows"] if r["model"] == "dense.safetensors" and r["batch_size"] == 2)
+    assert lr_row["speedup"] == pytest.approx(ref_row["median_ms"] / lr_row["median_ms"], rel=1e-3)
+    assert lr_row["mac_ratio"] > 1.3
+
+
+def test_cli_table_and_profile(checkpoints, capsys):
+    lr, dense = checkpoints
+    code, out, err = run_cli(["bench", lr, "--against", dense, "--device", "cpu", "--batch-size", "2",
+                              "--repeats", "1", "--profile"], capsys)
+    assert code == 0, err
+    assert "speed-up" in out and "MAC ratio" in out and "(ref)" in out and "1.00x" in out
+    assert "where the time goes" in out and "GEMM" in out
+
+
+def test_cli_refuses_bad_options_with_one_error_line(checkpoints, capsys):
+    lr, _ = checkpoints
+    for args, code_expected in ((["--batch-size", "0"], 2), (["--dtype", "int8"], 2), (["--cuda-graphs", "--device", "cpu"], 2),
+                                (["--input-size", "3,48,48"], 3)):
+        code, out, err = run_cli(["bench", lr, "--device", "cpu", "--repeats", "1", *args], capsys)
+        assert code == code_expected, (args, err)
+        assert len(error_lines(err)) == 1, err
