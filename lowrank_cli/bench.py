@@ -282,7 +282,7 @@ def _cuda_graphed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callabl
     return replay
 
 
-def _compile_mode(compile: bool | str, cuda_graphs: bool) -> str | None:
+def resolve_compile_mode(compile: bool | str, cuda_graphs: bool) -> str | None:
     if compile in (False, None, "", "none"):
         return None
     mode = "default" if compile is True else str(compile)
@@ -347,7 +347,7 @@ def bench(
     reference = names[0] if reference is None else reference
     if reference not in models:
         raise UsageError(f"reference '{reference}' is not one of the benchmarked models ({', '.join(names)})")
-    mode = _compile_mode(compile, cuda_graphs)
+    mode = resolve_compile_mode(compile, cuda_graphs)
     if cuda_graphs and dev.type != "cuda":
         raise UsageError("--cuda-graphs needs a CUDA device: drop it, or use --device cuda")
     if repeats is not None and repeats < 1:
@@ -496,6 +496,9 @@ def profile(
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    import os
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" line on machines without CUDA
     fn = fn or model
     cuda = x.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -507,19 +510,36 @@ def profile(
                 fn(x)
             synchronize(x.device)
     totals: dict[tuple[str, str], float] = {}
+
+    def add(kind: str, name: str, us: float) -> None:
+        totals[(kind, name)] = totals.get((kind, name), 0.0) + us / 1e3
+
     if cuda:
         for evt in prof.events():
             if evt.device_type == torch.autograd.DeviceType.CUDA:
-                key = (classify(evt.name), evt.name)
-                totals[key] = totals.get(key, 0.0) + evt.time_range.elapsed_us() / 1e3
+                add(classify(evt.name), evt.name, evt.time_range.elapsed_us())
         where = "cuda kernels"
     else:
-        for evt in prof.key_averages():
-            if _SKIP.match(evt.key) or evt.self_cpu_time_total <= 0:
-                continue
-            key = (classify(evt.key), evt.key)
-            totals[key] = totals.get(key, 0.0) + evt.self_cpu_time_total / 1e3
-        where = "cpu ops (self time)"
+        # Walk the op tree: a GEMM or attention op counts with everything under it (aten::linear -> t, addmm ->
+        # the bias copy), any other op with its self time, its children judged on their own.
+        def walk(evt) -> None:
+            if _SKIP.match(evt.name):
+                for child in evt.cpu_children:
+                    walk(child)
+                return
+            kind = classify(evt.name)
+            if kind != "other":
+                add(kind, evt.name, evt.cpu_time_total)
+                return
+            add(kind, evt.name, evt.self_cpu_time_total)
+            for child in evt.cpu_children:
+                walk(child)
+
+        for evt in prof.events():
+            if evt.cpu_parent is None and evt.device_type == torch.autograd.DeviceType.CPU and not evt.is_async:
+                walk(evt)
+        totals = {k: v for k, v in totals.items() if v > 0}
+        where = "cpu ops (linear / attention ops with everything under them, other ops self time)"
     by_kind = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for (kind, _), ms in totals.items():
         by_kind[kind] += ms / calls

@@ -41,6 +41,7 @@ class FactorizeResult:
     params_before: int = 0
     params_after: int = 0
     seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # calibration and budget details
 
     @property
     def max_rel_error(self) -> float:
@@ -61,6 +62,7 @@ class FactorizeResult:
             "left_dense": self.dense,
             "seconds": round(self.seconds, 3),
             "layers": [vars(r) for r in self.layers],
+            **self.extra,
         }
 
 
@@ -116,7 +118,12 @@ def factorize(
     input_size: tuple[int, ...] | None = None,
     check_calls: bool = True,
     factor_fn: Callable[[str, torch.Tensor, int], Any] | None = None,
+    calib: str | None = None,
+    calib_samples: int = 256,
+    budget: float | None = None,
+    target_macs: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    calib_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> FactorizeResult:
     """`lowrank_cli.factorize(model, kappa=2)`: swap the planned linears of `model` for low-rank ones, in place.
@@ -124,7 +131,9 @@ def factorize(
     The plan comes from `plan`, or from kappa / rank_multiple / include / exclude / rank_pattern (see
     `lowrank_cli.plan`). Linears the model never calls as modules stay dense, with a warning. `factor_fn(name,
     weight, rank)` can replace the plain SVD (data-aware truncation); it returns an object shaped like
-    `svd.Factors`. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
+    `svd.Factors`. `calib` (an image folder) makes the truncation data-aware: it minimises each layer's output
+    error on `calib_samples` of its images. `budget` (fraction of the target layers' parameters to keep) or
+    `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
     carries its metadata as `model.lrc_info` for `lowrank_cli.save`.
     """
     if svd not in SVD_METHODS:
@@ -144,6 +153,25 @@ def factorize(
                 f"e.g. F.linear): left dense: {', '.join(uncalled[:4])}{', ...' if len(uncalled) > 4 else ''}"
             )
             plan = plan.without({n: "dense: not called as a module (F.linear on its weight)" for n in uncalled})
+    extra: dict[str, Any] = {}
+    stats = None
+    if calib is not None:
+        from lowrank_cli.aware_plan import calibrate, data_aware_factor_fn
+
+        started = time.perf_counter()
+        stats = calibrate(model, list(plan.ranks) + [n for n, why in plan.dense.items() if "would not reduce" in why],
+                          calib, samples=calib_samples, device=dev,
+                          progress=(lambda n: calib_progress(n, calib_samples)) if calib_progress else None)
+        first = next(iter(stats.values()), None)
+        extra["calibration"] = {"data": str(calib), "samples": first.samples if first else 0,
+                                "tokens": first.tokens if first else 0,
+                                "seconds": round(time.perf_counter() - started, 2)}
+        factor_fn = factor_fn or data_aware_factor_fn(stats)
+    if budget is not None or target_macs is not None:
+        from lowrank_cli.aware_plan import budget_plan
+
+        plan, extra["budget"] = budget_plan(model, plan, keep_fraction=budget, target_macs=target_macs,
+                                            rank_multiple=rank_multiple, stats=stats, input_size=input_size)
     result = FactorizeResult(model, plan, params_before=count_params(model))
     spectra: dict[str, list[float]] = {}
     for done, (name, rank) in enumerate(plan.ranks.items(), 1):
@@ -170,6 +198,7 @@ def factorize(
     if out_dtype is not None:
         model.to(out_dtype)
     result.dense = plan.dense
+    result.extra = extra
     result.params_after = count_params(model)
     result.seconds = time.perf_counter() - start
     info = getattr(model, "lrc_info", None)
@@ -177,8 +206,9 @@ def factorize(
     model.lrc_info = CheckpointInfo(
         spec=spec,
         ranks={r.name: r.rank for r in result.layers},
-        provenance={"kappa": kappa, "rank_multiple": rank_multiple, "svd": svd,
-                    "dtype": str(out_dtype or next(model.parameters()).dtype).removeprefix("torch.")},
+        provenance={"kappa": None if "budget" in extra else kappa, "rank_multiple": rank_multiple,
+                    "svd": "data-aware" if stats is not None else svd,
+                    "dtype": str(out_dtype or next(model.parameters()).dtype).removeprefix("torch."), **extra},
         layers={r.name: {k: v for k, v in vars(r).items() if k != "name"} for r in result.layers},
         dense=result.dense,
         spectra=spectra,

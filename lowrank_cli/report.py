@@ -120,9 +120,10 @@ def report_model(
     macs = count_macs(model, size)
     layers = _layer_rows(model, macs.by_module, checkpoint)
     document = _skeleton(source or {"argument": None, "kind": "model", "id": type(model).__name__})
+    timm_arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     document["model"] = {
-        "architecture": spec.architecture if spec is not None else (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
-        "library": spec.library if spec is not None else None,
+        "architecture": spec.architecture if spec is not None else timm_arch,
+        "library": spec.library if spec is not None else ("timm" if timm_arch else None),
         "model_args": dict(spec.model_args) if spec is not None else {},
         "input_size": list(size),
         "dtype": _model_dtype(model),
@@ -506,7 +507,8 @@ def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
                                     f"max {max(energies):.3f} (sum of kept sigma^2 / sum of all)"))
     prov = doc["provenance"]
     if prov is not None:
-        parts = [f"{k.replace('_', ' ')} {prov[k]}" for k in ("kappa", "rank_multiple", "svd", "dtype") if prov[k] is not None]
+        parts = [f"{k.replace('_', ' ')} {prov[k]:g}" if isinstance(prov[k], float) else f"{k.replace('_', ' ')} {prov[k]}"
+                 for k in ("kappa", "rank_multiple", "svd", "dtype") if prov[k] is not None]
         src_info = prov["source"]
         if isinstance(src_info, dict):
             parts.insert(0, f"from {src_info.get('id', '?')}" + (f"@{src_info['revision'][:12]}" if src_info.get("revision") else ""))

@@ -138,13 +138,16 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Se
 
 
 def time_layer(shape: LayerShape, *, device: torch.device, dtype: torch.dtype, repeats: int = 5,
-               warmup: int = 2, min_sample_s: float | None = None, seed: int = 0) -> tuple[float, float]:
+               warmup: int = 2, min_sample_s: float | None = None, cuda_graphs: bool = False,
+               seed: int = 0) -> tuple[float, float]:
     """Median milliseconds of (dense nn.Linear, LowRankLinear) forward on a random input of `shape`.
 
-    The two are interleaved (dense, low-rank, low-rank, dense, ...) so that drift hits both. Weights are small
-    random values (no denormals on the CPU); the timing does not depend on them.
+    The two are interleaved (dense, low-rank, low-rank, dense, ...) so that drift hits both. Weights are
+    nn.Linear's usual random init (no denormals on the CPU); the timing does not depend on them. With
+    `cuda_graphs` (CUDA only) each layer is replayed from a CUDA graph, as a model deployed with CUDA graphs
+    runs: the launch of the second GEMM then costs (almost) nothing, which matters at small batches.
     """
-    from lowrank_cli.bench import synchronize
+    from lowrank_cli.bench import _cuda_graphed, synchronize
     from lowrank_cli.lowrank_linear import LowRankLinear
 
     gen = torch.Generator().manual_seed(seed)
@@ -176,6 +179,8 @@ def time_layer(shape: LayerShape, *, device: torch.device, dtype: torch.dtype, r
             dense(x)
             low(x)
         synchronize(device)
+        if cuda_graphs and cuda:
+            dense, low = _cuda_graphed(dense, x), _cuda_graphed(low, x)
         one = max(run(dense, 1), 1e-4)
         calls = max(1, min(1000, int(min_sample_s * 1e3 / one)))
         times: dict[str, list[float]] = {"dense": [], "low": []}
@@ -201,6 +206,7 @@ def speed_plan(
     repeats: int = 5,
     warmup: int = 2,
     min_gain: float = 1.0,
+    cuda_graphs: bool = False,
     timer: Timer | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
@@ -214,8 +220,11 @@ def speed_plan(
         default: measured by the forward pass.
     min_gain: a layer is factorized only if dense_ms / lowrank_ms > min_gain (1.0: strictly faster; a tie stays
         dense, since the point of this plan is speed).
+    cuda_graphs: time each layer replayed from a CUDA graph (CUDA only; for models deployed with CUDA graphs or
+        torch.compile mode="reduce-overhead": at batch 1 eager timing charges the factorized layer a second
+        kernel launch that graphs remove).
     timer: `timer(LayerShape) -> (dense_ms, lowrank_ms)`, called once per unique shape; default `time_layer` on
-        `device` / `dtype` with `repeats` and `warmup`.
+        `device` / `dtype` with `repeats`, `warmup` and `cuda_graphs`.
 
     Returns (plan, timings) where timings is
         {"kind": "speed", "device", "dtype", "batch_size", "repeats", "min_gain", "torch",
@@ -254,7 +263,8 @@ def speed_plan(
     unique = list(dict.fromkeys(shapes.values()))
     if timer is None:
         def timer(shape: LayerShape) -> tuple[float, float]:
-            return time_layer(shape, device=dev, dtype=dt, repeats=repeats, warmup=warmup)
+            return time_layer(shape, device=dev, dtype=dt, repeats=repeats, warmup=warmup,
+                              cuda_graphs=cuda_graphs and dev.type == "cuda")
 
     measured: dict[LayerShape, tuple[float, float]] = {}
     for i, shape in enumerate(unique, 1):
@@ -295,6 +305,7 @@ def speed_plan(
         "batch_size": batch_size,
         "repeats": repeats,
         "min_gain": min_gain,
+        "cuda_graphs": bool(cuda_graphs and dev.type == "cuda"),
         "torch": torch.__version__.split("+")[0],
         "unique_shapes": len(unique),
         "layers": layers_json,

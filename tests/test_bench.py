@@ -24,6 +24,15 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a shared, oversubscribed CPU, OpenMP barriers make 2-thread timings crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pair():
     dense = make_tiny_vit()
@@ -201,13 +210,13 @@ def test_cli_device_cuda_without_cuda_exits_6(checkpoints, capsys):
 def test_cli_json_has_the_documented_keys(checkpoints, capsys):
     lr, dense = checkpoints
     code, out, err = run_cli(["bench", lr, "--against", dense, "--device", "cpu", "--batch-size", "1,2",
-                              "--repeats", "2", "--threads", "2", "--json"], capsys)
+                              "--repeats", "2", "--threads", "1", "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
     assert {"device", "device_name", "dtype", "compile", "cuda_graphs", "threads", "input_size", "reference",
             "models", "rows", "peak_memory_note", "process_peak_rss_bytes"} <= set(doc)
     assert doc["device"] == "cpu" and doc["dtype"] == "fp32" and doc["input_size"] == [3, 32, 32]
-    assert doc["reference"] == "dense.safetensors" and doc["threads"] == 2
+    assert doc["reference"] == "dense.safetensors" and doc["threads"] == 1
     assert set(doc["models"]) == {"lr.safetensors", "dense.safetensors"}
     assert len(doc["rows"]) == 4
     for row in doc["rows"]:

@@ -464,7 +464,7 @@ def test_bad_inputs_give_one_error_line(tiny_files, tmp_path, case, capsys) -> N
         _corrupt_metadata(tiny_files["lr"], source)
         fragment = "lrc.ranks' is not valid JSON"
     elif case == "unknown-model":
-        source, fragment = "deit_bse", "closest timm names: deit_base_patch16_224"
+        source, fragment = "deit_bse", "closest timm names: deit"
     else:
         source, fragment = tmp_path / "nope.safetensors", "does not exist"
     code, out, err = run([source], capsys)

@@ -47,7 +47,8 @@ def bench(
     """Measure latency (median and spread), throughput and peak memory of MODEL, and of --against in the same run."""
     import torch
 
-    from lowrank_cli.bench import SHORT_DTYPE, bench as run_bench, device_name, parse_batch_sizes, process_peak_rss, resolve_dtype
+    from lowrank_cli.bench import SHORT_DTYPE, resolve_compile_mode, device_name, parse_batch_sizes, process_peak_rss, resolve_dtype
+    from lowrank_cli.bench import bench as run_bench
     from lowrank_cli.errors import UsageError
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.sources import load_model, parse_model_args
@@ -68,6 +69,7 @@ def bench(
     if cuda_graphs and dev.type != "cuda":
         raise UsageError("--cuda-graphs needs a CUDA device: drop it, or use --device cuda")
     compile_arg: bool | str = compile_mode or compile_
+    resolve_compile_mode(compile_arg, cuda_graphs)  # an unknown mode fails here, before the models are loaded
 
     loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg), revision=revision,
                         log=lambda msg: console.info(f"Model: {msg}"))
@@ -76,7 +78,7 @@ def bench(
     models[label] = loaded.model
     reference = None
     if against is not None:
-        ref = load_model(against, revision=revision, log=lambda msg: console.info(f"Against: {msg}"))
+        ref = load_model(against, log=lambda msg: console.info(f"Against: {msg}"))
         ref_label = _label(against)
         if ref_label == label:
             ref_label += " (against)"

@@ -20,6 +20,10 @@ Examples:
   lrc factorize local-dir:./my_vit --kappa 2 --exclude 'blocks\\.11\\..*' -o out.safetensors
 
   lrc factorize weights.pth --arch vit_small_patch16_224 --model-arg num_classes=10 -o out.safetensors
+
+  lrc factorize deit_base --kappa 2 --calib imagenet/train --calib-samples 256 -o aware.safetensors
+
+  lrc factorize deit_base --budget 0.5 --calib imagenet/train -o budget.safetensors
 """
 
 
@@ -38,15 +42,22 @@ def factorize(
     model_arg: ModelArg = None,
     revision: Revision = None,
     input_size: InputSize = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Image folder for data-aware truncation (ImageFolder or flat): minimise each layer's output error on it.", show_default=False)] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Images of --calib to use.")] = 256,
+    budget: Annotated[Optional[float], typer.Option("--budget", help="Fraction of the target layers' parameters to keep, ranks allocated per layer (replaces --kappa).", show_default=False)] = None,
+    target_macs: Annotated[Optional[str], typer.Option("--target-macs", help="MACs of the whole model to aim for (e.g. 9G), ranks allocated per layer.", show_default=False)] = None,
     force: Force = False,
     json_out: Json = False,
 ) -> None:
     """Replace every linear of the transformer blocks by its truncated SVD and write an lrc checkpoint."""
+    from lowrank_cli.counting import parse_size
     from lowrank_cli.factorization import factorize_file
     from lowrank_cli.sources import parse_model_args
 
     with console.progress() as bar:
         task = None
+
+        calib_task = None
 
         def advance(name: str, done: int, total: int) -> None:
             nonlocal task
@@ -54,15 +65,25 @@ def factorize(
                 task = bar.add_task("SVD", total=total, status="")
             bar.update(task, completed=done, status=name)
 
+        def calibrated(done: int, total: int) -> None:
+            nonlocal calib_task
+            if calib_task is None:
+                calib_task = bar.add_task("calibration", total=total, status="images")
+            bar.update(calib_task, completed=min(done, total))
+
         result = factorize_file(
             model, str(output),
             arch=arch, model_args=parse_model_args(model_arg), revision=revision, force=force,
             log=lambda msg: console.info(f"Model: {msg}"),
             kappa=kappa, rank_multiple=rank_multiple, include=include, exclude=exclude, rank_pattern=rank_pattern,
             svd=svd, device=device, dtype=dtype, input_size=parse_input_size(input_size),
-            progress=advance, warn=console.warn,
+            calib=str(calib) if calib else None, calib_samples=calib_samples, budget=budget,
+            target_macs=parse_size(target_macs) if target_macs else None,
+            progress=advance, calib_progress=calibrated, warn=console.warn,
         )
     summary = result.summary()
+    if summary["factorized"] == 0:
+        console.warn("no layer was factorized (budget or ranks too generous): the output is the dense model")
     summary["output"] = str(output)
     if json_out:
         console.print_json(summary)
@@ -83,9 +104,16 @@ def print_summary(s: dict) -> None:
     table.add_row("factorized linears", str(s["factorized"]))
     for group, ranks in s["ranks_by_group"].items():
         table.add_row(f"  rank of {group}", ", ".join(map(str, ranks)))
-    table.add_row("largest relative error", f"{s['max_rel_error']:.4f}  (||W - W_r||_F / ||W||_F)")
+    what = "output error on the calibration images" if "calibration" in s else "||W - W_r||_F / ||W||_F"
+    table.add_row("largest relative error", f"{s['max_rel_error']:.4f}  ({what})")
     if s["left_dense"]:
         table.add_row("left dense", "\n".join(f"{k}: {v}" for k, v in s["left_dense"].items()))
+    if "calibration" in s:
+        c = s["calibration"]
+        table.add_row("calibration", f"{c['samples']} images of {c['data']} ({c['seconds']:.1f} s); data-aware truncation")
+    if "budget" in s:
+        b = s["budget"]
+        table.add_row("budget", f"keep {b['keep_fraction']:g} of the parameters" if b["keep_fraction"] else f"target {b['target_macs']:,} MACs")
     table.add_row("elapsed", f"{s['seconds']:.1f} s")
     console.out.print(table)
 

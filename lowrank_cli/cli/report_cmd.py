@@ -46,7 +46,7 @@ def report(
     max_params: Annotated[Optional[str], typer.Option("--max-params", help="Gate: fail (exit 1) above this many parameters, e.g. 50M.", show_default=False)] = None,
     max_macs: Annotated[Optional[str], typer.Option("--max-macs", help="Gate: fail (exit 1) above this many MACs per image, e.g. 9G.", show_default=False)] = None,
     min_compression: Annotated[Optional[str], typer.Option("--min-compression", help="Gate: fail (exit 1) below this parameter compression vs the dense reference, e.g. 1.8.", show_default=False)] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw spectra with the kept ranks and the kept energy per layer to this image (needs lowrank-cli[plot]).", show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw spectra with the kept ranks and the kept energy per layer to this image (needs matplotlib: the plot extra).", show_default=False)] = None,
     input_size: InputSize = None,
     arch: Arch = None,
     model_arg: ModelArg = None,
@@ -109,6 +109,12 @@ def print_report(doc: dict, per_layer: bool) -> None:
 
     from lowrank_cli.report import layer_cells, layer_columns, summary_rows
 
+    if not console.is_main_process():  # under torchrun, rank 0 alone prints
+        return
+    from rich.console import Console
+
+    # A terminal wraps tables to its width; a pipe or a file gets them whole (up to 200 columns), not cut at 80.
+    out = console.out if console.out.is_terminal else Console(file=console.out.file, width=200, soft_wrap=True)
     name = doc["source"]["argument"] or doc["source"]["id"]
     table = Table(title=f"lrc report: {escape(str(name))}", show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)
@@ -116,7 +122,7 @@ def print_report(doc: dict, per_layer: bool) -> None:
     for label, value in summary_rows(doc):
         style = "red" if value.startswith("FAILED") or label.strip() == "NOT counted" else None
         table.add_row(escape(label), escape(value), style=style)
-    console.out.print(table)
+    out.print(table)
     if doc["macs"]["uncounted"]:
         console.warn("some ops were not counted (listed under 'NOT counted'): the MAC figure is a lower bound")
     if per_layer:
@@ -129,7 +135,7 @@ def print_report(doc: dict, per_layer: bool) -> None:
             layers.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
         for row in doc["layers"]:
             layers.add_row(*(escape(c) for c in layer_cells(row, len(cols) > 7)))
-        console.out.print(layers)
+        out.print(layers)
 
 
 def register(app: typer.Typer) -> None:
