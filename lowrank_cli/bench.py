@@ -397,10 +397,17 @@ def bench(
             runners: list[_Runner] = []
             for name in names:
                 fn = fns[name]
+                captured = 0
                 if cuda_graphs and not mode:
                     progress(f"{name}, batch {bs}: capturing a CUDA graph")
-                    fn = _cuda_graphed(fn, x)
+                    torch.cuda.synchronize(dev)
+                    before = torch.cuda.memory_allocated(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    fn = _cuda_graphed(fn, x)  # the graph's pool holds the activations from now on
+                    torch.cuda.synchronize(dev)
+                    captured = torch.cuda.max_memory_allocated(dev) - before
                 runner = _Runner(name, models[name], fn, dev, mark_step=cuda and bool(mode) and mode in _CUDAGRAPH_MODES)
+                runner.peak_extra = captured
                 progress(f"{name}, batch {bs}: warm-up ({warmup} call{'s' if warmup > 1 else ''}"
                          f"{', compiling' if mode else ''})")
                 runner.warm_up(x, warmup, min_sample_s)
@@ -445,12 +452,13 @@ def _time(runners: list[_Runner], x: torch.Tensor, interleave: bool, min_repeats
         return n >= max_repeats or (n >= min_repeats and sum(r.samples) / 1e3 * r.calls >= min_time)
 
     if interleave:
+        # Whole rounds until every model is done: each model is sampled in every round, so all of them see the
+        # same stretch of time (and the same drift).
         round_ = 0
         while not all(done(r) for r in runners):
             order = runners if round_ % 2 == 0 else runners[::-1]  # A B, B A: no model always goes first
             for r in order:
-                if not done(r):
-                    r.samples.append(r.sample(x))
+                r.samples.append(r.sample(x))
             round_ += 1
             progress(f"batch {bs}: repeat {round_}")
     else:

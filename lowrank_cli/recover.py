@@ -460,6 +460,7 @@ def recover(
     weight_decay: float = 0.05,
     clip_grad: float = 1.0,
     freeze_dense: bool = False,
+    augment: bool = True,
     kappa: float | None = None,
     rank_multiple: int = 8,
     arch: str | None = None,
@@ -487,7 +488,9 @@ def recover(
     (then distillation only). Exactly one of `steps` (optimizer steps) and `epochs` (passes over the training
     images; fractions allowed). `batch_size` is per process; each step uses batch_size x grad_accum x
     processes images. The loss weights are PELA's (see distill_loss). `freeze_dense` trains only the
-    factorized layers. The output checkpoint keeps the student's lrc metadata and adds `recovery` (settings
+    factorized layers. `augment`: random resized crops and flips (timm's training transform, the default), or
+    False for the evaluation preprocessing (resize + centre crop), for images where crops and mirror images
+    change the class (digits, text, small centred objects). The output checkpoint keeps the student's lrc metadata and adds `recovery` (settings
     and the accuracy measured on the val split, when there is one with labels). Training states go to
     `<output stem>.train.safetensors` every `save_every` steps and metrics to `<output stem>.metrics.jsonl`
     every `log_every` steps. `on_step(step, model)` is called after each step; returning True stops the run
@@ -518,7 +521,7 @@ def recover(
             student, teacher, Path(data).expanduser(), output=output, state_path=state_path, weights=weights,
             steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
             warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, weight_decay=weight_decay,
-            clip_grad=clip_grad, freeze_dense=freeze_dense, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
+            clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
             model_args=model_args, save_every=save_every, log_every=log_every, resume=resume,
             compile=compile, evaluate_accuracy=evaluate_accuracy,
             eval_batch_size=eval_batch_size or batch_size, num_workers=num_workers, seed=seed,
@@ -597,7 +600,7 @@ class _Run:
 
     def run(self, student, teacher, data: Path, *, output: Path, state_path: Path, weights: LossWeights, steps,
             epochs, lr, batch_size, grad_accum, warmup_steps, warmup_fraction, weight_decay, clip_grad,
-            freeze_dense, kappa, rank_multiple, arch, model_args, save_every, log_every, resume, compile,
+            freeze_dense, augment, kappa, rank_multiple, arch, model_args, save_every, log_every, resume, compile,
             evaluate_accuracy, eval_batch_size, num_workers, seed, resume_command, on_step) -> RecoverResult:
         ctx, dev = self.ctx, self.ctx.device
         # Data first: a wrong folder fails before any model is loaded.
@@ -642,7 +645,7 @@ class _Run:
 
         from lowrank_cli.image_data import image_mode, make_transform
 
-        loader, sampler = train_loader(train_set, make_transform(tea, training=True), image_mode(tea), batch_size,
+        loader, sampler = train_loader(train_set, make_transform(tea, training=augment), image_mode(tea), batch_size,
                                        seed=seed, rank=ctx.rank, world_size=ctx.world_size, num_workers=num_workers,
                                        pin_memory=dev.type == "cuda")
         per_epoch = sampler.batches_per_epoch
@@ -734,7 +737,7 @@ class _Run:
             "images_per_step": batch_size * grad_accum * ctx.world_size, "alpha": weights.alpha,
             "beta": weights.beta, "gamma": weights.gamma, "eps": weights.eps, "temperature": weights.temperature,
             "label_smoothing": weights.label_smoothing, "weight_decay": weight_decay, "clip_grad": clip_grad,
-            "freeze_dense": freeze_dense, "trained_parameters": sum(p.numel() for p in params), "seed": seed,
+            "freeze_dense": freeze_dense, "augment": augment, "trained_parameters": sum(p.numel() for p in params), "seed": seed,
             "precision": "bf16" if dev.type == "cuda" else "fp32", "compile": compile,
         }
         history: list[dict[str, Any]] = []

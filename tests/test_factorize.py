@@ -60,6 +60,7 @@ def test_factors_are_balanced_and_bias_moves_to_second():
     assert isinstance(model[1][0], nn.Linear)  # not included
 
 
+@pytest.mark.slow
 def test_deit_base_parameter_count_at_kappa_2():
     model = timm.create_model("deit_base_patch16_224", pretrained=False)
     assert sum(p.numel() for p in model.parameters()) == 86_567_656
