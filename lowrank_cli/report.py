@@ -222,8 +222,8 @@ def apply_gates(
         value = doc["macs"]["total"]
         if value is None:
             raise UsageError(
-                f"--max-macs needs the MACs, which a plain weights file does not give: pass --arch NAME "
-                f"(and --model-arg KEY=VALUE as needed) so lrc can build the model"
+                "--max-macs needs the MACs, which a plain weights file does not give: pass --arch NAME "
+                "(and --model-arg KEY=VALUE as needed) so lrc can build the model"
             )
         gates.append({"name": "max_macs", "option": "--max-macs", "limit": max_macs, "value": value,
                       "passed": value <= max_macs})
@@ -507,11 +507,14 @@ def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
                                     f"max {max(energies):.3f} (sum of kept sigma^2 / sum of all)"))
     prov = doc["provenance"]
     if prov is not None:
-        parts = [f"{k.replace('_', ' ')} {prov[k]:g}" if isinstance(prov[k], float) else f"{k.replace('_', ' ')} {prov[k]}"
-                 for k in ("kappa", "rank_multiple", "svd", "dtype") if prov[k] is not None]
+        parts = [
+            f"{k.replace('_', ' ')} {prov[k]:g}" if isinstance(prov[k], float) else f"{k.replace('_', ' ')} {prov[k]}"
+            for k in ("kappa", "rank_multiple", "svd", "dtype") if prov[k] is not None
+        ]
         src_info = prov["source"]
         if isinstance(src_info, dict):
-            parts.insert(0, f"from {src_info.get('id', '?')}" + (f"@{src_info['revision'][:12]}" if src_info.get("revision") else ""))
+            revision = f"@{src_info['revision'][:12]}" if src_info.get("revision") else ""
+            parts.insert(0, f"from {src_info.get('id', '?')}{revision}")
         elif src_info:
             parts.insert(0, f"from {src_info}")
         parts.append(f"lrc {prov['lrc_version']}")
@@ -578,7 +581,8 @@ def to_markdown(doc: dict[str, Any], per_layer: bool = False) -> str:
         lines.append(f"| {cell(label)} | {cell(value)} |")
     if per_layer and doc["layers"]:
         cols = layer_columns(doc)
-        lines += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"]
+        align = "|".join("---" if i == 0 else "---:" for i in range(len(cols)))  # numbers right-aligned
+        lines += ["", "| " + " | ".join(cols) + " |", f"|{align}|"]
         for row in doc["layers"]:
             lines.append("| " + " | ".join(cell(c) for c in layer_cells(row, len(cols) > 7)) + " |")
     return "\n".join(lines) + "\n"

@@ -77,7 +77,12 @@ def tiny_files(tiny_folder, tmp_path_factory) -> dict[str, Path]:
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(root / "plain.safetensors"))
     torch.save(dense.state_dict(), root / "plain.pth")
     loaded = lowrank_cli.load_model(str(tiny_folder))
-    lowrank_cli.factorize(loaded.model, kappa=2, rank_multiple=8, check_calls=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small SVDs: threads only add synchronisation, which is slow on a busy machine
+    try:
+        lowrank_cli.factorize(loaded.model, kappa=2, rank_multiple=8, check_calls=False)
+    finally:
+        torch.set_num_threads(threads)
     loaded.model.lrc_info.provenance["source"] = loaded.source
     lowrank_cli.save(loaded.model, root / "lr.safetensors")
     info = loaded.model.lrc_info
