@@ -29,6 +29,7 @@ _API = {
     "make_plan": "lowrank_cli.plan",
     "pela_rank": "lowrank_cli.plan",
     "LrcError": "lowrank_cli.errors",
+    "build_report": "lowrank_cli.report",
 }
 
 __all__ = ["__version__", *_API]
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from lowrank_cli.factorization import FactorizeResult, factorize
     from lowrank_cli.lowrank_linear import LowRankLinear
     from lowrank_cli.plan import make_plan, pela_rank
+    from lowrank_cli.report import build_report
     from lowrank_cli.sources import LoadedModel, load_model
 
 

@@ -101,7 +101,7 @@ def resolve_timm_name(name: str) -> str:
                 f"'{name}' is ambiguous in timm: {', '.join(best)}: give the full name"
             )
     # Compare with short family_size prefixes too (deit_bse ~ deit_base), then show the full names.
-    short = {"_".join(a.split("_")[:2]): a for a in sorted(archs, key=len, reverse=True)}
+    short = {"_".join(a.split("_")[:2]): a for a in sorted(archs, key=lambda a: (len(a), a), reverse=True)}
     close = [short[c] for c in difflib.get_close_matches(arch, list(short), n=3, cutoff=0.7)]
     close += difflib.get_close_matches(name, sorted(archs), n=5, cutoff=0.6)
     hint = ", ".join(list(dict.fromkeys(close))[:5]) or "none"
