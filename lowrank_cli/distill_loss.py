@@ -115,7 +115,8 @@ class BlockOutputs:
 def feature_distillation(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
     """L_fd: mean over blocks of the MSE between block outputs (every token, every channel)."""
     if len(student) != len(teacher) or not student:
-        raise ValueError(f"feature distillation needs the same, non-zero number of blocks: {len(student)} vs {len(teacher)}")
+        raise ValueError(f"feature distillation needs the same, non-zero number of blocks: {len(student)} vs "
+                         f"{len(teacher)}")
     losses = [F.mse_loss(s.float(), t.detach().float()) for s, t in zip(student, teacher)]
     return torch.stack(losses).mean()
 

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lowrank_cli import distributed
 from lowrank_cli.distill_loss import BlockOutputs, LossWeights, RecoveryLoss, innermost_blocks, logits_of
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError, UsageError
-from lowrank_cli.evaluate import autocast_for, check_classes, evaluate, num_classes, val_split
+from lowrank_cli.evaluate import autocast_for, check_classes, evaluate, val_split
 from lowrank_cli.image_data import Batch, EpochSampler, ImageDataset, ImageSet, collate, data_config, find_images
 from lowrank_cli.lowrank_linear import LowRankLinear
 from lowrank_cli.train_state import (
@@ -170,6 +170,12 @@ class EpochKeys(Sampler):
         return len(self.sampler)
 
 
+def default_workers(processes_per_node: int = 1) -> int:
+    """Data-loading workers per training process: the node's CPUs shared between its processes, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(processes_per_node, 1) - 1))
+
+
 def _worker_init(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group: workers leave it to the main process, which saves and exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -210,9 +216,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices (linear and factor weights), none on biases, norms and tokens."""
-    decay = [p for n, p in named if p.ndim >= 2 and not n.endswith(("cls_token", "pos_embed", "dist_token", "reg_token"))]
-    keep = [p for n, p in named if not (p.ndim >= 2 and not n.endswith(("cls_token", "pos_embed", "dist_token", "reg_token")))]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}) if g["params"]]
+    tokens = ("cls_token", "pos_embed", "dist_token", "reg_token")
+    decays = [p.ndim >= 2 and not n.endswith(tokens) for n, p in named]
+    groups = ({"params": [p for (_, p), d in zip(named, decays) if d], "weight_decay": weight_decay},
+              {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -235,8 +243,8 @@ class Distiller:
         self.optimizer, self.params, self.clip_grad = optimizer, params, clip_grad
         self.device, self.input_size = device, tuple(input_size)
         self.ctx = ctx or distributed.DistContext(device=device)
-        self.forward = forward or student
-        self.teacher_forward = teacher_forward or teacher
+        self.forward = forward if forward is not None else student
+        self.teacher_forward = teacher_forward if teacher_forward is not None else teacher
         self.blocks = blocks if loss.weights.alpha > 0 else []
         self.student_blocks = BlockOutputs(student, self.blocks)
         self.teacher_blocks = BlockOutputs(teacher, self.blocks)
@@ -374,17 +382,23 @@ def _params_reached(student: nn.Module, teacher: nn.Module, loss: RecoveryLoss, 
 
 
 class StopRequest:
-    """SIGINT / SIGTERM during training set a flag that the loop checks after each step; a second Ctrl-C
-    raises KeyboardInterrupt at once (the last saved state is then what is left)."""
+    """SIGINT / SIGTERM during training set a flag that the loop checks after each step.
 
-    def __init__(self) -> None:
+    Ctrl-C in a terminal reaches every process of the group, and torchrun forwards it to its workers once more,
+    so a signal within `grace` seconds of the first is the same request. A Ctrl-C after that raises
+    KeyboardInterrupt at once (the last saved state is then what is left)."""
+
+    def __init__(self, grace: float = 3.0) -> None:
         self.signal: str | None = None
+        self.grace = grace
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
+        if self.signal is None:
+            self.signal, self._first = signal.Signals(signum).name, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._first > self.grace:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -473,7 +487,7 @@ def recover(
     evaluate_accuracy: bool = True,
     eval_batch_size: int | None = None,
     device: str | torch.device | None = "auto",
-    num_workers: int = 4,
+    num_workers: int | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] | None = None,
@@ -487,11 +501,13 @@ def recover(
     root (train/<class>/..., optional val/<class>/...), a class tree, or a flat folder of unlabelled images
     (then distillation only). Exactly one of `steps` (optimizer steps) and `epochs` (passes over the training
     images; fractions allowed). `batch_size` is per process; each step uses batch_size x grad_accum x
-    processes images. The loss weights are PELA's (see distill_loss). `freeze_dense` trains only the
+    processes images; `num_workers` data-loading processes per training process (default: the CPUs per
+    process, at most 8). The loss weights are PELA's (see distill_loss). `freeze_dense` trains only the
     factorized layers. `augment`: random resized crops and flips (timm's training transform, the default), or
     False for the evaluation preprocessing (resize + centre crop), for images where crops and mirror images
-    change the class (digits, text, small centred objects). The output checkpoint keeps the student's lrc metadata and adds `recovery` (settings
-    and the accuracy measured on the val split, when there is one with labels). Training states go to
+    change the class (digits, text, small centred objects). The output checkpoint keeps the student's lrc
+    metadata and adds `recovery` (settings and the accuracy measured on the val split, when there is one with
+    labels). Training states go to
     `<output stem>.train.safetensors` every `save_every` steps and metrics to `<output stem>.metrics.jsonl`
     every `log_every` steps. `on_step(step, model)` is called after each step; returning True stops the run
     as SIGINT does (for tests and notebooks). `resume_command` is the command printed on interruption.
@@ -502,8 +518,8 @@ def recover(
     weights.check()
     _check_options(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                    warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, weight_decay=weight_decay,
-                   clip_grad=clip_grad, save_every=save_every, log_every=log_every, num_workers=num_workers,
-                   kappa=kappa)
+                   clip_grad=clip_grad, save_every=save_every, log_every=log_every,
+                   num_workers=0 if num_workers is None else num_workers, kappa=kappa)
     output = Path(output)
     state_path = train_state_path(output)
     from lowrank_cli.atomic import check_output
@@ -512,18 +528,22 @@ def recover(
     if resume and not state_path.is_file():
         raise InputError(f"--resume: there is no training state '{state_path}' to continue (it is written every "
                          "--save-every steps, and removed when a run finishes): start without --resume")
-    if not resume and state_path.exists() and not force:
-        raise OutputError(f"the training state of an earlier, unfinished run is at '{state_path}': continue it with "
-                          "--resume, or pass --force to start again")
+    if not resume and state_path.exists():
+        if not force:
+            raise OutputError(f"the training state of an earlier, unfinished run is at '{state_path}': continue it "
+                              "with --resume, or pass --force to start again")
+        state_path.unlink(missing_ok=True)  # starting again: a later --resume must not find the old run
     ctx = distributed.setup(device)
+    if num_workers is None:
+        num_workers = default_workers(ctx.local_world_size)
     try:
         return _Run(ctx, log, warn, progress).run(
             student, teacher, Path(data).expanduser(), output=output, state_path=state_path, weights=weights,
             steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
             warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, weight_decay=weight_decay,
-            clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
-            model_args=model_args, save_every=save_every, log_every=log_every, resume=resume,
-            compile=compile, evaluate_accuracy=evaluate_accuracy,
+            clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa,
+            rank_multiple=rank_multiple, arch=arch, model_args=model_args, save_every=save_every,
+            log_every=log_every, resume=resume, compile=compile, evaluate_accuracy=evaluate_accuracy,
             eval_batch_size=eval_batch_size or batch_size, num_workers=num_workers, seed=seed,
             resume_command=resume_command, on_step=on_step,
         )
@@ -605,7 +625,7 @@ class _Run:
         ctx, dev = self.ctx, self.ctx.device
         # Data first: a wrong folder fails before any model is loaded.
         train_set = find_images(data, "train")
-        val_set = val_split(data, required=False) if evaluate_accuracy else None
+        val_set = val_split(data, required=False, class_tree=False) if evaluate_accuracy else None
         hard = {
             "--batch-size": batch_size, "--grad-accum": grad_accum, "--seed": seed, "--freeze-dense": freeze_dense,
             "number of processes": ctx.world_size, "number of training images": len(train_set),
@@ -653,21 +673,7 @@ class _Run:
         warmup = warmup_steps if warmup_steps is not None else int(round(warmup_fraction * total))
         warmup = min(warmup, max(total - 1, 0))
 
-        # What trains: the student's parameters the loss reaches (only the factorized layers with freeze_dense).
-        reached = _params_reached(raw, tea, loss, blocks, input_size, dev)
-        lowrank_prefixes = tuple(n + "." for n, m in raw.named_modules() if isinstance(m, LowRankLinear))
-        named = []
-        for name, p in raw.named_parameters():
-            trains = name in reached and (not freeze_dense or name.startswith(lowrank_prefixes))
-            p.requires_grad_(trains)
-            if trains:
-                named.append((name, p))
-        unreached = [n for n, _ in raw.named_parameters() if n not in reached]
-        if unreached:
-            self.log(f"Frozen (the loss does not reach them): {', '.join(unreached[:4])}"
-                     f"{', ...' if len(unreached) > 4 else ''}")
-        if not named:
-            raise UsageError("no parameter of the student would train: check --freeze-dense and the loss weights")
+        named = self._trainable(raw, tea, loss, blocks, input_size, freeze_dense)
         param_names = [n for n, _ in named]
         params = [p for _, p in named]
         groups = param_groups(named, weight_decay)
@@ -677,7 +683,8 @@ class _Run:
         soft = {"--steps": total, "--lr": lr, "--warmup-steps": warmup, "--weight-decay": weight_decay,
                 "--clip-grad": clip_grad, "--alpha": weights.alpha, "--beta": weights.beta, "--gamma": weights.gamma,
                 "--eps": weights.eps, "--temperature": weights.temperature,
-                "--label-smoothing": weights.label_smoothing, "--teacher": _name(t), "--data": str(data.resolve())}
+                "--label-smoothing": weights.label_smoothing, "--augment": augment, "--teacher": _name(t),
+                "--data": str(data.resolve())}
 
         state = TrainState(schedule=schedule, fingerprint={**hard, **soft})
         if resume:
@@ -700,15 +707,16 @@ class _Run:
             self.log(f"Data: {len(train_set)} training images"
                      f"{f' ({train_set.num_classes} classes)' if train_set.labelled else ' (no labels)'}, "
                      f"{len(val_set)} validation images")
-            accuracy["teacher"] = state.extra.get("teacher") or self._evaluate(tea, val_set, "accuracy: teacher",
+            accuracy["teacher"] = state.extra.get("teacher") or self._evaluate(tea, val_set, "eval teacher",
                                                                              eval_batch_size, num_workers, tea)
-            accuracy["before"] = state.extra.get("before") or self._evaluate(raw, val_set, "accuracy: before",
+            accuracy["before"] = state.extra.get("before") or self._evaluate(raw, val_set, "eval before",
                                                                            eval_batch_size, num_workers, tea)
             state.extra.update(teacher=accuracy["teacher"], before=accuracy["before"])
         else:
+            why = "--no-eval" if not evaluate_accuracy else "no labelled val/ split that fits the model"
             self.log(f"Data: {len(train_set)} training images"
                      f"{f' ({train_set.num_classes} classes)' if train_set.labelled else ' (no labels)'}; "
-                     "no labelled val/ split, so accuracy is not measured")
+                     f"accuracy not measured ({why})")
 
         # Metrics log: a fresh run starts it, a resumed one continues it from the resumed step.
         metrics = metrics_path(output)
@@ -737,8 +745,8 @@ class _Run:
             "images_per_step": batch_size * grad_accum * ctx.world_size, "alpha": weights.alpha,
             "beta": weights.beta, "gamma": weights.gamma, "eps": weights.eps, "temperature": weights.temperature,
             "label_smoothing": weights.label_smoothing, "weight_decay": weight_decay, "clip_grad": clip_grad,
-            "freeze_dense": freeze_dense, "augment": augment, "trained_parameters": sum(p.numel() for p in params), "seed": seed,
-            "precision": "bf16" if dev.type == "cuda" else "fp32", "compile": compile,
+            "freeze_dense": freeze_dense, "augment": augment, "trained_parameters": sum(p.numel() for p in params),
+            "seed": seed, "precision": "bf16" if dev.type == "cuda" else "fp32", "compile": compile,
         }
         history: list[dict[str, Any]] = []
         try:
@@ -753,7 +761,7 @@ class _Run:
         # Accuracy after, the output checkpoint, and the training state is no longer needed.
         raw.eval()
         if val_set is not None:
-            accuracy["after"] = self._evaluate(raw, val_set, "accuracy: after", eval_batch_size, num_workers, tea)
+            accuracy["after"] = self._evaluate(raw, val_set, "eval after", eval_batch_size, num_workers, tea)
         lines = _metrics_lines(metrics) if self.main else history
         losses = {}
         if lines:
@@ -764,7 +772,11 @@ class _Run:
         recovery = {**settings, "images_seen": state.images_seen, "skipped_images": state.skipped,
                     "seconds": round(state.seconds, 3), "accuracy": accuracy,
                     "final_losses": {k: v["last"] for k, v in losses.items()}}
-        info = raw.lrc_info
+        info = getattr(raw, "lrc_info", None)
+        if info is None:  # a low-rank LoadedModel built by hand: describe it as lrc would
+            from lowrank_cli.checkpoint import CheckpointInfo, lowrank_ranks
+
+            info = raw.lrc_info = CheckpointInfo(spec=s.spec, ranks=lowrank_ranks(raw), provenance={"source": s.source})
         info.recovery = recovery
 
         def write() -> None:
@@ -780,6 +792,25 @@ class _Run:
             skipped=state.skipped, seconds=state.seconds, accuracy=accuracy, losses=losses, history=history,
             metrics=metrics, settings=settings,
         )
+
+    def _trainable(self, raw, tea, loss, blocks, input_size, freeze_dense) -> list[tuple[str, nn.Parameter]]:
+        """The student's parameters that train: those the loss reaches (all but the factorized layers' with
+        freeze_dense). The others get requires_grad=False, which DDP needs and which spares AdamW the work."""
+        reached = _params_reached(raw, tea, loss, blocks, input_size, self.ctx.device)
+        lowrank_prefixes = tuple(n + "." for n, m in raw.named_modules() if isinstance(m, LowRankLinear))
+        named = []
+        for name, p in raw.named_parameters():
+            trains = name in reached and (not freeze_dense or name.startswith(lowrank_prefixes))
+            p.requires_grad_(trains)
+            if trains:
+                named.append((name, p))
+        unreached = [n for n, _ in raw.named_parameters() if n not in reached]
+        if unreached:
+            self.log(f"Frozen (the loss does not reach them): {', '.join(unreached[:4])}"
+                     f"{', ...' if len(unreached) > 4 else ''}")
+        if not named:
+            raise UsageError("no parameter of the student would train: check --freeze-dense and the loss weights")
+        return named
 
     def _evaluate(self, model, image_set, phase, batch_size, num_workers, transform_from):
         result = evaluate(model, image_set, batch_size=batch_size, device=self.ctx.device, num_workers=num_workers,
@@ -854,8 +885,8 @@ class _Run:
                     if self.main:
                         with open(metrics, "a") as f:
                             f.write(json.dumps(line) + "\n")
-                    status = "  ".join(f"{k} {line[k]:.4g}" for k in distiller.terms) + (
-                        f"  {line['images_per_s']:.0f} img/s" if line["images_per_s"] else "")
+                    status = " ".join(f"{k} {line[k]:.3g}" for k in distiller.terms) + (
+                        f" | {line['images_per_s']:.0f} img/s" if line["images_per_s"] else "")
                     self.progress("recover", state.step, total, status)
                     interval, interval_steps, interval_images = {}, 0, 0
                     interval_start = time.perf_counter()
@@ -869,9 +900,9 @@ class _Run:
                 if distributed.any_rank(ctx, asked or stop.signal is not None) and state.step < total:
                     if saved_at != state.step:
                         save()
-                    why = stop.signal or "stop requested"
+                    why = stop.signal or "request"
                     raise Interrupted(
-                        f"{why}: interrupted at step {state.step}/{total}; the training state is saved in "
+                        f"interrupted by {why} at step {state.step}/{total}; the training state is saved in "
                         f"'{state_path}'. Resume with: {self._resume_hint(resume_command)}"
                     )
         if saved_at != state.step:  # resumed at the end: nothing ran, nothing new to save

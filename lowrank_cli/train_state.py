@@ -115,7 +115,8 @@ def read_train_state(path: str | Path) -> tuple[TrainState, dict[str, Any]]:
             " it is damaged; delete it and start again without --resume"
         ) from None
     if int(document.get("schema", 0)) > SCHEMA:
-        raise InputError(f"training state '{path}' was written by a newer lrc (schema {document['schema']}): upgrade lrc")
+        raise InputError(f"training state '{path}' was written by a newer lrc (schema {document['schema']}): "
+                         "upgrade lrc")
     fields = {k: document[k] for k in TrainState.__dataclass_fields__ if k in document}
     return TrainState(**fields), document
 

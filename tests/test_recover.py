@@ -1,8 +1,8 @@
 """`lrc recover` and `lrc eval` on real images: scikit-learn's handwritten digits written as an ImageFolder.
 
 The teacher is a small ViT trained from scratch here (16x16 digits, 8x8 patches: 4 tokens + cls), saved in
-timm's Hub layout so that it is a real MODEL source. The student is its factorization at kappa 8 with the
-paper's ranks (4-6 of 64), which costs much of the accuracy; recovery must bring it back near the teacher.
+timm's Hub layout so that it is a real MODEL source. The student is its factorization at kappa 16 with the
+paper's ranks (2-3 of 64), which costs most of the accuracy; recovery must bring it back near the teacher.
 Everything runs on one CPU thread: on a busy 2-core machine OpenMP's spinning threads slow tiny models down
 by an order of magnitude.
 """
@@ -105,9 +105,9 @@ def teacher(digits, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def student(teacher, tmp_path_factory) -> Path:
-    """The teacher factorized hard (kappa 8, the paper's ranks), as an lrc checkpoint."""
+    """The teacher factorized hard (kappa 16, the paper's ranks), as an lrc checkpoint."""
     loaded = lowrank_cli.load_model(str(teacher))
-    lowrank_cli.factorize(loaded.model, kappa=8, rank_multiple=1)
+    lowrank_cli.factorize(loaded.model, kappa=16, rank_multiple=1)
     loaded.model.lrc_info.provenance["source"] = loaded.source
     path = tmp_path_factory.mktemp("student") / "student.safetensors"
     lowrank_cli.save(loaded.model, path)
@@ -116,9 +116,11 @@ def student(teacher, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def recovered(student, teacher, digits, tmp_path_factory):
+    """250 steps of 32 images (6 epochs). Crops of 8% of a digit and mirrored digits are not digits: no augment.
+    The block outputs of this small model are small numbers, so the feature term gets a larger weight."""
     output = tmp_path_factory.mktemp("recovered") / "recovered.safetensors"
-    return recover(str(student), str(teacher), digits, output=output, steps=250, batch_size=32, lr=2e-3,
-                   weight_decay=0.0, save_every=100, **{**FAST, "log_every": 10})
+    return recover(str(student), str(teacher), digits, output=output, steps=250, batch_size=32, lr=3e-3, alpha=5.0,
+                   augment=False, weight_decay=0.0, save_every=100, **{**FAST, "log_every": 10})
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -136,15 +138,15 @@ def test_recovery_brings_accuracy_back_near_the_teacher(recovered) -> None:
     print(f"\ndigits top-1: teacher {teacher:.3f}, factorized {before:.3f}, recovered {after:.3f}")
     assert acc["teacher"]["images"] == 450 and acc["after"]["skipped"] == 0
     assert teacher > 0.85  # the teacher learnt the digits
-    assert before < teacher - 0.25  # kappa 8 costs a lot
+    assert before < teacher - 0.3  # kappa 16 costs a lot
     assert after >= teacher - 0.05  # and recovery brings it back
-    assert after > before + 0.25
+    assert after > before + 0.3
 
 
 def test_loss_terms_go_down_and_are_logged(recovered) -> None:
     losses = recovered.losses
     assert set(losses) == {"loss", "ce", "fd"}  # defaults: alpha=1, beta=0, gamma=0, labels present
-    assert losses["fd"]["last"] < 0.5 * losses["fd"]["first"]
+    assert losses["fd"]["last"] < 0.7 * losses["fd"]["first"]
     assert losses["ce"]["last"] < losses["ce"]["first"]
     assert losses["loss"]["last"] < 0.5 * losses["loss"]["first"]
     lines = [json.loads(line) for line in recovered.metrics.read_text().splitlines()]
@@ -153,15 +155,15 @@ def test_loss_terms_go_down_and_are_logged(recovered) -> None:
     assert {"step", "lr", "loss", "ce", "fd", "grad_norm", "images_per_s", "images", "skipped"} <= set(lines[-1])
     assert lines[-1]["images"] == 250 * 32 == recovered.images_seen
     peak = max(line["lr"] for line in lines)
-    assert peak <= 2e-3 and lines[-1]["lr"] < 0.01 * peak  # warm-up, then cosine down to ~0
+    assert peak <= 3e-3 and lines[-1]["lr"] < 0.01 * peak  # warm-up, then cosine down to ~0
 
 
 def test_output_keeps_student_metadata_and_records_recovery(recovered, student, capsys) -> None:
     before, _ = read_info(student)
     info, _ = read_info(recovered.output)
-    assert info.ranks == before.ranks and info.provenance["kappa"] == 8 and info.layers == before.layers
+    assert info.ranks == before.ranks and info.provenance["kappa"] == 16 and info.layers == before.layers
     rec = info.recovery
-    assert rec["steps"] == 250 and rec["lr"] == 2e-3 and rec["alpha"] == 1.0 and rec["beta"] == 0.0
+    assert rec["steps"] == 250 and rec["lr"] == 3e-3 and rec["alpha"] == 5.0 and rec["beta"] == 0.0
     assert rec["images_per_step"] == 32 and rec["processes"] == 1 and rec["labels"] is True
     assert rec["accuracy"]["after"]["top1"] == recovered.accuracy["after"]["top1"]
     assert rec["accuracy"]["teacher"]["top1"] == recovered.accuracy["teacher"]["top1"]
@@ -192,22 +194,24 @@ def test_eval_cli_table_and_errors(teacher, digits, tmp_path, capsys) -> None:
 
 
 def _run(student, teacher, data, output, **kw):
-    options = dict(steps=10, batch_size=8, lr=1e-3, alpha=1.0, beta=0.1, gamma=0.5, save_every=3,
+    options = dict(steps=10, batch_size=8, grad_accum=2, lr=1e-3, alpha=1.0, beta=0.1, gamma=0.5, save_every=3,
                    evaluate_accuracy=False, seed=3, **FAST)
     options.update(kw)
     return recover(str(student), str(teacher), data, output=output, **options)
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(student, teacher, small_digits, tmp_path) -> None:
-    # 40 images / 8 = 5 batches an epoch: 10 steps cross an epoch boundary; the stop at 4 is between saves.
+    # 40 images / 8 = 5 batches an epoch, 2 a step: steps 3, 5, 8 and 10 cross an epoch boundary; the stop at
+    # step 4 falls between two saves.
     whole = _run(student, teacher, small_digits, tmp_path / "whole.safetensors")
     assert set(whole.losses) == {"loss", "ce", "fd", "rwp", "kd"}
 
     out = tmp_path / "parts.safetensors"
-    with pytest.raises(Interrupted, match=r"interrupted at step 4/10.*Resume with: recover\(\.\.\., resume=True\)"):
+    stopped = r"interrupted by request at step 4/10.*Resume with: recover\(\.\.\., resume=True\)"
+    with pytest.raises(Interrupted, match=stopped):
         _run(student, teacher, small_digits, out, on_step=lambda step, model: step == 4)
     state, _ = read_train_state(train_state_path(out))
-    assert (state.step, state.epoch, state.batch) == (4, 0, 4)
+    assert (state.step, state.epoch, state.batch) == (4, 1, 3)
     assert not out.exists()
     # The resumed half loads its images in two worker processes: augmentations are seeded per image.
     resumed = _run(student, teacher, small_digits, out, resume=True, num_workers=2)
@@ -237,6 +241,20 @@ def test_resume_refusals(student, teacher, small_digits, tmp_path) -> None:
     assert done.resumed_from == 1 and any("--lr was 0.001" in m for m in messages)
 
 
+def test_sigterm_finishes_the_step_saves_and_stops(student, teacher, small_digits, tmp_path) -> None:
+    out = tmp_path / "term.safetensors"
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate(step, model):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler (SLURM, Kubernetes) sends before killing
+
+    with pytest.raises(Interrupted, match="interrupted by SIGTERM at step 2/10"):
+        _run(student, teacher, small_digits, out, on_step=terminate)
+    assert read_train_state(train_state_path(out))[0].step == 2
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is only there while training
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(student, teacher, small_digits, tmp_path) -> None:
     out = tmp_path / "nan.safetensors"
 
@@ -264,8 +282,9 @@ def test_unlabelled_folder_with_a_corrupt_image(student, teacher, digits, tmp_pa
     write_corrupt_image(flat / "broken.png")
     out = tmp_path / "u.safetensors"
     messages = []
-    result = recover(str(student), str(teacher), flat, output=out, steps=6, batch_size=8, log=messages.append,
+    result = recover(str(student), str(teacher), flat, output=out, epochs=3, batch_size=8, log=messages.append,
                      **FAST)
+    assert result.steps == 6  # 17 files, 2 whole batches of 8 an epoch
     assert result.skipped >= 1  # counted, not fatal
     assert set(result.losses) == {"loss", "fd"}  # no labels: distillation only
     assert result.accuracy == {"teacher": None, "before": None, "after": None}
@@ -332,7 +351,7 @@ def _lrc() -> str:
 
 def test_ctrl_c_saves_and_the_printed_command_resumes(student, teacher, small_digits, tmp_path) -> None:
     out = tmp_path / "cli.safetensors"
-    cmd = [_lrc(), "recover", str(student), "--teacher", str(teacher), "--data", str(small_digits), "--steps", "150",
+    cmd = [_lrc(), "recover", str(student), "--teacher", str(teacher), "--data", str(small_digits), "--steps", "80",
            "--batch-size", "8", "--workers", "0", "--no-eval", "--log-every", "1", "--save-every", "1000", "-o", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
     metrics = metrics_path(out)
@@ -345,16 +364,16 @@ def test_ctrl_c_saves_and_the_printed_command_resumes(student, teacher, small_di
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     line = error_lines(err)[0]
-    assert "SIGINT: interrupted at step" in line and "/150" in line
+    assert "interrupted by SIGINT at step" in line and "/80" in line
     state, _ = read_train_state(train_state_path(out))
-    assert 1 <= state.step < 150 and not out.exists()
+    assert 1 <= state.step < 80 and not out.exists()
     resume = shlex.split(line.split("Resume with: ", 1)[1])
     assert resume[0] == "lrc" and resume[-1] == "--resume"
     done = subprocess.run([_lrc(), *resume[1:], "--json"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["resumed_from"] == state.step and summary["steps"] == 150
+    assert summary["resumed_from"] == state.step and summary["steps"] == 80
     assert out.exists() and not train_state_path(out).exists()
 
 

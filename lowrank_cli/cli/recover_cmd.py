@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -46,45 +47,65 @@ Data = Annotated[
     typer.Option("--data", help="ImageFolder root (train/<class>/..., optional val/<class>/...), a class tree, or a "
                  "folder of unlabelled images.", show_default=False),
 ]
-Workers = Annotated[int, typer.Option("--workers", help="Data-loading processes per training process.")]
+Workers = Annotated[
+    Optional[int],
+    typer.Option("--workers", help="Data-loading processes per training process (default: its share of the CPUs, at "
+                 "most 8).", show_default=False),
+]
 
 
 def _resume_command() -> str:
     """The command that continues this run (shown when it is interrupted)."""
     args = [a for a in sys.argv[1:] if a != "--resume"]
     prog = Path(sys.argv[0]).name if sys.argv else "lrc"
-    if os.environ.get("WORLD_SIZE") or prog == "__main__.py":
-        nproc = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        launcher = f"torchrun --nproc_per_node {nproc} -m lowrank_cli" if os.environ.get("WORLD_SIZE") else "python -m lowrank_cli"
-        return f"{launcher} {shlex.join(args)} --resume"
+    world = os.environ.get("WORLD_SIZE")
+    if world:  # under torchrun: one node is --standalone; on several, the user's own rendezvous options apply
+        local = os.environ.get("LOCAL_WORLD_SIZE", world)
+        nodes = "--standalone" if local == world else f"--nnodes {int(world) // max(int(local), 1)} (your rendezvous options)"
+        return f"torchrun {nodes} --nproc_per_node {local} -m lowrank_cli {shlex.join(args)} --resume"
+    if prog == "__main__.py":
+        return f"python -m lowrank_cli {shlex.join(args)} --resume"
     if prog not in ("lrc", "lrc.exe"):  # called from Python (tests): the arguments are not in sys.argv
         return "the same lrc recover command with --resume"
     return f"lrc {shlex.join(args)} --resume"
 
 
 class _Bars:
-    """The progress bars of a recovery: one per phase (accuracy, training), on stderr, rank 0 only."""
+    """The progress bars of a recovery, one per phase (accuracy, training), on stderr and on rank 0 only. The
+    display starts with the first bar, so that an early error is not preceded by an empty one."""
 
-    def __init__(self, bar) -> None:
-        self.bar, self.tasks = bar, {}
+    def __init__(self) -> None:
+        self.bar, self.tasks = None, {}
 
     def __call__(self, phase: str, done: int, total: int, status: str | None) -> None:
+        if self.bar is None:
+            self.bar = console.progress()
+            self.bar.start()
         if phase not in self.tasks:
             self.tasks[phase] = self.bar.add_task(phase, total=total, completed=done, status=status or "")
         fields = {"status": status} if status is not None else {}
         self.bar.update(self.tasks[phase], completed=done, total=total, **fields)
 
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
 
 def _quiet_on_other_ranks(fn):
-    """Under torchrun only rank 0 reports an error; the other ranks exit with the same code silently."""
-    from lowrank_cli.errors import LrcError
+    """Under torchrun only rank 0 reports an error; the other ranks exit with the same code silently.
+
+    After an interruption the process only reports and exits: a late copy of the Ctrl-C (a terminal signals the
+    whole process group, torchrun forwards it once more) must not turn the resume message into a traceback."""
+    from lowrank_cli.errors import Interrupted, LrcError
 
     try:
         return fn()
-    except LrcError as e:
+    except (LrcError, KeyboardInterrupt) as e:
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if console.is_main_process():
             raise
-        raise typer.Exit(e.exit_code) from None
+        raise SystemExit(getattr(e, "exit_code", 130)) from None  # past the error boundary: nothing printed
 
 
 def recover(
@@ -107,6 +128,7 @@ def recover(
     temperature: Annotated[float, typer.Option("--temperature", help="Temperature of the logit distillation.")] = 1.0,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the cross-entropy (labelled data).")] = 0.0,
     freeze_dense: Annotated[bool, typer.Option("--freeze-dense", help="Train only the factorized layers (norms, embeddings, head stay).")] = False,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crops and flips (timm's training transform); --no-augment trains on the evaluation preprocessing (for digits, text, centred objects).")] = True,
     kappa: Annotated[Optional[float], typer.Option("--kappa", help="Factorize a dense STUDENT on the fly at this ratio.", show_default=False)] = None,
     rank_multiple: Annotated[int, typer.Option("--rank-multiple", help="With --kappa: round ranks down to a multiple of this.")] = 8,
     save_every: Annotated[int, typer.Option("--save-every", help="Write the training state every N steps.")] = 500,
@@ -116,7 +138,7 @@ def recover(
     eval_: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure accuracy on the val split before and after.")] = True,
     eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", help="Batch size of the accuracy runs (default: --batch-size).", show_default=False)] = None,
     device: Device = "auto",
-    workers: Workers = 4,
+    workers: Workers = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, augmentations and dropout.")] = 0,
     arch: Arch = None,
     model_arg: ModelArg = None,
@@ -128,17 +150,20 @@ def recover(
     from lowrank_cli.sources import parse_model_args
 
     def go():
-        with console.progress() as bar:
+        bars = _Bars()
+        try:
             return run_recover(
                 student, teacher, data, output=output, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                 grad_accum=grad_accum, alpha=alpha, beta=beta, gamma=gamma, eps=eps, temperature=temperature,
                 label_smoothing=label_smoothing, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                clip_grad=clip_grad, freeze_dense=freeze_dense, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
+                clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
                 model_args=parse_model_args(model_arg), save_every=save_every, log_every=log_every, resume=resume,
                 force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size,
-                device=device, num_workers=workers, seed=seed, progress=_Bars(bar), log=console.info,
+                device=device, num_workers=workers, seed=seed, progress=bars, log=console.info,
                 warn=console.warn, resume_command=_resume_command(),
             )
+        finally:
+            bars.close()
 
     result = _quiet_on_other_ranks(go)
     if not console.is_main_process():
@@ -183,16 +208,17 @@ def print_summary(s: dict) -> None:
 
 def eval_command(
     model: Model,
-    data: Data,
+    data: Annotated[Path, typer.Option("--data", help="Labelled images: DIR/val/<class>/..., or a class tree DIR/<class>/....", show_default=False)],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 128,
     device: Device = "auto",
-    workers: Workers = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Data-loading processes (default: the CPUs, at most 8).", show_default=False)] = None,
     arch: Arch = None,
     model_arg: ModelArg = None,
     json_out: Json = False,
 ) -> None:
     """Top-1 / top-5 accuracy of any MODEL on DIR/val (or on DIR when it is a class tree)."""
     from lowrank_cli.evaluate import evaluate, val_split
+    from lowrank_cli.recover import default_workers
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.sources import load_model, parse_model_args
 
@@ -203,7 +229,8 @@ def eval_command(
     loaded.model.to(dev).float()
     with console.progress() as bar:
         task = bar.add_task("accuracy", total=None, status="")
-        result = evaluate(loaded.model, image_set, batch_size=batch_size, device=dev, num_workers=workers,
+        result = evaluate(loaded.model, image_set, batch_size=batch_size, device=dev,
+                          num_workers=default_workers() if workers is None else workers,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     result = {"model": model, "data": str(image_set.root), **result}
     if json_out:
