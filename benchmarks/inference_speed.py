@@ -9,9 +9,11 @@ Targets:
     GPU (bf16, batch 256, both compiled the same way):     compressed >= 1.5x dense
     GPU batch 1 (CUDA graphs via mode="reduce-overhead"):   compressed not slower than dense
 
-Random weights (timm pretrained=False): timing does not depend on the values. The factors come from one randomized
-SVD per layer at the largest rank any variant needs, sliced for the smaller ranks (the top-k triplets of a
-truncated SVD are the rank-k truncation), so that the SVD work is done once rather than once per rank multiple.
+Random weights (timm pretrained=False): timing does not depend on the values. So by default the factors are random
+too (`--factors random`: the real lowrank_cli.factorize swap, with a factor_fn that skips the SVD; 48 randomized
+SVDs of DeiT-B take minutes on a 2-core CPU and change no timing). `--factors svd` computes one randomized SVD per
+layer at the largest rank any variant needs, sliced for the smaller ranks (the top-k triplets of a truncated SVD
+are the rank-k truncation), so that the SVD work is done once rather than once per rank multiple.
 The models' repeats are interleaved (see lowrank_cli.bench), so drift and other processes on a shared machine
 hit every model alike; the ratios are what to read, not the absolute times.
 """
@@ -29,6 +31,7 @@ import math
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -80,10 +83,22 @@ class SliceableFactors:
         return Factors(f.first[:rank], f.second[:, :rank], f.singular_values, kept, math.sqrt(max(0.0, 1.0 - kept)), "randomized")
 
 
-def build_variants(dense: nn.Module, multiples: list[int], device: torch.device) -> tuple[dict[str, nn.Module], dict]:
-    """kappa-2 copies of `dense`, one per rank multiple; the factor cache is returned for later plans."""
+def random_factors(name: str, weight: torch.Tensor, rank: int) -> Factors:
+    """factor_fn for timing only: random factors of the right shapes, scaled like nn.Linear's init (no SVD)."""
+    d_out, d_in = weight.shape
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    first = torch.randn((rank, d_in), generator=gen) / math.sqrt(d_in)
+    second = torch.randn((d_out, rank), generator=gen) / math.sqrt(rank)
+    return Factors(first.to(weight.device), second.to(weight.device), torch.ones(rank), 0.0, 1.0, "random (timing only)")
+
+
+FACTORS = "random"
+
+
+def build_variants(dense: nn.Module, multiples: list[int], device: torch.device) -> tuple[dict[str, nn.Module], object]:
+    """kappa-2 copies of `dense`, one per rank multiple; the factor function is returned for later plans."""
     floor = make_plan(dense, kappa=KAPPA, rank_multiple=1).ranks
-    factors = SliceableFactors(floor, device)
+    factors = SliceableFactors(floor, device) if FACTORS == "svd" else random_factors
     variants: dict[str, nn.Module] = {}
     for m in multiples:
         t = time.perf_counter()
@@ -119,18 +134,21 @@ def print_rows(rows, models: dict[str, nn.Module], title: str) -> None:
     ranks = {n: ranks_of(m) if n != "dense" else "-" for n, m in models.items()}
     w = max(len("ranks (block 0)"), *(len(v) for v in ranks.values()))
     mem = any(r.peak_memory_bytes for r in rows)
-    say(f"  {'model':<10} {'ranks (block 0)':<{w}} {'batch':>5} {'median ms':>11} {'p10-p90 ms':>21} {'img/s':>9} "
-        f"{'speed-up':>8} {'MAC ratio':>9} {'efficiency':>10}" + (f" {'peak MiB':>9}" if mem else ""))
+    ref_min = next((r.min_ms for r in rows if r.model == r.reference), None)
+    say(f"  {'model':<10} {'ranks (block 0)':<{w}} {'batch':>5} {'median ms':>11} {'p10-p90 ms':>21} {'min ms':>10} "
+        f"{'img/s':>9} {'speed-up':>8} {'(min)':>6} {'MAC ratio':>9} {'efficiency':>10}" + (f" {'peak MiB':>9}" if mem else ""))
     for r in rows:
         eff = "" if not (r.speedup and r.mac_ratio) else f"{r.speedup / r.mac_ratio:.0%}"
         spread = f"{r.p10_ms:,.1f}-{r.p90_ms:,.1f}"
+        by_min = f"{ref_min / r.min_ms:.2f}x" if ref_min else ""
         line = (f"  {r.model:<10} {ranks.get(r.model, ''):<{w}} {r.batch_size:>5} {r.median_ms:>11,.1f} {spread:>21} "
-                f"{r.throughput:>9,.1f} {(r.speedup or 0):>7.2f}x {(r.mac_ratio or 0):>8.2f}x {eff:>10}")
+                f"{r.min_ms:>10,.1f} {r.throughput:>9,.1f} {(r.speedup or 0):>7.2f}x {by_min:>6} "
+                f"{(r.mac_ratio or 0):>8.2f}x {eff:>10}")
         if mem:
             line += f" {(r.peak_memory_bytes or 0) / 2**20:>9,.0f}"
         say(line)
-    say("  speed-up = dense median / model median (interleaved repeats); MAC ratio = dense MACs / model MACs; "
-        "efficiency = speed-up / MAC ratio")
+    say("  speed-up = dense median / model median (interleaved repeats); (min) = the same from the fastest repeats; "
+        "MAC ratio = dense MACs / model MACs; efficiency = speed-up / MAC ratio")
 
 
 def print_profiles(profiles, notes: dict[str, str]) -> None:
@@ -142,6 +160,17 @@ def print_profiles(profiles, notes: dict[str, str]) -> None:
         say(f"    {p.model}: " + ", ".join(f"{n} {ms:,.1f} ({k})" for k, n, ms in p.top[:5]))
     for k, v in notes.items():
         say(f"  {k}: {v}")
+
+
+def quietest_profiles(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, **kw) -> list:
+    """Profile each model `rounds` times, alternating, and keep each one's least disturbed (shortest) run."""
+    best: dict[str, object] = {}
+    for i in range(max(rounds, 1)):
+        for name in (list(models) if i % 2 == 0 else list(models)[::-1]):
+            p = profile(models[name], x, name=name, **kw.get(name, {}))
+            if name not in best or p.total_ms < best[name].total_ms:
+                best[name] = p
+    return [best[name] for name in models]
 
 
 def amdahl(dense_prof, linear_mac_ratio: float) -> float:
@@ -244,7 +273,7 @@ def cpu_section(args, doc: dict) -> None:
     size = (3, 224, 224)
     x = torch.randn((bs, *size), generator=torch.Generator().manual_seed(1))
     log("profiling dense and the auto model")
-    profs = [profile(models["dense"], x, name="dense"), profile(models[auto_name], x, name=auto_name)]
+    profs = quietest_profiles({"dense": models["dense"], auto_name: models[auto_name]}, x, rounds=args.profile_rounds)
     lin_ratio = linear_macs(models["dense"], size) / linear_macs(models[auto_name], size)
     row = {r.model: r for r in rows}
     notes = {
@@ -255,7 +284,7 @@ def cpu_section(args, doc: dict) -> None:
                                 f"{profs[1].total_ms - profs[1].gemm_ms:,.0f} ms {auto_name}",
     }
     say()
-    say(f"where the time goes (one forward, batch {bs}; CPU op time: linear/conv and attention ops with everything "
+    say(f"where the time goes (the quieter of {args.profile_rounds} profiled forwards, batch {bs}; CPU op time: linear/conv and attention ops with everything "
         "under them, the rest by self time):")
     print_profiles(profs, notes)
 
@@ -278,6 +307,12 @@ def cpu_section(args, doc: dict) -> None:
         tag += " (speed plan)" if r.model == speed_name else ""
         say(f"  {r.model}{tag}: {r.speedup:.2f}x  -> {'MET' if r.speedup >= 1.8 else 'missed'}")
     say(f"  best: {best.model} {best.speedup:.2f}x at MAC ratio {best.mac_ratio:.2f}x")
+    noisy = [r.model for r in rows if r.p90_ms > 1.2 * r.p10_ms]
+    above = [r.model for r in rows if r.speedup and r.mac_ratio and r.speedup > 1.05 * r.mac_ratio]
+    if noisy or above:
+        say(f"  CAUTION: noisy run (p90 > 1.2 x p10 for {', '.join(noisy) or 'none'}; speed-up above the MAC ratio "
+            f"for {', '.join(above) or 'none'}): other processes shared the CPU; trust the (min) column more, "
+            "or rerun on a quiet machine with more --repeats")
     doc["cpu"] = {
         "device": device_name(dev), "batch_size": bs, "auto_rank_multiple": auto,
         "rows": [r.to_json() for r in rows], "ranks": {n: ranks_of(m) for n, m in models.items() if n != "dense"},
@@ -291,6 +326,7 @@ def cpu_section(args, doc: dict) -> None:
 
 def gpu_section(args, doc: dict) -> None:
     import timm
+    import torch._dynamo
 
     if not torch.cuda.is_available():
         say("== GPU ==")
@@ -320,6 +356,7 @@ def gpu_section(args, doc: dict) -> None:
     results = {}
 
     def run(title: str, names: list[str], batch: int, **kw):
+        torch._dynamo.reset()  # each compiled run starts from a clean cache: no stale graphs, no recompile limit
         subset = {n: models[n] for n in names}
         rows = bench(subset, device=dev, dtype=dt, batch_sizes=[batch], reference="dense", progress=log, **kw)
         say()
@@ -338,6 +375,7 @@ def gpu_section(args, doc: dict) -> None:
     # Where the time goes at the big batch: kernels of the compiled models, GEMMs vs the rest.
     x = torch.randn((args.gpu_batch, 3, 224, 224), device=dev, dtype=dt)
     profs = []
+    torch._dynamo.reset()
     for name in ("dense", auto_name):
         fn = torch.compile(models[name], dynamic=False)
         with torch.inference_mode():
@@ -375,22 +413,26 @@ def gpu_section(args, doc: dict) -> None:
 
 
 def main() -> None:
-    global ARCH
+    global ARCH, FACTORS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per model on the CPU (interleaved)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per model on the CPU (interleaved)")
     parser.add_argument("--plan-repeats", type=int, default=3)
+    parser.add_argument("--profile-rounds", type=int, default=2, help="profiles per model (the shortest is kept)")
     parser.add_argument("--variant-repeats", type=int, default=5)
     parser.add_argument("--gpu-batch", type=int, default=256)
+    parser.add_argument("--factors", choices=("random", "svd"), default="random",
+                        help="random factors (timing only, default) or a randomized SVD per layer")
     parser.add_argument("--arch", default=ARCH, help="timm architecture (default deit_base_patch16_224)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args()
     ARCH = args.arch
-    doc: dict = {"torch": torch.__version__, "arch": ARCH, "kappa": KAPPA}
-    say(f"lrc inference speed benchmark: torch {torch.__version__}, {ARCH}, kappa {KAPPA:g}")
+    FACTORS = args.factors
+    doc: dict = {"torch": torch.__version__, "arch": ARCH, "kappa": KAPPA, "factors": FACTORS}
+    say(f"lrc inference speed benchmark: torch {torch.__version__}, {ARCH}, kappa {KAPPA:g}, factors: {FACTORS}")
     if not args.skip_cpu:
         cpu_section(args, doc)
         say()

@@ -10,7 +10,7 @@ time is the sum of those two measured alone:
     teacher forward      no_grad, eval mode, bf16 autocast
     student step         forward, cross-entropy, backward, gradient clipping, fused AdamW step (no hooks, no
                          distillation)
-    recovery step        lowrank_cli.recover.Distiller.step: the code `lrc recover` runs (teacher forward, hooked
+    recovery step        lowrank_cli.recovery.Distiller.step: the code `lrc recover` runs (teacher forward, hooked
                          student forward, PELA Eq. 7 with labels and feature distillation, backward, clipping,
                          AdamW, the per-step loss check)
 
@@ -53,7 +53,7 @@ def build(args: argparse.Namespace, device: torch.device):
 
     from lowrank_cli.distill_loss import LossWeights, RecoveryLoss, innermost_blocks
     from lowrank_cli.factorization import factorize
-    from lowrank_cli.recover import Distiller, param_groups
+    from lowrank_cli.recovery import Distiller, param_groups
 
     torch.manual_seed(0)
     teacher = timm.create_model(args.model, pretrained=False).to(device).eval().requires_grad_(False)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print("recover_throughput: no CUDA device here; this benchmark measures a GPU (use --device cpu "
               "--model vit_tiny_patch16_224 --batch-size 8 for a smoke run)")
         return 0
-    from lowrank_cli.evaluate import autocast_for
+    from lowrank_cli.accuracy import autocast_for
     from lowrank_cli.image_data import Batch
 
     device = torch.device(args.device)

@@ -30,6 +30,9 @@ _API = {
     "pela_rank": "lowrank_cli.plan",
     "LrcError": "lowrank_cli.errors",
     "build_report": "lowrank_cli.report",
+    "recover": "lowrank_cli.recovery",
+    "RecoverResult": "lowrank_cli.recovery",
+    "evaluate": "lowrank_cli.accuracy",
 }
 
 __all__ = ["__version__", *_API]
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
     from lowrank_cli.factorization import FactorizeResult, factorize
     from lowrank_cli.lowrank_linear import LowRankLinear
     from lowrank_cli.plan import make_plan, pela_rank
+    from lowrank_cli.accuracy import evaluate
+    from lowrank_cli.recovery import RecoverResult, recover
     from lowrank_cli.report import build_report
     from lowrank_cli.sources import LoadedModel, load_model
 

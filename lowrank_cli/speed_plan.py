@@ -97,7 +97,8 @@ def parse_rank_multiple(value: str | int, device: str | torch.device | None = "a
 
 def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Sequence[int] | None = None,
                        batch_size: int = 1) -> dict[str, tuple[int, ...]]:
-    """The input shape each named linear sees at `batch_size`: one batch-1 forward with hooks, batch scaled."""
+    """The input shape each named linear sees at `batch_size`: one batch-1 forward with hooks, batch scaled.
+    A linear the forward never calls as a module is left out."""
     from lowrank_cli.image_data import data_config
 
     size = tuple(input_size or data_config(model)["input_size"])
@@ -124,12 +125,7 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Se
         for h in handles:
             h.remove()
         model.train(was_training)
-    missing = [n for n in names if n not in seen]
-    if missing:
-        raise InputError(
-            f"{len(missing)} planned linear(s) are not called as modules by the model ({', '.join(missing[:3])}): "
-            "they cannot be timed (nor factorized): exclude them"
-        )
+    # Linears the model never calls as modules (F.linear on their weight) are missing from the result.
     # Every shape here has the batch first; a layer that sees (B*windows, N, d) scales the same way.
     return {n: (s[0] * batch_size, *s[1:]) for n, s in seen.items()}
 
@@ -213,7 +209,8 @@ def speed_plan(
     """`base_plan` with every layer kept dense whose factorized form is not faster; and the timings, JSON-ready.
 
     model: the dense model the plan is for (only its shapes are read; one batch-1 forward finds the shape each
-        layer's input has, unless `tokens` is given).
+        layer's input has, unless `tokens` is given). A planned linear that this forward never calls as a module
+        (F.linear on its weight) is kept dense untimed, with the same reason `factorize` gives.
     device, dtype: where and how the model will run (dtype default: the model's own).
     batch_size: images per forward pass at inference; tokens: the sequence length each linear sees per image
         (e.g. 197 for DeiT at 224 px), or the exact per-image input shape without the feature dim, e.g. (197,);
@@ -259,6 +256,9 @@ def speed_plan(
         except AttributeError:
             return True
 
+    uncalled = {p.name: "dense: not called as a module (F.linear on its weight)" for p in candidates
+                if p.name not in shapes_in}
+    candidates = [p for p in candidates if p.name in shapes_in]
     shapes = {p.name: LayerShape(p.d_in, p.d_out, p.rank, shapes_in[p.name], bias_of(p.name)) for p in candidates}
     unique = list(dict.fromkeys(shapes.values()))
     if timer is None:
@@ -275,7 +275,7 @@ def speed_plan(
 
     where = f"{dev.type} {SHORT_DTYPE[dt]}, batch {batch_size}"
     layers_json: dict[str, dict[str, Any]] = {}
-    keep_dense: dict[str, str] = {}
+    keep_dense: dict[str, str] = dict(uncalled)
     total_dense = total_chosen = 0.0
     for p in candidates:
         dense_ms, low_ms = measured[shapes[p.name]]

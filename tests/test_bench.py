@@ -56,7 +56,7 @@ def test_bench_rows_are_sane(rows, pair):
     for r in rows:
         assert isinstance(r, BenchRow)
         assert r.repeats == 4 and len(r.samples_ms) == 4 and r.calls_per_repeat >= 1
-        assert r.median_ms > 0 and r.p10_ms <= r.median_ms <= r.p90_ms
+        assert 0 < r.min_ms <= r.p10_ms <= r.median_ms <= r.p90_ms
         assert r.median_ms == pytest.approx(statistics.median(r.samples_ms))
         assert r.throughput == pytest.approx(r.batch_size / (r.median_ms / 1e3))
         assert r.peak_memory_bytes is None  # no per-model figure on the CPU
@@ -166,6 +166,30 @@ def test_speed_plan_with_tokens_skips_the_forward_and_real_timer_runs():
     assert set(plan.ranks) | set(plan.dense) == {"blocks.0.mlp.fc1"}
 
 
+def test_speed_plan_keeps_uncalled_linears_dense_without_timing_them():
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(16, 32)
+            self.down = nn.Linear(32, 16)
+
+        def forward(self, x):
+            return F.linear(self.up(x), self.down.weight, self.down.bias)  # `down` is not called as a module
+
+    model = nn.Sequential(Block(), Block())
+    base = make_plan(model, kappa=2, rank_multiple=1)
+    assert set(base.ranks) == {"0.up", "0.down", "1.up", "1.down"}
+    timed: list[LayerShape] = []
+    plan, info = speed_plan(model, base, device="cpu", batch_size=2, input_size=(4, 16),
+                            timer=lambda s: timed.append(s) or (2.0, 1.0))
+    assert set(plan.ranks) == {"0.up", "1.up"} and len(timed) == 1 and timed[0].input_shape == (2, 4, 16)
+    assert set(plan.dense) == {"0.down", "1.down"} == set(info["kept_dense"])
+    assert all("not called" in why for why in plan.dense.values()) and set(info["layers"]) == {"0.up", "1.up"}
+
+
 def test_auto_rank_multiple():
     assert auto_rank_multiple("cpu", "fp32") == 8
     assert auto_rank_multiple("cpu", torch.bfloat16) == 8
@@ -185,6 +209,25 @@ def test_auto_rank_multiple_on_missing_cuda_is_an_environment_problem():
 def test_auto_rank_multiple_on_cuda():
     assert auto_rank_multiple("cuda", "bf16") == auto_rank_multiple("cuda", "fp16") == 64
     assert auto_rank_multiple("cuda", "fp32") == 8
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_bench_and_speed_plan_on_cuda(pair):
+    from lowrank_cli.bench import weight_bytes
+
+    dense, low = (copy.deepcopy(m) for m in pair)
+    for graphs in (False, True):
+        rows = bench({"lrc": low, "dense": dense}, device="cuda", dtype="bf16", batch_sizes=[1, 8], reference="dense",
+                     repeats=3, cuda_graphs=graphs)
+        for r in rows:
+            assert r.median_ms > 0 and r.cuda_graphs is graphs and r.dtype == "bf16"
+            assert r.peak_memory_bytes is not None and r.peak_memory_bytes >= weight_bytes(low if r.model == "lrc" else dense)
+    plan, info = speed_plan(make_tiny_vit().cuda(), make_plan(make_tiny_vit(), kappa=2), device="cuda", dtype="bf16",
+                            batch_size=8, repeats=3, cuda_graphs=True)
+    assert info["device_type"] == "cuda" and info["cuda_graphs"] is True and json.dumps(info)
+    p = profile(low, torch.randn(8, 3, 32, 32, device="cuda", dtype=torch.bfloat16), name="lrc")
+    assert p.where == "cuda kernels" and p.gemm_ms > 0
 
 
 # ------------------------------------------------------------------------------------------------ CLI

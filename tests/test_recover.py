@@ -35,9 +35,9 @@ from lowrank_cli.distill_loss import (
     weight_perturbation,
 )
 from lowrank_cli.errors import InputError, Interrupted, OutputError, TrainingError, UsageError
-from lowrank_cli.evaluate import evaluate
+from lowrank_cli.accuracy import evaluate
 from lowrank_cli.lowrank_linear import LowRankLinear
-from lowrank_cli.recover import lr_factor, recover
+from lowrank_cli.recovery import lr_factor, recover
 from lowrank_cli.train_state import metrics_path, read_train_state, train_state_path
 
 from conftest import error_lines, run_cli

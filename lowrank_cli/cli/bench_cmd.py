@@ -29,14 +29,14 @@ def bench(
     against: Annotated[Optional[str], typer.Option("--against", help="The model to compare with (any MODEL source, e.g. the dense original); its row is the 1.00x reference.", show_default=False)] = None,
     device: Device = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16 (both models are cast to it).")] = "fp32",
-    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Comma-separated batch sizes [default: 1,32,256 on cuda, 1,16 on cpu].", show_default=False)] = None,
+    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Comma-separated batch sizes (default: 1,32,256 on cuda, 1,16 on cpu).", show_default=False)] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models the same way (the first calls compile: slow).")] = False,
     compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs (implies --compile).", show_default=False)] = None,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay both models from CUDA graphs (with --compile: mode reduce-overhead); CUDA only.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", show_default=False)] = None,
-    warmup: Annotated[Optional[int], typer.Option("--warmup", help="Warm-up calls per model and batch size [default: 3 on cuda, 1 on cpu; +2 compiled].", show_default=False)] = None,
-    repeats: Annotated[Optional[int], typer.Option("--repeats", help="Timed repeats per model and batch size [default: at least 5 (3 on cpu) and --min-time].", show_default=False)] = None,
-    min_time: Annotated[Optional[float], typer.Option("--min-time", help="Seconds of timed repeats per model and batch size [default: 2 on cuda, 1 on cpu].", show_default=False)] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", help="Warm-up calls per model and batch size (default: 3 on cuda, 1 on cpu; +2 compiled).", show_default=False)] = None,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", help="Timed repeats per model and batch size (default: at least 5 (3 on cpu) and --min-time).", show_default=False)] = None,
+    min_time: Annotated[Optional[float], typer.Option("--min-time", help="Seconds of timed repeats per model and batch size (default: 2 on cuda, 1 on cpu).", show_default=False)] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Also split one forward pass at the largest batch into GEMMs, attention and the rest (torch.profiler).")] = False,
     input_size: InputSize = None,
     arch: Arch = None,
@@ -47,10 +47,10 @@ def bench(
     """Measure latency (median and spread), throughput and peak memory of MODEL, and of --against in the same run."""
     import torch
 
-    from lowrank_cli.bench import SHORT_DTYPE, resolve_compile_mode, device_name, parse_batch_sizes, process_peak_rss, resolve_dtype
+    from lowrank_cli.bench import SHORT_DTYPE, device_name, parse_batch_sizes, process_peak_rss, resolve_compile_mode, resolve_dtype
     from lowrank_cli.bench import bench as run_bench
-    from lowrank_cli.errors import UsageError
     from lowrank_cli.devices import resolve_device
+    from lowrank_cli.errors import UsageError
     from lowrank_cli.sources import load_model, parse_model_args
 
     # Everything that can be refused is refused before the (slow) loading.
@@ -127,7 +127,8 @@ def bench(
     if profile:
         document["profile"] = [p.to_json() for p in profiles]
         document["profile_note"] = ("ms per forward pass at the largest batch, eager (not compiled): "
-                                    + ("CUDA kernel time" if dev.type == "cuda" else "self time of CPU ops"))
+                                    + ("CUDA kernel time" if dev.type == "cuda" else
+                                       "CPU op time: linear/attention ops with what runs under them, the rest self time"))
     if json_out:
         console.print_json(document)
         return

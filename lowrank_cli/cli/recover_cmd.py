@@ -146,7 +146,7 @@ def recover(
     json_out: Json = False,
 ) -> None:
     """Recover the accuracy of a low-rank model by distillation from its dense teacher (PELA Eq. 7)."""
-    from lowrank_cli.recover import recover as run_recover
+    from lowrank_cli.recovery import recover as run_recover
     from lowrank_cli.sources import parse_model_args
 
     def go():
@@ -217,8 +217,8 @@ def eval_command(
     json_out: Json = False,
 ) -> None:
     """Top-1 / top-5 accuracy of any MODEL on DIR/val (or on DIR when it is a class tree)."""
-    from lowrank_cli.evaluate import evaluate, val_split
-    from lowrank_cli.recover import default_workers
+    from lowrank_cli.accuracy import evaluate, val_split
+    from lowrank_cli.recovery import default_workers
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.sources import load_model, parse_model_args
 

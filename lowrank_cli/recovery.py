@@ -1,6 +1,6 @@
 """Recovery: distil the low-rank student back towards its dense teacher (PELA Eq. 7).
 
-    from lowrank_cli.recover import recover
+    from lowrank_cli.recovery import recover
     result = recover("deit_lr.safetensors", "deit_base", "imagenet/", output="deit_lr_rec.safetensors", steps=2000)
     result.accuracy        # {"teacher": {...}, "before": {...}, "after": {...}} on imagenet/val
     result.summary()       # what `lrc recover --json` prints
@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lowrank_cli import distributed
 from lowrank_cli.distill_loss import BlockOutputs, LossWeights, RecoveryLoss, innermost_blocks, logits_of
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError, UsageError
-from lowrank_cli.evaluate import autocast_for, check_classes, evaluate, val_split
+from lowrank_cli.accuracy import autocast_for, check_classes, evaluate, val_split
 from lowrank_cli.image_data import Batch, EpochSampler, ImageDataset, ImageSet, collate, data_config, find_images
 from lowrank_cli.lowrank_linear import LowRankLinear
 from lowrank_cli.train_state import (
