@@ -107,7 +107,7 @@ def factorize(
     model: nn.Module,
     *,
     kappa: float = 2.0,
-    rank_multiple: int = 8,
+    rank_multiple: int | str = 8,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     rank_pattern: list[str] | None = None,
@@ -122,6 +122,8 @@ def factorize(
     calib_samples: int = 256,
     budget: float | None = None,
     target_macs: int | None = None,
+    plan_kind: str = "pela",
+    plan_batch_size: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     calib_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
@@ -133,7 +135,9 @@ def factorize(
     weight, rank)` can replace the plain SVD (data-aware truncation); it returns an object shaped like
     `svd.Factors`. `calib` (an image folder) makes the truncation data-aware: it minimises each layer's output
     error on `calib_samples` of its images. `budget` (fraction of the target layers' parameters to keep) or
-    `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
+    `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa. `rank_multiple="auto"`
+    picks the multiple the device likes; `plan_kind="speed"` times every layer shape dense vs factorized on the
+    device (batch `plan_batch_size`) and keeps dense the layers whose factorized form is not faster. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
     carries its metadata as `model.lrc_info` for `lowrank_cli.save`.
     """
     if svd not in SVD_METHODS:
@@ -142,6 +146,13 @@ def factorize(
     start = time.perf_counter()
     dev = resolve_device(device)
     out_dtype = resolve_dtype(dtype)
+    if plan_kind not in ("pela", "speed"):
+        raise UsageError(f"--plan '{plan_kind}' is not one of pela, speed")
+    asked_multiple = rank_multiple
+    if plan is None:
+        from lowrank_cli.speed_plan import parse_rank_multiple
+
+        rank_multiple = parse_rank_multiple(rank_multiple, dev, out_dtype or next(model.parameters()).dtype)
     plan = plan or make_plan(
         model, kappa=kappa, rank_multiple=rank_multiple, include=include, exclude=exclude, rank_pattern=rank_pattern
     )
@@ -172,6 +183,12 @@ def factorize(
 
         plan, extra["budget"] = budget_plan(model, plan, keep_fraction=budget, target_macs=target_macs,
                                             rank_multiple=rank_multiple, stats=stats, input_size=input_size)
+    timings = None
+    if plan_kind == "speed":
+        from lowrank_cli.speed_plan import speed_plan
+
+        batch = plan_batch_size or (256 if dev.type == "cuda" else 16)
+        plan, timings = speed_plan(model, plan, device=dev, dtype=out_dtype, batch_size=batch, input_size=input_size)
     result = FactorizeResult(model, plan, params_before=count_params(model))
     spectra: dict[str, list[float]] = {}
     for done, (name, rank) in enumerate(plan.ranks.items(), 1):
@@ -199,6 +216,8 @@ def factorize(
         model.to(out_dtype)
     result.dense = plan.dense
     result.extra = extra
+    if timings is not None:
+        result.extra["speed_plan"] = {k: v for k, v in timings.items() if k != "layers"}
     result.params_after = count_params(model)
     result.seconds = time.perf_counter() - start
     info = getattr(model, "lrc_info", None)
@@ -206,7 +225,10 @@ def factorize(
     model.lrc_info = CheckpointInfo(
         spec=spec,
         ranks={r.name: r.rank for r in result.layers},
+        plan=timings,
         provenance={"kappa": None if "budget" in extra else kappa, "rank_multiple": rank_multiple,
+                    **({"rank_multiple_asked": asked_multiple} if asked_multiple != rank_multiple else {}),
+                    "plan": plan_kind,
                     "svd": "data-aware" if stats is not None else svd,
                     "dtype": str(out_dtype or next(model.parameters()).dtype).removeprefix("torch."), **extra},
         layers={r.name: {k: v for k, v in vars(r).items() if k != "name"} for r in result.layers},

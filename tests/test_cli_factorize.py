@@ -137,3 +137,22 @@ def test_debug_shows_traceback_for_bugs(monkeypatch, capsys, tiny_vit_folder, tm
         from lowrank_cli.cli.app import main
 
         main(["factorize", str(tiny_vit_folder), "-o", str(tmp_path / "x.safetensors")])
+
+
+def test_speed_plan_and_auto_multiple_are_recorded(tiny_vit_folder, tmp_path, capsys):
+    out = tmp_path / "fast.safetensors"
+    code, stdout, err = run_cli(["factorize", tiny_vit_folder, "--plan", "speed", "--rank-multiple", "auto",
+                                 "--plan-batch-size", "2", "--device", "cpu", "-o", out, "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(stdout)
+    info = lowrank_cli.read_info(out)[0]
+    assert info.provenance["rank_multiple"] == 8 and info.provenance["rank_multiple_asked"] == "auto"
+    assert info.provenance["plan"] == "speed" and info.plan["kind"] == "speed" and info.plan["batch_size"] == 2
+    timed = info.plan["layers"]
+    assert set(timed) == set(info.ranks) | set(info.dense)
+    for name, t in timed.items():  # factorized exactly where it measured faster
+        assert t["factorized"] == (t["gain"] > 1.0) == (name in info.ranks)
+    assert doc["speed_plan"]["kind"] == "speed"
+    code, stdout, _ = run_cli(["report", out, "--per-layer", "--json"], capsys)
+    rows = {r["name"]: r for r in json.loads(stdout)["layers"]}
+    assert all(rows[n]["speedup"] == pytest.approx(timed[n]["gain"], rel=1e-6) for n in info.ranks)

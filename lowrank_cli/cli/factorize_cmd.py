@@ -21,6 +21,8 @@ Examples:
 
   lrc factorize weights.pth --arch vit_small_patch16_224 --model-arg num_classes=10 -o out.safetensors
 
+  lrc factorize deit_base --kappa 2 --plan speed --device cuda -o fast.safetensors
+
   lrc factorize deit_base --kappa 2 --calib imagenet/train --calib-samples 256 -o aware.safetensors
 
   lrc factorize deit_base --budget 0.5 --calib imagenet/train -o budget.safetensors
@@ -31,7 +33,9 @@ def factorize(
     model: Model,
     output: Output,
     kappa: Annotated[float, typer.Option("--kappa", help="Per-layer compression ratio of parameters and MACs (> 1).")] = 2.0,
-    rank_multiple: Annotated[int, typer.Option("--rank-multiple", help="Round ranks down to a multiple of this (8: tensor cores; 1: the paper's ranks).")] = 8,
+    rank_multiple: Annotated[str, typer.Option("--rank-multiple", help="Round ranks down to a multiple of this (8: tensor cores; 1: the paper's ranks; auto: what the device likes).")] = "8",
+    plan: Annotated[str, typer.Option("--plan", help="pela: the rank rule; speed: also time each layer shape on --device and keep dense what is not faster.")] = "pela",
+    plan_batch_size: Annotated[Optional[int], typer.Option("--plan-batch-size", help="Batch size the speed plan times (default 256 on CUDA, 16 on CPU).", show_default=False)] = None,
     rank_pattern: Annotated[Optional[list[str]], typer.Option("--rank-pattern", help="REGEX=RANK override for matching modules (repeatable; first match wins).", show_default=False)] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Factorize the linears whose name fully matches REGEX (repeatable) instead of the block linears.", show_default=False)] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Keep the linears whose name fully matches REGEX dense (repeatable; wins over --include).", show_default=False)] = None,
@@ -77,6 +81,7 @@ def factorize(
             log=lambda msg: console.info(f"Model: {msg}"),
             kappa=kappa, rank_multiple=rank_multiple, include=include, exclude=exclude, rank_pattern=rank_pattern,
             svd=svd, device=device, dtype=dtype, input_size=parse_input_size(input_size),
+            plan_kind=plan, plan_batch_size=plan_batch_size,
             calib=str(calib) if calib else None, calib_samples=calib_samples, budget=budget,
             target_macs=parse_size(target_macs) if target_macs else None,
             progress=advance, calib_progress=calibrated, warn=console.warn,
@@ -114,6 +119,10 @@ def print_summary(s: dict) -> None:
     if "budget" in s:
         b = s["budget"]
         table.add_row("budget", f"keep {b['keep_fraction']:g} of the parameters" if b["keep_fraction"] else f"target {b['target_macs']:,} MACs")
+    if s.get("speed_plan"):
+        p = s["speed_plan"]
+        table.add_row("speed plan", f"{p['device']} {p['dtype']}, batch {p['batch_size']}: kept dense "
+                      f"{len(p.get('kept_dense') or [])} layer(s), estimated gain {p.get('estimated_gain') or 1:.2f}x on the linears")
     table.add_row("elapsed", f"{s['seconds']:.1f} s")
     console.out.print(table)
 
