@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import time
 import warnings
 from collections.abc import Callable
@@ -77,21 +79,31 @@ def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, 
     from lowrank_cli.image_data import data_config
 
     size = tuple(input_size or data_config(model)["input_size"])
-    called: set[str] = set()
-    hooks = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: called.add(n)) for n in names
-    ]
-    param = next(model.parameters())
-    was_training = model.training
+    # A twin on the meta device runs the same modules on shapes only: no arithmetic, no memory. A model that
+    # cannot run on meta (data-dependent control flow) is checked with a real batch-1 forward instead.
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *size), dtype=param.dtype, device=param.device))
+        twin = copy.deepcopy(model, {id(t): torch.empty_like(t, device="meta")
+                                     for t in itertools.chain(model.parameters(), model.buffers())})
+        return _uncalled(twin, names, size, torch.device("meta"))
+    except Exception:
+        pass
+    try:
+        return _uncalled(model, names, size, next(model.parameters()).device)
     except Exception as e:
         raise InputError(
             f"a test forward pass at input size {size} failed ({type(e).__name__}: {str(e)[:120]}), so lrc cannot "
             "check which linears the model calls: pass the right --input-size C,H,W"
         ) from None
+
+
+def _uncalled(model: nn.Module, names: list[str], size: tuple[int, ...], device: torch.device) -> list[str]:
+    called: set[str] = set()
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: called.add(n)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *size), dtype=next(model.parameters()).dtype, device=device))
     finally:
         for h in hooks:
             h.remove()

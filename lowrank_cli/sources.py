@@ -16,6 +16,7 @@ import json
 import os
 import re
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,21 @@ PICKLE_WEIGHTS = "pytorch_model.bin"
 class LoadedModel:
     model: nn.Module
     spec: ModelSpec
-    source: dict[str, Any] = field(default_factory=dict)  # provenance: kind, id, revision / sha256
+    pending_source: dict[str, Any] = field(default_factory=dict)  # values may still be computing (Future)
     checkpoint: Any = None  # CheckpointInfo when the source is an lrc checkpoint
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """Provenance: kind, id, revision / sha256. The file hash is computed in the background while the
+        caller works (0.3 s for a ViT-B) and waited for here, on first use."""
+        for key, value in self.pending_source.items():
+            if isinstance(value, Future):
+                self.pending_source[key] = value.result()
+        return self.pending_source
+
+    @source.setter
+    def source(self, value: dict[str, Any]) -> None:
+        self.pending_source = value
 
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
@@ -52,6 +66,14 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             args[key.strip()] = value
     return args
+
+
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrc-sha256")
+
+
+def sha256_later(path: Path) -> Future:
+    """hashlib and file reads release the GIL: hashing in a thread overlaps the caller's SVDs or training."""
+    return _HASHER.submit(file_sha256, path)
 
 
 def file_sha256(path: Path) -> str:
@@ -302,7 +324,7 @@ def load_model(
 def _load_folder(folder: Path, model_args: dict) -> LoadedModel:
     loaded = _load_folder_files(folder, None, model_args, f"'{folder}'")
     weights = folder_weights(folder)
-    loaded.source = {"kind": "local-dir", "id": str(folder.resolve()), "sha256": file_sha256(weights)}
+    loaded.source = {"kind": "local-dir", "id": str(folder.resolve()), "sha256": sha256_later(weights)}
     return loaded
 
 
@@ -340,7 +362,7 @@ def _load_file(path: Path, arch: str | None, model_args: dict) -> LoadedModel:
     spec = ModelSpec(arch_name, dict(model_args), default_pretrained_cfg(arch))
     model = build(spec, read_state_dict(path), f"'{path}'")
     record_input_size(model, spec)
-    return LoadedModel(model, spec, {"kind": "file", "id": str(path.resolve()), "sha256": file_sha256(path), "arch": arch})
+    return LoadedModel(model, spec, {"kind": "file", "id": str(path.resolve()), "sha256": sha256_later(path), "arch": arch})
 
 
 def _load_timm_name(name: str, model_args: dict, log) -> LoadedModel:

@@ -64,5 +64,11 @@ def truncated_svd(
     first, second = split_balanced(u, s, vh, rank)
     total = w.square().sum()
     kept = s[:rank].square().sum() / total if total > 0 else torch.tensor(1.0)
-    err = torch.linalg.matrix_norm(w - second @ first) / total.sqrt() if total > 0 else torch.tensor(0.0)
+    if total <= 0:
+        err = torch.tensor(0.0)
+    elif method == "exact":
+        # Eckart-Young: the error of the exact truncation is the tail of the spectrum; no GEMM needed.
+        err = (s[rank:].square().sum() / s.square().sum()).sqrt()
+    else:  # randomized: the factors are approximate, so measure what they really lose
+        err = torch.linalg.matrix_norm(w - second @ first) / total.sqrt()
     return Factors(first, second, s.float().cpu(), float(kept), float(err), method)
