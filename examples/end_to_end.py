@@ -82,7 +82,7 @@ def main() -> None:
     lrc("report", work / "student.safetensors", "--compare", teacher)
     lrc("eval", work / "student.safetensors", "--data", data)
     lrc("recover", work / "student.safetensors", "--teacher", teacher, "--data", data, "--steps", args.recover_steps,
-        "--batch-size", 32, "--lr", "1e-3", "--num-workers", 0, "-o", work / "recovered.safetensors", "--force")
+        "--batch-size", 32, "--lr", "1e-3", "--workers", 0, "-o", work / "recovered.safetensors", "--force")
     lrc("eval", work / "recovered.safetensors", "--data", data)
     print(f"\nfiles in {work}")
 
