@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.checkpoint import CheckpointInfo, swap_in
+from lowrank_cli.counting import count_params
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.lowrank_linear import LowRankLinear
@@ -111,10 +112,6 @@ def _uncalled(model: nn.Module, names: list[str], size: tuple[int, ...], device:
     return [n for n in names if n not in called]
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def factorize(
     model: nn.Module,
     *,
@@ -201,7 +198,7 @@ def factorize(
 
         batch = plan_batch_size or (256 if dev.type == "cuda" else 16)
         plan, timings = speed_plan(model, plan, device=dev, dtype=out_dtype, batch_size=batch, input_size=input_size)
-    result = FactorizeResult(model, plan, params_before=count_params(model))
+    result = FactorizeResult(model, plan, params_before=count_params(model).total)
     spectra: dict[str, list[float]] = {}
     for done, (name, rank) in enumerate(plan.ranks.items(), 1):
         linear = model.get_submodule(name)
@@ -230,7 +227,7 @@ def factorize(
     result.extra = extra
     if timings is not None:
         result.extra["speed_plan"] = {k: v for k, v in timings.items() if k != "layers"}
-    result.params_after = count_params(model)
+    result.params_after = count_params(model).total
     result.seconds = time.perf_counter() - start
     info = getattr(model, "lrc_info", None)
     spec = info.spec if info is not None else _timm_spec(model)

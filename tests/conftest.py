@@ -43,6 +43,16 @@ def tiny_vit_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a shared, oversubscribed CPU, OpenMP barriers make small 2-thread
+    kernels (SVDs, float64 LAPACK) crawl 10-50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def hub_cache(monkeypatch, tmp_path):
     """An empty Hugging Face cache folder for this test, and a function that puts a repo into it exactly as

@@ -24,13 +24,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a shared, oversubscribed CPU, OpenMP barriers make 2-thread timings crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,8 @@ SINGULAR = ["dead_and_constant", "few_tokens"]
 ALL_INPUTS = [*WELL_CONDITIONED, "lowrank_noise", *SINGULAR]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These are many small float64 LAPACK calls: threads gain nothing, and on a busy 2-core machine OpenMP's
-    waiting between threads made them 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# many small float64 LAPACK calls: threads gain nothing, and on a busy machine OpenMP waits make them crawl
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(kind: str, d_in: int, seed: int = 0, tokens: int = 256) -> torch.Tensor:

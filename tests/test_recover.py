@@ -47,12 +47,7 @@ TEACHER_ARGS = dict(img_size=16, patch_size=8, embed_dim=64, depth=4, num_heads=
 FAST = dict(num_workers=0, device="cpu", log_every=1)  # tiny models: worker processes cost more than they save
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
