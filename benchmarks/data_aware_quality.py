@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -26,20 +25,6 @@ import lowrank_cli  # noqa: E402
 from lowrank_cli.counting import count_macs  # noqa: E402
 from lowrank_cli.image_data import find_images, make_loader, make_transform  # noqa: E402
 from lowrank_cli.plan import block_names  # noqa: E402
-
-
-def train(model, loader, epochs: int) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * len(loader))
-    model.train()
-    for _ in range(epochs):
-        for batch in loader:
-            loss = F.cross_entropy(model(batch.images), batch.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
 
 
 @torch.no_grad()
@@ -59,7 +44,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=256)
     args = parser.parse_args()
     torch.manual_seed(0)
-    from digits import write_digits_imagefolder
+    from digits import train_classifier, write_digits_imagefolder
     import timm
 
     data = write_digits_imagefolder(Path(tempfile.mkdtemp(prefix="lrc-digits-")), image_size=32)
@@ -68,7 +53,7 @@ def main() -> None:
     train_set, val_set = find_images(data, split="train"), find_images(data, split="val")
     train_loader, _ = make_loader(train_set, make_transform(dense, training=False), 64, shuffle=True, seed=0)
     started = time.perf_counter()
-    train(dense, train_loader, args.epochs)
+    train_classifier(dense, train_loader, args.epochs)
     val_loader, _ = make_loader(val_set, make_transform(dense, training=False), len(val_set), shuffle=False)
     val = next(iter(val_loader))
     _, dense_acc, dense_blocks = evaluate(dense, val.images, val.labels, [torch.ones(1)] * 6)

@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,10 +33,12 @@ def lrc(*args: object) -> None:
     subprocess.run(cmd, check=True)
 
 
-def write_digits(root: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from digits import write_digits_imagefolder
+sys.path.insert(0, str(ROOT / "tests"))  # tests/digits.py: the digits as an ImageFolder, a plain training loop
 
+from digits import train_classifier, write_digits_imagefolder  # noqa: E402
+
+
+def write_digits(root: Path) -> Path:
     return write_digits_imagefolder(root, image_size=32)
 
 
@@ -52,17 +53,8 @@ def train_teacher(data: Path, folder: Path, epochs: int) -> None:
                               embed_dim=128, depth=6, num_heads=4)
     loader, _ = make_loader(find_images(data, split="train"), make_transform(model, training=False), 64,
                             shuffle=True, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * len(loader))
-    model.train()
-    for epoch in range(epochs):
-        for batch in loader:
-            loss = F.cross_entropy(model(batch.images), batch.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        print(f"teacher epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}", flush=True)
+    train_classifier(model, loader, epochs, on_epoch=lambda epoch, loss: print(
+        f"teacher epoch {epoch + 1}/{epochs}: loss {loss:.3f}", flush=True))
     save_for_hf(model.eval(), str(folder), safe_serialization=True)
 
 

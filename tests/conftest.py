@@ -82,6 +82,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run `lrc ARGS` in-process through the real entry point; returns (exit code, stdout, stderr)."""
     from lowrank_cli.cli.app import main
 
+    capsys.readouterr()  # only this command's output
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in args])
     out, err = capsys.readouterr()

@@ -23,48 +23,31 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowrank_cli  # noqa: E402
+from conftest import error_lines, make_tiny_vit, run_cli  # noqa: E402
 from lowrank_cli.counting import format_size  # noqa: E402
 from lowrank_cli.errors import UsageError  # noqa: E402
 from lowrank_cli.report import apply_gates, build_report, report_model, to_markdown  # noqa: E402
 from lowrank_cli.svd import Factors  # noqa: E402
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report_schema.md"
-TINY_ARGS = dict(img_size=32, patch_size=8, depth=4, num_classes=10)
 TINY_ARCH = "vit_tiny_patch16_224"
 TINY_MODEL_ARGS = ["--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "depth=4",
                    "--model-arg", "num_classes=10"]
-
-
-def make_tiny(seed: int = 0, **overrides) -> nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(TINY_ARCH, pretrained=False, **{**TINY_ARGS, **overrides}).eval()
+make_tiny = make_tiny_vit
+errors = error_lines
 
 
 def run(args: list, capsys) -> tuple[int, str, str]:
-    """`lrc ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
-    from lowrank_cli.cli.app import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(["report", *map(str, args)])
-    out, err = capsys.readouterr()
-    return (info.value.code or 0), out, err
-
-
-def errors(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("Error:")]
+    """`lrc report ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
+    return run_cli(["report", *args], capsys)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    from timm.models import save_for_hf
-
-    folder = tmp_path_factory.mktemp("tiny_vit")
-    save_for_hf(make_tiny(), str(folder), safe_serialization=True)
-    return folder
+def tiny_folder(tiny_vit_folder) -> Path:
+    return tiny_vit_folder
 
 
 @pytest.fixture(scope="module")
