@@ -32,13 +32,19 @@ def calibrate(
     samples: int = 256,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
+    tokenizer: object = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, InputStats]:
-    """Input second moments of the named linears over `samples` images of `data` (ImageFolder or flat)."""
+    """Input second moments of the named linears over `samples` images of `data` (ImageFolder or flat), or for
+    a text model over its first `samples` texts (.txt / .jsonl, tokenised by `tokenizer`; padding left out)."""
     from lowrank_cli.image_data import find_images, image_mode, make_loader, make_transform
+    from lowrank_cli.transformers_models import is_text_model
 
     if samples < 1:
         raise UsageError(f"--calib-samples must be at least 1, got {samples}")
+    if is_text_model(model):
+        return _calibrate_text(model, names, data, samples=samples, batch_size=batch_size, device=device,
+                               tokenizer=tokenizer, progress=progress)
     try:
         images = find_images(data)
     except InputError as e:  # the data loader speaks of --data, the option here is --calib
@@ -48,6 +54,25 @@ def calibrate(
     loader, _ = make_loader(images, make_transform(model, training=False), batch_size, shuffle=True, seed=0,
                             drop_last=False, mode=image_mode(model))
     return collect_second_moments(model, names, loader, device=device, max_samples=samples, progress=progress)
+
+
+def _calibrate_text(model, names, data, *, samples, batch_size, device, tokenizer, progress):
+    from lowrank_cli.text_data import TextCollate, default_max_length, find_texts, load_tokenizer
+
+    if tokenizer is None:
+        raise UsageError("calibrating a text model needs its tokenizer: factorize from the folder or Hub repo that "
+                         "has the tokenizer files")
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)
+    try:
+        texts = find_texts(data, limit=samples)
+    except InputError as e:
+        raise InputError(str(e).replace("--data", "--calib")) from None
+    collate = TextCollate(tokenizer, default_max_length(model, tokenizer))
+    batch_size = max(1, min(batch_size, samples))
+    # The first `samples` texts in file order: a text file has no classes to balance, and the choice is repeatable.
+    batches = (collate(texts.texts[i:i + batch_size]) for i in range(0, len(texts), batch_size))
+    return collect_second_moments(model, names, batches, device=device, max_samples=samples, progress=progress)
 
 
 def data_aware_factor_fn(stats: dict[str, InputStats]) -> Callable[[str, torch.Tensor, int], Factors]:
@@ -98,9 +123,9 @@ def budget_plan(
     target_cost = None
     summary: dict = {"keep_fraction": keep_fraction, "target_macs": target_macs}
     if target_macs is not None:
-        from lowrank_cli.image_data import data_config
+        from lowrank_cli.model_inputs import default_input_size
 
-        size = tuple(input_size or data_config(model)["input_size"])
+        size = tuple(input_size or default_input_size(model))
         cost_per_param, total = tokens_per_layer(model, names, size)
         layer_macs = sum(cost_per_param[p.name] * p.dense_params for p in candidates)
         target_cost = target_macs - (total - layer_macs)  # what is left for the factorizable layers

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.model_inputs import example_input
 
 # Short and long names: what the CLI accepts for --dtype.
 DTYPE_NAMES = {
@@ -364,9 +365,9 @@ def bench(
              "little about a GPU")
 
     if input_size is None:
-        from lowrank_cli.image_data import data_config
+        from lowrank_cli.model_inputs import default_input_size
 
-        input_size = data_config(models[reference])["input_size"]
+        input_size = default_input_size(models[reference])
     input_size = tuple(int(v) for v in input_size)
 
     for name, model in models.items():
@@ -378,7 +379,8 @@ def bench(
     if count_macs:
         from lowrank_cli.counting import count_macs as _count
 
-        one = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(seed)).to(dev, dt)
+        one = example_input(models[reference], input_size, device=dev, dtype=dt,
+                            generator=torch.Generator().manual_seed(seed))
         for name, model in models.items():
             try:
                 per_image_macs[name] = _count(model, one).total
@@ -396,7 +398,7 @@ def bench(
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         for bs in sizes:
-            x = torch.randn((bs, *input_size), generator=gen).to(dev, dt)
+            x = example_input(models[reference], input_size, bs, device=dev, dtype=dt, generator=gen)
             runners: list[_Runner] = []
             for name in names:
                 fn = fns[name]
@@ -583,7 +585,7 @@ def check_input_size(model: nn.Module, input_size: Sequence[int], device: torch.
     """A batch-1 forward at `input_size`, so that a wrong --input-size fails with one clear line."""
     try:
         with torch.inference_mode():
-            model(torch.zeros((1, *input_size), device=device, dtype=dtype))
+            model(example_input(model, tuple(input_size), device=device, dtype=dtype, zeros=True))
     except Exception as e:
         raise InputError(
             f"a forward pass at input size {tuple(input_size)} failed ({type(e).__name__}: {str(e)[:120]}): "

@@ -24,7 +24,10 @@ class InputStats:
 
 
 def _images(batch: object) -> torch.Tensor:
-    """The image tensor of a batch: a tensor, an object with `.images`, or an (images, labels) pair."""
+    """The image tensor of a batch: a tensor, an object with `.images` (or `.input_ids`, text), or an
+    (images, labels) pair."""
+    if hasattr(batch, "input_ids"):
+        return batch.input_ids
     if isinstance(batch, torch.Tensor):
         return batch
     if hasattr(batch, "images"):
@@ -66,10 +69,15 @@ def collect_second_moments(
     sums = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64, device=device)
             for n in names}
     tokens = dict.fromkeys(names, 0)
+    padding: list[torch.Tensor | None] = [None]  # text: the batch's attention mask, so that padding is left out
 
     def hook_for(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, module.in_features).to(device=device, dtype=torch.float64)
+            x = args[0].detach()
+            mask = padding[0]
+            if mask is not None and x.shape[:2] == mask.shape:
+                x = x[mask]
+            x = x.reshape(-1, module.in_features).to(device=device, dtype=torch.float64)
             sums[name].addmm_(x.T, x)
             tokens[name] += x.shape[0]
         return hook
@@ -84,11 +92,17 @@ def collect_second_moments(
         with torch.no_grad():
             for batch in batches:
                 images = _images(batch)
+                mask = getattr(batch, "attention_mask", None)
                 if max_samples is not None:
                     images = images[: max_samples - done]
+                    mask = mask[: max_samples - done] if mask is not None else None
                 if len(images) == 0:
                     break
-                model(images.to(model_device))
+                if mask is not None:
+                    padding[0] = mask.to(model_device).bool()
+                    model(images.to(model_device), attention_mask=mask.to(model_device))
+                else:
+                    model(images.to(model_device))
                 done += len(images)
                 if progress is not None:
                     progress(done)

@@ -5,10 +5,11 @@
     format            "pt" (what transformers / accelerate expect)
     lrc.schema        version of this layout (SCHEMA); a newer one is refused with "upgrade lrc"
     lrc.version       the lrc version that wrote the file
-    lrc.library       "timm"
-    lrc.architecture  timm architecture name
-    lrc.model_args    JSON: constructor arguments (num_classes, img_size, ...)
-    lrc.pretrained_cfg JSON: the source's pretrained_cfg (input size, mean, std, crop, ...)
+    lrc.library       "timm" or "transformers"
+    lrc.architecture  timm architecture name, or transformers model class (BertModel, ViTForImageClassification)
+    lrc.model_args    JSON: constructor arguments (num_classes, img_size, ...); transformers: the whole config
+    lrc.pretrained_cfg JSON: the source's pretrained_cfg (input size, mean, std, crop, ...); transformers
+                      vision models: their image processor's settings in the same form
     lrc.ranks         JSON: {module name: rank} of every LowRankLinear
     lrc.provenance    JSON: source, revision / sha256, kappa, rank multiple, SVD method, dtype, time
     lrc.layers        JSON: per factorized layer: d_in, d_out, rank, kept_energy, rel_error, method
@@ -37,6 +38,7 @@ from lowrank_cli.atomic import atomic_path, check_output
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.lowrank_linear import LowRankLinear
 from lowrank_cli.model_spec import ModelSpec, build_empty, check_fits, json_safe, record_input_size
+from lowrank_cli.transformers_models import finish, is_transformers_model
 
 SCHEMA = 1
 PREFIX = "lrc."
@@ -174,6 +176,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     check_fits(model, shapes, what)
     state_dict = load_file(str(path), device=str(device))
     model.load_state_dict(state_dict, strict=True, assign=True)
+    finish(model)  # transformers: re-tie the tensors the file holds twice
     model.to(device)
     model.eval()
     model.lrc_info = info
@@ -192,6 +195,10 @@ def _spec_of(model: nn.Module) -> ModelSpec:
     info = getattr(model, "lrc_info", None)
     if info is not None:
         return info.spec
+    if is_transformers_model(model):
+        from lowrank_cli.transformers_models import spec_of
+
+        return spec_of(model)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     arch = cfg.get("architecture")
     if not arch:

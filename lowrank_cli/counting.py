@@ -135,6 +135,8 @@ _ZERO_MAC_OPS = frozenset(
         # data movement and comparisons (Swin pads to whole windows)
         "aten::pad", "aten::clone", "aten::repeat", "aten::expand_as", "aten::masked_fill_", "aten::ne",
         "aten::lt", "aten::le", "aten::where",
+        # table lookups (transformers' token, position and type embeddings)
+        "aten::embedding",
     }
 )  # fmt: skip
 
@@ -153,10 +155,11 @@ def _as_inputs(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
     if items and all(isinstance(t, torch.Tensor) for t in items):
         return items
     if items and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in items):
+        from lowrank_cli.model_inputs import example_input
+
         device, dtype = _model_device_dtype(model)
         # A private generator: values do not change the count, and the caller's RNG stream stays untouched.
-        x = torch.randn((1, *items), generator=torch.Generator().manual_seed(0))
-        return (x.to(device=device, dtype=dtype),)
+        return (example_input(model, items, device=device, dtype=dtype, generator=torch.Generator().manual_seed(0)),)
     raise UsageError(
         f"cannot count MACs for inputs {inputs!r}. Fix: pass an input tensor, a tuple of tensors, or an "
         "input size without the batch dimension such as (3, 224, 224)."
@@ -189,8 +192,8 @@ def _quiet_fvcore() -> Iterator[None]:
 def count_macs(model: nn.Module, inputs: Inputs) -> MacCount:
     """MACs of one forward pass of `model` in eval mode.
 
-    `inputs`: a tensor, a tuple of tensors, or an input size without batch such as (3, 224, 224) (then a
-    batch-1 random tensor on the model's device and dtype is used).
+    `inputs`: a tensor, a tuple of tensors, or an input size without batch such as (3, 224, 224) or, for a
+    text model, (seq_len,) (then a batch-1 random input on the model's device and dtype is used).
     """
     args = _as_inputs(model, inputs)
     analysis = (

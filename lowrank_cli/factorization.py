@@ -18,6 +18,7 @@ from lowrank_cli.counting import count_params
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.lowrank_linear import LowRankLinear
+from lowrank_cli.model_inputs import example_input
 from lowrank_cli.model_spec import ModelSpec
 from lowrank_cli.plan import Plan, make_plan
 from lowrank_cli.svd import SVD_METHODS, truncated_svd
@@ -77,9 +78,9 @@ def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, 
     """
     if not names:
         return []
-    from lowrank_cli.image_data import data_config
+    from lowrank_cli.model_inputs import default_input_size
 
-    size = tuple(input_size or data_config(model)["input_size"])
+    size = tuple(input_size or default_input_size(model))
     # A twin on the meta device runs the same modules on shapes only: no arithmetic, no memory. A model that
     # cannot run on meta (data-dependent control flow) is checked with a real batch-1 forward instead.
     try:
@@ -104,7 +105,7 @@ def _uncalled(model: nn.Module, names: list[str], size: tuple[int, ...], device:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *size), dtype=next(model.parameters()).dtype, device=device))
+            model(example_input(model, size, dtype=next(model.parameters()).dtype, device=device, zeros=True))
     finally:
         for h in hooks:
             h.remove()
@@ -129,6 +130,7 @@ def factorize(
     factor_fn: Callable[[str, torch.Tensor, int], Any] | None = None,
     calib: str | None = None,
     calib_samples: int = 256,
+    tokenizer: Any = None,
     budget: float | None = None,
     target_macs: int | None = None,
     plan_kind: str = "pela",
@@ -142,8 +144,9 @@ def factorize(
     The plan comes from `plan`, or from kappa / rank_multiple / include / exclude / rank_pattern (see
     `lowrank_cli.plan`). Linears the model never calls as modules stay dense, with a warning. `factor_fn(name,
     weight, rank)` can replace the plain SVD (data-aware truncation); it returns an object shaped like
-    `svd.Factors`. `calib` (an image folder) makes the truncation data-aware: it minimises each layer's output
-    error on `calib_samples` of its images. `budget` (fraction of the target layers' parameters to keep) or
+    `svd.Factors`. `calib` (an image folder; for a text model a .txt / .jsonl file or folder, tokenised
+    by `tokenizer`, a tokenizer or the folder / Hub repo that has one) makes the truncation data-aware: it
+    minimises each layer's output error on `calib_samples` of its images or texts. `budget` (fraction of the target layers' parameters to keep) or
     `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa. `rank_multiple="auto"`
     picks the multiple the device likes; `plan_kind="speed"` times every layer shape dense vs factorized on the
     device (batch `plan_batch_size`) and keeps dense the layers whose factorized form is not faster. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
@@ -180,7 +183,7 @@ def factorize(
 
         started = time.perf_counter()
         stats = calibrate(model, list(plan.ranks) + [n for n, why in plan.dense.items() if "would not reduce" in why],
-                          calib, samples=calib_samples, device=dev,
+                          calib, samples=calib_samples, device=dev, tokenizer=tokenizer,
                           progress=(lambda n: calib_progress(n, calib_samples)) if calib_progress else None)
         first = next(iter(stats.values()), None)
         extra["calibration"] = {"data": str(calib), "samples": first.samples if first else 0,
@@ -264,12 +267,16 @@ def factorize_file(
     model_args: dict[str, Any] | None = None,
     revision: str | None = None,
     force: bool = False,
+    library: str | None = None,
+    seq_len: int | None = None,
+    save_tokenizer: str | None = None,
     log: Callable[[str], None] | None = None,
     **options: Any,
 ) -> FactorizeResult:
     """What `lrc factorize` does: load any MODEL source, factorize it, save the lrc checkpoint atomically.
 
-    The output is checked first, so a doomed run fails before the SVDs rather than after them.
+    The output is checked first, so a doomed run fails before the SVDs rather than after them. Text models run
+    their checks at `seq_len` tokens; `save_tokenizer` copies a transformers source's tokenizer files there.
     """
     from lowrank_cli.atomic import check_output
     from lowrank_cli.checkpoint import save
@@ -280,10 +287,31 @@ def factorize_file(
         raise UsageError(f"--svd '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
     resolve_dtype(options.get("dtype"))
     resolve_device(options.get("device", "auto"))
-    loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, log=log)
+    from lowrank_cli.model_inputs import default_input_size
+    from lowrank_cli.transformers_models import is_text_model
+
+    loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
     if loaded.checkpoint is not None:
         raise UsageError(f"'{source}' is already an lrc checkpoint: factorize its dense source model instead")
+    text = is_text_model(loaded.model)
+    if seq_len is not None and not text:
+        raise UsageError("--seq-len is for text models; an image model takes --input-size C,H,W")
+    if text:
+        if options.get("input_size") is not None:
+            raise UsageError("--input-size is C,H,W for image models; a text model takes --seq-len N")
+        options["input_size"] = default_input_size(loaded.model, seq_len)
+        if options.get("calib") is not None:
+            options.setdefault("tokenizer", loaded.files)
+    tokenizer_dir = None
+    if save_tokenizer:
+        from lowrank_cli.sources import tokenizer_folder
+
+        tokenizer_dir = tokenizer_folder(loaded)  # before the SVDs: a source without a tokenizer fails at once
     result = factorize(loaded.model, **options)
     result.model.lrc_info.provenance["source"] = loaded.source
     save(result.model, output, force=force)
+    if tokenizer_dir is not None:
+        from lowrank_cli.transformers_models import copy_tokenizer
+
+        result.extra["tokenizer"] = {"folder": save_tokenizer, "files": copy_tokenizer(tokenizer_dir, save_tokenizer)}
     return result

@@ -50,10 +50,14 @@ def build_empty(spec: ModelSpec) -> nn.Module:
     anyway. Models with non-persistent buffers (computed, not stored: relative position indices...) are built
     for real, because those buffers would otherwise stay empty.
     """
-    import timm
+    if spec.library == "transformers":
+        from lowrank_cli.transformers_models import build_empty as build_transformers
 
+        return build_transformers(spec)
     if spec.library != "timm":
         raise InputError(f"library '{spec.library}' is not supported by this version of lrc: upgrade lrc")
+    import timm
+
     try:
         with torch.device("meta"):
             model = timm.create_model(
@@ -105,6 +109,9 @@ def fill(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> nn
     check_fits(model, {k: tuple(v.shape) for k, v in state_dict.items()}, what)
     # assign=True keeps the loaded tensors (and their dtype) instead of copying into meta placeholders.
     model.load_state_dict(state_dict, strict=True, assign=True)
+    from lowrank_cli.transformers_models import finish
+
+    finish(model)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
             raise InputError(f"{what}: tensor {name} was not filled by the weights: the file does not fit the model")

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowrank_cli import distributed
-from lowrank_cli.distill_loss import BlockOutputs, LossWeights, RecoveryLoss, innermost_blocks, logits_of
+from lowrank_cli.distill_loss import BlockOutputs, LossWeights, RecoveryLoss, innermost_blocks
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError, UsageError
 from lowrank_cli.accuracy import autocast_for, check_classes, evaluate, val_split
 from lowrank_cli.image_data import Batch, EpochSampler, ImageDataset, ImageSet, collate, data_config, find_images
@@ -245,7 +245,8 @@ class Distiller:
         self.ctx = ctx or distributed.DistContext(device=device)
         self.forward = forward if forward is not None else student
         self.teacher_forward = teacher_forward if teacher_forward is not None else teacher
-        self.blocks = blocks if loss.weights.alpha > 0 else []
+        # Block outputs feed L_fd, and L_pool of a model whose output has no last hidden state.
+        self.blocks = blocks if (loss.weights.alpha > 0 or loss.weights.delta > 0) else []
         self.student_blocks = BlockOutputs(student, self.blocks)
         self.teacher_blocks = BlockOutputs(teacher, self.blocks)
         self.terms = loss.active
@@ -254,18 +255,21 @@ class Distiller:
         self.student_blocks.remove()
         self.teacher_blocks.remove()
 
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
-        """Forward both models on one micro-batch, backward its loss times `scale`; return the detached terms."""
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, scale: float,
+                   mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Forward both models on one micro-batch, backward its loss times `scale`; return the detached terms.
+        `images` are token ids for a text model, with their attention `mask`."""
+        kwargs = {"attention_mask": mask} if mask is not None else {}
         with autocast_for(self.device):
             with torch.no_grad():
-                teacher_out = self.teacher_forward(images)
+                teacher_out = self.teacher_forward(images, **kwargs)
             teacher_blocks = self.teacher_blocks.take() if self.blocks else []
-            student_out = self.forward(images)
+            student_out = self.forward(images, **kwargs)
             student_blocks = self.student_blocks.take() if self.blocks else []
             terms = self.loss(
-                student_logits=logits_of(student_out), teacher_logits=logits_of(teacher_out),
+                student_out=student_out, teacher_out=teacher_out,
                 student_blocks=student_blocks, teacher_blocks=teacher_blocks,
-                labels=labels if self.loss.use_labels else None,
+                labels=labels if self.loss.use_labels else None, mask=mask,
             )
         (terms["loss"] * scale).backward()
         return {k: v.detach() for k, v in terms.items()}
@@ -276,20 +280,26 @@ class Distiller:
         sums = torch.zeros(len(self.terms), device=self.device)
         weight = images_seen = skipped = 0
         for i, batch in enumerate(batches):
-            images, labels, w = batch.images, batch.labels, 1.0
+            mask = None
+            if hasattr(batch, "input_ids"):  # text: token ids and their attention mask, no labels
+                images, mask, w = batch.input_ids, batch.attention_mask.to(self.device, non_blocking=True), 1.0
+                labels = torch.zeros(len(images), dtype=torch.long)
+            else:
+                images, labels, w = batch.images, batch.labels, 1.0
             if len(images) == 0:  # every image of the batch was unreadable: a zero-weight pass keeps ranks in step
                 images = torch.zeros((1, *self.input_size))
                 labels, w = torch.zeros(1, dtype=torch.long), 0.0
+            count = len(images) if w else 0
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             no_sync = getattr(self.forward, "no_sync", None)
             sync = no_sync() if (no_sync is not None and i < n - 1) else contextlib.nullcontext()
             with sync:
-                terms = self.micro_step(images, labels, w / n)
+                terms = self.micro_step(images, labels, w / n, mask)
             if w:
                 sums += torch.stack([terms[t].float() for t in self.terms])
             weight += w
-            images_seen += len(batch.images)
+            images_seen += count
             skipped += batch.skipped
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad if self.clip_grad > 0 else float("inf"))
         counts = torch.tensor([weight, images_seen, skipped], dtype=torch.float32)
@@ -369,7 +379,9 @@ def _params_reached(student: nn.Module, teacher: nn.Module, loss: RecoveryLoss, 
     was_training = student.training
     student.eval()
     try:
-        distiller.micro_step(torch.zeros((2, *input_size), device=device),
+        from lowrank_cli.model_inputs import example_input
+
+        distiller.micro_step(example_input(student, input_size, 2, device=device, zeros=True),
                              torch.zeros(2, dtype=torch.long, device=device), 1.0)
         return {n for n, p in student.named_parameters() if p.grad is not None}
     finally:
@@ -436,7 +448,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------------------- the API
 
 
-def _load(source, what: str, arch, model_args, log):
+def _load(source, what: str, arch, model_args, log, library=None):
     from lowrank_cli.sources import LoadedModel, load_model
 
     if isinstance(source, LoadedModel):
@@ -444,7 +456,8 @@ def _load(source, what: str, arch, model_args, log):
     if isinstance(source, nn.Module):
         raise UsageError(f"pass the {what} as a MODEL source string or a LoadedModel (lowrank_cli.load_model), "
                          "not a bare nn.Module: recovery needs its architecture to check and save it")
-    return load_model(str(source), arch=arch, model_args=model_args, log=lambda m: log(f"{what.capitalize()}: {m}"))
+    return load_model(str(source), arch=arch, model_args=model_args, library=library,
+                      log=lambda m: log(f"{what.capitalize()}: {m}"))
 
 
 def _name(loaded) -> str:
@@ -469,6 +482,10 @@ def recover(
     eps: float = 1e-3,
     temperature: float = 1.0,
     label_smoothing: float = 0.0,
+    delta: float = 0.0,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    library: str | None = None,
     warmup_steps: int | None = None,
     warmup_fraction: float = 0.05,
     weight_decay: float = 0.05,
@@ -514,7 +531,7 @@ def recover(
     """
     log = log or (lambda msg: None)
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
-    weights = LossWeights(alpha, beta, gamma, eps, temperature, label_smoothing)
+    weights = LossWeights(alpha, beta, gamma, eps, temperature, label_smoothing, delta)
     weights.check()
     _check_options(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                    warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, weight_decay=weight_decay,
@@ -542,7 +559,8 @@ def recover(
             steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
             warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, weight_decay=weight_decay,
             clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa,
-            rank_multiple=rank_multiple, arch=arch, model_args=model_args, save_every=save_every,
+            rank_multiple=rank_multiple, arch=arch, model_args=model_args, library=library, tokenizer=tokenizer,
+            max_length=max_length, save_every=save_every,
             log_every=log_every, resume=resume, compile=compile, evaluate_accuracy=evaluate_accuracy,
             eval_batch_size=eval_batch_size or batch_size, num_workers=num_workers, seed=seed,
             resume_command=resume_command, on_step=on_step,
@@ -594,11 +612,11 @@ class _Run:
 
     # -- set-up ------------------------------------------------------------------------------------------
 
-    def _models(self, student, teacher, *, kappa, rank_multiple, arch, model_args):
+    def _models(self, student, teacher, *, kappa, rank_multiple, arch, model_args, library):
         from lowrank_cli.factorization import factorize
 
-        s = _load(student, "student", arch, model_args, self.log)
-        t = _load(teacher, "teacher", arch, model_args, self.log)
+        s = _load(student, "student", arch, model_args, self.log, library)
+        t = _load(teacher, "teacher", arch, model_args, self.log, library)
         if kappa is not None:
             if s.checkpoint is not None or _is_lowrank(s.model):
                 raise UsageError(f"--kappa factorizes a dense student, but {_name(s)} is already low-rank: leave out "
@@ -620,12 +638,19 @@ class _Run:
 
     def run(self, student, teacher, data: Path, *, output: Path, state_path: Path, weights: LossWeights, steps,
             epochs, lr, batch_size, grad_accum, warmup_steps, warmup_fraction, weight_decay, clip_grad,
-            freeze_dense, augment, kappa, rank_multiple, arch, model_args, save_every, log_every, resume, compile,
-            evaluate_accuracy, eval_batch_size, num_workers, seed, resume_command, on_step) -> RecoverResult:
+            freeze_dense, augment, kappa, rank_multiple, arch, model_args, library, tokenizer, max_length,
+            save_every, log_every, resume, compile, evaluate_accuracy, eval_batch_size, num_workers, seed,
+            resume_command, on_step) -> RecoverResult:
         ctx, dev = self.ctx, self.ctx.device
         # Data first: a wrong folder fails before any model is loaded.
-        train_set = find_images(data, "train")
-        val_set = val_split(data, required=False, class_tree=False) if evaluate_accuracy else None
+        from lowrank_cli.text_data import find_texts, looks_like_text_data
+
+        text = looks_like_text_data(data)
+        if text:
+            train_set, val_set = find_texts(data), None
+        else:
+            train_set = find_images(data, "train")
+            val_set = val_split(data, required=False, class_tree=False) if evaluate_accuracy else None
         hard = {
             "--batch-size": batch_size, "--grad-accum": grad_accum, "--seed": seed, "--freeze-dense": freeze_dense,
             "number of processes": ctx.world_size, "number of training images": len(train_set),
@@ -639,35 +664,61 @@ class _Run:
             check_fingerprint(saved_state.fingerprint, hard, state_path)
 
         s, t, pairs = self._models(student, teacher, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
-                                   model_args=model_args)
+                                   model_args=model_args, library=library)
         raw, tea = s.model, t.model
+        from lowrank_cli.transformers_models import is_text_model
+
+        if text != is_text_model(tea):
+            raise UsageError(f"--data '{data}' holds {'texts' if text else 'images'} but the teacher {_name(t)} is "
+                             f"{'a text' if is_text_model(tea) else 'an image'} model: give it "
+                             f"{'a .txt / .jsonl file or folder' if is_text_model(tea) else 'an image folder'}")
         save_dtype = next(raw.parameters()).dtype
         raw.to(device=dev, dtype=torch.float32).train()
         tea.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
-        cfg = data_config(tea)
-        input_size = tuple(cfg["input_size"])
+        if text:
+            from lowrank_cli.text_data import default_max_length, load_tokenizer
+
+            source = tokenizer or t.files or s.files
+            if source is None:
+                raise UsageError(f"no tokenizer for the text data: the teacher {_name(t)} has no tokenizer files; "
+                                 "pass --tokenizer DIR_OR_REPO")
+            tok = load_tokenizer(source) if isinstance(source, (str, os.PathLike)) else source
+            max_length = max_length or default_max_length(tea, tok)
+            input_size: tuple[int, ...] = (max_length,)
+        else:
+            if tokenizer is not None or max_length is not None:
+                raise UsageError("--tokenizer and --max-length are for text data; the data here is images")
+            input_size = tuple(data_config(tea)["input_size"])
         blocks = innermost_blocks(raw)
         if weights.alpha > 0 and not blocks:
             raise UsageError(f"{_name(s)} has no repeated transformer blocks to distil features from: use --alpha 0 "
                              "with labels or --gamma > 0")
 
-        use_labels = train_set.labelled
+        use_labels = not text and train_set.labelled
         if use_labels and (problem := check_classes(raw, train_set, "the student")):
             self.warn(f"labels not used ({problem}): distillation only")
             use_labels = False
         if val_set is not None and (problem := check_classes(tea, val_set, "the teacher")):
             self.warn(f"accuracy not measured: {problem}")
             val_set = None
-        if not use_labels and weights.alpha == 0 and weights.gamma == 0 and weights.beta == 0:
-            raise UsageError("the data has no labels (or none that fit the model) and alpha, beta and gamma are 0: "
-                             "nothing to learn from; keep --alpha 1")
+        if not use_labels and weights.alpha == 0 and weights.gamma == 0 and weights.beta == 0 and weights.delta == 0:
+            raise UsageError("the data has no labels (or none that fit the model) and alpha, beta, gamma and delta "
+                             "are 0: nothing to learn from; keep --alpha 1")
         loss = RecoveryLoss(weights, use_labels=use_labels, pairs=[(layer, w) for _, layer, w in pairs])
 
         from lowrank_cli.image_data import image_mode, make_transform
 
-        loader, sampler = train_loader(train_set, make_transform(tea, training=augment), image_mode(tea), batch_size,
-                                       seed=seed, rank=ctx.rank, world_size=ctx.world_size, num_workers=num_workers,
-                                       pin_memory=dev.type == "cuda")
+        if text:
+            from lowrank_cli.text_data import text_loader
+
+            # Tokenising in the training process: fast tokenizers are Rust and the texts are in memory, and a
+            # worker would need its own Ctrl-C handling.
+            loader, sampler = text_loader(train_set, tok, batch_size=batch_size, max_length=max_length, shuffle=True,
+                                          seed=seed, rank=ctx.rank, world_size=ctx.world_size, drop_last=True)
+        else:
+            loader, sampler = train_loader(train_set, make_transform(tea, training=augment), image_mode(tea),
+                                           batch_size, seed=seed, rank=ctx.rank, world_size=ctx.world_size,
+                                           num_workers=num_workers, pin_memory=dev.type == "cuda")
         per_epoch = sampler.batches_per_epoch
         total = steps if steps is not None else max(1, math.ceil(epochs * per_epoch / grad_accum))
         warmup = warmup_steps if warmup_steps is not None else int(round(warmup_fraction * total))
@@ -712,6 +763,10 @@ class _Run:
             accuracy["before"] = state.extra.get("before") or self._evaluate(raw, val_set, "eval before",
                                                                            eval_batch_size, num_workers, tea)
             state.extra.update(teacher=accuracy["teacher"], before=accuracy["before"])
+        elif text:
+            skipped = f", {train_set.skipped} unusable record(s) skipped" if train_set.skipped else ""
+            self.log(f"Data: {len(train_set)} training texts from {len(train_set.files)} file(s){skipped}, at most "
+                     f"{max_length} tokens each; distillation only (no accuracy on text)")
         else:
             why = "--no-eval" if not evaluate_accuracy else "no labelled val/ split that fits the model"
             self.log(f"Data: {len(train_set)} training images"
@@ -748,6 +803,10 @@ class _Run:
             "freeze_dense": freeze_dense, "augment": augment, "trained_parameters": sum(p.numel() for p in params),
             "seed": seed, "precision": "bf16" if dev.type == "cuda" else "fp32", "compile": compile,
         }
+        if text:
+            settings.update(data_kind="text", max_length=max_length, delta=weights.delta,
+                            tokenizer=str(tokenizer or t.files or s.files))
+            settings["augment"] = False
         history: list[dict[str, Any]] = []
         try:
             self._train(distiller, loader, sampler, state, state_path=state_path, raw=raw, optimizer=optimizer,

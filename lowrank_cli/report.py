@@ -64,7 +64,9 @@ def build_report(
     model_args: dict[str, Any] | None = None,
     revision: str | None = None,
     input_size: tuple[int, ...] | None = None,
+    seq_len: int | None = None,
     compare: str | None = None,
+    library: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Report:
     """The report of any MODEL source (timm name, hf-hub:, local-dir:, folder, weights file + arch, lrc
@@ -79,18 +81,22 @@ def build_report(
             reference = measure_reference(compare, input_size=input_size, log=log, count_macs_too=False)
             _set_reference(report.document, reference)
         return report
-    loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, log=log)
+    loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
     source_doc = _source_doc(source, loaded.source)
     reference = None
-    size = input_size or default_input_size(loaded.model)
+    from lowrank_cli.model_inputs import check_input_size
+
+    check_input_size(loaded.model, input_size)
+    size = input_size or default_input_size(loaded.model, seq_len)
     if compare:
         reference = measure_reference(
-            compare, input_size=size, log=log,
+            compare, input_size=size, log=log, library=library,
             arch=arch if _is_bare_file(compare) else None,
             model_args=model_args if _is_bare_file(compare) else None,
             expect_arch=loaded.spec.architecture,
         )
-    log(f"Counting MACs at input size {'x'.join(map(str, size))} (fvcore, batch 1)")
+    what = f"{size[0]} tokens" if len(size) == 1 else f"input size {'x'.join(map(str, size))}"
+    log(f"Counting MACs at {what} (fvcore, batch 1)")
     return report_model(
         loaded.model, input_size=size, source=source_doc, spec=loaded.spec, checkpoint=loaded.checkpoint,
         reference=reference,
@@ -164,6 +170,7 @@ def measure_reference(
     revision: str | None = None,
     expect_arch: str | None = None,
     count_macs_too: bool = True,
+    library: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The `--compare` model, measured for real: {"kind": "compare", "source", "params", "macs"}."""
@@ -172,7 +179,7 @@ def measure_reference(
 
     log = log or (lambda msg: None)
     log(f"Loading the --compare model {source}")
-    loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, log=log)
+    loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
     if expect_arch and loaded.spec.architecture != expect_arch:
         log(f"Note: --compare {source} is {loaded.spec.architecture}, the reported model is {expect_arch}")
     macs = None
@@ -185,12 +192,13 @@ def measure_reference(
     return {"kind": "compare", "source": source, "params": count_params(loaded.model).total, "macs": macs}
 
 
-def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """(C, H, W) the model is built for: its pretrained_cfg, corrected for img_size / in_chans overrides."""
-    from lowrank_cli.image_data import data_config
+def default_input_size(model: nn.Module, seq_len: int | None = None) -> tuple[int, ...]:
+    """(C, H, W) the model is built for (its pretrained_cfg, corrected for img_size / in_chans overrides), or
+    (seq_len,) for a text model."""
+    from lowrank_cli import model_inputs
 
     try:
-        return tuple(data_config(model)["input_size"])
+        return model_inputs.default_input_size(model, seq_len)
     except InputError:  # e.g. 4 input channels: no image mode, but the size is still known
         import timm.data
 
@@ -465,6 +473,8 @@ def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
     model = doc["model"]
     if model["architecture"]:
         size = "x".join(map(str, model["input_size"])) if model["input_size"] else "?"
+        if model["input_size"] and len(model["input_size"]) == 1:
+            size = f"{model['input_size'][0]} tokens"
         rows.append(("model", f"{model['architecture']} ({model['library'] or '?'}), input {size}, {model['dtype']}"))
     p = doc["params"]
     rows.append(("parameters", _fmt_params(p["total"])))

@@ -6,6 +6,10 @@ Accepted sources (one string):
     local-dir:PATH, or an existing folder      the same layout on disk (timm's save_for_hf)
     file.safetensors|.pth|.pt|.bin + --arch    bare weights; pickles are never unpickled (weights_only=True)
     an lrc checkpoint (.safetensors with lrc metadata)
+    bert-base-uncased, org/repo                a Hub repo (a name that is not a timm model, or has a slash)
+
+A folder or Hub repo whose config.json is a transformers config (model_type) is a Hugging Face transformers
+model (transformers_models.py); `library=` forces the reading.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class LoadedModel:
     spec: ModelSpec
     pending_source: dict[str, Any] = field(default_factory=dict)  # values may still be computing (Future)
     checkpoint: Any = None  # CheckpointInfo when the source is an lrc checkpoint
+    files: str | None = None  # transformers: the folder or Hub repo with the tokenizer (`--save-tokenizer`, text data)
+    revision: str | None = None
 
     @property
     def source(self) -> dict[str, Any]:
@@ -229,18 +235,54 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_folder_config(folder: Path) -> tuple[str, dict, dict]:
-    """(architecture, model_args, pretrained_cfg) of a folder in timm's Hub layout."""
+LIBRARIES = ("auto", "timm", "transformers")
+
+
+def check_library(library: str | None) -> str | None:
+    if library in (None, "auto"):
+        return None
+    if library not in LIBRARIES:
+        raise UsageError(f"--library '{library}' is not one of {', '.join(LIBRARIES)}")
+    return library
+
+
+def read_config_json(folder: Path) -> dict:
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
         raise InputError(
             f"folder '{folder}' has no {CONFIG_NAME}: expected timm's Hub layout (config.json + model.safetensors, "
-            "as written by timm.models.save_for_hf), or pass a weights file with --arch"
+            "as written by timm.models.save_for_hf) or a transformers model folder (save_pretrained), or pass a "
+            "weights file with --arch"
         )
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"'{cfg_path}' is not valid JSON ({e}): fix or re-export the folder") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"'{cfg_path}' is not a JSON object: not a model config")
+    return cfg
+
+
+def folder_library(folder: Path, library: str | None) -> str:
+    """timm or transformers: what wrote the folder's config.json, unless `library` says."""
+    from lowrank_cli.transformers_models import config_library
+
+    found = config_library(read_config_json(folder))
+    if library is not None:
+        if found is not None and found != library:
+            raise UsageError(f"--library {library}, but '{folder / CONFIG_NAME}' is a {found} config: leave out "
+                             "--library or fix it")
+        return library
+    if found is None:
+        raise InputError(f"'{folder / CONFIG_NAME}' is neither a timm config (architecture) nor a transformers "
+                         "config (model_type): pass --library timm or --library transformers")
+    return found
+
+
+def read_folder_config(folder: Path) -> tuple[str, dict, dict]:
+    """(architecture, model_args, pretrained_cfg) of a folder in timm's Hub layout."""
+    cfg_path = folder / CONFIG_NAME
+    cfg = read_config_json(folder)
     if "pretrained_cfg" in cfg:
         pretrained_cfg = dict(cfg["pretrained_cfg"])
         arch = cfg.get("architecture")
@@ -249,9 +291,8 @@ def read_folder_config(folder: Path) -> tuple[str, dict, dict]:
         arch = pretrained_cfg.pop("architecture", None)
     if not arch:
         if "model_type" in cfg or "architectures" in cfg:
-            raise InputError(
-                f"'{cfg_path}' is a Hugging Face transformers config; this version of lrc handles timm models only"
-            )
+            raise InputError(f"'{cfg_path}' is a Hugging Face transformers config, not a timm one: leave out "
+                             "--library timm")
         raise InputError(f"'{cfg_path}' names no 'architecture': not a timm model config")
     model_args = dict(cfg.get("model_args") or {})
     if "num_classes" in cfg:
@@ -290,42 +331,120 @@ def load_model(
     arch: str | None = None,
     model_args: dict[str, Any] | None = None,
     revision: str | None = None,
+    library: str | None = None,
     log=None,
 ) -> LoadedModel:
-    """Load any MODEL source (see the module docstring). `log(msg)` receives what was chosen."""
+    """Load any MODEL source (see the module docstring). `log(msg)` receives what was chosen. `library`
+    ("timm" / "transformers" / None for auto) forces how a folder or Hub repo is read."""
     model_args = dict(model_args or {})
     log = log or (lambda msg: None)
+    library = check_library(library)
     if source.startswith("hf-hub:"):
         repo = source[len("hf-hub:"):]
         repo, _, at = repo.partition("@")
-        rev = revision or at or None
-        config = hub_download(repo, CONFIG_NAME, rev)
-        weights = hub_weights(repo, rev)
-        loaded = _load_folder_files(config.parent, weights, model_args, f"hf-hub:{repo}")
-        loaded.source = {"kind": "hf-hub", "id": repo, "revision": snapshot_revision(weights) or rev}
-        return loaded
+        return _load_hub(repo, revision or at or None, arch, model_args, library)
     if source.startswith("local-dir:"):
         folder = Path(source[len("local-dir:"):]).expanduser()
         if not folder.is_dir():
             raise InputError(f"local-dir:{folder} is not a folder: check the path")
-        return _load_folder(folder, model_args)
+        return _load_folder(folder, model_args, library, arch)
     path = Path(source).expanduser()
     if path.is_dir():
-        return _load_folder(path, model_args)
+        return _load_folder(path, model_args, library, arch)
     if path.is_file():
+        if library == "transformers" and not source.endswith(".safetensors"):
+            raise UsageError(f"'{path}' is a bare weights file: a transformers model is read from its folder "
+                             "(config.json + model.safetensors, as save_pretrained writes it)")
         return _load_file(path, arch, model_args)
     if looks_like_path(source):
         raise InputError(f"'{source}' does not exist: check the path (a Hub repo is written hf-hub:ORG/REPO)")
-    if "/" in source:
-        raise InputError(f"'{source}' is not a file or folder here (check the path); for a Hub repo write hf-hub:{source}")
-    return _load_timm_name(source, model_args, log)
+    if "/" in source:  # org/repo: the Hub (a folder would have been found above)
+        try:
+            return _load_hub(source, revision, arch, model_args, library)
+        except InputError as e:
+            raise InputError(f"'{source}' is not a file or folder here (check the path), and as a Hub repo: {e}") from None
+    if library == "transformers":
+        return _load_hub(source, revision, arch, model_args, library)
+    try:
+        return _load_timm_name(source, model_args, log)
+    except InputError as timm_error:
+        if library == "timm" or "is not a file, a folder or a timm model name" not in str(timm_error):
+            raise
+        # Not a timm name: perhaps a Hub repo with a legacy short name (bert-base-uncased).
+        try:
+            return _load_hub(source, revision, arch, model_args, library)
+        except InputError as hub_error:
+            if "does not exist" in str(hub_error) or "not in the Hugging Face cache" in str(hub_error):
+                raise timm_error from None
+            raise
 
 
-def _load_folder(folder: Path, model_args: dict) -> LoadedModel:
+def _load_hub(repo: str, revision: str | None, arch: str | None, model_args: dict, library: str | None) -> LoadedModel:
+    config = hub_download(repo, CONFIG_NAME, revision)
+    if folder_library(config.parent, library) == "transformers":
+        return _load_transformers(repo, config.parent, revision, arch, model_args, f"hf-hub:{repo}",
+                                  {"kind": "hf-hub", "id": repo, "revision": snapshot_revision(config) or revision})
+    weights = hub_weights(repo, revision)
+    loaded = _load_folder_files(config.parent, weights, model_args, f"hf-hub:{repo}")
+    loaded.source = {"kind": "hf-hub", "id": repo, "revision": snapshot_revision(weights) or revision}
+    return loaded
+
+
+def _load_folder(folder: Path, model_args: dict, library: str | None = None, arch: str | None = None) -> LoadedModel:
+    if folder_library(folder, library) == "transformers":
+        weights = next((folder / n for n in (SAFE_WEIGHTS, PICKLE_WEIGHTS) if (folder / n).is_file()), None)
+        source = {"kind": "local-dir", "id": str(folder.resolve()), "library": "transformers",
+                  **({"sha256": sha256_later(weights)} if weights else {})}
+        return _load_transformers(str(folder), folder, None, arch, model_args, f"'{folder}'", source)
     loaded = _load_folder_files(folder, None, model_args, f"'{folder}'")
     weights = folder_weights(folder)
     loaded.source = {"kind": "local-dir", "id": str(folder.resolve()), "sha256": sha256_later(weights)}
     return loaded
+
+
+def _load_transformers(where: str, folder: Path, revision: str | None, arch: str | None, model_args: dict,
+                       what: str, source: dict) -> LoadedModel:
+    from lowrank_cli import transformers_models as tm
+
+    if model_args:
+        raise UsageError(f"--model-arg is for timm models; {what} is a transformers model, built from its "
+                         "config.json: edit the config instead")
+    preprocessor = tm.read_json(folder / tm.PREPROCESSOR)
+    if preprocessor is None and source["kind"] == "hf-hub":
+        from huggingface_hub import errors as hf_errors
+
+        try:  # vision models keep their mean / std / size there; text models have none
+            preprocessor = tm.read_json(hub_download(where, tm.PREPROCESSOR, revision))
+        except (hf_errors.EntryNotFoundError, InputError):
+            preprocessor = None
+    model, spec = tm.load_pretrained(where, what=what, arch=arch, revision=revision, preprocessor=preprocessor)
+    return LoadedModel(model, spec, source, files=where, revision=revision)
+
+
+def tokenizer_folder(loaded: LoadedModel) -> Path:
+    """The local folder with the tokenizer files of a transformers source (Hub files are fetched to the cache)."""
+    from lowrank_cli.transformers_models import TOKENIZER_FILES
+
+    if loaded.files is None:
+        raise InputError("the source has no tokenizer files (only transformers folders and Hub repos have them): "
+                         "leave out --save-tokenizer")
+    folder = Path(loaded.files)
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise InputError(f"'{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...): leave out "
+                             "--save-tokenizer")
+        return folder
+    from huggingface_hub import errors as hf_errors
+
+    found = None
+    for name in TOKENIZER_FILES:
+        try:
+            found = hub_download(loaded.files, name, loaded.revision).parent
+        except (hf_errors.EntryNotFoundError, InputError):  # absent, or not cached while offline
+            continue
+    if found is None:
+        raise InputError(f"hf-hub:{loaded.files} has no tokenizer files: leave out --save-tokenizer")
+    return found
 
 
 def _load_folder_files(folder: Path, weights: Path | None, model_args: dict, what: str) -> LoadedModel:

@@ -99,9 +99,9 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Se
                        batch_size: int = 1) -> dict[str, tuple[int, ...]]:
     """The input shape each named linear sees at `batch_size`: one batch-1 forward with hooks, batch scaled.
     A linear the forward never calls as a module is left out."""
-    from lowrank_cli.image_data import data_config
+    from lowrank_cli.model_inputs import default_input_size, example_input
 
-    size = tuple(input_size or data_config(model)["input_size"])
+    size = tuple(input_size or default_input_size(model))
     seen: dict[str, tuple[int, ...]] = {}
 
     def hook(name: str):
@@ -115,7 +115,7 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Se
     try:
         model.eval()
         with torch.inference_mode():
-            model(torch.zeros((1, *size), dtype=param.dtype, device=param.device))
+            model(example_input(model, size, dtype=param.dtype, device=param.device, zeros=True))
     except Exception as e:
         raise InputError(
             f"a test forward pass at input size {size} failed ({type(e).__name__}: {str(e)[:120]}), so the layer "

@@ -407,7 +407,7 @@ def test_loss_terms_by_hand() -> None:
     assert logit_distillation(logits, logits, 2.0).item() == pytest.approx(0, abs=1e-6)
     assert logit_distillation(logits, torch.randn(5, 10), 2.0).item() > 0
     loss = RecoveryLoss(LossWeights(alpha=2.0, beta=0.0, gamma=0.0), use_labels=False)
-    terms = loss(student_logits=None, teacher_logits=None, student_blocks=shifted, teacher_blocks=feats, labels=None)
+    terms = loss(student_out=None, teacher_out=None, student_blocks=shifted, teacher_blocks=feats, labels=None)
     assert set(terms) == {"loss", "fd"} and terms["loss"].item() == pytest.approx(2.0)
     with pytest.raises(UsageError, match="--temperature"):
         LossWeights(temperature=0).check()

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lowrank_cli.cli import console
-from lowrank_cli.cli.options import Arch, Device, InputSize, Json, Model, ModelArg, Revision, parse_input_size
+from lowrank_cli.cli.options import Arch, Device, InputSize, Json, Library, Model, ModelArg, Revision, SeqLen, parse_input_size
 
 EPILOG = """\
 Examples:
@@ -39,6 +39,8 @@ def bench(
     min_time: Annotated[Optional[float], typer.Option("--min-time", help="Seconds of timed repeats per model and batch size (default: 2 on cuda, 1 on cpu).", show_default=False)] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Also split one forward pass at the largest batch into GEMMs, attention and the rest (torch.profiler).")] = False,
     input_size: InputSize = None,
+    seq_len: SeqLen = None,
+    library: Library = "auto",
     arch: Arch = None,
     model_arg: ModelArg = None,
     revision: Revision = None,
@@ -72,18 +74,26 @@ def bench(
     resolve_compile_mode(compile_arg, cuda_graphs)  # an unknown mode fails here, before the models are loaded
 
     loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg), revision=revision,
-                        log=lambda msg: console.info(f"Model: {msg}"))
+                        library=library, log=lambda msg: console.info(f"Model: {msg}"))
     models: dict[str, Any] = {}
     label = _label(model)
     models[label] = loaded.model
     reference = None
     if against is not None:
-        ref = load_model(against, log=lambda msg: console.info(f"Against: {msg}"))
+        ref = load_model(against, library=library, log=lambda msg: console.info(f"Against: {msg}"))
         ref_label = _label(against)
         if ref_label == label:
             ref_label += " (against)"
         models[ref_label] = ref.model
         reference = ref_label
+    from lowrank_cli.model_inputs import default_input_size
+    from lowrank_cli.transformers_models import is_text_model
+
+    from lowrank_cli.model_inputs import check_input_size
+
+    check_input_size(loaded.model, size)
+    if seq_len is not None or is_text_model(loaded.model):
+        size = default_input_size(loaded.model, seq_len)
     status = console.err.status("benchmarking", spinner="dots") if console.is_main_process() else None
     if status:
         status.start()
@@ -96,9 +106,11 @@ def bench(
         profiles = []
         if profile:
             from lowrank_cli.bench import profile as run_profile
+            from lowrank_cli.model_inputs import example_input
 
             largest = max(sizes)
-            x = torch.randn((largest, *(size or _input_size(models, reference))), generator=torch.Generator().manual_seed(0)).to(dev, dt)
+            x = example_input(loaded.model, size or _input_size(models, reference), largest, device=dev, dtype=dt,
+                              generator=torch.Generator().manual_seed(0))
             for name, m in models.items():
                 if status:
                     status.update(f"profiling {name} at batch {largest}")
@@ -144,9 +156,9 @@ def _label(source: str) -> str:
 
 
 def _input_size(models: dict, reference: str | None) -> tuple[int, ...]:
-    from lowrank_cli.image_data import data_config
+    from lowrank_cli.model_inputs import default_input_size
 
-    return tuple(data_config(models[reference or next(iter(models))])["input_size"])
+    return default_input_size(models[reference or next(iter(models))])
 
 
 def _memory_note(device_type: str) -> str:

@@ -1,4 +1,4 @@
-"""`lrc factorize`: any timm model -> low-rank model -> self-describing safetensors."""
+"""`lrc factorize`: any timm or transformers model -> low-rank model -> self-describing safetensors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from lowrank_cli.cli import console
-from lowrank_cli.cli.options import Arch, Device, Force, InputSize, Json, Model, ModelArg, Output, Revision, parse_input_size
+from lowrank_cli.cli.options import (
+    Arch, Device, Force, InputSize, Json, Library, Model, ModelArg, Output, Revision, SeqLen, parse_input_size,
+)
 
 EPILOG = """\
 Examples:
@@ -26,6 +28,10 @@ Examples:
   lrc factorize deit_base --kappa 2 --calib imagenet/train --calib-samples 256 -o aware.safetensors
 
   lrc factorize deit_base --budget 0.5 --calib imagenet/train -o budget.safetensors
+
+  lrc factorize bert-base-uncased --kappa 2 --save-tokenizer bert_lr_tok/ -o bert_lr.safetensors
+
+  lrc factorize ./my-bert-folder --kappa 2 --calib corpus.txt -o bert_aware.safetensors
 """
 
 
@@ -46,14 +52,18 @@ def factorize(
     model_arg: ModelArg = None,
     revision: Revision = None,
     input_size: InputSize = None,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Image folder for data-aware truncation (ImageFolder or flat): minimise each layer's output error on it.", show_default=False)] = None,
-    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Images of --calib to use.")] = 256,
+    seq_len: SeqLen = None,
+    library: Library = "auto",
+    save_tokenizer: Annotated[Optional[Path], typer.Option("--save-tokenizer", help="transformers sources: copy the tokenizer files into this folder.", show_default=False)] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Data for data-aware truncation: an image folder (ImageFolder or flat), or for text models a .txt / .jsonl file or folder of them.", show_default=False)] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Images (or texts) of --calib to use.")] = 256,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Fraction of the target layers' parameters to keep, ranks allocated per layer (replaces --kappa).", show_default=False)] = None,
     target_macs: Annotated[Optional[str], typer.Option("--target-macs", help="MACs of the whole model to aim for (e.g. 9G), ranks allocated per layer.", show_default=False)] = None,
     force: Force = False,
     json_out: Json = False,
 ) -> None:
-    """Replace every linear of the transformer blocks by its truncated SVD and write an lrc checkpoint."""
+    """Replace every linear of the transformer blocks (timm blocks, transformers encoder layers) by its truncated
+    SVD and write an lrc checkpoint."""
     from lowrank_cli.counting import parse_size
     from lowrank_cli.factorization import factorize_file
     from lowrank_cli.sources import parse_model_args
@@ -72,12 +82,13 @@ def factorize(
         def calibrated(done: int, total: int) -> None:
             nonlocal calib_task
             if calib_task is None:
-                calib_task = bar.add_task("calibration", total=total, status="images")
+                calib_task = bar.add_task("calibration", total=total, status="samples")
             bar.update(calib_task, completed=min(done, total))
 
         result = factorize_file(
             model, str(output),
-            arch=arch, model_args=parse_model_args(model_arg), revision=revision, force=force,
+            arch=arch, model_args=parse_model_args(model_arg), revision=revision, force=force, library=library,
+            seq_len=seq_len, save_tokenizer=str(save_tokenizer) if save_tokenizer else None,
             log=lambda msg: console.info(f"Model: {msg}"),
             kappa=kappa, rank_multiple=rank_multiple, include=include, exclude=exclude, rank_pattern=rank_pattern,
             svd=svd, device=device, dtype=dtype, input_size=parse_input_size(input_size),
@@ -109,13 +120,13 @@ def print_summary(s: dict) -> None:
     table.add_row("factorized linears", str(s["factorized"]))
     for group, ranks in s["ranks_by_group"].items():
         table.add_row(f"  rank of {group}", ", ".join(map(str, ranks)))
-    what = "output error on the calibration images" if "calibration" in s else "||W - W_r||_F / ||W||_F"
+    what = "output error on the calibration data" if "calibration" in s else "||W - W_r||_F / ||W||_F"
     table.add_row("largest relative error", f"{s['max_rel_error']:.4f}  ({what})")
     if s["left_dense"]:
         table.add_row("left dense", "\n".join(f"{k}: {v}" for k, v in s["left_dense"].items()))
     if "calibration" in s:
         c = s["calibration"]
-        table.add_row("calibration", f"{c['samples']} images of {c['data']} ({c['seconds']:.1f} s); data-aware truncation")
+        table.add_row("calibration", f"{c['samples']} samples of {c['data']} ({c['seconds']:.1f} s); data-aware truncation")
     if "budget" in s:
         b = s["budget"]
         table.add_row("budget", f"keep {b['keep_fraction']:g} of the parameters" if b["keep_fraction"] else f"target {b['target_macs']:,} MACs")
@@ -123,6 +134,8 @@ def print_summary(s: dict) -> None:
         p = s["speed_plan"]
         table.add_row("speed plan", f"{p['device']} {p['dtype']}, batch {p['batch_size']}: kept dense "
                       f"{len(p.get('kept_dense') or [])} layer(s), estimated gain {p.get('estimated_gain') or 1:.2f}x on the linears")
+    if s.get("tokenizer"):
+        table.add_row("tokenizer", f"{', '.join(s['tokenizer']['files'])} -> {s['tokenizer']['folder']}")
     table.add_row("elapsed", f"{s['seconds']:.1f} s")
     console.out.print(table)
 

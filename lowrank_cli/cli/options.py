@@ -10,15 +10,17 @@ import typer
 Model = Annotated[
     str,
     typer.Argument(
-        help="timm name (deit_base), hf-hub:ORG/REPO, local-dir:PATH or a folder, a weights file with --arch, "
-        "or an lrc checkpoint.",
+        help="timm name (deit_base), hf-hub:ORG/REPO or a Hub id (bert-base-uncased), local-dir:PATH or a folder "
+        "(timm or transformers layout), a weights file with --arch, or an lrc checkpoint.",
         show_default=False,
     ),
 ]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file (written atomically).", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
-Arch = Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file.", show_default=False)]
+Arch = Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file, or the transformers class to build (BertModel).", show_default=False)]
+Library = Annotated[str, typer.Option("--library", help="How to read a folder or Hub repo: auto (from its config.json), timm or transformers.")]
+SeqLen = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence for text models (default 128, at most the model's positions).", show_default=False)]
 ModelArg = Annotated[
     Optional[list[str]],
     typer.Option("--model-arg", help="KEY=VALUE constructor argument for --arch (repeatable), e.g. num_classes=10.", show_default=False),

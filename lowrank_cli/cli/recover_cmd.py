@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from lowrank_cli.cli import console
-from lowrank_cli.cli.options import Arch, Device, Force, Json, Model, ModelArg, Output
+from lowrank_cli.cli.options import Arch, Device, Force, Json, Library, Model, ModelArg, Output
 
 RECOVER_EPILOG = """\
 Examples:
@@ -26,10 +26,14 @@ Examples:
   torchrun --standalone --nproc_per_node 8 -m lowrank_cli recover deit_lr.safetensors --teacher deit_base \\
       --data imagenet/ --steps 2000 -o deit_lr_rec.safetensors
 
+  lrc recover bert_lr.safetensors --teacher ./my-bert-folder --data corpus.txt --steps 500 -o rec.safetensors
+
   lrc recover ... --resume        (after a crash, a kill or Ctrl-C: continues where it stopped)
 
 Data: DIR/train/<class>/... (labels: cross-entropy + distillation), optional DIR/val/<class>/... (accuracy
-before and after), or a folder of images without classes (distillation only). --batch-size is per process.
+before and after), or a folder of images without classes (distillation only). For text models: a .txt file
+(one text per line), a .jsonl file ({"text": ...} per line) or a folder of them, tokenised with the teacher's
+tokenizer; distillation of every layer's hidden states on the real tokens. --batch-size is per process.
 Every --save-every steps the training state is written to <output stem>.train.safetensors; metrics go to
 <output stem>.metrics.jsonl.
 """
@@ -44,8 +48,9 @@ Examples:
 
 Data = Annotated[
     Path,
-    typer.Option("--data", help="ImageFolder root (train/<class>/..., optional val/<class>/...), a class tree, or a "
-                 "folder of unlabelled images.", show_default=False),
+    typer.Option("--data", help="ImageFolder root (train/<class>/..., optional val/<class>/...), a class tree, a "
+                 "folder of unlabelled images, or for text models a .txt / .jsonl file or folder of them.",
+                 show_default=False),
 ]
 Workers = Annotated[
     Optional[int],
@@ -127,6 +132,10 @@ def recover(
     eps: Annotated[float, typer.Option("--eps", help="The weight perturbation the regulariser aims at.")] = 1e-3,
     temperature: Annotated[float, typer.Option("--temperature", help="Temperature of the logit distillation.")] = 1.0,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the cross-entropy (labelled data).")] = 0.0,
+    delta: Annotated[float, typer.Option("--delta", help="Text models: weight of the MSE on the final pooled output.")] = 0.0,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Text data: folder or Hub repo of the tokenizer (default: the teacher's).", show_default=False)] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Text data: tokens per text at most (default: the model's positions, at most 512).", show_default=False)] = None,
+    library: Library = "auto",
     freeze_dense: Annotated[bool, typer.Option("--freeze-dense", help="Train only the factorized layers (norms, embeddings, head stay).")] = False,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crops and flips (timm's training transform); --no-augment trains on the evaluation preprocessing (for digits, text, centred objects).")] = True,
     kappa: Annotated[Optional[float], typer.Option("--kappa", help="Factorize a dense STUDENT on the fly at this ratio.", show_default=False)] = None,
@@ -155,7 +164,8 @@ def recover(
             return run_recover(
                 student, teacher, data, output=output, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                 grad_accum=grad_accum, alpha=alpha, beta=beta, gamma=gamma, eps=eps, temperature=temperature,
-                label_smoothing=label_smoothing, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                label_smoothing=label_smoothing, delta=delta, tokenizer=tokenizer, max_length=max_length,
+                library=library, warmup_steps=warmup_steps, weight_decay=weight_decay,
                 clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
                 model_args=parse_model_args(model_arg), save_every=save_every, log_every=log_every, resume=resume,
                 force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size,
@@ -187,8 +197,9 @@ def print_summary(s: dict) -> None:
     table.add_column()
     settings = s["settings"]
     resumed = f" (resumed at step {s['resumed_from']})" if s["resumed_from"] else ""
-    table.add_row("steps", f"{s['steps']} x {settings['images_per_step']} images{resumed}")
-    table.add_row("images seen", f"{s['images_seen']:,} ({s['images_per_second']:.0f} images/s, {s['seconds']:.1f} s)")
+    unit = "texts" if settings.get("data_kind") == "text" else "images"
+    table.add_row("steps", f"{s['steps']} x {settings['images_per_step']} {unit}{resumed}")
+    table.add_row(f"{unit} seen", f"{s['images_seen']:,} ({s['images_per_second']:.0f} {unit}/s, {s['seconds']:.1f} s)")
     if s["skipped_images"]:
         table.add_row("unreadable images", f"{s['skipped_images']} skipped")
     for term, values in s["losses"].items():
@@ -201,7 +212,8 @@ def print_summary(s: dict) -> None:
             if a:
                 table.add_row(f"  {name}", f"{_percent(a, 'top1')} / {_percent(a, 'top5')}  ({a['images']} images)")
     else:
-        table.add_row("accuracy", "not measured (no labelled val/ split)")
+        why = "text data: distillation only" if unit == "texts" else "no labelled val/ split"
+        table.add_row("accuracy", f"not measured ({why})")
     table.add_row("metrics", str(s["metrics"]))
     console.out.print(table)
 

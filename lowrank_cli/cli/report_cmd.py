@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lowrank_cli.cli import console
-from lowrank_cli.cli.options import Arch, InputSize, Json, Model, ModelArg, Revision, parse_input_size
+from lowrank_cli.cli.options import Arch, InputSize, Json, Library, Model, ModelArg, Revision, SeqLen, parse_input_size
 
 EPILOG = """\
 Examples:
@@ -48,6 +48,8 @@ def report(
     min_compression: Annotated[Optional[str], typer.Option("--min-compression", help="Gate: fail (exit 1) below this parameter compression vs the dense reference, e.g. 1.8.", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw spectra with the kept ranks and the kept energy per layer to this image (needs matplotlib: the plot extra).", show_default=False)] = None,
     input_size: InputSize = None,
+    seq_len: SeqLen = None,
+    library: Library = "auto",
     arch: Arch = None,
     model_arg: ModelArg = None,
     revision: Revision = None,
@@ -80,7 +82,7 @@ def report(
 
     result = build_report(
         model, arch=arch, model_args=parse_model_args(model_arg), revision=revision, input_size=size,
-        compare=compare, log=lambda msg: console.info(msg),
+        compare=compare, seq_len=seq_len, library=library, log=lambda msg: console.info(msg),
     )
     failed = apply_gates(result, **limits)
 

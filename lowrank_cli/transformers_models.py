@@ -1,0 +1,235 @@
+"""Hugging Face transformers models (BERT-style text encoders, ViT-style image encoders) as lrc sources.
+
+transformers is an optional extra: nothing here imports it before a transformers model is asked for, and its
+absence is one clear error. Models are built by transformers' own classes (the architecture the config names,
+or AutoModel), never with trust_remote_code, and loaded by `from_pretrained` (safetensors first), which knows
+each architecture's renamed and tied weights. A model is described for an lrc checkpoint by a ModelSpec with
+library "transformers": the class name, the whole config as model_args, and for vision models the image
+preprocessing as a timm-style pretrained_cfg, so that timm.data's transforms and every image code path of lrc
+serve them unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
+from lowrank_cli.model_spec import ModelSpec, json_safe
+
+LIBRARY = "transformers"
+PREPROCESSOR = "preprocessor_config.json"
+# What `--save-tokenizer` copies: every tokenizer format transformers reads (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+)  # fmt: skip
+# Text models count MACs at this many tokens by default (`lrc report --seq-len`).
+DEFAULT_SEQ_LEN = 128
+
+
+def require() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise EnvironmentProblem(
+            "this is a Hugging Face transformers model and transformers is not installed: "
+            "pip install 'lowrank-cli[transformers]'"
+        ) from None
+    transformers.logging.set_verbosity_error()  # load reports and progress bars would drown lrc's one-line output
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def config_library(cfg: dict[str, Any]) -> str | None:
+    """Which library wrote a config.json: timm (architecture / pretrained_cfg) or transformers (model_type)."""
+    if "architecture" in cfg or "pretrained_cfg" in cfg:
+        return "timm"
+    if "model_type" in cfg or "architectures" in cfg:
+        return LIBRARY
+    return None
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    # By module name, so that a timm-only run never imports transformers (a 2 s import).
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def is_text_model(model: nn.Module) -> bool:
+    return is_transformers_model(model) and getattr(model, "main_input_name", None) == "input_ids"
+
+
+# ---------------------------------------------------------------------------------------------- classes
+
+
+def model_class(config: Any, arch: str | None = None) -> type:
+    """The class to build: `arch` (--arch BertModel), else the first architecture the config names that this
+    transformers has, else the AutoModel class of the config's model type (a bare encoder)."""
+    transformers = require()
+    names = [arch] if arch else list(getattr(config, "architectures", None) or [])
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+        if arch:
+            raise InputError(f"--arch '{arch}' is not a transformers model class (e.g. BertModel, "
+                             "BertForSequenceClassification): fix the name or upgrade transformers")
+    try:
+        return transformers.AutoModel._model_mapping[type(config)]
+    except KeyError:
+        raise InputError(
+            f"transformers {transformers.__version__} has no model class for model_type '{config.model_type}'"
+            f"{' (config names ' + ', '.join(names) + ')' if names else ''}: upgrade transformers; lrc never runs "
+            "remote code (trust_remote_code)"
+        ) from None
+
+
+def config_from_dict(args: dict[str, Any]) -> Any:
+    transformers = require()
+    args = dict(args)
+    model_type = args.pop("model_type", None)
+    if not model_type:
+        raise InputError("the transformers config has no model_type: the file is corrupt; write it again")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **args)
+    except ValueError as e:
+        raise InputError(f"transformers {transformers.__version__} does not know model_type '{model_type}' ({e}): "
+                         "upgrade transformers") from None
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip random initialisation: every weight is loaded right after (2.3 s -> 0.03 s for BERT-base)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield
+
+
+def build_empty(spec: ModelSpec) -> nn.Module:
+    """The architecture of `spec`, uninitialised (non-persistent buffers such as position ids are real)."""
+    config = config_from_dict(spec.model_args)
+    cls = model_class(config, spec.architecture)
+    with _no_init():
+        model = cls._from_config(config)
+    attach_pretrained_cfg(model, spec.pretrained_cfg)
+    return model.eval()
+
+
+def finish(model: nn.Module) -> nn.Module:
+    """After the weights are assigned: tie the weights the config ties (a masked-LM decoder and the word
+    embeddings are one tensor, written twice in the file)."""
+    if is_transformers_model(model):
+        model.tie_weights()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- specs
+
+
+def vision_pretrained_cfg(config: Any, preprocessor: dict[str, Any] | None) -> dict[str, Any]:
+    """timm-style pretrained_cfg (input_size, mean, std, crop) of a transformers vision model, from its
+    image processor's settings when the source has them (ViT's defaults otherwise)."""
+    pre = preprocessor or {}
+    size = pre.get("size") or {}
+    image_size = getattr(config, "image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        height, width = image_size
+    else:
+        height = width = image_size
+    if isinstance(size, dict):
+        height, width = size.get("height", size.get("shortest_edge", height)), size.get("width", size.get("shortest_edge", width))
+    elif isinstance(size, int):
+        height = width = size
+    return {
+        "input_size": [int(getattr(config, "num_channels", 3)), int(height), int(width)],
+        "mean": list(pre.get("image_mean") or (0.5, 0.5, 0.5)),
+        "std": list(pre.get("image_std") or (0.5, 0.5, 0.5)),
+        "interpolation": "bilinear" if pre.get("resample", 2) == 2 else "bicubic",
+        "crop_pct": 1.0,  # ViTImageProcessor resizes to the input size, no centre crop
+        "crop_mode": "center",
+        "num_classes": int(getattr(config, "num_labels", 0) or 0),
+    }
+
+
+def attach_pretrained_cfg(model: nn.Module, pretrained_cfg: dict[str, Any]) -> None:
+    """timm.data reads `model.pretrained_cfg`: giving a vision model one makes lrc's image paths serve it."""
+    if pretrained_cfg and not is_text_model(model):
+        model.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items()}
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """How to rebuild `model`: its class, its whole config and (vision) its preprocessing."""
+    config = model.config.to_dict()
+    config.pop("transformers_version", None)
+    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}) if not is_text_model(model) else {}
+    return ModelSpec(type(model).__name__, json_safe(config), json_safe(pretrained_cfg), library=LIBRARY)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"'{path}' is not valid JSON ({e}): fix or re-export the folder") from None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_pretrained(source: str, *, what: str, arch: str | None = None, revision: str | None = None,
+                    preprocessor: dict[str, Any] | None = None) -> tuple[nn.Module, ModelSpec]:
+    """A folder or Hub repo in transformers' layout, through `from_pretrained` (safetensors first, no remote
+    code). Weights that do not fit the architecture are an error, not a silently re-initialised layer."""
+    transformers = require()
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"transformers cannot read the config of {what} ({str(e).splitlines()[0][:200]}): "
+                         "upgrade transformers, or check the folder") from None
+    cls = model_class(config, arch)
+    try:
+        model, info = cls.from_pretrained(source, config=config, revision=revision, trust_remote_code=False,
+                                          output_loading_info=True)
+    except OSError as e:
+        raise InputError(f"transformers cannot load the weights of {what} ({str(e).splitlines()[0][:200]}): "
+                         "check that the folder has model.safetensors (or pytorch_model.bin)") from None
+    bad = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    if bad:
+        raise InputError(
+            f"the weights of {what} do not fit {cls.__name__}: {len(bad)} missing or mismatched tensor(s) "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); pick the class that matches with --arch "
+            "(e.g. --arch BertModel for an encoder without a head)"
+        )
+    model.eval()
+    if getattr(model, "main_input_name", None) == "pixel_values":
+        attach_pretrained_cfg(model, vision_pretrained_cfg(config, preprocessor))
+    return model, spec_of(model)
+
+
+def copy_tokenizer(folder: Path, destination: str | Path) -> list[str]:
+    """Copy the tokenizer files of a source folder (or Hub snapshot) into `destination`; returns their names."""
+    names = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if not names:
+        raise InputError(f"'{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...): leave out "
+                         "--save-tokenizer, or factorize from the folder or repo that has them")
+    destination = Path(destination).expanduser()
+    if destination.exists() and not destination.is_dir():
+        raise UsageError(f"--save-tokenizer '{destination}' is a file: give a folder")
+    destination.mkdir(parents=True, exist_ok=True)
+    from lowrank_cli.atomic import atomic_path
+
+    for name in names:
+        with atomic_path(destination / name) as tmp:
+            shutil.copyfile(folder / name, tmp)
+    return names
