@@ -19,6 +19,7 @@ from torch import nn
 
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.image_data import ImageDataset, ImageSet, collate, find_images, image_mode, make_transform
+from lowrank_cli.model_inputs import output_tensor
 
 TOP_K = (1, 5)
 
@@ -55,7 +56,13 @@ def val_split(data: str | os.PathLike, *, required: bool = True, class_tree: boo
 
 
 def num_classes(model: nn.Module) -> int | None:
-    """The number of outputs of a timm classifier (None when the model says nothing or has no head)."""
+    """The number of outputs of a timm classifier, or of a transformers image classifier (None when the model
+    says nothing or has no head)."""
+    from lowrank_cli.transformers_models import is_transformers_model
+
+    if is_transformers_model(model):
+        labels = getattr(model.config, "num_labels", 0)
+        return int(labels) if type(model).__name__.endswith("ForImageClassification") and labels else None
     n = getattr(model, "num_classes", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
@@ -109,6 +116,11 @@ def evaluate(
     """
     from lowrank_cli import distributed
 
+    from lowrank_cli.transformers_models import is_text_model
+
+    if is_text_model(unwrap(model)):
+        raise UsageError("lrc eval measures top-1 / top-5 on labelled images; this is a text model: compare its "
+                         "outputs with the teacher's through lrc recover's distillation losses instead")
     image_set = data if isinstance(data, ImageSet) else val_split(data)
     if not image_set.labelled:
         raise InputError(f"'{image_set.root}' has no labels: accuracy needs an ImageFolder (<class>/image.jpg)")
@@ -139,7 +151,7 @@ def evaluate(
             if len(batch.images):
                 with autocast_for(dev):
                     logits = plain(batch.images.to(dev, non_blocking=True))
-                logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+                logits = output_tensor(logits)  # timm: a tensor (or a tuple of heads); transformers: .logits
                 top = logits.float().topk(max(ks), dim=-1).indices.cpu()
                 hits = top == batch.labels[:, None]
                 for i, k in enumerate(ks):

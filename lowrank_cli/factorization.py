@@ -300,8 +300,10 @@ def factorize_file(
         if options.get("input_size") is not None:
             raise UsageError("--input-size is C,H,W for image models; a text model takes --seq-len N")
         options["input_size"] = default_input_size(loaded.model, seq_len)
-        if options.get("calib") is not None:
-            options.setdefault("tokenizer", loaded.files)
+        if options.get("calib") is not None and options.get("tokenizer") is None:
+            from lowrank_cli.sources import tokenizer_folder
+
+            options["tokenizer"] = tokenizer_folder(loaded)
     tokenizer_dir = None
     if save_tokenizer:
         from lowrank_cli.sources import tokenizer_folder

@@ -678,11 +678,14 @@ class _Run:
         if text:
             from lowrank_cli.text_data import default_max_length, load_tokenizer
 
-            source = tokenizer or t.files or s.files
-            if source is None:
-                raise UsageError(f"no tokenizer for the text data: the teacher {_name(t)} has no tokenizer files; "
-                                 "pass --tokenizer DIR_OR_REPO")
-            tok = load_tokenizer(source) if isinstance(source, (str, os.PathLike)) else source
+            if tokenizer is None:
+                from lowrank_cli.sources import tokenizer_folder
+
+                if t.files is None:
+                    raise UsageError(f"no tokenizer for the text data: the teacher {_name(t)} is not a transformers "
+                                     "folder or Hub repo; pass --tokenizer DIR_OR_REPO")
+                tokenizer = tokenizer_folder(t)
+            tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
             max_length = max_length or default_max_length(tea, tok)
             input_size: tuple[int, ...] = (max_length,)
         else:
@@ -805,7 +808,8 @@ class _Run:
         }
         if text:
             settings.update(data_kind="text", max_length=max_length, delta=weights.delta,
-                            tokenizer=str(tokenizer or t.files or s.files))
+                            tokenizer=str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else
+                            type(tokenizer).__name__)
             settings["augment"] = False
         history: list[dict[str, Any]] = []
         try:

@@ -374,8 +374,12 @@ def load_model(
         try:
             return _load_hub(source, revision, arch, model_args, library)
         except InputError as hub_error:
-            if "does not exist" in str(hub_error) or "not in the Hugging Face cache" in str(hub_error):
-                raise timm_error from None
+            if "does not exist" in str(hub_error):
+                raise InputError(f"{timm_error}; nor is it a Hub repo") from None
+            if "not in the Hugging Face cache" in str(hub_error):
+                offline = "HF_HUB_OFFLINE is set" in str(hub_error)
+                raise InputError(f"{timm_error}; as a Hub repo it is not in the Hugging Face cache"
+                                 f"{' (HF_HUB_OFFLINE is set)' if offline else ' and the Hub cannot be reached'}") from None
             raise
 
 
@@ -409,16 +413,48 @@ def _load_transformers(where: str, folder: Path, revision: str | None, arch: str
     if model_args:
         raise UsageError(f"--model-arg is for timm models; {what} is a transformers model, built from its "
                          "config.json: edit the config instead")
-    preprocessor = tm.read_json(folder / tm.PREPROCESSOR)
-    if preprocessor is None and source["kind"] == "hf-hub":
-        from huggingface_hub import errors as hf_errors
-
-        try:  # vision models keep their mean / std / size there; text models have none
-            preprocessor = tm.read_json(hub_download(where, tm.PREPROCESSOR, revision))
-        except (hf_errors.EntryNotFoundError, InputError):
-            preprocessor = None
-    model, spec = tm.load_pretrained(where, what=what, arch=arch, revision=revision, preprocessor=preprocessor)
+    if source["kind"] == "hf-hub":
+        folder = hub_transformers_files(where, revision)
+    model, spec = tm.load_pretrained(str(folder), what=what, arch=arch,
+                                     preprocessor=tm.read_json(folder / tm.PREPROCESSOR))
     return LoadedModel(model, spec, source, files=where, revision=revision)
+
+
+def hub_transformers_files(repo: str, revision: str | None) -> Path:
+    """Fetch what transformers needs of a Hub repo (weights, shards, image preprocessing) through hub_download,
+    so that the cache, HF_TOKEN, HF_HUB_OFFLINE and the error messages are lrc's everywhere; returns the local
+    snapshot folder that `from_pretrained` then reads."""
+    from huggingface_hub import errors as hf_errors
+
+    from lowrank_cli.transformers_models import PREPROCESSOR
+
+    def optional(name: str) -> Path | None:
+        try:
+            return hub_download(repo, name, revision)
+        except hf_errors.EntryNotFoundError:
+            return None
+
+    folder = None
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          (PICKLE_WEIGHTS, "pytorch_model.bin.index.json")):
+        path = optional(single)
+        if path is None and (index_path := optional(index)) is not None:
+            try:
+                shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                raise InputError(f"{index} of hf-hub:{repo} is unreadable ({e}): the repo is broken") from None
+            path = [hub_download(repo, shard, revision) for shard in shards][0]
+        if path is not None:
+            folder = path.parent
+            break
+    if folder is None:
+        raise InputError(f"hf-hub:{repo} has no model.safetensors or {PICKLE_WEIGHTS} (nor sharded ones): it is "
+                         "not a transformers model repo")
+    try:  # vision models keep their mean / std / size there; text models have none
+        optional(PREPROCESSOR)
+    except InputError:  # offline, and never downloaded
+        pass
+    return folder
 
 
 def tokenizer_folder(loaded: LoadedModel) -> Path:
@@ -427,12 +463,12 @@ def tokenizer_folder(loaded: LoadedModel) -> Path:
 
     if loaded.files is None:
         raise InputError("the source has no tokenizer files (only transformers folders and Hub repos have them): "
-                         "leave out --save-tokenizer")
+                         "leave out --save-tokenizer, or pass --tokenizer DIR_OR_REPO")
     folder = Path(loaded.files)
     if folder.is_dir():
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise InputError(f"'{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...): leave out "
-                             "--save-tokenizer")
+                             "--save-tokenizer, or pass --tokenizer DIR_OR_REPO")
         return folder
     from huggingface_hub import errors as hf_errors
 
@@ -443,7 +479,8 @@ def tokenizer_folder(loaded: LoadedModel) -> Path:
         except (hf_errors.EntryNotFoundError, InputError):  # absent, or not cached while offline
             continue
     if found is None:
-        raise InputError(f"hf-hub:{loaded.files} has no tokenizer files: leave out --save-tokenizer")
+        raise InputError(f"hf-hub:{loaded.files} has no tokenizer files (or, offline, none in the cache): leave out "
+                         "--save-tokenizer, or pass --tokenizer DIR_OR_REPO")
     return found
 
 

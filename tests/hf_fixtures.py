@@ -67,11 +67,12 @@ def _quiet(transformers) -> None:
 
 def write_tiny_bert(folder: str | Path, *, head: str | None = "sequence-classification", num_labels: int = 3,
                     tokenizer: bool = True, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4,
-                    intermediate: int = 64) -> Path:
+                    intermediate: int = 64, dropout: float = 0.1, initializer_range: float = 0.02) -> Path:
     """A random BERT saved with save_pretrained into `folder` (and its tokenizer unless tokenizer=False).
 
     head: None (BertModel), "sequence-classification" (BertForSequenceClassification, num_labels) or
-    "masked-lm" (BertForMaskedLM). max_position_embeddings is 64.
+    "masked-lm" (BertForMaskedLM). max_position_embeddings is 64. A larger `initializer_range` makes the layers
+    matter next to the embeddings (random BERT weights at 0.02 barely change the hidden states).
     """
     import transformers
 
@@ -87,7 +88,8 @@ def write_tiny_bert(folder: str | Path, *, head: str | None = "sequence-classifi
         raise ValueError(f"head must be one of {list(classes)}, got {head!r}")
     config = transformers.BertConfig(
         vocab_size=vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, max_position_embeddings=64,
+        intermediate_size=intermediate, max_position_embeddings=64, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout, initializer_range=initializer_range,
         **({"num_labels": num_labels} if head == "sequence-classification" else {}),
     )
     torch.manual_seed(seed)

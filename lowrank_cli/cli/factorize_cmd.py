@@ -57,6 +57,7 @@ def factorize(
     save_tokenizer: Annotated[Optional[Path], typer.Option("--save-tokenizer", help="transformers sources: copy the tokenizer files into this folder.", show_default=False)] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Data for data-aware truncation: an image folder (ImageFolder or flat), or for text models a .txt / .jsonl file or folder of them.", show_default=False)] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Images (or texts) of --calib to use.")] = 256,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Text --calib: folder or Hub repo of the tokenizer (default: the source's).", show_default=False)] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Fraction of the target layers' parameters to keep, ranks allocated per layer (replaces --kappa).", show_default=False)] = None,
     target_macs: Annotated[Optional[str], typer.Option("--target-macs", help="MACs of the whole model to aim for (e.g. 9G), ranks allocated per layer.", show_default=False)] = None,
     force: Force = False,
@@ -93,7 +94,7 @@ def factorize(
             kappa=kappa, rank_multiple=rank_multiple, include=include, exclude=exclude, rank_pattern=rank_pattern,
             svd=svd, device=device, dtype=dtype, input_size=parse_input_size(input_size),
             plan_kind=plan, plan_batch_size=plan_batch_size,
-            calib=str(calib) if calib else None, calib_samples=calib_samples, budget=budget,
+            calib=str(calib) if calib else None, calib_samples=calib_samples, tokenizer=tokenizer, budget=budget,
             target_macs=parse_size(target_macs) if target_macs else None,
             progress=advance, calib_progress=calibrated, warn=console.warn,
         )
