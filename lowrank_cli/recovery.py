@@ -609,6 +609,7 @@ class _Run:
         self.log = log if self.main else (lambda msg: None)
         self.warn = warn if self.main else (lambda msg: None)
         self.progress = progress if (progress is not None and self.main) else (lambda *a: None)
+        self.unit = "img"  # what the progress bar counts per second: images, or texts
 
     # -- set-up ------------------------------------------------------------------------------------------
 
@@ -646,6 +647,7 @@ class _Run:
         from lowrank_cli.text_data import find_texts, looks_like_text_data
 
         text = looks_like_text_data(data)
+        self.unit = "texts" if text else "img"
         if text:
             train_set, val_set = find_texts(data), None
         else:
@@ -949,7 +951,7 @@ class _Run:
                         with open(metrics, "a") as f:
                             f.write(json.dumps(line) + "\n")
                     status = " ".join(f"{k} {line[k]:.3g}" for k in distiller.terms) + (
-                        f" | {line['images_per_s']:.0f} img/s" if line["images_per_s"] else "")
+                        f" | {line['images_per_s']:.0f} {self.unit}/s" if line["images_per_s"] else "")
                     self.progress("recover", state.step, total, status)
                     interval, interval_steps, interval_images = {}, 0, 0
                     interval_start = time.perf_counter()
