@@ -43,9 +43,24 @@ def require() -> Any:
             "this is a Hugging Face transformers model and transformers is not installed: "
             "pip install 'lowrank-cli[transformers]'"
         ) from None
-    transformers.logging.set_verbosity_error()  # load reports and progress bars would drown lrc's one-line output
-    transformers.utils.logging.disable_progress_bar()
     return transformers
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """transformers' load reports and progress bars would drown lrc's one-line output; the caller's settings
+    come back afterwards (a notebook keeps its own)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def config_library(cfg: dict[str, Any]) -> str | None:
@@ -119,7 +134,7 @@ def build_empty(spec: ModelSpec) -> nn.Module:
     """The architecture of `spec`, uninitialised (non-persistent buffers such as position ids are real)."""
     config = config_from_dict(spec.model_args)
     cls = model_class(config, spec.architecture)
-    with _no_init():
+    with _no_init(), quiet():
         model = cls._from_config(config)
     attach_pretrained_cfg(model, spec.pretrained_cfg)
     return model.eval()
@@ -167,8 +182,16 @@ def attach_pretrained_cfg(model: nn.Module, pretrained_cfg: dict[str, Any]) -> N
         model.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items()}
 
 
+def ensure_pretrained_cfg(model: nn.Module) -> None:
+    """A transformers vision model built outside lrc (from_pretrained in a notebook) has no pretrained_cfg: give
+    it one from its config, so that its input size is its own and not timm's default 224."""
+    if is_transformers_model(model) and not is_text_model(model) and not getattr(model, "pretrained_cfg", None):
+        attach_pretrained_cfg(model, vision_pretrained_cfg(model.config, None))
+
+
 def spec_of(model: nn.Module) -> ModelSpec:
     """How to rebuild `model`: its class, its whole config and (vision) its preprocessing."""
+    ensure_pretrained_cfg(model)
     config = model.config.to_dict()
     config.pop("transformers_version", None)
     pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}) if not is_text_model(model) else {}
@@ -193,14 +216,16 @@ def load_pretrained(source: str, *, what: str, arch: str | None = None, revision
     code). Weights that do not fit the architecture are an error, not a silently re-initialised layer."""
     transformers = require()
     try:
-        config = transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
+        with quiet():
+            config = transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"transformers cannot read the config of {what} ({str(e).splitlines()[0][:200]}): "
                          "upgrade transformers, or check the folder") from None
     cls = model_class(config, arch)
     try:
-        model, info = cls.from_pretrained(source, config=config, revision=revision, trust_remote_code=False,
-                                          output_loading_info=True)
+        with quiet():
+            model, info = cls.from_pretrained(source, config=config, revision=revision, trust_remote_code=False,
+                                              output_loading_info=True)
     except OSError as e:
         raise InputError(f"transformers cannot load the weights of {what} ({str(e).splitlines()[0][:200]}): "
                          "check that the folder has model.safetensors (or pytorch_model.bin)") from None

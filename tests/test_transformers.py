@@ -246,6 +246,11 @@ def test_transformers_vit_folder_through_factorize_report_and_eval(vit_folder, t
     linears = sum(patches * m.in_features * m.out_features for n, m in model.named_modules()
                   if isinstance(m, nn.Linear) and ".layers." in n)
     assert doc["macs"]["by_operator"]["linear"] == linears + 32 * 10  # the head sees the [CLS] token
+    # a model built outside lrc (from_pretrained in a notebook) is described from its own config: 32 px, not 224
+    direct = transformers.ViTForImageClassification.from_pretrained(str(vit_folder)).eval()
+    lowrank_cli.factorize(direct, kappa=2, rank_multiple=1)
+    info, _ = lowrank_cli.read_info(lowrank_cli.save(direct, tmp_path / "direct.safetensors"))
+    assert info.spec.library == "transformers" and info.spec.pretrained_cfg["input_size"] == [3, 32, 32]
     # lrc eval uses the processor's normalisation through timm.data and the model's logits
     from digits import write_digits_imagefolder
 
