@@ -67,23 +67,23 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _visible(name: str) -> bool:
+def visible(name: str) -> bool:
     # .ipynb_checkpoints, .DS_Store, ._foo.jpg (macOS resource forks) are never data.
     return not name.startswith(".")
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _visible(p.name) and p.is_dir())
+    return sorted(p for p in folder.iterdir() if visible(p.name) and p.is_dir())
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
     if not recursive:
-        return sorted(p for p in folder.iterdir() if _visible(p.name) and is_image_file(p) and p.is_file())
+        return sorted(p for p in folder.iterdir() if visible(p.name) and is_image_file(p) and p.is_file())
     found = []
     # followlinks: ImageNet copies are often trees of symlinks.
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if _visible(d)]
-        found += [Path(dirpath, f) for f in filenames if _visible(f) and is_image_file(f)]
+        dirnames[:] = [d for d in dirnames if visible(d)]
+        found += [Path(dirpath, f) for f in filenames if visible(f) and is_image_file(f)]
     return sorted(found)
 
 
@@ -402,25 +402,35 @@ def make_loader(image_set: ImageSet, transform: Callable[[Image.Image], Any], ba
     drop_last defaults to `shuffle` (training trims to whole batches, evaluation sees every image; with
     world_size > 1 evaluation pads, so a few images count twice). `mode` is `image_mode(model)`.
     """
+    return epoch_loader(ImageDataset(image_set, transform, mode), collate, batch_size=batch_size, shuffle=shuffle,
+                        seed=seed, rank=rank, world_size=world_size,
+                        drop_last=shuffle if drop_last is None else drop_last, num_workers=num_workers,
+                        what=f"data folder '{image_set.root}'", unit="images")
+
+
+def epoch_loader(dataset: Dataset, collate_fn: Callable, *, batch_size: int, shuffle: bool, seed: int, rank: int,
+                 world_size: int, drop_last: bool, num_workers: int, what: str,
+                 unit: str) -> tuple[DataLoader, EpochSampler]:
+    """A DataLoader over `dataset` whose order is an EpochSampler's (resumable, sharded per rank); shared by
+    images and texts. `what` and `unit` name the data in the too-little-data error."""
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {num_workers}")
-    drop_last = shuffle if drop_last is None else drop_last
-    sampler = EpochSampler(len(image_set), batch_size, shuffle, seed, rank, world_size, drop_last)
+    sampler = EpochSampler(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last)
     if sampler.batches_per_epoch == 0:
-        raise InputError(f"data folder '{image_set.root}' has {len(image_set)} images, fewer than one batch of"
-                         f" {batch_size} x {world_size} process(es): lower --batch-size or add images")
+        raise InputError(f"{what} has {len(dataset)} {unit}, fewer than one batch of {batch_size} x {world_size} "
+                         f"process(es): lower --batch-size or add {unit}")
     loader = DataLoader(
-        ImageDataset(image_set, transform, mode),
+        dataset,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=False,  # the sampler already decided
-        collate_fn=collate,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        # Seeds the workers' augmentation RNGs reproducibly, differently per rank.
+        # Seeds the workers' RNGs (augmentations) reproducibly, differently per rank.
         generator=torch.Generator().manual_seed(seed * 1000 + rank),
     )
     return loader, sampler

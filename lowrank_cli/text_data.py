@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import EnvironmentProblem, InputError, UsageError
-from .image_data import EpochSampler
+from .image_data import IMAGE_EXTENSIONS, EpochSampler, epoch_loader, visible
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,6 @@ def is_text_file(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(TEXT_EXTENSIONS)
 
 
-def _visible(name: str) -> bool:
-    return not name.startswith(".")
-
-
 def looks_like_text_data(path: str | os.PathLike[str]) -> bool:
     """Whether `--data` is text: a .txt / .jsonl file, or a folder with such files and no images (recovery
     reads the data before loading any model, so the kind is told from the files)."""
@@ -87,23 +83,21 @@ def looks_like_text_data(path: str | os.PathLike[str]) -> bool:
         return is_text_file(path)
     if not path.is_dir():
         return False
-    from .image_data import IMAGE_EXTENSIONS
-
     has_text = False
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames[:] = [d for d in dirnames if _visible(d)]
+        dirnames[:] = [d for d in dirnames if visible(d)]
         for f in filenames:
             if f.lower().endswith(IMAGE_EXTENSIONS):
                 return False
-            has_text = has_text or (_visible(f) and is_text_file(f))
+            has_text = has_text or (visible(f) and is_text_file(f))
     return has_text
 
 
 def _text_files_in(folder: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if _visible(d)]
-        found += [Path(dirpath, f) for f in filenames if _visible(f) and is_text_file(f)]
+        dirnames[:] = [d for d in dirnames if visible(d)]
+        found += [Path(dirpath, f) for f in filenames if visible(f) and is_text_file(f)]
     return sorted(found)
 
 
@@ -297,31 +291,14 @@ def text_loader(text_set: TextSet, tokenizer: Any, *, batch_size: int, max_lengt
     drop_last=True trims each epoch to whole global batches (batch_size x world_size), as training needs;
     with drop_last=False every text is seen and only the last batch may be short.
     """
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if num_workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {num_workers}")
     collate = TextCollate(tokenizer, max_length)
-    sampler = EpochSampler(len(text_set), batch_size, shuffle, seed, rank, world_size, drop_last)
-    if sampler.batches_per_epoch == 0:
-        raise InputError(f"text data '{text_set.root}' has {len(text_set)} texts, fewer than one batch of"
-                         f" {batch_size} x {world_size} process(es): lower --batch-size or add texts")
     if num_workers > 0:
         # Rust tokenizers that already ran threads in this process would otherwise warn in every forked
         # worker and turn their parallelism off anyway; the workers are the parallelism here.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader = DataLoader(
-        TextDataset(text_set),
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=False,  # the sampler already decided
-        collate_fn=collate,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed * 1000 + rank),
-    )
-    return loader, sampler
+    return epoch_loader(TextDataset(text_set), collate, batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                        world_size=world_size, drop_last=drop_last, num_workers=num_workers,
+                        what=f"text data '{text_set.root}'", unit="texts")
 
 
 # ------------------------------------------------------------------------------------------- max length

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError

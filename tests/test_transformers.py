@@ -3,7 +3,6 @@ path or from an offline Hub cache, through every command: factorize, report, rec
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
