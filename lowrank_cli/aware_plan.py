@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.calibration import InputStats, collect_second_moments
-from lowrank_cli.data_aware_svd import data_aware_factors
+from lowrank_cli.data_aware_svd import data_aware_factors, whitened_spectrum
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.plan import LayerPlan, Plan
 from lowrank_cli.rank_budget import LayerSpectrum, allocate_ranks, budget_cost
@@ -139,7 +139,7 @@ def budget_plan(
     for p in candidates:
         weight = model.get_submodule(p.name).weight
         if stats is not None:
-            sv = data_aware_factors(weight, stats[p.name].second_moment, 1)[2]["singular_values"]
+            sv = whitened_spectrum(weight, stats[p.name].second_moment)
         else:
             sv = torch.linalg.svdvals(weight.detach().to(compute_dtype(weight.dtype))).float().cpu()
         spectra[p.name] = LayerSpectrum(p.d_in, p.d_out, sv, cost_per_param[p.name])

@@ -102,6 +102,21 @@ def _whitenings(c: torch.Tensor, jitter: float) -> Iterator[tuple[str, torch.Ten
     yield "eigh", root, lambda b: b @ pinv
 
 
+def whitened_spectrum(weight: torch.Tensor, second_moment: torch.Tensor, *, jitter: float = JITTER) -> torch.Tensor:
+    """The singular values of W S (descending, float32 CPU): what a rank budget allocates on. Without the
+    singular vectors it costs half a full SVD; the chosen ranks are then factorized by data_aware_factors."""
+    w, c = _normalised(weight, second_moment, jitter)
+    for _, root, _ in _whitenings(c, jitter):
+        try:
+            return torch.linalg.svdvals(w @ root).float().cpu()
+        except torch.linalg.LinAlgError:
+            continue
+    raise InputError(
+        "data-aware SVD failed: no whitening of the calibration second moment has a converging SVD; use more "
+        "(or different) calibration images, or the plain SVD"
+    )
+
+
 def data_aware_factors(
     weight: torch.Tensor, second_moment: torch.Tensor, rank: int, *, jitter: float = JITTER
 ) -> Factors:
@@ -112,23 +127,7 @@ def data_aware_factors(
     descending, float32 CPU), kept_energy (kept share of the whitened sigma^2), output_rel_error (measured).
     """
     _check_rank(weight, rank)
-    d_out, d_in = weight.shape
-    if second_moment.shape != (d_in, d_in):
-        raise ValueError(f"second moment is {tuple(second_moment.shape)}, expected ({d_in}, {d_in})")
-    if jitter < 0:
-        raise UsageError(f"jitter must be >= 0, got {jitter}")
-    c = second_moment.detach().to(torch.float64)
-    w = weight.detach().to(device=c.device, dtype=torch.float64)
-    if not bool(torch.isfinite(w).all()):
-        raise InputError("the weight has NaN or Inf entries: the model is broken; check the checkpoint")
-    scale = float(c.diagonal().mean())
-    if not bool(torch.isfinite(c).all()) or not scale > 0:
-        raise InputError(
-            "the calibration second moment is zero or not finite (the layer saw only zeros, or NaN/Inf "
-            "activations): check the calibration images and their preprocessing"
-        )
-    c = c / scale
-
+    w, c = _normalised(weight, second_moment, jitter)
     for method, root, back in _whitenings(c, jitter):
         try:
             u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
@@ -147,3 +146,23 @@ def data_aware_factors(
         "data-aware SVD failed: no whitening of the calibration second moment gave finite factors; "
         "use more (or different) calibration images, or the plain SVD"
     )
+
+
+def _normalised(weight: torch.Tensor, second_moment: torch.Tensor, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W and C in float64 on C's device, C scaled to mean diagonal 1; checked."""
+    d_out, d_in = weight.shape
+    if second_moment.shape != (d_in, d_in):
+        raise ValueError(f"second moment is {tuple(second_moment.shape)}, expected ({d_in}, {d_in})")
+    if jitter < 0:
+        raise UsageError(f"jitter must be >= 0, got {jitter}")
+    c = second_moment.detach().to(torch.float64)
+    w = weight.detach().to(device=c.device, dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise InputError("the weight has NaN or Inf entries: the model is broken; check the checkpoint")
+    scale = float(c.diagonal().mean())
+    if not bool(torch.isfinite(c).all()) or not scale > 0:
+        raise InputError(
+            "the calibration second moment is zero or not finite (the layer saw only zeros, or NaN/Inf "
+            "activations): check the calibration images and their preprocessing"
+        )
+    return w, c / scale

@@ -403,3 +403,16 @@ def test_calibrated_budgeted_beats_uniform_plain_on_held_out_images(vit):
             aware_err += output_rel_error(w, second @ first, held[n].second_moment)
     print(f"sum of held-out relative output errors: data-aware + budget {aware_err:.3f}, uniform plain {plain_err:.3f}")
     assert aware_err < plain_err
+
+
+def test_whitened_spectrum_is_the_spectrum_the_factors_truncate() -> None:
+    from lowrank_cli.data_aware_svd import whitened_spectrum
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 16, generator=gen)
+    x = torch.randn(16, 200, generator=gen) * torch.linspace(0.1, 3.0, 16)[:, None]  # anisotropic inputs
+    c = x @ x.T
+    spectrum = whitened_spectrum(weight, c)
+    info = data_aware_factors(weight, c, 5)[2]
+    assert torch.allclose(spectrum, torch.as_tensor(info["singular_values"]).float(), rtol=1e-5, atol=1e-6)
+    assert bool((spectrum[:-1] >= spectrum[1:]).all())
