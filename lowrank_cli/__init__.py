@@ -6,6 +6,8 @@
     lowrank_cli.save(loaded.model, "deit_lr.safetensors")
     model = lowrank_cli.load("deit_lr.safetensors")         # rebuilt from the file alone
 
+    bert = lowrank_cli.load_model("./my-bert-folder").model  # transformers models too (the [transformers] extra)
+
 Attributes are imported lazily so that `lrc --help` does not pay for torch and timm.
 """
 
