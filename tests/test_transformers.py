@@ -103,6 +103,14 @@ def test_hub_repos_from_the_offline_cache(bert_folder, hub_cache):
     assert type(load_model("tiny-bert-uncased").model).__name__ == "BertForSequenceClassification"
     with pytest.raises(InputError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_model("hf-hub:acme/not-cached")
+    # the tokenizer files of a Hub source come from the same cache
+    from lowrank_cli.sources import tokenizer_folder
+
+    assert (tokenizer_folder(via_id) / "tokenizer.json").is_file()
+    hub_cache("acme/no-tokenizer", {"config.json": bert_folder / "config.json",
+                                    "model.safetensors": bert_folder / "model.safetensors"})
+    with pytest.raises(InputError, match="hf-hub:acme/no-tokenizer has no tokenizer files"):
+        tokenizer_folder(load_model("acme/no-tokenizer"))
     with pytest.raises(InputError, match="'bert-bsae-uncasd' is not a file, a folder or a timm model name"):
         load_model("bert-bsae-uncasd")  # neither a timm name nor a cached repo: the timm hint stays useful
 
