@@ -287,19 +287,17 @@ def factorize_file(
         raise UsageError(f"--svd '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
     resolve_dtype(options.get("dtype"))
     resolve_device(options.get("device", "auto"))
-    from lowrank_cli.model_inputs import default_input_size
+    from lowrank_cli.model_inputs import check_input_size, default_input_size
     from lowrank_cli.transformers_models import is_text_model
 
     loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
     if loaded.checkpoint is not None:
         raise UsageError(f"'{source}' is already an lrc checkpoint: factorize its dense source model instead")
     text = is_text_model(loaded.model)
-    if seq_len is not None and not text:
-        raise UsageError("--seq-len is for text models; an image model takes --input-size C,H,W")
-    if text:
-        if options.get("input_size") is not None:
-            raise UsageError("--input-size is C,H,W for image models; a text model takes --seq-len N")
+    check_input_size(loaded.model, options.get("input_size"))
+    if text or seq_len is not None:  # an image model with --seq-len is refused here
         options["input_size"] = default_input_size(loaded.model, seq_len)
+    if text:
         if options.get("calib") is not None and options.get("tokenizer") is None:
             from lowrank_cli.sources import tokenizer_folder
 

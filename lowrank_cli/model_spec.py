@@ -109,9 +109,6 @@ def fill(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> nn
     check_fits(model, {k: tuple(v.shape) for k, v in state_dict.items()}, what)
     # assign=True keeps the loaded tensors (and their dtype) instead of copying into meta placeholders.
     model.load_state_dict(state_dict, strict=True, assign=True)
-    from lowrank_cli.transformers_models import finish
-
-    finish(model)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
             raise InputError(f"{what}: tensor {name} was not filled by the weights: the file does not fit the model")

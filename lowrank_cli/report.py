@@ -87,7 +87,7 @@ def build_report(
     from lowrank_cli.model_inputs import check_input_size
 
     check_input_size(loaded.model, input_size)
-    size = input_size or default_input_size(loaded.model, seq_len)
+    size = input_size if seq_len is None and input_size else default_input_size(loaded.model, seq_len)
     if compare:
         reference = measure_reference(
             compare, input_size=size, log=log, library=library,

@@ -60,6 +60,18 @@ class LoadedModel:
         self.pending_source = value
 
 
+class UnknownName(InputError):
+    """A bare MODEL name that timm does not know (it may still be a Hub repo)."""
+
+
+class NotOnHub(InputError):
+    """A Hub repo that is not there: absent, or not in the cache while the Hub cannot be reached."""
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message)
+        self.reason = reason  # what to say about the repo in a combined message
+
+
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     """`key=value` pairs; values are JSON when they parse (10, 0.1, true, [1,2]) and strings otherwise."""
     args: dict[str, Any] = {}
@@ -133,7 +145,7 @@ def resolve_timm_name(name: str) -> str:
     close = [short[c] for c in difflib.get_close_matches(arch, list(short), n=3, cutoff=0.7)]
     close += difflib.get_close_matches(name, sorted(archs), n=5, cutoff=0.6)
     hint = ", ".join(list(dict.fromkeys(close))[:5]) or "none"
-    raise InputError(
+    raise UnknownName(
         f"'{name}' is not a file, a folder or a timm model name (closest timm names: {hint}); "
         "for a Hub repo write hf-hub:ORG/REPO, for a folder local-dir:PATH"
     )
@@ -156,9 +168,10 @@ def hub_download(repo: str, filename: str, revision: str | None) -> Path:
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
-        raise InputError(
+        raise NotOnHub(
             f"{filename} of hf-hub:{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
-            f"and {why}: run once with network access (or unset HF_HUB_OFFLINE), or point at a local folder"
+            f"and {why}: run once with network access (or unset HF_HUB_OFFLINE), or point at a local folder",
+            reason=f"it is not in the Hugging Face cache and {why}",
         ) from e
     except hf_errors.EntryNotFoundError:  # the repo has no such file: the caller may try another name
         raise
@@ -167,8 +180,9 @@ def hub_download(repo: str, filename: str, revision: str | None) -> Path:
     except hf_errors.GatedRepoError:
         raise InputError(f"hf-hub:{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
     except hf_errors.RepositoryNotFoundError:
-        raise InputError(
-            f"hf-hub:{repo} does not exist or is private: check the name, or set HF_TOKEN for a private repo"
+        raise NotOnHub(
+            f"hf-hub:{repo} does not exist or is private: check the name, or set HF_TOKEN for a private repo",
+            reason="it does not exist or is private",
         ) from None
     except hf_errors.HfHubHTTPError as e:
         raise InputError(f"downloading {filename} of hf-hub:{repo} failed ({e}): try again later") from None
@@ -367,20 +381,14 @@ def load_model(
         return _load_hub(source, revision, arch, model_args, library)
     try:
         return _load_timm_name(source, model_args, log)
-    except InputError as timm_error:
-        if library == "timm" or "is not a file, a folder or a timm model name" not in str(timm_error):
+    except UnknownName as timm_error:
+        if library == "timm":
             raise
         # Not a timm name: perhaps a Hub repo with a legacy short name (bert-base-uncased).
         try:
             return _load_hub(source, revision, arch, model_args, library)
-        except InputError as hub_error:
-            if "does not exist" in str(hub_error):
-                raise InputError(f"{timm_error}; nor is it a Hub repo") from None
-            if "not in the Hugging Face cache" in str(hub_error):
-                offline = "HF_HUB_OFFLINE is set" in str(hub_error)
-                raise InputError(f"{timm_error}; as a Hub repo it is not in the Hugging Face cache"
-                                 f"{' (HF_HUB_OFFLINE is set)' if offline else ' and the Hub cannot be reached'}") from None
-            raise
+        except NotOnHub as hub_error:
+            raise InputError(f"{timm_error}; as a Hub repo, {hub_error.reason}") from None
 
 
 def _load_hub(repo: str, revision: str | None, arch: str | None, model_args: dict, library: str | None) -> LoadedModel:

@@ -209,21 +209,22 @@ def read_json(path: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_pretrained(source: str, *, what: str, arch: str | None = None, revision: str | None = None,
+def load_pretrained(folder: str, *, what: str, arch: str | None = None,
                     preprocessor: dict[str, Any] | None = None) -> tuple[nn.Module, ModelSpec]:
-    """A folder or Hub repo in transformers' layout, through `from_pretrained` (safetensors first, no remote
-    code). Weights that do not fit the architecture are an error, not a silently re-initialised layer."""
+    """A local folder in transformers' layout (a Hub repo's files are fetched by sources.py first), through
+    `from_pretrained` (safetensors first, no remote code). Weights that do not fit the architecture are an
+    error, not a silently re-initialised layer."""
     transformers = require()
     try:
         with quiet():
-            config = transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
+            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"transformers cannot read the config of {what} ({str(e).splitlines()[0][:200]}): "
                          "upgrade transformers, or check the folder") from None
     cls = model_class(config, arch)
     try:
         with quiet():
-            model, info = cls.from_pretrained(source, config=config, revision=revision, trust_remote_code=False,
+            model, info = cls.from_pretrained(folder, config=config, trust_remote_code=False,
                                               output_loading_info=True)
     except OSError as e:
         raise InputError(f"transformers cannot load the weights of {what} ({str(e).splitlines()[0][:200]}): "
