@@ -678,7 +678,7 @@ class _Run:
         raw.to(device=dev, dtype=torch.float32).train()
         tea.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
         if text:
-            from lowrank_cli.text_data import default_max_length, load_tokenizer
+            from lowrank_cli.text_data import default_max_length, load_tokenizer, position_limit
 
             if tokenizer is None:
                 from lowrank_cli.sources import tokenizer_folder
@@ -688,6 +688,10 @@ class _Run:
                                      "folder or Hub repo; pass --tokenizer DIR_OR_REPO")
                 tokenizer = tokenizer_folder(t)
             tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+            longest = position_limit(tea)
+            if max_length is not None and longest is not None and max_length > longest:
+                raise UsageError(f"--max-length {max_length} is above the {longest} tokens the model's positions "
+                                 "allow: lower it")
             max_length = max_length or default_max_length(tea, tok)
             input_size: tuple[int, ...] = (max_length,)
         else:

@@ -310,16 +310,23 @@ def _config_value(config: Any, key: str) -> Any:
     return getattr(config, key, None)
 
 
+def position_limit(model_or_config: Any) -> int | None:
+    """The most tokens the model's learned positions take (max_position_embeddings, minus the 2 unusable slots
+    of RoBERTa-style models), or None when the config does not say."""
+    config = getattr(model_or_config, "config", model_or_config)
+    positions = _config_value(config, "max_position_embeddings")
+    if not (isinstance(positions, int) and positions > 0):
+        return None
+    return positions - 2 if _config_value(config, "model_type") in _POSITIONS_AFTER_PAD else positions
+
+
 def default_max_length(model_or_config: Any, tokenizer: Any = None) -> int:
     """The longest input to tokenize for a model: 512, or less when the model's learned positions
     (max_position_embeddings, minus the 2 unusable slots of RoBERTa-style models) or the tokenizer's
     model_max_length say so. `model_or_config`: a transformers model, its config, or a config dict."""
-    config = getattr(model_or_config, "config", model_or_config)
     limits = [DEFAULT_MAX_LENGTH]
-    positions = _config_value(config, "max_position_embeddings")
-    if isinstance(positions, int) and positions > 0:
-        if _config_value(config, "model_type") in _POSITIONS_AFTER_PAD:
-            positions -= 2
+    positions = position_limit(model_or_config)
+    if positions is not None:
         limits.append(positions)
     tok_max = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
     # transformers reports "no limit" as int(1e30).

@@ -370,6 +370,11 @@ def test_text_recovery_errors(mlm_folder, bert_folder, corpus, tmp_path, tiny_vi
                             "-o", tmp_path / "z.safetensors"], capsys)
     assert code == 3 and len(error_lines(err)) == 1
     assert not (tmp_path / "z.safetensors").exists()
+    # more tokens than the model has positions
+    code, _, err = run_cli(["recover", student, "--teacher", encoder_folder, "--data", corpus, "--steps", "2",
+                            "--max-length", "100", "-o", tmp_path / "m.safetensors"], capsys)
+    assert code == 2 and error_lines(err) == [
+        "Error: --max-length 100 is above the 64 tokens the model's positions allow: lower it"]
     # lrc eval is for labelled images
     code, _, err = run_cli(["eval", student, "--data", tmp_path], capsys)
     assert code != 0 and len(error_lines(err)) == 1

@@ -86,10 +86,8 @@ def bench(
             ref_label += " (against)"
         models[ref_label] = ref.model
         reference = ref_label
-    from lowrank_cli.model_inputs import default_input_size
+    from lowrank_cli.model_inputs import check_input_size, default_input_size
     from lowrank_cli.transformers_models import is_text_model
-
-    from lowrank_cli.model_inputs import check_input_size
 
     check_input_size(loaded.model, size)
     if seq_len is not None or is_text_model(loaded.model):
