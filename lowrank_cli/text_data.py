@@ -79,10 +79,8 @@ def looks_like_text_data(path: str | os.PathLike[str]) -> bool:
     """Whether `--data` is text: a .txt / .jsonl file, or a folder with such files and no images (recovery
     reads the data before loading any model, so the kind is told from the files)."""
     path = Path(path).expanduser()
-    if path.is_file():
+    if path.is_file() or not path.exists():  # a missing corpus.txt is reported as missing text, not images
         return is_text_file(path)
-    if not path.is_dir():
-        return False
     has_text = False
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
         dirnames[:] = [d for d in dirnames if visible(d)]

@@ -226,9 +226,11 @@ def load_pretrained(folder: str, *, what: str, arch: str | None = None,
         with quiet():
             model, info = cls.from_pretrained(folder, config=config, trust_remote_code=False,
                                               output_loading_info=True)
-    except OSError as e:
-        raise InputError(f"transformers cannot load the weights of {what} ({str(e).splitlines()[0][:200]}): "
-                         "check that the folder has model.safetensors (or pytorch_model.bin)") from None
+    except Exception as e:  # OSError for missing files; safetensors' own error for a truncated or corrupt one
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise InputError(f"transformers cannot load the weights of {what} ({type(e).__name__}: {first}): check that "
+                         "the folder has a complete model.safetensors (or pytorch_model.bin); re-export it if it "
+                         "is truncated or corrupt") from None
     bad = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     if bad:
         raise InputError(

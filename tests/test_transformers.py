@@ -74,6 +74,17 @@ def test_bert_folder_loads_as_its_transformers_class(bert_folder):
         load_model(str(bert_folder), model_args={"num_classes": 3})
 
 
+def test_corrupt_weights_in_a_transformers_folder(bert_folder, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((bert_folder / "config.json").read_bytes())
+    (broken / "model.safetensors").write_bytes((bert_folder / "model.safetensors").read_bytes()[:3000])
+    code, _, err = run_cli(["factorize", broken, "--kappa", "2", "-o", tmp_path / "x.safetensors"], capsys)
+    assert code == 3 and len(error_lines(err)) == 1
+    assert "cannot load the weights of" in err and "truncated or corrupt" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_library_detection_and_override(bert_folder, tiny_vit_folder):
     assert load_model(f"local-dir:{bert_folder}", library="transformers").spec.library == "transformers"
     assert load_model(str(tiny_vit_folder)).spec.library == "timm"  # timm's own layout stays timm
@@ -375,6 +386,9 @@ def test_text_recovery_errors(mlm_folder, bert_folder, corpus, tmp_path, tiny_vi
                             "--max-length", "100", "-o", tmp_path / "m.safetensors"], capsys)
     assert code == 2 and error_lines(err) == [
         "Error: --max-length 100 is above the 64 tokens the model's positions allow: lower it"]
+    code, _, err = run_cli(["recover", student, "--teacher", encoder_folder, "--data", tmp_path / "missing.txt",
+                            "--steps", "2", "-o", tmp_path / "z.safetensors"], capsys)
+    assert code == 3 and "missing.txt" in error_lines(err)[0] and "image" not in error_lines(err)[0]
     # lrc eval is for labelled images
     code, _, err = run_cli(["eval", student, "--data", tmp_path], capsys)
     assert code != 0 and len(error_lines(err)) == 1
