@@ -524,7 +524,7 @@ def profile(
     import os
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" line on machines without CUDA
-    fn = fn or model
+    fn = model if fn is None else fn  # not `fn or model`: a compiled module has no truth value (len() raises)
     cuda = x.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.inference_mode():

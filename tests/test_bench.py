@@ -113,6 +113,15 @@ def test_profile_splits_gemms_from_the_rest(pair):
     assert classify("aten::native_layer_norm") == "other" and classify("triton_poi_fused_gelu_0") == "other"
 
 
+
+def test_profile_takes_a_compiled_module(pair):
+    # A compiled module has no truth value (its len() raises): profile(fn=...) must not test it with `or`.
+    dense, _ = pair
+    compiled = torch.compile(dense, backend="eager", dynamic=False)
+    x = torch.randn(2, 3, 32, 32)
+    p = profile(dense, x, name="dense", fn=compiled, calls=2)
+    assert p.gemm_ms > 0 and p.batch_size == 2
+
 # ------------------------------------------------------------------------------------------------ speed plan
 
 
