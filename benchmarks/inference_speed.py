@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowrank_cli  # noqa: E402
 from lowrank_cli.bench import bench, device_name, profile  # noqa: E402
-from lowrank_cli.counting import count_macs, format_size  # noqa: E402
+from lowrank_cli.counting import count_macs  # noqa: E402
 from lowrank_cli.plan import make_plan  # noqa: E402
 from lowrank_cli.speed_plan import auto_rank_multiple, speed_plan  # noqa: E402
 from lowrank_cli.svd import Factors, truncated_svd  # noqa: E402

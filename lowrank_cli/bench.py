@@ -62,6 +62,23 @@ PEAK_MEMORY_NOTE = {
 }
 
 
+# p90 / p10 of the repeats above which a timing is reported as noisy. An idle CPU or GPU stays within a few
+# percent; other processes on a shared machine (or a VM's neighbours) push it far above this.
+NOISY_SPREAD = 1.2
+
+
+def noise_warning(rows: Sequence["BenchRow"]) -> str | None:
+    """One line naming the noisy (model, batch) timings, with what to do about it; None when all are steady."""
+    noisy = [r for r in rows if r.noisy]
+    if not noisy:
+        return None
+    worst = max(noisy, key=lambda r: r.p90_ms / r.p10_ms)
+    which = ", ".join(f"{r.model} at batch {r.batch_size}" for r in noisy)
+    return (f"noisy timings ({which}; worst p90 {worst.p90_ms / worst.p10_ms:.2f}x p10): something else is using "
+            "the device, so medians and speed-ups are uncertain; rerun on a quiet machine, or raise --repeats / "
+            "--min-time")
+
+
 @dataclass
 class BenchRow:
     """One model at one batch size. Times are per forward pass of the whole batch."""
@@ -86,8 +103,14 @@ class BenchRow:
     cuda_graphs: bool = False
     samples_ms: list[float] = field(default_factory=list)
 
+    @property
+    def noisy(self) -> bool:
+        """The repeats disagree by more than a quiet machine allows: the median, and every ratio, is uncertain."""
+        return self.repeats >= 3 and self.p90_ms > NOISY_SPREAD * self.p10_ms
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        d["noisy"] = self.noisy
         for k in ("median_ms", "p10_ms", "p90_ms", "min_ms", "throughput"):
             d[k] = round(d[k], 4)
         for k in ("speedup", "mac_ratio"):
@@ -448,6 +471,9 @@ def bench(
             del runners, x
             if cuda:
                 torch.cuda.empty_cache()
+    message = noise_warning(rows)
+    if message:
+        warn(message)
     return rows
 
 

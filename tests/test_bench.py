@@ -14,7 +14,7 @@ import torch
 from conftest import error_lines, make_tiny_vit, run_cli
 
 import lowrank_cli
-from lowrank_cli.bench import BenchRow, bench, classify, parse_batch_sizes, profile, resolve_dtype
+from lowrank_cli.bench import BenchRow, bench, classify, noise_warning, parse_batch_sizes, profile, resolve_dtype
 from lowrank_cli.counting import count_macs
 from lowrank_cli.errors import EnvironmentProblem, UsageError
 from lowrank_cli.plan import make_plan
@@ -121,6 +121,22 @@ def test_profile_takes_a_compiled_module(pair):
     x = torch.randn(2, 3, 32, 32)
     p = profile(dense, x, name="dense", fn=compiled, calls=2)
     assert p.gemm_ms > 0 and p.batch_size == 2
+
+
+def _row(name: str, samples: list[float]) -> BenchRow:
+    ordered = sorted(samples)
+    return BenchRow(model=name, batch_size=16, median_ms=statistics.median(samples), p10_ms=ordered[0],
+                    p90_ms=ordered[-1], min_ms=ordered[0], repeats=len(samples), calls_per_repeat=1,
+                    throughput=1.0, macs=None, peak_memory_bytes=None, samples_ms=samples)
+
+
+def test_noisy_timings_are_named_with_what_to_do():
+    steady, shaky = _row("dense", [100.0, 101.0, 103.0]), _row("lr", [50.0, 71.0, 64.0])
+    assert not steady.noisy and shaky.noisy and shaky.to_json()["noisy"] is True
+    assert noise_warning([steady]) is None
+    message = noise_warning([steady, shaky])
+    assert "lr at batch 16" in message and "dense" not in message and "1.42x" in message and "--repeats" in message
+    assert not _row("two", [50.0, 90.0]).noisy  # two repeats say nothing about the spread
 
 # ------------------------------------------------------------------------------------------------ speed plan
 
