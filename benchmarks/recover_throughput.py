@@ -53,7 +53,7 @@ def build(args: argparse.Namespace, device: torch.device):
 
     from lowrank_cli.distill_loss import LossWeights, RecoveryLoss, innermost_blocks
     from lowrank_cli.factorization import factorize
-    from lowrank_cli.recovery import Distiller, param_groups
+    from lowrank_cli.recovery import Distiller, compile_hooked, param_groups
 
     torch.manual_seed(0)
     teacher = timm.create_model(args.model, pretrained=False).to(device).eval().requires_grad_(False)
@@ -74,7 +74,8 @@ def build(args: argparse.Namespace, device: torch.device):
     input_size = tuple(data_config(teacher)["input_size"])
     forward, teacher_forward, alone_forward = student, teacher, dense_student
     if args.compile:
-        forward, teacher_forward, alone_forward = torch.compile(student), torch.compile(teacher), torch.compile(dense_student)
+        # compile_hooked for all three (as lrc recover): the hook-less dense_student shares their forward code.
+        forward, teacher_forward, alone_forward = compile_hooked(student), compile_hooked(teacher), compile_hooked(dense_student)
     loss = RecoveryLoss(LossWeights(alpha=1.0), use_labels=True)
     distiller = Distiller(student, teacher, loss, innermost_blocks(student), optimizer=opt, params=params,
                           clip_grad=1.0, device=device, input_size=input_size, forward=forward,

@@ -226,6 +226,18 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> 
 # ---------------------------------------------------------------------------------------------- the step
 
 
+def compile_hooked(module: nn.Module, **options: Any) -> Callable[..., Any]:
+    """torch.compile a model whose blocks carry distillation hooks (BlockOutputs).
+
+    Dynamo does not guard on module hooks by default (`skip_nnmodule_hook_guards`), so a graph traced for another
+    instance of the same class without hooks (a dense twin, a compiled model timed earlier in the process) would
+    be reused for this one and its hooks would silently never run. Guarding on them costs a few checks per call."""
+    import torch._dynamo
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    return torch.compile(module, **options)
+
+
 class Distiller:
     """One recovery step: forward both models on each micro-batch, Eq. 7, backward, clip, AdamW step.
 
@@ -794,7 +806,7 @@ class _Run:
 
         forward, teacher_forward = raw, tea
         if compile:
-            forward, teacher_forward = torch.compile(raw), torch.compile(tea)
+            forward, teacher_forward = compile_hooked(raw), compile_hooked(tea)
         if ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
 

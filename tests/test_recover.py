@@ -442,6 +442,40 @@ def test_innermost_blocks_and_hooks() -> None:
     assert not model[0].blocks[0]._forward_hooks  # removed on exit
 
 
+
+def test_compiled_hooked_model_keeps_its_block_outputs_after_a_hookless_twin() -> None:
+    # A graph traced for a twin without hooks must not be reused for the hooked model (dynamo skips hook
+    # guards by default): the benchmark of a recovery step compiles exactly such a twin first.
+    import copy
+
+    import torch._dynamo
+    from torch import nn
+
+    from lowrank_cli.recovery import compile_hooked
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+        def forward(self, x):
+            return self.blocks(x).sum()
+
+    torch._dynamo.reset()
+    before = torch._dynamo.config.skip_nnmodule_hook_guards
+    try:
+        hooked = Net()
+        twin = copy.deepcopy(hooked)
+        x = torch.randn(3, 4)
+        with BlockOutputs(hooked, ["blocks.0", "blocks.1"]) as outputs:
+            compile_hooked(twin, backend="eager")(x)
+            compile_hooked(hooked, backend="eager")(x)
+            taken = outputs.take()
+        assert torch.allclose(taken[1], hooked.blocks(x.detach()))
+    finally:
+        torch._dynamo.config.skip_nnmodule_hook_guards = before
+        torch._dynamo.reset()
+
 def test_schedule_warms_up_then_decays() -> None:
     factors = [lr_factor(s, 10, 100) for s in range(100)]
     assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
