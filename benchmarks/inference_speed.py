@@ -1,7 +1,7 @@
 """Inference speed of PELA-compressed DeiT-B against the dense model, measured in one run (issue 5).
 
     python benchmarks/inference_speed.py                 # CPU part here; GPU part where CUDA is present
-    python benchmarks/inference_speed.py --skip-cpu      # GPU part only
+    python benchmarks/inference_speed.py --skip-cpu      # GPU part only (on a borrowed GPU: the CPU part takes minutes)
     python benchmarks/inference_speed.py --json out.json
     python benchmarks/inference_speed.py --skip-cpu --gpu-device cpu --arch vit_tiny_patch16_224 --gpu-batch 4
                                                          # the GPU part's code on the CPU: a smoke run, no figures
@@ -157,7 +157,7 @@ def print_profiles(profiles, notes: dict[str, str]) -> None:
     say(f"  {'model':<14} {'GEMM ms':>10} {'attention':>10} {'other ms':>10} {'total ms':>10} {'GEMM share':>10}")
     for p in profiles:
         say(f"  {p.model:<14} {p.gemm_ms:>10,.1f} {p.attention_ms:>10,.1f} {p.other_ms:>10,.1f} {p.total_ms:>10,.1f} "
-            f"{p.gemm_ms / p.total_ms:>10.0%}")
+            f"{ratio(p.gemm_ms, p.total_ms):>10.0%}")
     for p in profiles:
         say(f"    {p.model}: " + ", ".join(f"{n} {ms:,.1f} ({k})" for k, n, ms in p.top[:5]))
     for k, v in notes.items():
@@ -175,9 +175,15 @@ def quietest_profiles(models: dict[str, nn.Module], x: torch.Tensor, rounds: int
     return [best[name] for name in models]
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (a profiler that recorded no kernels must not cost the numbers already taken)."""
+    return a / b if b else float("nan")
+
+
 def amdahl(dense_prof, linear_mac_ratio: float) -> float:
     """Speed-up if the GEMMs scaled exactly with their MACs and everything else stayed as in the dense model."""
-    return dense_prof.total_ms / (dense_prof.total_ms - dense_prof.gemm_ms + dense_prof.gemm_ms / linear_mac_ratio)
+    return ratio(dense_prof.total_ms,
+                 dense_prof.total_ms - dense_prof.gemm_ms + ratio(dense_prof.gemm_ms, linear_mac_ratio))
 
 
 # ------------------------------------------------------------------------------------------------ layer variants
@@ -281,7 +287,7 @@ def cpu_section(args, doc: dict) -> None:
     notes = {
         "MAC ratio (whole model)": f"{row[auto_name].mac_ratio:.2f}x; linear layers alone {lin_ratio:.2f}x",
         "if the GEMMs scaled with their MACs (rest unchanged)": f"{amdahl(profs[0], lin_ratio):.2f}x",
-        "GEMM time ratio measured (profile)": f"{profs[0].gemm_ms / profs[1].gemm_ms:.2f}x vs {lin_ratio:.2f}x in MACs",
+        "GEMM time ratio measured (profile)": f"{ratio(profs[0].gemm_ms, profs[1].gemm_ms):.2f}x vs {lin_ratio:.2f}x in MACs",
         "shared non-GEMM time": f"{profs[0].total_ms - profs[0].gemm_ms:,.0f} ms dense, "
                                 f"{profs[1].total_ms - profs[1].gemm_ms:,.0f} ms {auto_name}",
     }
@@ -367,6 +373,8 @@ def gpu_section(args, doc: dict) -> None:
         say()
         print_rows(rows, subset, title)
         results[title] = [r.to_json() for r in rows]
+        doc["gpu_partial"] = results
+        save(args, doc)
         return rows
 
     every = list(models)
@@ -394,7 +402,7 @@ def gpu_section(args, doc: dict) -> None:
     notes = {
         "MAC ratio (whole model)": f"{row[auto_name].mac_ratio:.2f}x; linear layers alone {lin_ratio:.2f}x",
         "if the GEMMs scaled with their MACs (rest unchanged)": f"{amdahl(profs[0], lin_ratio):.2f}x",
-        "GEMM kernel time ratio": f"{profs[0].gemm_ms / profs[1].gemm_ms:.2f}x vs {lin_ratio:.2f}x in MACs",
+        "GEMM kernel time ratio": f"{ratio(profs[0].gemm_ms, profs[1].gemm_ms):.2f}x vs {lin_ratio:.2f}x in MACs",
     }
     say()
     say(f"where the time goes (compiled, batch {args.gpu_batch}, " + ("CUDA kernel time per forward):" if graphs else
@@ -417,6 +425,14 @@ def gpu_section(args, doc: dict) -> None:
                   "profile": [p.to_json() for p in profs], "notes": notes,
                   "ranks": {n: ranks_of(m) for n, m in models.items() if n != "dense"},
                   "eager": [r.to_json() for r in eager]}
+
+
+def save(args, doc: dict) -> None:
+    """Write what is measured so far (after each section and each GPU run): a run stopped by a time limit keeps it."""
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str))
+        tmp.replace(args.json)
 
 
 def main() -> None:
@@ -445,13 +461,14 @@ def main() -> None:
     say(f"lrc inference speed benchmark: torch {torch.__version__}, {ARCH}, kappa {KAPPA:g}, factors: {FACTORS}")
     if not args.skip_cpu:
         cpu_section(args, doc)
+        save(args, doc)
         say()
     if not args.skip_gpu:
         gpu_section(args, doc)
     say()
     say(f"total time {time.perf_counter() - T0:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(doc, indent=2, default=str))
+    doc.pop("gpu_partial", None)
+    save(args, doc)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,14 +38,35 @@ def calibrate(
 ) -> dict[str, InputStats]:
     """Input second moments of the named linears over `samples` images of `data` (ImageFolder or flat), or for
     a text model over its first `samples` texts (.txt / .jsonl, tokenised by `tokenizer`; padding left out)."""
-    from lowrank_cli.image_data import find_images, image_mode, make_loader, make_transform
     from lowrank_cli.transformers_models import is_text_model
 
     if samples < 1:
         raise UsageError(f"--calib-samples must be at least 1, got {samples}")
-    if is_text_model(model):
-        return _calibrate_text(model, names, data, samples=samples, batch_size=batch_size, device=device,
-                               tokenizer=tokenizer, progress=progress)
+    with _on(model, torch.device(device)):  # the forward passes run where the SVDs do (--device), then back
+        if is_text_model(model):
+            return _calibrate_text(model, names, data, samples=samples, batch_size=batch_size, device=device,
+                                   tokenizer=tokenizer, progress=progress)
+        return _calibrate_images(model, names, data, samples=samples, batch_size=batch_size, device=device,
+                                 progress=progress)
+
+
+@contextlib.contextmanager
+def _on(model: nn.Module, device: torch.device) -> Iterator[None]:
+    param = next(model.parameters(), None)
+    home = param.device if param is not None else device
+    if home == device:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
+def _calibrate_images(model, names, data, *, samples, batch_size, device, progress):
+    from lowrank_cli.image_data import find_images, image_mode, make_loader, make_transform
+
     try:
         images = find_images(data)
     except InputError as e:  # the data loader speaks of --data, the option here is --calib

@@ -143,17 +143,17 @@ class Profile:
 # ------------------------------------------------------------------------------------------------ options
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, option: str = "--dtype") -> torch.dtype:
     """fp32 / bf16 / fp16 (or float32, bfloat16, float16, a torch.dtype) -> torch.dtype; None is fp32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in SHORT_DTYPE:
-            raise UsageError(f"--dtype {dtype} is not a floating type lrc benchmarks: use fp32, bf16 or fp16")
+            raise UsageError(f"{option} {dtype} is not a floating type lrc benchmarks: use fp32, bf16 or fp16")
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in DTYPE_NAMES:
-        raise UsageError(f"--dtype '{dtype}' is not one of fp32, bf16, fp16 (or float32, bfloat16, float16)")
+        raise UsageError(f"{option} '{dtype}' is not one of fp32, bf16, fp16 (or float32, bfloat16, float16)")
     return DTYPE_NAMES[key]
 
 
@@ -230,8 +230,9 @@ class _Runner:
     """One model, prepared for timing at one batch size: compiled / graphed as asked, warmed up."""
 
     def __init__(self, name: str, model: nn.Module, fn: Callable[[torch.Tensor], Any], device: torch.device,
-                 mark_step: bool) -> None:
+                 mark_step: bool, compiled: bool = False) -> None:
         self.name = name
+        self.compiled = compiled
         self.model = model
         self.fn = fn
         self.device = device
@@ -265,8 +266,11 @@ class _Runner:
     def warm_up(self, x: torch.Tensor, calls: int, min_sample_s: float) -> None:
         dev = self.device
         last = 0.0
-        for _ in range(max(calls, 1)):
-            if dev.type == "cuda":
+        for i in range(max(calls, 1)):
+            # The first call of a compiled model compiles (max-autotune: benchmarks candidate kernels on scratch
+            # tensors); that memory is not the model's, so its peak is left out. CUDA graphs record later.
+            measure = dev.type == "cuda" and not (self.compiled and i == 0 and calls > 1)
+            if measure:
                 torch.cuda.synchronize(dev)
                 before = torch.cuda.memory_allocated(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -274,7 +278,7 @@ class _Runner:
             self.call(x)
             synchronize(dev)
             last = time.perf_counter() - t0
-            if dev.type == "cuda":
+            if measure:
                 self.peak_extra = max(self.peak_extra, torch.cuda.max_memory_allocated(dev) - before)
         # How many calls make one repeat last min_sample_s: a single call when the last warm-up call was long
         # enough already (no extra call on a slow CPU), else measured on a few calls.
@@ -378,6 +382,10 @@ def bench(
     if repeats is not None and repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {repeats}")
     cuda = dev.type == "cuda"
+    # torch.compile's reduce-overhead and max-autotune modes replay CUDA graphs on their own (cudagraph trees).
+    graphed = bool(cuda_graphs) or (cuda and mode in _CUDAGRAPH_MODES)
+    if cuda and dev.index is not None:
+        torch.cuda.set_device(dev)  # CUDA events, graphs and streams below use the current device
     warmup = (3 if cuda else 1) + (2 if mode else 0) if warmup is None else max(1, warmup)
     min_time = (2.0 if cuda else 1.0) if min_time is None else min_time
     min_sample_s = (0.02 if cuda else 0.05) if min_sample_s is None else min_sample_s
@@ -434,11 +442,15 @@ def bench(
                     fn = _cuda_graphed(fn, x)  # the graph's pool holds the activations from now on
                     torch.cuda.synchronize(dev)
                     captured = torch.cuda.max_memory_allocated(dev) - before
-                runner = _Runner(name, models[name], fn, dev, mark_step=cuda and bool(mode) and mode in _CUDAGRAPH_MODES)
+                runner = _Runner(name, models[name], fn, dev, mark_step=graphed and bool(mode), compiled=bool(mode))
                 runner.peak_extra = captured
                 progress(f"{name}, batch {bs}: warm-up ({warmup} call{'s' if warmup > 1 else ''}"
                          f"{', compiling' if mode else ''})")
+                skips = _cudagraph_skips()
                 runner.warm_up(x, warmup, min_sample_s)
+                if graphed and mode and _cudagraph_skips() > skips:
+                    warn(f"torch.compile ran {name} at batch {bs} without CUDA graphs (it skipped them; "
+                         "TORCH_LOGS=perf_hints says why): its row is not a CUDA-graph timing")
                 runners.append(runner)
             _time(runners, x, interleave, min_repeats, max_repeats, min_time, progress, bs)
             ref = next(r for r in runners if r.name == reference)
@@ -465,7 +477,7 @@ def bench(
                     device=str(dev),
                     dtype=SHORT_DTYPE[dt],
                     compile=mode,
-                    cuda_graphs=bool(cuda_graphs),
+                    cuda_graphs=graphed,
                     samples_ms=list(r.samples),
                 ))
             del runners, x
@@ -475,6 +487,15 @@ def bench(
     if message:
         warn(message)
     return rows
+
+
+def _cudagraph_skips() -> int:
+    """How many times inductor has declined to use CUDA graphs in this process (0 where it keeps no count)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["inductor"].get("cudagraph_skips", 0))
 
 
 def _allow_recompiles(n: int) -> None:
@@ -613,6 +634,10 @@ def check_input_size(model: nn.Module, input_size: Sequence[int], device: torch.
         with torch.inference_mode():
             model(example_input(model, tuple(input_size), device=device, dtype=dtype, zeros=True))
     except Exception as e:
+        from lowrank_cli.devices import is_device_failure
+
+        if is_device_failure(e):
+            raise
         raise InputError(
             f"a forward pass at input size {tuple(input_size)} failed ({type(e).__name__}: {str(e)[:120]}): "
             "pass the right --input-size C,H,W"

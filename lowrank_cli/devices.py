@@ -20,7 +20,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("--device cuda was asked for but no CUDA device is available here: use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EnvironmentProblem(f"--device {device} was asked for but this machine has {torch.cuda.device_count()} "
+                                 f"CUDA device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+# Messages of failures that are the device's, not the input's (a test forward that hits one must not blame
+# --input-size).
+_DEVICE_FAILURE = ("out of memory", "CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA driver", "device-side assert")
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """An out-of-memory or a CUDA runtime error: the device failed, whatever the input."""
+    return type(error).__name__ == "OutOfMemoryError" or any(k in str(error) for k in _DEVICE_FAILURE)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -92,6 +92,10 @@ def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, 
     try:
         return _uncalled(model, names, size, next(model.parameters()).device)
     except Exception as e:
+        from lowrank_cli.devices import is_device_failure
+
+        if is_device_failure(e):
+            raise
         raise InputError(
             f"a test forward pass at input size {size} failed ({type(e).__name__}: {str(e)[:120]}), so lrc cannot "
             "check which linears the model calls: pass the right --input-size C,H,W"
@@ -135,6 +139,7 @@ def factorize(
     target_macs: int | None = None,
     plan_kind: str = "pela",
     plan_batch_size: int | None = None,
+    plan_dtype: str | torch.dtype | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     calib_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
@@ -149,7 +154,8 @@ def factorize(
     minimises each layer's output error on `calib_samples` of its images or texts. `budget` (fraction of the target layers' parameters to keep) or
     `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa. `rank_multiple="auto"`
     picks the multiple the device likes; `plan_kind="speed"` times every layer shape dense vs factorized on the
-    device (batch `plan_batch_size`) and keeps dense the layers whose factorized form is not faster. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
+    device (batch `plan_batch_size`, precision `plan_dtype`: default the stored dtype, else bf16 on CUDA) and
+    keeps dense the layers whose factorized form is not faster. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
     carries its metadata as `model.lrc_info` for `lowrank_cli.save`.
     """
     if svd not in SVD_METHODS:
@@ -161,10 +167,11 @@ def factorize(
     if plan_kind not in ("pela", "speed"):
         raise UsageError(f"--plan '{plan_kind}' is not one of pela, speed")
     asked_multiple = rank_multiple
-    if plan is None:
-        from lowrank_cli.speed_plan import parse_rank_multiple
+    from lowrank_cli.speed_plan import parse_rank_multiple, run_dtype
 
-        rank_multiple = parse_rank_multiple(rank_multiple, dev, out_dtype or next(model.parameters()).dtype)
+    runs_in = run_dtype(plan_dtype, out_dtype, dev, next(model.parameters()).dtype)
+    if plan is None:
+        rank_multiple = parse_rank_multiple(rank_multiple, dev, runs_in)
     plan = plan or make_plan(
         model, kappa=kappa, rank_multiple=rank_multiple, include=include, exclude=exclude, rank_pattern=rank_pattern
     )
@@ -200,7 +207,7 @@ def factorize(
         from lowrank_cli.speed_plan import speed_plan
 
         batch = plan_batch_size or (256 if dev.type == "cuda" else 16)
-        plan, timings = speed_plan(model, plan, device=dev, dtype=out_dtype, batch_size=batch, input_size=input_size)
+        plan, timings = speed_plan(model, plan, device=dev, dtype=runs_in, batch_size=batch, input_size=input_size)
     result = FactorizeResult(model, plan, params_before=count_params(model).total)
     spectra: dict[str, list[float]] = {}
     for done, (name, rank) in enumerate(plan.ranks.items(), 1):
@@ -286,6 +293,10 @@ def factorize_file(
     if options.get("svd", "exact") not in SVD_METHODS:
         raise UsageError(f"--svd '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
     resolve_dtype(options.get("dtype"))
+    if options.get("plan_dtype") is not None:
+        from lowrank_cli.speed_plan import run_dtype
+
+        run_dtype(options["plan_dtype"], None, torch.device("cpu"), torch.float32)  # refused before the loading
     resolve_device(options.get("device", "auto"))
     from lowrank_cli.model_inputs import check_input_size, default_input_size
     from lowrank_cli.transformers_models import is_text_model

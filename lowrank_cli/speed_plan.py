@@ -78,6 +78,20 @@ def auto_rank_multiple(device: str | torch.device | None = "auto", dtype: str | 
     return 8
 
 
+def run_dtype(plan_dtype: str | torch.dtype | None, stored_dtype: torch.dtype | None, device: torch.device,
+              model_dtype: torch.dtype) -> torch.dtype:
+    """The precision the factorized model will run in: what `--plan speed` times and `--rank-multiple auto`
+    suits. --plan-dtype; else the stored --dtype; else bf16 on CUDA (a GPU serves transformers in bf16: an fp32
+    plan would time TF32-less fp32 GEMMs and pick the fp32 grid) and the model's own dtype on the CPU."""
+    from lowrank_cli.bench import resolve_dtype
+
+    if plan_dtype is not None:
+        return resolve_dtype(plan_dtype, "--plan-dtype")
+    if stored_dtype is not None:
+        return stored_dtype
+    return torch.bfloat16 if device.type == "cuda" else model_dtype
+
+
 def parse_rank_multiple(value: str | int, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = None) -> int:
     """`--rank-multiple` value: a whole number >= 1, or "auto" (auto_rank_multiple for device and dtype)."""
@@ -117,6 +131,10 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Se
         with torch.inference_mode():
             model(example_input(model, size, dtype=param.dtype, device=param.device, zeros=True))
     except Exception as e:
+        from lowrank_cli.devices import is_device_failure
+
+        if is_device_failure(e):
+            raise
         raise InputError(
             f"a test forward pass at input size {size} failed ({type(e).__name__}: {str(e)[:120]}), so the layer "
             "shapes to time are unknown: pass the right --input-size C,H,W, or tokens="

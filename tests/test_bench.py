@@ -16,7 +16,7 @@ from conftest import error_lines, make_tiny_vit, run_cli
 import lowrank_cli
 from lowrank_cli.bench import BenchRow, bench, classify, noise_warning, parse_batch_sizes, profile, resolve_dtype
 from lowrank_cli.counting import count_macs
-from lowrank_cli.errors import EnvironmentProblem, UsageError
+from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
 from lowrank_cli.plan import make_plan
 from lowrank_cli.speed_plan import LayerShape, auto_rank_multiple, parse_rank_multiple, speed_plan
 
@@ -217,6 +217,18 @@ def test_auto_rank_multiple():
         parse_rank_multiple("0")
 
 
+def test_the_plan_is_timed_in_the_precision_the_model_will_run_in():
+    from lowrank_cli.speed_plan import run_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert run_dtype(None, None, cuda, torch.float32) is torch.bfloat16  # a GPU serves in bf16
+    assert run_dtype(None, None, cpu, torch.float32) is torch.float32
+    assert run_dtype(None, torch.float16, cuda, torch.float32) is torch.float16  # the stored dtype
+    assert run_dtype("fp32", torch.float16, cuda, torch.float32) is torch.float32  # --plan-dtype wins
+    with pytest.raises(UsageError, match="--plan-dtype 'int8'"):
+        run_dtype("int8", None, cpu, torch.float32)
+
+
 @no_cuda
 def test_auto_rank_multiple_on_missing_cuda_is_an_environment_problem():
     with pytest.raises(EnvironmentProblem):
@@ -307,3 +319,40 @@ def test_cli_refuses_bad_options_with_one_error_line(checkpoints, capsys):
         code, out, err = run_cli(["bench", lr, "--device", "cpu", "--repeats", "1", *args], capsys)
         assert code == code_expected, (args, err)
         assert len(error_lines(err)) == 1, err
+
+
+def test_a_device_failure_is_not_blamed_on_the_input_size(monkeypatch):
+    from lowrank_cli.bench import check_input_size
+    from lowrank_cli.devices import is_device_failure
+
+    class Broken(torch.nn.Module):
+        def __init__(self, error: Exception):
+            super().__init__()
+            self.fc, self.error = torch.nn.Linear(3, 3), error
+
+        def forward(self, x):
+            raise self.error
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert is_device_failure(oom) and is_device_failure(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_device_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x3)"))
+    with pytest.raises(torch.OutOfMemoryError):
+        check_input_size(Broken(oom), (3, 8, 8), torch.device("cpu"), torch.float32)
+    with pytest.raises(InputError, match="--input-size"):
+        check_input_size(Broken(RuntimeError("shapes cannot be multiplied")), (3, 8, 8), torch.device("cpu"),
+                         torch.float32)
+
+
+def test_out_of_memory_ends_with_one_error_line(checkpoints, capsys, monkeypatch):
+    # The device boundary is mocked: this machine has no GPU to run out of.
+    import lowrank_cli.bench
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\nmore")
+
+    monkeypatch.setattr(lowrank_cli.bench, "bench", out_of_memory)
+    lr, _ = checkpoints
+    code, out, err = run_cli(["bench", lr, "--device", "cpu"], capsys)
+    assert code == 6 and error_lines(err) == [line for line in err.splitlines() if line.strip()][-1:]
+    assert "ran out of memory" in err and "Tried to allocate 2.00 GiB" in err and "--batch-size" in err
+    assert "more" not in error_lines(err)[0]

@@ -142,10 +142,13 @@ def test_debug_shows_traceback_for_bugs(monkeypatch, capsys, tiny_vit_folder, tm
 def test_speed_plan_and_auto_multiple_are_recorded(tiny_vit_folder, tmp_path, capsys):
     out = tmp_path / "fast.safetensors"
     code, stdout, err = run_cli(["factorize", tiny_vit_folder, "--plan", "speed", "--rank-multiple", "auto",
-                                 "--plan-batch-size", "2", "--device", "cpu", "-o", out, "--json"], capsys)
+                                 "--plan-batch-size", "2", "--plan-dtype", "bf16", "--device", "cpu", "-o", out,
+                                 "--json"], capsys)
     assert code == 0, err
     doc = json.loads(stdout)
     info = lowrank_cli.read_info(out)[0]
+    # timed in the precision it will run in, stored in the source's
+    assert info.plan["dtype"] in ("bf16", "bfloat16", "torch.bfloat16") and info.provenance["dtype"] == "float32"
     assert info.provenance["rank_multiple"] == 8 and info.provenance["rank_multiple_asked"] == "auto"
     assert info.provenance["plan"] == "speed" and info.plan["kind"] == "speed" and info.plan["batch_size"] == 2
     timed = info.plan["layers"]

@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if debug:
             raise
+        if type(e).__name__ == "OutOfMemoryError":
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+            _error(f"the device ran out of memory ({first[:160]}): use a smaller --batch-size (or --plan-batch-size, "
+                   "--eval-batch-size), a smaller --dtype, or another device", 6)
         _error(f"unexpected {type(e).__name__}: {e} (a bug in lrc: rerun with LRC_DEBUG=1 and report the traceback)", 1)
     if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent Exit(130)
         _error("interrupted", 130)

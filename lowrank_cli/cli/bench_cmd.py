@@ -122,7 +122,7 @@ def bench(
         "device_name": device_name(dev),
         "dtype": SHORT_DTYPE[dt],
         "compile": rows[0].compile if rows else None,
-        "cuda_graphs": cuda_graphs,
+        "cuda_graphs": rows[0].cuda_graphs if rows else cuda_graphs,  # also true for modes that graph on their own
         "threads": torch.get_num_threads(),
         "input_size": list(size or _input_size(models, reference)),
         "reference": reference,
