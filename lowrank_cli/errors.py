@@ -10,7 +10,7 @@ Exit codes (documented in the README):
     3  bad input: model, file or data not found, unreadable, corrupt, or not fitting the architecture
     4  output problem: output exists (without --force), its folder is missing, or it cannot be written
     5  training stopped: non-finite loss (the last good checkpoint is kept)
-    6  environment: a missing optional dependency, or a device that is not there (--device cuda)
+    6  environment: a missing optional dependency, a device that is not there (--device cuda), or out of memory
   130  interrupted (Ctrl-C / SIGTERM); for recover, the resume command is printed
 """
 

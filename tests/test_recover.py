@@ -340,13 +340,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _lrc() -> str:
-    return str(Path(sys.executable).with_name("lrc"))
+def _lrc() -> list[str]:
+    """The installed `lrc` script, as a user runs it; `python -m lowrank_cli` where the project is only on
+    PYTHONPATH (a borrowed GPU machine, benchmarks/gpu_session.sh)."""
+    script = Path(sys.executable).with_name("lrc")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lowrank_cli"]
 
 
 def test_ctrl_c_saves_and_the_printed_command_resumes(student, teacher, small_digits, tmp_path) -> None:
     out = tmp_path / "cli.safetensors"
-    cmd = [_lrc(), "recover", str(student), "--teacher", str(teacher), "--data", str(small_digits), "--steps", "80",
+    cmd = [*_lrc(), "recover", str(student), "--teacher", str(teacher), "--data", str(small_digits), "--steps", "80",
            "--batch-size", "8", "--workers", "0", "--no-eval", "--log-every", "1", "--save-every", "1000", "-o", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
     metrics = metrics_path(out)
@@ -364,7 +367,7 @@ def test_ctrl_c_saves_and_the_printed_command_resumes(student, teacher, small_di
     assert 1 <= state.step < 80 and not out.exists()
     resume = shlex.split(line.split("Resume with: ", 1)[1])
     assert resume[0] == "lrc" and resume[-1] == "--resume"
-    done = subprocess.run([_lrc(), *resume[1:], "--json"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
+    done = subprocess.run([*_lrc(), *resume[1:], "--json"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)

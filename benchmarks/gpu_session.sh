@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# What issues #4 and #5 measure on a GPU, in two calls of the workplace's device tool (each well under its
+# 600 s limit; the second reuses the first's compile cache when the machine is still warm).
+#
+# Here, once per checkout (the GPU image has torch, timm, transformers, typer, rich and safetensors but not
+# fvcore and what it needs; all four are pure Python, copied from this venv):
+#     bash benchmarks/gpu_session.sh prepare
+# Then, with the device tool, carry [".gpu_site"], timeout_s 600:
+#     bash benchmarks/gpu_session.sh checks       # GPU tests, then benchmarks/recover_throughput.py (~4 min)
+#     bash benchmarks/gpu_session.sh inference    # benchmarks/inference_speed.py --skip-cpu (~8 min)
+# Every result lands in $OUT (logs and JSON), also when a step fails or runs out of time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "prepare" ]; then
+    site=$(python -c 'import fvcore, os; print(os.path.dirname(os.path.dirname(fvcore.__file__)))') || exit 1
+    rm -rf .gpu_site && mkdir -p .gpu_site
+    for pkg in fvcore iopath yacs termcolor; do cp -r "$site/$pkg" .gpu_site/ || exit 1; done
+    find .gpu_site -name __pycache__ -prune -exec rm -rf {} +
+    exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.gpu_site/' "$exclude" 2>/dev/null || echo '/.gpu_site/' >> "$exclude"
+    du -sh .gpu_site
+    exit 0
+fi
+
+[ -d .gpu_site ] || { echo "Error: .gpu_site/ is missing: run 'bash benchmarks/gpu_session.sh prepare' here and carry it" >&2; exit 1; }
+export PYTHONPATH="$PWD/.gpu_site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/lrc-gpu}
+mkdir -p "$OUT"
+python3 -c 'import torch, timm, fvcore, lowrank_cli; print("torch", torch.__version__, "timm", timm.__version__,
+"cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))' 2>&1 | tee "$OUT/env.log"
+
+case "${1:-}" in
+    checks)
+        timeout 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+        timeout 300 python3 benchmarks/recover_throughput.py --json >"$OUT/recover_throughput.json" \
+            2> >(tee "$OUT/recover_throughput.log" >&2)
+        cat "$OUT/recover_throughput.json"
+        ;;
+    inference)
+        timeout 560 python3 benchmarks/inference_speed.py --skip-cpu --json "$OUT/inference_speed.json" 2>&1 \
+            | tee "$OUT/inference_speed.log"
+        ;;
+    *)
+        echo "usage: bash benchmarks/gpu_session.sh prepare|checks|inference" >&2
+        exit 2
+        ;;
+esac
