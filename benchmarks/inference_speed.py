@@ -180,6 +180,19 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def page_faults(model: nn.Module, x: torch.Tensor) -> int:
+    """Minor page faults of one forward (after one untimed): activations above glibc's mmap threshold (32 MiB
+    at most) get fresh pages from the kernel on every call, zeroed first, and that time lands in whichever op
+    first writes them (a GEMM or GELU), in both models alike."""
+    import resource
+
+    with torch.inference_mode():
+        model(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model(x)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def amdahl(dense_prof, linear_mac_ratio: float) -> float:
     """Speed-up if the GEMMs scaled exactly with their MACs and everything else stayed as in the dense model."""
     return ratio(dense_prof.total_ms,
@@ -292,6 +305,9 @@ def cpu_section(args, doc: dict) -> None:
                                 f"{profs[1].total_ms - profs[1].gemm_ms:,.0f} ms {auto_name}",
     }
     say()
+    faults = {name: page_faults(models[name], x) for name in ("dense", auto_name)}
+    notes["minor page faults per forward"] = ", ".join(
+        f"{n} {f:,} ({f * 4096 / 2**20:,.0f} MiB of fresh zeroed pages)" for n, f in faults.items())
     say(f"where the time goes (the quieter of {args.profile_rounds} profiled forwards, batch {bs}; CPU op time: linear/conv and attention ops with everything "
         "under them, the rest by self time):")
     print_profiles(profs, notes)
