@@ -256,6 +256,8 @@ def speed_plan(
     if min_gain <= 0:
         raise UsageError(f"min_gain must be > 0, got {min_gain}")
     dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # the CUDA events and graphs of time_layer use the current device
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dt = resolve_dtype(dtype)
