@@ -63,10 +63,13 @@ def auto_rank_multiple(device: str | torch.device | None = "auto", dtype: str | 
         (0.54x dense). Rounding to 64 also cuts more MACs (ranks 256/192 instead of 304/288/192 at kappa 2).
     CUDA, fp32 / fp64: 8. TF32 (and FP64) tensor-core MMAs need K and N in multiples of 8 (4-byte types:
         16-byte alignment is 4 elements; 8 keeps every tile whole), and no larger grid was measured to pay.
-    CPU, any dtype: 8. Measured on a 2-core AVX2 machine (fp32, 3152 tokens, the DeiT-B shapes): ranks on
-        multiples of 8 ran the two GEMMs at ~93% of the dense layer's efficiency per MAC, PELA's floor ranks
-        (307) at ~88%, and coarser grids (16, 32, 64) no more efficiently per MAC (they only cut more MACs,
-        i.e. compress more than kappa asks). 8 floats are one AVX2 register, the unit of MKL's kernels.
+    CPU, any dtype: one vector register of floats, the unit of MKL's kernels: 8 with AVX2, 16 with AVX-512.
+        Measured on a 2-core AVX2 machine (fp32, 3152 tokens, the DeiT-B shapes): ranks on multiples of 8 ran
+        the two GEMMs at ~93% of the dense layer's efficiency per MAC, PELA's floor ranks (307) at ~88%, and
+        coarser grids (16, 32, 64) no more efficiently per MAC (they only cut more MACs, i.e. compress more
+        than kappa asks). On a 2-core AVX-512 machine, ranks that are odd multiples of 8 (264, 280, 296,
+        312) took 4-9% more time per MAC than the multiples of 16 beside them on the 3072->768 and
+        768->2304 shapes (one run, noisy host).
     """
     from lowrank_cli.bench import resolve_dtype
     from lowrank_cli.devices import resolve_device
@@ -75,7 +78,15 @@ def auto_rank_multiple(device: str | torch.device | None = "auto", dtype: str | 
     dt = resolve_dtype(dtype)
     if dev.type == "cuda":
         return 64 if dt in (torch.bfloat16, torch.float16) else 8
-    return 8
+    return 16 if _cpu_capability().startswith("AVX512") else 8
+
+
+def _cpu_capability() -> str:
+    """The vector ISA torch's CPU kernels use here ("AVX2", "AVX512", ...); "" where torch does not say."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability()).upper()
+    except (AttributeError, RuntimeError):
+        return ""
 
 
 def run_dtype(plan_dtype: str | torch.dtype | None, stored_dtype: torch.dtype | None, device: torch.device,

@@ -209,10 +209,15 @@ def test_speed_plan_keeps_uncalled_linears_dense_without_timing_them():
     assert all("not called" in why for why in plan.dense.values()) and set(info["layers"]) == {"0.up", "1.up"}
 
 
-def test_auto_rank_multiple():
-    assert auto_rank_multiple("cpu", "fp32") == 8
-    assert auto_rank_multiple("cpu", torch.bfloat16) == 8
-    assert parse_rank_multiple("auto", "cpu") == 8 and parse_rank_multiple("64") == 64
+def test_auto_rank_multiple(monkeypatch):
+    import lowrank_cli.speed_plan
+
+    for isa, floats in (("AVX2", 8), ("AVX512", 16), ("DEFAULT", 8)):  # one vector register of fp32
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        assert auto_rank_multiple("cpu", "fp32") == auto_rank_multiple("cpu", torch.bfloat16) == floats
+        assert parse_rank_multiple("auto", "cpu") == floats
+    assert lowrank_cli.speed_plan._cpu_capability() == "DEFAULT"
+    assert parse_rank_multiple("64") == 64
     with pytest.raises(UsageError, match="rank-multiple"):
         parse_rank_multiple("0")
 
