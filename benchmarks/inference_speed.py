@@ -468,7 +468,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per model on the CPU (interleaved)")
-    parser.add_argument("--plan-repeats", type=int, default=3)
+    parser.add_argument("--plan-repeats", type=int, default=5)
     parser.add_argument("--profile-rounds", type=int, default=2, help="profiles per model (the shortest is kept)")
     parser.add_argument("--variant-repeats", type=int, default=5)
     parser.add_argument("--gpu-batch", type=int, default=256)
