@@ -28,12 +28,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 # Messages of failures that are the device's, not the input's (a test forward that hits one must not blame
 # --input-size).
-_DEVICE_FAILURE = ("out of memory", "CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA driver", "device-side assert")
+_DEVICE_FAILURE = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA driver", "device-side assert")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError for the same thing."""
+    text = str(error)
+    return (type(error).__name__ == "OutOfMemoryError" or "out of memory" in text
+            or "can't allocate memory" in text)
 
 
 def is_device_failure(error: BaseException) -> bool:
     """An out-of-memory or a CUDA runtime error: the device failed, whatever the input."""
-    return type(error).__name__ == "OutOfMemoryError" or any(k in str(error) for k in _DEVICE_FAILURE)
+    return is_out_of_memory(error) or any(k in str(error) for k in _DEVICE_FAILURE)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -340,6 +340,7 @@ def test_a_device_failure_is_not_blamed_on_the_input_size(monkeypatch):
 
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert is_device_failure(oom) and is_device_failure(RuntimeError("CUDA error: device-side assert triggered"))
+    assert is_device_failure(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
     assert not is_device_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x3)"))
     with pytest.raises(torch.OutOfMemoryError):
         check_input_size(Broken(oom), (3, 8, 8), torch.device("cpu"), torch.float32)

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if debug:
             raise
-        if type(e).__name__ == "OutOfMemoryError":
+        from lowrank_cli.devices import is_out_of_memory
+
+        if is_out_of_memory(e):
             first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
             _error(f"the device ran out of memory ({first[:160]}): use a smaller --batch-size (or --plan-batch-size, "
                    "--eval-batch-size), a smaller --dtype, or another device", 6)
