@@ -23,6 +23,7 @@ if [ "${1:-}" = "prepare" ]; then
     exit 0
 fi
 
+case "${1:-}" in checks|inference) ;; *) echo "usage: bash benchmarks/gpu_session.sh prepare|checks|inference" >&2; exit 2 ;; esac
 [ -d .gpu_site ] || { echo "Error: .gpu_site/ is missing: run 'bash benchmarks/gpu_session.sh prepare' here and carry it" >&2; exit 1; }
 export PYTHONPATH="$PWD/.gpu_site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/lrc-gpu}
@@ -40,9 +41,5 @@ case "${1:-}" in
     inference)
         timeout 560 python3 benchmarks/inference_speed.py --skip-cpu --json "$OUT/inference_speed.json" 2>&1 \
             | tee "$OUT/inference_speed.log"
-        ;;
-    *)
-        echo "usage: bash benchmarks/gpu_session.sh prepare|checks|inference" >&2
-        exit 2
         ;;
 esac
