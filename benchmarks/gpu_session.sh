@@ -6,7 +6,7 @@
 # fvcore and what it needs; all four are pure Python, copied from this venv):
 #     bash benchmarks/gpu_session.sh prepare
 # Then, with the device tool, carry [".gpu_site"], timeout_s 600:
-#     bash benchmarks/gpu_session.sh checks       # GPU tests, then benchmarks/recover_throughput.py (~4 min)
+#     bash benchmarks/gpu_session.sh checks       # GPU tests, recover_throughput.py, a tiny inference smoke (<10 min)
 #     bash benchmarks/gpu_session.sh inference    # benchmarks/inference_speed.py --skip-cpu (~8 min)
 # Every result lands in $OUT (logs and JSON), also when a step fails or runs out of time.
 set -uo pipefail
@@ -33,10 +33,13 @@ python3 -c 'import torch, timm, fvcore, lowrank_cli; print("torch", torch.__vers
 
 case "${1:-}" in
     checks)
-        timeout 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-        timeout 300 python3 benchmarks/recover_throughput.py --json >"$OUT/recover_throughput.json" \
+        timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+        timeout 240 python3 benchmarks/recover_throughput.py --json >"$OUT/recover_throughput.json" \
             2> >(tee "$OUT/recover_throughput.log" >&2)
         cat "$OUT/recover_throughput.json"
+        # The inference benchmark's GPU code on a tiny ViT: a fault shows here, not 8 minutes into `inference`.
+        timeout 200 python3 benchmarks/inference_speed.py --skip-cpu --arch vit_tiny_patch16_224 --gpu-batch 64 \
+            --json "$OUT/inference_smoke.json" 2>&1 | tee "$OUT/inference_smoke.log" | grep -v "repeat\|warm-up"
         ;;
     inference)
         timeout 560 python3 benchmarks/inference_speed.py --skip-cpu --json "$OUT/inference_speed.json" 2>&1 \
