@@ -446,6 +446,27 @@ def test_innermost_blocks_and_hooks() -> None:
 
 
 
+
+def test_compiled_recovery_computes_the_eager_losses(student, teacher, small_digits, tmp_path) -> None:
+    # The real inductor path of `lrc recover --compile`: the feature term must be there (the block hooks ran
+    # inside the compiled graphs) and every logged term must match an eager run of the same steps.
+    import torch._dynamo
+
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        out = tmp_path / f"{'compiled' if compiled else 'eager'}.safetensors"
+        recover(str(student), str(teacher), small_digits, output=out, steps=3, batch_size=8, lr=1e-3, alpha=5.0,
+                augment=False, evaluate_accuracy=False, compile=compiled, **FAST)
+        runs[compiled] = [json.loads(line) for line in metrics_path(out).read_text().splitlines()]
+    torch._dynamo.reset()
+    eager, compiled = runs[False], runs[True]
+    assert [m["step"] for m in compiled] == [m["step"] for m in eager] == [1, 2, 3]
+    for e, c in zip(eager, compiled):
+        assert c["fd"] > 0
+        for term in ("loss", "ce", "fd"):
+            assert c[term] == pytest.approx(e[term], rel=2e-3, abs=1e-6), (term, e["step"])
+
 def test_compiled_hooked_model_keeps_its_block_outputs_after_a_hookless_twin() -> None:
     # A graph traced for a twin without hooks must not be reused for the hooked model (dynamo skips hook
     # guards by default): the benchmark of a recovery step compiles exactly such a twin first.
