@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.errors import UsageError
 from lowrank_cli.model_inputs import example_input
 
 # Short and long names: what the CLI accepts for --dtype.
@@ -634,11 +634,6 @@ def check_input_size(model: nn.Module, input_size: Sequence[int], device: torch.
         with torch.inference_mode():
             model(example_input(model, tuple(input_size), device=device, dtype=dtype, zeros=True))
     except Exception as e:
-        from lowrank_cli.devices import is_device_failure
+        from lowrank_cli.model_inputs import forward_failed
 
-        if is_device_failure(e):
-            raise
-        raise InputError(
-            f"a forward pass at input size {tuple(input_size)} failed ({type(e).__name__}: {str(e)[:120]}): "
-            "pass the right --input-size C,H,W"
-        ) from None
+        raise forward_failed(e, model, tuple(input_size)) from None

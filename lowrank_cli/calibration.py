@@ -99,8 +99,9 @@ def collect_second_moments(
                 if len(images) == 0:
                     break
                 if mask is not None:
-                    padding[0] = mask.to(model_device).bool()
-                    model(images.to(model_device), attention_mask=mask.to(model_device))
+                    mask = mask.to(model_device)
+                    padding[0] = mask.bool()
+                    model(images.to(model_device), attention_mask=mask)
                 else:
                     model(images.to(model_device))
                 done += len(images)

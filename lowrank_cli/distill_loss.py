@@ -217,10 +217,6 @@ class RecoveryLoss:
         return ["loss"] + [name for name, on in (("ce", self.use_labels), ("fd", w.alpha > 0), ("rwp", w.beta > 0),
                                                  ("kd", w.gamma > 0), ("pool", w.delta > 0)) if on]
 
-    @property
-    def uses_logits(self) -> bool:
-        return self.use_labels or self.weights.gamma > 0
-
     def __call__(self, *, student_out: object, teacher_out: object,
                  student_blocks: Sequence[torch.Tensor], teacher_blocks: Sequence[torch.Tensor],
                  labels: torch.Tensor | None, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -92,14 +92,9 @@ def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, 
     try:
         return _uncalled(model, names, size, next(model.parameters()).device)
     except Exception as e:
-        from lowrank_cli.devices import is_device_failure
+        from lowrank_cli.model_inputs import forward_failed
 
-        if is_device_failure(e):
-            raise
-        raise InputError(
-            f"a test forward pass at input size {size} failed ({type(e).__name__}: {str(e)[:120]}), so lrc cannot "
-            "check which linears the model calls: pass the right --input-size C,H,W"
-        ) from None
+        raise forward_failed(e, model, size, ", so lrc cannot check which linears the model calls") from None
 
 
 def _uncalled(model: nn.Module, names: list[str], size: tuple[int, ...], device: torch.device) -> list[str]:
@@ -294,9 +289,9 @@ def factorize_file(
         raise UsageError(f"--svd '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
     resolve_dtype(options.get("dtype"))
     if options.get("plan_dtype") is not None:
-        from lowrank_cli.speed_plan import run_dtype
+        from lowrank_cli.bench import resolve_dtype as resolve_run_dtype
 
-        run_dtype(options["plan_dtype"], None, torch.device("cpu"), torch.float32)  # refused before the loading
+        resolve_run_dtype(options["plan_dtype"], "--plan-dtype")  # refused before the loading
     resolve_device(options.get("device", "auto"))
     from lowrank_cli.model_inputs import check_input_size, default_input_size
     from lowrank_cli.transformers_models import is_text_model
@@ -308,20 +303,18 @@ def factorize_file(
     check_input_size(loaded.model, options.get("input_size"))
     if text or seq_len is not None:  # an image model with --seq-len is refused here
         options["input_size"] = default_input_size(loaded.model, seq_len)
-    if text:
-        if options.get("calib") is not None and options.get("tokenizer") is None:
-            from lowrank_cli.sources import tokenizer_folder
-
-            options["tokenizer"] = tokenizer_folder(loaded)
+    calib_needs_tokenizer = text and options.get("calib") is not None and options.get("tokenizer") is None
     tokenizer_dir = None
-    if save_tokenizer:
+    if save_tokenizer or calib_needs_tokenizer:
         from lowrank_cli.sources import tokenizer_folder
 
-        tokenizer_dir = tokenizer_folder(loaded)  # before the SVDs: a source without a tokenizer fails at once
+        tokenizer_dir = tokenizer_folder(loaded)  # once, before the SVDs: a source without one fails at once
+    if calib_needs_tokenizer:
+        options["tokenizer"] = tokenizer_dir
     result = factorize(loaded.model, **options)
     result.model.lrc_info.provenance["source"] = loaded.source
     save(result.model, output, force=force)
-    if tokenizer_dir is not None:
+    if save_tokenizer:
         from lowrank_cli.transformers_models import copy_tokenizer
 
         result.extra["tokenizer"] = {"folder": save_tokenizer, "files": copy_tokenizer(tokenizer_dir, save_tokenizer)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowrank_cli.errors import UsageError
+from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.transformers_models import DEFAULT_SEQ_LEN, is_text_model
 
 
@@ -17,7 +17,9 @@ def default_input_size(model: nn.Module, seq_len: int | None = None) -> tuple[in
     """(C, H, W) from the model's data config, or (seq_len,) for a text model (DEFAULT_SEQ_LEN, at most the
     model's positions)."""
     if is_text_model(model):
-        positions = getattr(model.config, "max_position_embeddings", None)
+        from lowrank_cli.text_data import position_limit
+
+        positions = position_limit(model)  # RoBERTa-style models lose 2 of max_position_embeddings
         if seq_len is not None:
             if seq_len < 1:
                 raise UsageError(f"--seq-len must be at least 1, got {seq_len}")
@@ -30,6 +32,19 @@ def default_input_size(model: nn.Module, seq_len: int | None = None) -> tuple[in
     from lowrank_cli.image_data import data_config
 
     return tuple(int(v) for v in data_config(model)["input_size"])
+
+
+def forward_failed(error: Exception, model: nn.Module, input_size: tuple[int, ...], consequence: str = "") -> InputError:
+    """The InputError for a test forward pass at `input_size` that raised `error`, naming the option that sets the
+    size for this kind of model. A device failure (out of memory, a CUDA error) is the device's, not the input
+    size's: it is raised as it is."""
+    from lowrank_cli.devices import is_device_failure
+
+    if is_device_failure(error):
+        raise error
+    option = "--seq-len N" if is_text_model(model) else "--input-size C,H,W"
+    return InputError(f"a test forward pass at input size {tuple(input_size)} failed ({type(error).__name__}: "
+                      f"{str(error)[:120]}){consequence}: pass the right {option}")
 
 
 def check_input_size(model: nn.Module, input_size: tuple[int, ...] | None) -> None:

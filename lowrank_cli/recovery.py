@@ -258,7 +258,8 @@ class Distiller:
         self.forward = forward if forward is not None else student
         self.teacher_forward = teacher_forward if teacher_forward is not None else teacher
         # Block outputs feed L_fd, and L_pool of a model whose output has no last hidden state.
-        self.blocks = blocks if (loss.weights.alpha > 0 or loss.weights.delta > 0) else []
+        # L_fd reads every block; L_pool alone only the last one (its fallback for a model without a pooled output).
+        self.blocks = blocks if loss.weights.alpha > 0 else blocks[-1:] if loss.weights.delta > 0 else []
         self.student_blocks = BlockOutputs(student, self.blocks)
         self.teacher_blocks = BlockOutputs(teacher, self.blocks)
         self.terms = loss.active

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.errors import UsageError
 from lowrank_cli.plan import LayerPlan, Plan
 
 
@@ -141,14 +141,9 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Se
         with torch.inference_mode():
             model(example_input(model, size, dtype=param.dtype, device=param.device, zeros=True))
     except Exception as e:
-        from lowrank_cli.devices import is_device_failure
+        from lowrank_cli.model_inputs import forward_failed
 
-        if is_device_failure(e):
-            raise
-        raise InputError(
-            f"a test forward pass at input size {size} failed ({type(e).__name__}: {str(e)[:120]}), so the layer "
-            "shapes to time are unknown: pass the right --input-size C,H,W, or tokens="
-        ) from None
+        raise forward_failed(e, model, size, ", so the layer shapes to time are unknown") from None
     finally:
         for h in handles:
             h.remove()

@@ -29,13 +29,13 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import EnvironmentProblem, InputError, UsageError
+from .errors import InputError, UsageError
 from .image_data import IMAGE_EXTENSIONS, EpochSampler, epoch_loader, visible
+from .transformers_models import quiet, require
 
 log = logging.getLogger(__name__)
 
 TEXT_EXTENSIONS: tuple[str, ...] = (".txt", ".jsonl")
-INSTALL_HINT = "pip install 'lowrank-cli[transformers]'"
 # Files that carry a vocabulary. tokenizer_config.json / special_tokens_map.json alone do not: from a folder
 # with only config.json, transformers 5 builds a BERT tokenizer that knows nothing but its 5 special tokens.
 VOCAB_FILES: tuple[str, ...] = (
@@ -177,17 +177,6 @@ def find_texts(path: str | os.PathLike[str], *, limit: int | None = None) -> Tex
 # -------------------------------------------------------------------------------------------- tokenizer
 
 
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise EnvironmentProblem(f"text models need Hugging Face transformers, which is not installed: {INSTALL_HINT}"
-                                 ) from None
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
 def _no_tokenizer(source: str, why: str) -> InputError:
     shown = ", ".join(VOCAB_FILES[:2])
     return InputError(f"'{source}' has no tokenizer files ({shown} ...) that could be loaded ({why}): pass"
@@ -199,7 +188,7 @@ def load_tokenizer(source: str | os.PathLike[str], revision: str | None = None) 
     """The tokenizer of `source` (a local folder or a Hub repo id) through `AutoTokenizer`, never running remote
     code. A tokenizer without a pad token pads with its eos (else unk) token; no token is added, so the
     vocabulary still fits the model's embedding matrix."""
-    transformers = _transformers()
+    transformers = require()
     name = str(source)
     local = Path(name).expanduser()
     if local.exists():
@@ -210,7 +199,8 @@ def load_tokenizer(source: str | os.PathLike[str], revision: str | None = None) 
             raise _no_tokenizer(name, "none in the folder")
         name = str(local)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=False)
+        with quiet():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise _no_tokenizer(name, (str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
     # The same silent fallback as above for a Hub repo: a tokenizer built from its config alone.

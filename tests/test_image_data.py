@@ -20,10 +20,7 @@ from lowrank_cli.image_data import (
     make_transform,
 )
 
-try:  # tests/ is on sys.path without a tests/__init__.py, the repo root with one
-    from digits import digits_split_counts, write_corrupt_image, write_digits_imagefolder, write_flat_images
-except ImportError:
-    from tests.digits import digits_split_counts, write_corrupt_image, write_digits_imagefolder, write_flat_images
+from digits import digits_split_counts, write_corrupt_image, write_digits_imagefolder, write_flat_images
 
 
 @pytest.fixture(scope="module")

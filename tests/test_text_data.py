@@ -21,10 +21,7 @@ from lowrank_cli.text_data import (
     text_loader,
 )
 
-try:  # tests/ is on sys.path without a tests/__init__.py, the repo root with one
-    from hf_fixtures import corpus_sentences, vocab_size, write_corpus, write_tiny_bert
-except ImportError:
-    from tests.hf_fixtures import corpus_sentences, vocab_size, write_corpus, write_tiny_bert
+from hf_fixtures import corpus_sentences, vocab_size, write_corpus, write_tiny_bert
 
 
 @pytest.fixture(scope="module")
