@@ -25,7 +25,7 @@ from pathlib import Path
 BARE = r"""
 import sys, torch
 from safetensors.torch import load_file, save_file
-from lowrank_cli.plan import pela_rank
+from lowrank_cli.compress.plan import pela_rank
 folder, out, kappa, multiple = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 sd = load_file(folder + "/model.safetensors")
 for name in [k[:-len(".weight")] for k in list(sd) if k.startswith("blocks.") and k.endswith(".weight") and sd[k].ndim == 2]:

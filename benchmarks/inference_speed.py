@@ -16,7 +16,7 @@ too (`--factors random`: the real lowrank_cli.factorize swap, with a factor_fn t
 SVDs of DeiT-B take minutes on a 2-core CPU and change no timing). `--factors svd` computes one randomized SVD per
 layer at the largest rank any variant needs, sliced for the smaller ranks (the top-k triplets of a truncated SVD
 are the rank-k truncation), so that the SVD work is done once rather than once per rank multiple.
-The models' repeats are interleaved (see lowrank_cli.bench), so drift and other processes on a shared machine
+The models' repeats are interleaved (see lowrank_cli.evaluation.bench), so drift and other processes on a shared machine
 hit every model alike; the ratios are what to read, not the absolute times.
 """
 
@@ -42,11 +42,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowrank_cli  # noqa: E402
-from lowrank_cli.bench import bench, device_name, profile  # noqa: E402
-from lowrank_cli.counting import count_macs  # noqa: E402
-from lowrank_cli.plan import make_plan  # noqa: E402
-from lowrank_cli.speed_plan import auto_rank_multiple, speed_plan  # noqa: E402
-from lowrank_cli.svd import Factors, truncated_svd  # noqa: E402
+from lowrank_cli.evaluation.bench import bench, device_name, profile  # noqa: E402
+from lowrank_cli.evaluation.counting import count_macs  # noqa: E402
+from lowrank_cli.compress.plan import make_plan  # noqa: E402
+from lowrank_cli.compress.speed_plan import auto_rank_multiple, speed_plan  # noqa: E402
+from lowrank_cli.compress.svd import Factors, truncated_svd  # noqa: E402
 
 ARCH = "deit_base_patch16_224"  # --arch changes it (e.g. a small ViT to try the script quickly)
 KAPPA = 2.0
@@ -121,7 +121,7 @@ def build_variants(dense: nn.Module, multiples: list[int], device: torch.device)
 
 
 def ranks_of(model: nn.Module) -> str:
-    from lowrank_cli.lowrank_linear import LowRankLinear
+    from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
     b = model.blocks[0]
     parts = []
@@ -215,7 +215,7 @@ def layer_variants(batch: int, tokens: int, reps: int) -> list[dict]:
     """Is LowRankLinear's forward (two F.linear on 3-D input) as fast as the alternatives on this CPU?"""
     import torch.nn.functional as F
 
-    from lowrank_cli.lowrank_linear import LowRankLinear
+    from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
     results = []
     gen = torch.Generator().manual_seed(0)

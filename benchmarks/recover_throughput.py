@@ -10,7 +10,7 @@ time is the sum of those two measured alone:
     teacher forward      no_grad, eval mode, bf16 autocast
     student step         forward, cross-entropy, backward, gradient clipping, fused AdamW step (no hooks, no
                          distillation)
-    recovery step        lowrank_cli.recovery.Distiller.step: the code `lrc recover` runs (teacher forward, hooked
+    recovery step        lowrank_cli.training.recovery.Distiller.step: the code `lrc recover` runs (teacher forward, hooked
                          student forward, PELA Eq. 7 with labels and feature distillation, backward, clipping,
                          AdamW, the per-step loss check)
 
@@ -51,9 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace, device: torch.device):
     import timm
 
-    from lowrank_cli.distill_loss import LossWeights, RecoveryLoss, innermost_blocks
-    from lowrank_cli.factorization import factorize
-    from lowrank_cli.recovery import Distiller, compile_hooked, param_groups
+    from lowrank_cli.training.losses import LossWeights, RecoveryLoss, innermost_blocks
+    from lowrank_cli.compress.factorization import factorize
+    from lowrank_cli.training.recovery import Distiller, compile_hooked, param_groups
 
     torch.manual_seed(0)
     teacher = timm.create_model(args.model, pretrained=False).to(device).eval().requires_grad_(False)
@@ -69,7 +69,7 @@ def build(args: argparse.Namespace, device: torch.device):
 
     opt, params = adamw(student)
     opt_alone, params_alone = adamw(dense_student)
-    from lowrank_cli.image_data import data_config
+    from lowrank_cli.data.images import data_config
 
     input_size = tuple(data_config(teacher)["input_size"])
     forward, teacher_forward, alone_forward = student, teacher, dense_student
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print("recover_throughput: no CUDA device here; this benchmark measures a GPU (use --device cpu "
               "--model vit_tiny_patch16_224 --batch-size 8 for a smoke run)")
         return 0
-    from lowrank_cli.accuracy import autocast_for
-    from lowrank_cli.image_data import Batch
+    from lowrank_cli.evaluation.accuracy import autocast_for
+    from lowrank_cli.data.images import Batch
 
     device = torch.device(args.device)
     distiller, teacher_forward, alone_forward, opt_alone, params_alone, images, labels = build(args, device)

@@ -46,7 +46,7 @@ def train_teacher(data: Path, folder: Path, epochs: int) -> None:
     import timm
     from timm.models import save_for_hf
 
-    from lowrank_cli.image_data import find_images, make_loader, make_transform
+    from lowrank_cli.data.images import find_images, make_loader, make_transform
 
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,

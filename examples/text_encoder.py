@@ -149,7 +149,7 @@ def main() -> None:
         "--batch-size", 32, "--lr", "5e-4", "--gamma", 1, "-o", recovered, "--force")
 
     import lowrank_cli
-    from lowrank_cli.text_data import load_tokenizer
+    from lowrank_cli.data.texts import load_tokenizer
 
     tokenizer = load_tokenizer(work / "bert_lr_tokenizer")
     print(f"\nheld-out accuracy ({len(held_out)} sentences, 8 classes):")

@@ -16,39 +16,42 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from lowrank_cli import _legacy
 from lowrank_cli._version import __version__
 
+_legacy.install()  # the 0.x import paths (lowrank_cli.lowrank_linear, ...) keep working
+
 _API = {
-    "factorize": "lowrank_cli.factorization",
-    "FactorizeResult": "lowrank_cli.factorization",
-    "load": "lowrank_cli.checkpoint",
-    "save": "lowrank_cli.checkpoint",
-    "read_info": "lowrank_cli.checkpoint",
-    "CheckpointInfo": "lowrank_cli.checkpoint",
-    "load_model": "lowrank_cli.sources",
-    "LoadedModel": "lowrank_cli.sources",
-    "LowRankLinear": "lowrank_cli.lowrank_linear",
-    "make_plan": "lowrank_cli.plan",
-    "pela_rank": "lowrank_cli.plan",
+    "factorize": "lowrank_cli.compress.factorization",
+    "FactorizeResult": "lowrank_cli.compress.factorization",
+    "load": "lowrank_cli.checkpoint.io",
+    "save": "lowrank_cli.checkpoint.io",
+    "read_info": "lowrank_cli.checkpoint.io",
+    "CheckpointInfo": "lowrank_cli.checkpoint.io",
+    "load_model": "lowrank_cli.models.sources",
+    "LoadedModel": "lowrank_cli.models.sources",
+    "LowRankLinear": "lowrank_cli.layers.lowrank_linear",
+    "make_plan": "lowrank_cli.compress.plan",
+    "pela_rank": "lowrank_cli.compress.plan",
     "LrcError": "lowrank_cli.errors",
-    "build_report": "lowrank_cli.report",
-    "recover": "lowrank_cli.recovery",
-    "RecoverResult": "lowrank_cli.recovery",
-    "evaluate": "lowrank_cli.accuracy",
+    "build_report": "lowrank_cli.evaluation.report",
+    "recover": "lowrank_cli.training.recovery",
+    "RecoverResult": "lowrank_cli.training.recovery",
+    "evaluate": "lowrank_cli.evaluation.accuracy",
 }
 
 __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:
-    from lowrank_cli.checkpoint import CheckpointInfo, load, read_info, save
+    from lowrank_cli.checkpoint.io import CheckpointInfo, load, read_info, save
     from lowrank_cli.errors import LrcError
-    from lowrank_cli.factorization import FactorizeResult, factorize
-    from lowrank_cli.lowrank_linear import LowRankLinear
-    from lowrank_cli.plan import make_plan, pela_rank
-    from lowrank_cli.accuracy import evaluate
-    from lowrank_cli.recovery import RecoverResult, recover
-    from lowrank_cli.report import build_report
-    from lowrank_cli.sources import LoadedModel, load_model
+    from lowrank_cli.compress.factorization import FactorizeResult, factorize
+    from lowrank_cli.layers.lowrank_linear import LowRankLinear
+    from lowrank_cli.compress.plan import make_plan, pela_rank
+    from lowrank_cli.evaluation.accuracy import evaluate
+    from lowrank_cli.training.recovery import RecoverResult, recover
+    from lowrank_cli.evaluation.report import build_report
+    from lowrank_cli.models.sources import LoadedModel, load_model
 
 
 def __getattr__(name: str):

@@ -9,8 +9,8 @@ from digits import write_digits_imagefolder
 
 import lowrank_cli
 from lowrank_cli.errors import UsageError
-from lowrank_cli.image_data import find_images, make_loader, make_transform
-from lowrank_cli.plan import block_names
+from lowrank_cli.data.images import find_images, make_loader, make_transform
+from lowrank_cli.compress.plan import block_names
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_budget_without_data_keeps_the_budget(digits):
 
 
 def test_target_macs(digits):
-    from lowrank_cli.counting import count_macs
+    from lowrank_cli.evaluation.counting import count_macs
 
     model = make_tiny_vit(seed=5)
     dense_macs = count_macs(model, (3, 32, 32)).total

@@ -14,11 +14,11 @@ import torch
 from conftest import error_lines, make_tiny_vit, run_cli
 
 import lowrank_cli
-from lowrank_cli.bench import BenchRow, bench, classify, noise_warning, parse_batch_sizes, profile, resolve_dtype
-from lowrank_cli.counting import count_macs
+from lowrank_cli.evaluation.bench import BenchRow, bench, classify, noise_warning, parse_batch_sizes, profile, resolve_dtype
+from lowrank_cli.evaluation.counting import count_macs
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
-from lowrank_cli.plan import make_plan
-from lowrank_cli.speed_plan import LayerShape, auto_rank_multiple, parse_rank_multiple, speed_plan
+from lowrank_cli.compress.plan import make_plan
+from lowrank_cli.compress.speed_plan import LayerShape, auto_rank_multiple, parse_rank_multiple, speed_plan
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is missing")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -210,20 +210,20 @@ def test_speed_plan_keeps_uncalled_linears_dense_without_timing_them():
 
 
 def test_auto_rank_multiple(monkeypatch):
-    import lowrank_cli.speed_plan
+    import lowrank_cli.compress.speed_plan
 
     for isa, floats in (("AVX2", 8), ("AVX512", 16), ("DEFAULT", 8)):  # one vector register of fp32
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
         assert auto_rank_multiple("cpu", "fp32") == auto_rank_multiple("cpu", torch.bfloat16) == floats
         assert parse_rank_multiple("auto", "cpu") == floats
-    assert lowrank_cli.speed_plan._cpu_capability() == "DEFAULT"
+    assert lowrank_cli.compress.speed_plan._cpu_capability() == "DEFAULT"
     assert parse_rank_multiple("64") == 64
     with pytest.raises(UsageError, match="rank-multiple"):
         parse_rank_multiple("0")
 
 
 def test_the_plan_is_timed_in_the_precision_the_model_will_run_in():
-    from lowrank_cli.speed_plan import run_dtype
+    from lowrank_cli.compress.speed_plan import run_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert run_dtype(None, None, cuda, torch.float32) is torch.bfloat16  # a GPU serves in bf16
@@ -250,7 +250,7 @@ def test_auto_rank_multiple_on_cuda():
 @needs_cuda
 @pytest.mark.gpu
 def test_bench_and_speed_plan_on_cuda(pair):
-    from lowrank_cli.bench import weight_bytes
+    from lowrank_cli.evaluation.bench import weight_bytes
 
     dense, low = (copy.deepcopy(m) for m in pair)
     for graphs in (False, True):
@@ -327,7 +327,7 @@ def test_cli_refuses_bad_options_with_one_error_line(checkpoints, capsys):
 
 
 def test_a_device_failure_is_not_blamed_on_the_input_size(monkeypatch):
-    from lowrank_cli.bench import check_input_size
+    from lowrank_cli.evaluation.bench import check_input_size
     from lowrank_cli.devices import is_device_failure
 
     class Broken(torch.nn.Module):
@@ -351,12 +351,12 @@ def test_a_device_failure_is_not_blamed_on_the_input_size(monkeypatch):
 
 def test_out_of_memory_ends_with_one_error_line(checkpoints, capsys, monkeypatch):
     # The device boundary is mocked: this machine has no GPU to run out of.
-    import lowrank_cli.bench
+    import lowrank_cli.evaluation.bench
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\nmore")
 
-    monkeypatch.setattr(lowrank_cli.bench, "bench", out_of_memory)
+    monkeypatch.setattr(lowrank_cli.evaluation.bench, "bench", out_of_memory)
     lr, _ = checkpoints
     code, out, err = run_cli(["bench", lr, "--device", "cpu"], capsys)
     assert code == 6 and error_lines(err) == [line for line in err.splitlines() if line.strip()][-1:]

@@ -97,7 +97,7 @@ def test_missing_output_folder(tiny_vit_folder, tmp_path, capsys):
 
 
 def test_interrupted_factorize_leaves_nothing(tiny_vit_folder, tmp_path, capsys, monkeypatch):
-    from lowrank_cli import factorization
+    from lowrank_cli.compress import factorization
 
     real = factorization.truncated_svd
     calls = []
@@ -127,7 +127,7 @@ def test_module_entry_point_and_fast_help():
 
 
 def test_debug_shows_traceback_for_bugs(monkeypatch, capsys, tiny_vit_folder, tmp_path):
-    from lowrank_cli import factorization
+    from lowrank_cli.compress import factorization
 
     monkeypatch.setattr(factorization, "make_plan", lambda *a, **k: 1 / 0)
     code, _, err = run_cli(["factorize", str(tiny_vit_folder), "-o", tmp_path / "x.safetensors"], capsys)
@@ -149,7 +149,7 @@ def test_speed_plan_and_auto_multiple_are_recorded(tiny_vit_folder, tmp_path, ca
     info = lowrank_cli.read_info(out)[0]
     # timed in the precision it will run in, stored in the source's
     assert info.plan["dtype"] in ("bf16", "bfloat16", "torch.bfloat16") and info.provenance["dtype"] == "float32"
-    from lowrank_cli.speed_plan import auto_rank_multiple
+    from lowrank_cli.compress.speed_plan import auto_rank_multiple
 
     assert info.provenance["rank_multiple"] == auto_rank_multiple("cpu") in (8, 16)
     assert info.provenance["rank_multiple_asked"] == "auto"

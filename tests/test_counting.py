@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_cli.counting import (
+from lowrank_cli.evaluation.counting import (
     count_macs,
     count_params,
     format_size,
@@ -16,7 +16,7 @@ from lowrank_cli.counting import (
     parse_size,
 )
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.lowrank_linear import LowRankLinear
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
 
 def _linear_params(d_in: int, d_out: int) -> int:

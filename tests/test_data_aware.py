@@ -10,10 +10,10 @@ import timm
 import torch
 from torch import nn
 
-from lowrank_cli.calibration import collect_second_moments
-from lowrank_cli.data_aware_svd import data_aware_factors, output_rel_error, plain_factors
+from lowrank_cli.compress.calibration import collect_second_moments
+from lowrank_cli.compress.whitened_svd import data_aware_factors, output_rel_error, plain_factors
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.rank_budget import LayerSpectrum, allocate_ranks, budget_cost, kept_energy, uniform_ranks
+from lowrank_cli.compress.budget import LayerSpectrum, allocate_ranks, budget_cost, kept_energy, uniform_ranks
 
 F64 = torch.float64
 SHAPES = [(24, 40), (40, 24), (32, 32)]  # (d_out, d_in): wide, tall, square
@@ -406,7 +406,7 @@ def test_calibrated_budgeted_beats_uniform_plain_on_held_out_images(vit):
 
 
 def test_whitened_spectrum_is_the_spectrum_the_factors_truncate() -> None:
-    from lowrank_cli.data_aware_svd import whitened_spectrum
+    from lowrank_cli.compress.whitened_svd import whitened_spectrum
 
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(24, 16, generator=gen)

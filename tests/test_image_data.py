@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.image_data import (
+from lowrank_cli.data.images import (
     Batch,
     EpochSampler,
     ImageDataset,

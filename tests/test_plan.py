@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_vit
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.plan import block_linear_names, make_plan, pela_rank, saves_params, select_targets
+from lowrank_cli.compress.plan import block_linear_names, make_plan, pela_rank, saves_params, select_targets
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 import lowrank_cli
-from lowrank_cli.checkpoint import read_info
-from lowrank_cli.distill_loss import (
+from lowrank_cli.checkpoint.io import read_info
+from lowrank_cli.training.losses import (
     BlockOutputs,
     LossWeights,
     RecoveryLoss,
@@ -35,10 +35,10 @@ from lowrank_cli.distill_loss import (
     weight_perturbation,
 )
 from lowrank_cli.errors import InputError, Interrupted, OutputError, TrainingError, UsageError
-from lowrank_cli.accuracy import evaluate
-from lowrank_cli.lowrank_linear import LowRankLinear
-from lowrank_cli.recovery import lr_factor, recover
-from lowrank_cli.train_state import metrics_path, read_train_state, train_state_path
+from lowrank_cli.evaluation.accuracy import evaluate
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.training.recovery import lr_factor, recover
+from lowrank_cli.training.state import metrics_path, read_train_state, train_state_path
 
 from conftest import error_lines, run_cli
 from digits import write_corrupt_image, write_digits_imagefolder
@@ -62,7 +62,7 @@ def small_digits(tmp_path_factory) -> Path:
 
 
 def _tensors(folder: Path, split: str, transform):
-    from lowrank_cli.image_data import find_images
+    from lowrank_cli.data.images import find_images
 
     images = find_images(folder, split)
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in images.samples])
@@ -75,7 +75,7 @@ def teacher(digits, tmp_path_factory) -> Path:
     import timm
     from timm.models import save_for_hf
 
-    from lowrank_cli.image_data import make_transform
+    from lowrank_cli.data.images import make_transform
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TEACHER_ARGS)
@@ -475,7 +475,7 @@ def test_compiled_hooked_model_keeps_its_block_outputs_after_a_hookless_twin() -
     import torch._dynamo
     from torch import nn
 
-    from lowrank_cli.recovery import compile_hooked
+    from lowrank_cli.training.recovery import compile_hooked
 
     class Net(nn.Module):
         def __init__(self):

@@ -24,10 +24,10 @@ from torch import nn  # noqa: E402
 
 import lowrank_cli  # noqa: E402
 from conftest import error_lines, make_tiny_vit, run_cli  # noqa: E402
-from lowrank_cli.counting import format_size  # noqa: E402
+from lowrank_cli.evaluation.counting import format_size  # noqa: E402
 from lowrank_cli.errors import UsageError  # noqa: E402
-from lowrank_cli.report import apply_gates, build_report, report_model, to_markdown  # noqa: E402
-from lowrank_cli.svd import Factors  # noqa: E402
+from lowrank_cli.evaluation.report import apply_gates, build_report, report_model, to_markdown  # noqa: E402
+from lowrank_cli.compress.svd import Factors  # noqa: E402
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report_schema.md"
 TINY_ARCH = "vit_tiny_patch16_224"
@@ -147,7 +147,7 @@ def test_deit_base_kappa2_file(deit_dense, deit_lr_file) -> None:
     assert doc["provenance"]["kappa"] == 2 and doc["provenance"]["rank_multiple"] == 1
 
     # CI gates on the same report: 44.08M params pass 50M; 9.21 GMACs fail 9G; 1.96x passes 1.8.
-    from lowrank_cli.report import Report
+    from lowrank_cli.evaluation.report import Report
 
     failed = apply_gates(Report(doc), max_params=50_000_000, max_macs=9_000_000_000, min_compression=1.8)
     assert [g["name"] for g in failed] == ["max_macs"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
-from lowrank_cli.text_data import (
+from lowrank_cli.data.texts import (
     TextBatch,
     TextCollate,
     TextDataset,

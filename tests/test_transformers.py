@@ -11,9 +11,9 @@ from torch import nn
 
 import lowrank_cli
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, UsageError
-from lowrank_cli.lowrank_linear import LowRankLinear
-from lowrank_cli.plan import LayerPlan, Plan, pela_rank
-from lowrank_cli.sources import load_model
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.compress.plan import LayerPlan, Plan, pela_rank
+from lowrank_cli.models.sources import load_model
 
 from conftest import error_lines, read_json, run_cli
 from hf_fixtures import corpus_sentences, write_corpus, write_sentence_transformers, write_tiny_bert, write_tiny_vit
@@ -115,7 +115,7 @@ def test_hub_repos_from_the_offline_cache(bert_folder, hub_cache):
     with pytest.raises(InputError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_model("hf-hub:acme/not-cached")
     # the tokenizer files of a Hub source come from the same cache
-    from lowrank_cli.sources import tokenizer_folder
+    from lowrank_cli.models.sources import tokenizer_folder
 
     assert (tokenizer_folder(via_id) / "tokenizer.json").is_file()
     hub_cache("acme/no-tokenizer", {"config.json": bert_folder / "config.json",
@@ -136,7 +136,7 @@ def test_sentence_transformers_folder(tmp_path, capsys):
     assert code == 0, err
     summary = read_json(stdout)
     assert summary["factorized"] == 12 and "tokenizer.json" in summary["tokenizer"]["files"]
-    from lowrank_cli.text_data import load_tokenizer
+    from lowrank_cli.data.texts import load_tokenizer
 
     original, copied = load_tokenizer(folder), load_tokenizer(tmp_path / "tok")
     text = corpus_sentences(3)
@@ -284,7 +284,7 @@ def test_transformers_vit_folder_through_factorize_report_and_eval(vit_folder, t
 
 def test_data_aware_factorization_on_text(mlm_folder, corpus, tmp_path):
     def hidden_error(model, reference, texts):
-        from lowrank_cli.text_data import TextCollate, load_tokenizer
+        from lowrank_cli.data.texts import TextCollate, load_tokenizer
 
         batch = TextCollate(load_tokenizer(mlm_folder), 64)(texts)
         with torch.no_grad():
@@ -308,7 +308,7 @@ def test_data_aware_factorization_on_text(mlm_folder, corpus, tmp_path):
 
 def hidden_state_error(model, teacher, tokenizer_folder, texts) -> float:
     """Mean over layers of the MSE between the hidden states of `model` and `teacher` on the real tokens."""
-    from lowrank_cli.text_data import TextCollate, load_tokenizer
+    from lowrank_cli.data.texts import TextCollate, load_tokenizer
 
     batch = TextCollate(load_tokenizer(tokenizer_folder), 64)(texts)
     with torch.no_grad():

@@ -49,11 +49,11 @@ def bench(
     """Measure latency (median and spread), throughput and peak memory of MODEL, and of --against in the same run."""
     import torch
 
-    from lowrank_cli.bench import SHORT_DTYPE, device_name, parse_batch_sizes, process_peak_rss, resolve_compile_mode, resolve_dtype
-    from lowrank_cli.bench import bench as run_bench
+    from lowrank_cli.evaluation.bench import SHORT_DTYPE, device_name, parse_batch_sizes, process_peak_rss, resolve_compile_mode, resolve_dtype
+    from lowrank_cli.evaluation.bench import bench as run_bench
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.errors import UsageError
-    from lowrank_cli.sources import load_model, parse_model_args
+    from lowrank_cli.models.sources import load_model, parse_model_args
 
     # Everything that can be refused is refused before the (slow) loading.
     if threads is not None:
@@ -86,8 +86,8 @@ def bench(
             ref_label += " (against)"
         models[ref_label] = ref.model
         reference = ref_label
-    from lowrank_cli.model_inputs import check_input_size, default_input_size
-    from lowrank_cli.transformers_models import is_text_model
+    from lowrank_cli.models.inputs import check_input_size, default_input_size
+    from lowrank_cli.models.transformers_models import is_text_model
 
     check_input_size(loaded.model, size)
     if seq_len is not None or is_text_model(loaded.model):
@@ -103,8 +103,8 @@ def bench(
         )
         profiles = []
         if profile:
-            from lowrank_cli.bench import profile as run_profile
-            from lowrank_cli.model_inputs import example_input
+            from lowrank_cli.evaluation.bench import profile as run_profile
+            from lowrank_cli.models.inputs import example_input
 
             largest = max(sizes)
             x = example_input(loaded.model, size or _input_size(models, reference), largest, device=dev, dtype=dt,
@@ -154,13 +154,13 @@ def _label(source: str) -> str:
 
 
 def _input_size(models: dict, reference: str | None) -> tuple[int, ...]:
-    from lowrank_cli.model_inputs import default_input_size
+    from lowrank_cli.models.inputs import default_input_size
 
     return default_input_size(models[reference or next(iter(models))])
 
 
 def _memory_note(device_type: str) -> str:
-    from lowrank_cli.bench import PEAK_MEMORY_NOTE
+    from lowrank_cli.evaluation.bench import PEAK_MEMORY_NOTE
 
     return PEAK_MEMORY_NOTE["cuda" if device_type == "cuda" else "cpu"]
 
@@ -169,7 +169,7 @@ def print_table(doc: dict, rows: list) -> None:
     from rich import box
     from rich.table import Table
 
-    from lowrank_cli.counting import format_size
+    from lowrank_cli.evaluation.counting import format_size
 
     title = (f"lrc bench on {doc['device_name']}, {doc['dtype']}"
              f"{', compiled (' + doc['compile'] + ')' if doc['compile'] else ', eager'}"

@@ -66,9 +66,9 @@ def factorize(
 ) -> None:
     """Replace every linear of the transformer blocks (timm blocks, transformers encoder layers) by its truncated
     SVD and write an lrc checkpoint."""
-    from lowrank_cli.counting import parse_size
-    from lowrank_cli.factorization import factorize_file
-    from lowrank_cli.sources import parse_model_args
+    from lowrank_cli.evaluation.counting import parse_size
+    from lowrank_cli.compress.factorization import factorize_file
+    from lowrank_cli.models.sources import parse_model_args
 
     with console.progress() as bar:
         task = None
@@ -112,7 +112,7 @@ def factorize(
 def print_summary(s: dict) -> None:
     from rich.table import Table
 
-    from lowrank_cli.counting import format_size
+    from lowrank_cli.evaluation.counting import format_size
 
     table = Table(title=f"lrc factorize -> {s['output']}", show_header=False, title_justify="left")
     table.add_column(style="bold")

@@ -55,10 +55,10 @@ def report(
     revision: Revision = None,
 ) -> None:
     """Count parameters and MACs, show the compression and where the model came from; optionally gate CI on them."""
-    from lowrank_cli.counting import parse_size
+    from lowrank_cli.evaluation.counting import parse_size
     from lowrank_cli.errors import GateFailed, UsageError
-    from lowrank_cli.report import apply_gates, build_report, describe_gate, parse_ratio, to_markdown
-    from lowrank_cli.sources import parse_model_args
+    from lowrank_cli.evaluation.report import apply_gates, build_report, describe_gate, parse_ratio, to_markdown
+    from lowrank_cli.models.sources import parse_model_args
 
     if json_out and markdown:
         raise UsageError("--json and --markdown both print the report on stdout: choose one")
@@ -76,7 +76,7 @@ def report(
     }
     size = parse_input_size(input_size)
     if plot is not None:
-        from lowrank_cli.report_plot import check_plot_output
+        from lowrank_cli.evaluation.plot import check_plot_output
 
         check_plot_output(plot)
 
@@ -96,7 +96,7 @@ def report(
         print_report(result.document, per_layer)
 
     if plot is not None:
-        from lowrank_cli.report_plot import plot_report
+        from lowrank_cli.evaluation.plot import plot_report
 
         console.info(f"Wrote {plot_report(result, plot)}")
     if failed:
@@ -109,7 +109,7 @@ def print_report(doc: dict, per_layer: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from lowrank_cli.report import layer_cells, layer_columns, summary_rows
+    from lowrank_cli.evaluation.report import layer_cells, layer_columns, summary_rows
 
     if not console.is_main_process():  # under torchrun, rank 0 alone prints
         return

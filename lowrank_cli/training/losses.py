@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_cli.lowrank_linear import LowRankLinear
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
 # The names under which the terms are logged, in this order (loss = the weighted sum).
 TERMS = ("loss", "ce", "fd", "rwp", "kd", "pool")
@@ -58,7 +58,7 @@ class LossWeights:
 
 def innermost_blocks(model: nn.Module) -> list[str]:
     """The model's repeated transformer blocks, innermost ones only (Swin: `layers.N.blocks.M`, not `layers.N`)."""
-    from lowrank_cli.plan import block_names
+    from lowrank_cli.compress.plan import block_names
 
     names = block_names(model)
     return [n for n in names if not any(other.startswith(n + ".") for other in names)]

@@ -36,9 +36,9 @@ from torch import nn
 from lowrank_cli._version import __version__
 from lowrank_cli.atomic import atomic_path, check_output
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.lowrank_linear import LowRankLinear
-from lowrank_cli.model_spec import ModelSpec, build_empty, check_fits, json_safe, record_input_size
-from lowrank_cli.transformers_models import finish, is_transformers_model
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.models.spec import ModelSpec, build_empty, check_fits, json_safe, record_input_size
+from lowrank_cli.models.transformers_models import finish, is_transformers_model
 
 SCHEMA = 1
 PREFIX = "lrc."
@@ -167,7 +167,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the model from the file alone; returns a LoadedModel (model, spec, source, checkpoint info)."""
     from safetensors.torch import load_file
 
-    from lowrank_cli.sources import LoadedModel
+    from lowrank_cli.models.sources import LoadedModel
 
     path = Path(path)
     info, shapes = read_info(path)
@@ -196,7 +196,7 @@ def _spec_of(model: nn.Module) -> ModelSpec:
     if info is not None:
         return info.spec
     if is_transformers_model(model):
-        from lowrank_cli.transformers_models import spec_of
+        from lowrank_cli.models.transformers_models import spec_of
 
         return spec_of(model)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})

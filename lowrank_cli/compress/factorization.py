@@ -13,15 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_cli.checkpoint import CheckpointInfo, swap_in
-from lowrank_cli.counting import count_params
+from lowrank_cli.checkpoint.io import CheckpointInfo, swap_in
+from lowrank_cli.evaluation.counting import count_params
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.lowrank_linear import LowRankLinear
-from lowrank_cli.model_inputs import example_input
-from lowrank_cli.model_spec import ModelSpec
-from lowrank_cli.plan import Plan, make_plan
-from lowrank_cli.svd import SVD_METHODS, truncated_svd
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.models.inputs import example_input
+from lowrank_cli.models.spec import ModelSpec
+from lowrank_cli.compress.plan import Plan, make_plan
+from lowrank_cli.compress.svd import SVD_METHODS, truncated_svd
 
 
 
@@ -78,7 +78,7 @@ def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, 
     """
     if not names:
         return []
-    from lowrank_cli.model_inputs import default_input_size
+    from lowrank_cli.models.inputs import default_input_size
 
     size = tuple(input_size or default_input_size(model))
     # A twin on the meta device runs the same modules on shapes only: no arithmetic, no memory. A model that
@@ -92,7 +92,7 @@ def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, 
     try:
         return _uncalled(model, names, size, next(model.parameters()).device)
     except Exception as e:
-        from lowrank_cli.model_inputs import forward_failed
+        from lowrank_cli.models.inputs import forward_failed
 
         raise forward_failed(e, model, size, ", so lrc cannot check which linears the model calls") from None
 
@@ -142,7 +142,7 @@ def factorize(
     """`lowrank_cli.factorize(model, kappa=2)`: swap the planned linears of `model` for low-rank ones, in place.
 
     The plan comes from `plan`, or from kappa / rank_multiple / include / exclude / rank_pattern (see
-    `lowrank_cli.plan`). Linears the model never calls as modules stay dense, with a warning. `factor_fn(name,
+    `lowrank_cli.compress.plan`). Linears the model never calls as modules stay dense, with a warning. `factor_fn(name,
     weight, rank)` can replace the plain SVD (data-aware truncation); it returns an object shaped like
     `svd.Factors`. `calib` (an image folder; for a text model a .txt / .jsonl file or folder, tokenised
     by `tokenizer`, a tokenizer or the folder / Hub repo that has one) makes the truncation data-aware: it
@@ -162,7 +162,7 @@ def factorize(
     if plan_kind not in ("pela", "speed"):
         raise UsageError(f"--plan '{plan_kind}' is not one of pela, speed")
     asked_multiple = rank_multiple
-    from lowrank_cli.speed_plan import parse_rank_multiple, run_dtype
+    from lowrank_cli.compress.speed_plan import parse_rank_multiple, run_dtype
 
     runs_in = run_dtype(plan_dtype, out_dtype, dev, next(model.parameters()).dtype)
     if plan is None:
@@ -181,7 +181,7 @@ def factorize(
     extra: dict[str, Any] = {}
     stats = None
     if calib is not None:
-        from lowrank_cli.aware_plan import calibrate, data_aware_factor_fn
+        from lowrank_cli.compress.aware_plan import calibrate, data_aware_factor_fn
 
         started = time.perf_counter()
         stats = calibrate(model, list(plan.ranks) + [n for n, why in plan.dense.items() if "would not reduce" in why],
@@ -193,13 +193,13 @@ def factorize(
                                 "seconds": round(time.perf_counter() - started, 2)}
         factor_fn = factor_fn or data_aware_factor_fn(stats)
     if budget is not None or target_macs is not None:
-        from lowrank_cli.aware_plan import budget_plan
+        from lowrank_cli.compress.aware_plan import budget_plan
 
         plan, extra["budget"] = budget_plan(model, plan, keep_fraction=budget, target_macs=target_macs,
                                             rank_multiple=rank_multiple, stats=stats, input_size=input_size)
     timings = None
     if plan_kind == "speed":
-        from lowrank_cli.speed_plan import speed_plan
+        from lowrank_cli.compress.speed_plan import speed_plan
 
         batch = plan_batch_size or (256 if dev.type == "cuda" else 16)
         plan, timings = speed_plan(model, plan, device=dev, dtype=runs_in, batch_size=batch, input_size=input_size)
@@ -253,7 +253,7 @@ def factorize(
 
 
 def _timm_spec(model: nn.Module) -> ModelSpec:
-    from lowrank_cli.checkpoint import _spec_of
+    from lowrank_cli.checkpoint.io import _spec_of
 
     try:
         return _spec_of(model)
@@ -281,20 +281,20 @@ def factorize_file(
     their checks at `seq_len` tokens; `save_tokenizer` copies a transformers source's tokenizer files there.
     """
     from lowrank_cli.atomic import check_output
-    from lowrank_cli.checkpoint import save
-    from lowrank_cli.sources import load_model
+    from lowrank_cli.checkpoint.io import save
+    from lowrank_cli.models.sources import load_model
 
     check_output(output, force=force)
     if options.get("svd", "exact") not in SVD_METHODS:
         raise UsageError(f"--svd '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
     resolve_dtype(options.get("dtype"))
     if options.get("plan_dtype") is not None:
-        from lowrank_cli.bench import resolve_dtype as resolve_run_dtype
+        from lowrank_cli.evaluation.bench import resolve_dtype as resolve_run_dtype
 
         resolve_run_dtype(options["plan_dtype"], "--plan-dtype")  # refused before the loading
     resolve_device(options.get("device", "auto"))
-    from lowrank_cli.model_inputs import check_input_size, default_input_size
-    from lowrank_cli.transformers_models import is_text_model
+    from lowrank_cli.models.inputs import check_input_size, default_input_size
+    from lowrank_cli.models.transformers_models import is_text_model
 
     loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
     if loaded.checkpoint is not None:
@@ -306,7 +306,7 @@ def factorize_file(
     calib_needs_tokenizer = text and options.get("calib") is not None and options.get("tokenizer") is None
     tokenizer_dir = None
     if save_tokenizer or calib_needs_tokenizer:
-        from lowrank_cli.sources import tokenizer_folder
+        from lowrank_cli.models.sources import tokenizer_folder
 
         tokenizer_dir = tokenizer_folder(loaded)  # once, before the SVDs: a source without one fails at once
     if calib_needs_tokenizer:
@@ -315,7 +315,7 @@ def factorize_file(
     result.model.lrc_info.provenance["source"] = loaded.source
     save(result.model, output, force=force)
     if save_tokenizer:
-        from lowrank_cli.transformers_models import copy_tokenizer
+        from lowrank_cli.models.transformers_models import copy_tokenizer
 
         result.extra["tokenizer"] = {"folder": save_tokenizer, "files": copy_tokenizer(tokenizer_dir, save_tokenizer)}
     return result

@@ -3,9 +3,9 @@
 - `calibrate`: second moments of each target linear's inputs on a few hundred images (the model's own
   eval transforms), streamed through forward hooks.
 - `data_aware_factor_fn`: truncation in the whitened space, so the kept rank minimises the output error on
-  those inputs (lowrank_cli.data_aware_svd); the factors are stored exactly like plain ones.
+  those inputs (lowrank_cli.compress.whitened_svd); the factors are stored exactly like plain ones.
 - `budget_plan`: ranks allocated across layers under a parameter fraction or a MAC target
-  (lowrank_cli.rank_budget), on whitened spectra when calibration data is given.
+  (lowrank_cli.compress.budget), on whitened spectra when calibration data is given.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_cli.calibration import InputStats, collect_second_moments
-from lowrank_cli.data_aware_svd import data_aware_factors, whitened_spectrum
+from lowrank_cli.compress.calibration import InputStats, collect_second_moments
+from lowrank_cli.compress.whitened_svd import data_aware_factors, whitened_spectrum
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.plan import LayerPlan, Plan
-from lowrank_cli.rank_budget import LayerSpectrum, allocate_ranks, budget_cost
-from lowrank_cli.svd import Factors, compute_dtype
+from lowrank_cli.compress.plan import LayerPlan, Plan
+from lowrank_cli.compress.budget import LayerSpectrum, allocate_ranks, budget_cost
+from lowrank_cli.compress.svd import Factors, compute_dtype
 
 
 def calibrate(
@@ -38,7 +38,7 @@ def calibrate(
 ) -> dict[str, InputStats]:
     """Input second moments of the named linears over `samples` images of `data` (ImageFolder or flat), or for
     a text model over its first `samples` texts (.txt / .jsonl, tokenised by `tokenizer`; padding left out)."""
-    from lowrank_cli.transformers_models import is_text_model
+    from lowrank_cli.models.transformers_models import is_text_model
 
     if samples < 1:
         raise UsageError(f"--calib-samples must be at least 1, got {samples}")
@@ -65,7 +65,7 @@ def _on(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _calibrate_images(model, names, data, *, samples, batch_size, device, progress):
-    from lowrank_cli.image_data import find_images, image_mode, make_loader, make_transform
+    from lowrank_cli.data.images import find_images, image_mode, make_loader, make_transform
 
     try:
         images = find_images(data)
@@ -79,7 +79,7 @@ def _calibrate_images(model, names, data, *, samples, batch_size, device, progre
 
 
 def _calibrate_text(model, names, data, *, samples, batch_size, device, tokenizer, progress):
-    from lowrank_cli.text_data import TextCollate, default_max_length, find_texts, load_tokenizer
+    from lowrank_cli.data.texts import TextCollate, default_max_length, find_texts, load_tokenizer
 
     if tokenizer is None:
         raise UsageError("calibrating a text model needs its tokenizer: factorize from the folder or Hub repo that "
@@ -109,7 +109,7 @@ def data_aware_factor_fn(stats: dict[str, InputStats]) -> Callable[[str, torch.T
 
 def tokens_per_layer(model: nn.Module, names: list[str], input_size: tuple[int, ...]) -> tuple[dict[str, float], int]:
     """How many rows each linear sees per image (MACs / (d_in * d_out), from fvcore), and the model's MACs."""
-    from lowrank_cli.counting import count_macs
+    from lowrank_cli.evaluation.counting import count_macs
 
     macs = count_macs(model, input_size)
     tokens = {}
@@ -145,7 +145,7 @@ def budget_plan(
     target_cost = None
     summary: dict = {"keep_fraction": keep_fraction, "target_macs": target_macs}
     if target_macs is not None:
-        from lowrank_cli.model_inputs import default_input_size
+        from lowrank_cli.models.inputs import default_input_size
 
         size = tuple(input_size or default_input_size(model))
         cost_per_param, total = tokens_per_layer(model, names, size)

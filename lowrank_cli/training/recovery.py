@@ -1,6 +1,6 @@
 """Recovery: distil the low-rank student back towards its dense teacher (PELA Eq. 7).
 
-    from lowrank_cli.recovery import recover
+    from lowrank_cli.training.recovery import recover
     result = recover("deit_lr.safetensors", "deit_base", "imagenet/", output="deit_lr_rec.safetensors", steps=2000)
     result.accuracy        # {"teacher": {...}, "before": {...}, "after": {...}} on imagenet/val
     result.summary()       # what `lrc recover --json` prints
@@ -47,12 +47,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowrank_cli import distributed
-from lowrank_cli.distill_loss import BlockOutputs, LossWeights, RecoveryLoss, innermost_blocks
+from lowrank_cli.training.losses import BlockOutputs, LossWeights, RecoveryLoss, innermost_blocks
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError, UsageError
-from lowrank_cli.accuracy import autocast_for, check_classes, evaluate, val_split
-from lowrank_cli.image_data import Batch, EpochSampler, ImageDataset, ImageSet, collate, data_config, find_images
-from lowrank_cli.lowrank_linear import LowRankLinear
-from lowrank_cli.train_state import (
+from lowrank_cli.evaluation.accuracy import autocast_for, check_classes, evaluate, val_split
+from lowrank_cli.data.images import Batch, EpochSampler, ImageDataset, ImageSet, collate, data_config, find_images
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.training.state import (
     TrainState,
     changed_options,
     check_fingerprint,
@@ -392,7 +392,7 @@ def _params_reached(student: nn.Module, teacher: nn.Module, loss: RecoveryLoss, 
     was_training = student.training
     student.eval()
     try:
-        from lowrank_cli.model_inputs import example_input
+        from lowrank_cli.models.inputs import example_input
 
         distiller.micro_step(example_input(student, input_size, 2, device=device, zeros=True),
                              torch.zeros(2, dtype=torch.long, device=device), 1.0)
@@ -462,7 +462,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _load(source, what: str, arch, model_args, log, library=None):
-    from lowrank_cli.sources import LoadedModel, load_model
+    from lowrank_cli.models.sources import LoadedModel, load_model
 
     if isinstance(source, LoadedModel):
         return source
@@ -627,7 +627,7 @@ class _Run:
     # -- set-up ------------------------------------------------------------------------------------------
 
     def _models(self, student, teacher, *, kappa, rank_multiple, arch, model_args, library):
-        from lowrank_cli.factorization import factorize
+        from lowrank_cli.compress.factorization import factorize
 
         s = _load(student, "student", arch, model_args, self.log, library)
         t = _load(teacher, "teacher", arch, model_args, self.log, library)
@@ -657,7 +657,7 @@ class _Run:
             resume_command, on_step) -> RecoverResult:
         ctx, dev = self.ctx, self.ctx.device
         # Data first: a wrong folder fails before any model is loaded.
-        from lowrank_cli.text_data import find_texts, looks_like_text_data
+        from lowrank_cli.data.texts import find_texts, looks_like_text_data
 
         text = looks_like_text_data(data)
         self.unit = "texts" if text else "img"
@@ -681,7 +681,7 @@ class _Run:
         s, t, pairs = self._models(student, teacher, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
                                    model_args=model_args, library=library)
         raw, tea = s.model, t.model
-        from lowrank_cli.transformers_models import is_text_model
+        from lowrank_cli.models.transformers_models import is_text_model
 
         if text != is_text_model(tea):
             raise UsageError(f"--data '{data}' holds {'texts' if text else 'images'} but the teacher {_name(t)} is "
@@ -691,10 +691,10 @@ class _Run:
         raw.to(device=dev, dtype=torch.float32).train()
         tea.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
         if text:
-            from lowrank_cli.text_data import default_max_length, load_tokenizer, position_limit
+            from lowrank_cli.data.texts import default_max_length, load_tokenizer, position_limit
 
             if tokenizer is None:
-                from lowrank_cli.sources import tokenizer_folder
+                from lowrank_cli.models.sources import tokenizer_folder
 
                 if t.files is None:
                     raise UsageError(f"no tokenizer for the text data: the teacher {_name(t)} is not a transformers "
@@ -728,10 +728,10 @@ class _Run:
                              "are 0: nothing to learn from; keep --alpha 1")
         loss = RecoveryLoss(weights, use_labels=use_labels, pairs=[(layer, w) for _, layer, w in pairs])
 
-        from lowrank_cli.image_data import image_mode, make_transform
+        from lowrank_cli.data.images import image_mode, make_transform
 
         if text:
-            from lowrank_cli.text_data import text_loader
+            from lowrank_cli.data.texts import text_loader
 
             # Tokenising in the training process: fast tokenizers are Rust and the texts are in memory, and a
             # worker would need its own Ctrl-C handling.
@@ -856,13 +856,13 @@ class _Run:
                     "final_losses": {k: v["last"] for k, v in losses.items()}}
         info = getattr(raw, "lrc_info", None)
         if info is None:  # a low-rank LoadedModel built by hand: describe it as lrc would
-            from lowrank_cli.checkpoint import CheckpointInfo, lowrank_ranks
+            from lowrank_cli.checkpoint.io import CheckpointInfo, lowrank_ranks
 
             info = raw.lrc_info = CheckpointInfo(spec=s.spec, ranks=lowrank_ranks(raw), provenance={"source": s.source})
         info.recovery = recovery
 
         def write() -> None:
-            from lowrank_cli.checkpoint import save
+            from lowrank_cli.checkpoint.io import save
 
             save(raw, output, force=True, dtype=save_dtype if save_dtype != torch.float32 else None)
             state_path.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ def record_input_size(model: nn.Module, spec: ModelSpec) -> None:
     """A model built with another img_size (--model-arg img_size=64) keeps the default pretrained_cfg of its
     architecture (224): record the size the weights really take, so that transforms, MAC counts and the saved
     checkpoint agree with the model."""
-    from lowrank_cli.image_data import data_config
+    from lowrank_cli.data.images import data_config
 
     size = list(data_config(model)["input_size"])
     if list(spec.pretrained_cfg.get("input_size") or []) != size:
@@ -51,7 +51,7 @@ def build_empty(spec: ModelSpec) -> nn.Module:
     for real, because those buffers would otherwise stay empty.
     """
     if spec.library == "transformers":
-        from lowrank_cli.transformers_models import build_empty as build_transformers
+        from lowrank_cli.models.transformers_models import build_empty as build_transformers
 
         return build_transformers(spec)
     if spec.library != "timm":

@@ -15,7 +15,7 @@ What makes the numbers comparable:
   batches;
 * the median is reported with its spread (10th and 90th percentiles of the repeats).
 
-MACs are fvcore's count (`lowrank_cli.counting.count_macs`) of one image, times the batch size: a forward pass
+MACs are fvcore's count (`lowrank_cli.evaluation.counting.count_macs`) of one image, times the batch size: a forward pass
 of these models costs the same per image at every batch size, and counting at batch 1 avoids tracing a full
 batch (deit_base at batch 16 takes many seconds on a small CPU).
 
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.model_inputs import example_input
+from lowrank_cli.models.inputs import example_input
 
 # Short and long names: what the CLI accepts for --dtype.
 DTYPE_NAMES = {
@@ -396,7 +396,7 @@ def bench(
              "little about a GPU")
 
     if input_size is None:
-        from lowrank_cli.model_inputs import default_input_size
+        from lowrank_cli.models.inputs import default_input_size
 
         input_size = default_input_size(models[reference])
     input_size = tuple(int(v) for v in input_size)
@@ -408,7 +408,7 @@ def bench(
 
     per_image_macs: dict[str, int | None] = {}
     if count_macs:
-        from lowrank_cli.counting import count_macs as _count
+        from lowrank_cli.evaluation.counting import count_macs as _count
 
         one = example_input(models[reference], input_size, device=dev, dtype=dt,
                             generator=torch.Generator().manual_seed(seed))
@@ -634,6 +634,6 @@ def check_input_size(model: nn.Module, input_size: Sequence[int], device: torch.
         with torch.inference_mode():
             model(example_input(model, tuple(input_size), device=device, dtype=dtype, zeros=True))
     except Exception as e:
-        from lowrank_cli.model_inputs import forward_failed
+        from lowrank_cli.models.inputs import forward_failed
 
         raise forward_failed(e, model, tuple(input_size)) from None

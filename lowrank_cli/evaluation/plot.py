@@ -47,7 +47,7 @@ def _group(name: str) -> str:
 
 
 def plot_report(report: Any, path: str | Path) -> Path:
-    """Draw the figure of a `lowrank_cli.report.Report` into `path` (format from the extension), atomically."""
+    """Draw the figure of a `lowrank_cli.evaluation.report.Report` into `path` (format from the extension), atomically."""
     from lowrank_cli.atomic import atomic_path
 
     path = check_plot_output(path)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import InputError, UsageError
+from lowrank_cli.errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def data_config(model_or_config: torch.nn.Module | Mapping[str, Any]) -> dict[st
 
     if isinstance(model_or_config, torch.nn.Module):
         model = model_or_config
-        from lowrank_cli.transformers_models import ensure_pretrained_cfg
+        from lowrank_cli.models.transformers_models import ensure_pretrained_cfg
 
         ensure_pretrained_cfg(model)
         cfg = dict(timm.data.resolve_data_config({}, model=model))

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
-from lowrank_cli.model_spec import ModelSpec, json_safe
+from lowrank_cli.models.spec import ModelSpec, json_safe
 
 LIBRARY = "transformers"
 PREPROCESSOR = "preprocessor_config.json"

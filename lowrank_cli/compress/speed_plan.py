@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.plan import LayerPlan, Plan
+from lowrank_cli.compress.plan import LayerPlan, Plan
 
 
 class LayerShape(NamedTuple):
@@ -70,7 +70,7 @@ def auto_rank_multiple(device: str | torch.device | None = "auto", dtype: str | 
         312) took 4-9% more time per MAC than the multiples of 16 beside them on the 3072->768 and
         768->2304 shapes (one run, noisy host).
     """
-    from lowrank_cli.bench import resolve_dtype
+    from lowrank_cli.evaluation.bench import resolve_dtype
     from lowrank_cli.devices import resolve_device
 
     dev = resolve_device(device)
@@ -93,7 +93,7 @@ def run_dtype(plan_dtype: str | torch.dtype | None, stored_dtype: torch.dtype | 
     """The precision the factorized model will run in: what `--plan speed` times and `--rank-multiple auto`
     suits. --plan-dtype; else the stored --dtype; else bf16 on CUDA (a GPU serves transformers in bf16: an fp32
     plan would time TF32-less fp32 GEMMs and pick the fp32 grid) and the model's own dtype on the CPU."""
-    from lowrank_cli.bench import resolve_dtype
+    from lowrank_cli.evaluation.bench import resolve_dtype
 
     if plan_dtype is not None:
         return resolve_dtype(plan_dtype, "--plan-dtype")
@@ -123,7 +123,7 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Se
                        batch_size: int = 1) -> dict[str, tuple[int, ...]]:
     """The input shape each named linear sees at `batch_size`: one batch-1 forward with hooks, batch scaled.
     A linear the forward never calls as a module is left out."""
-    from lowrank_cli.model_inputs import default_input_size, example_input
+    from lowrank_cli.models.inputs import default_input_size, example_input
 
     size = tuple(input_size or default_input_size(model))
     seen: dict[str, tuple[int, ...]] = {}
@@ -141,7 +141,7 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Se
         with torch.inference_mode():
             model(example_input(model, size, dtype=param.dtype, device=param.device, zeros=True))
     except Exception as e:
-        from lowrank_cli.model_inputs import forward_failed
+        from lowrank_cli.models.inputs import forward_failed
 
         raise forward_failed(e, model, size, ", so the layer shapes to time are unknown") from None
     finally:
@@ -169,8 +169,8 @@ def time_layer(shape: LayerShape, *, device: torch.device, dtype: torch.dtype, r
     `cuda_graphs` (CUDA only) each layer is replayed from a CUDA graph, as a model deployed with CUDA graphs
     runs: the launch of the second GEMM then costs (almost) nothing, which matters at small batches.
     """
-    from lowrank_cli.bench import _cuda_graphed, synchronize
-    from lowrank_cli.lowrank_linear import LowRankLinear
+    from lowrank_cli.evaluation.bench import _cuda_graphed, synchronize
+    from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
     gen = torch.Generator().manual_seed(seed)
     dense = nn.Linear(shape.d_in, shape.d_out, bias=shape.bias)
@@ -256,7 +256,7 @@ def speed_plan(
          "kept_dense": [names], "estimated_gain": sum of dense_ms / sum of the chosen forms' ms}
     for `CheckpointInfo.plan` (`lrc.plan` in the checkpoint).
     """
-    from lowrank_cli.bench import SHORT_DTYPE, device_name, resolve_dtype
+    from lowrank_cli.evaluation.bench import SHORT_DTYPE, device_name, resolve_dtype
     from lowrank_cli.devices import resolve_device
 
     if batch_size < 1:

@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import InputError, UsageError
-from .image_data import IMAGE_EXTENSIONS, EpochSampler, epoch_loader, visible
-from .transformers_models import quiet, require
+from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.data.images import IMAGE_EXTENSIONS, EpochSampler, epoch_loader, visible
+from lowrank_cli.models.transformers_models import quiet, require
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class TextCollate:
         if max_length < 1:
             raise UsageError(f"--max-length must be at least 1, got {max_length}")
         if tokenizer.pad_token is None:
-            raise InputError("the tokenizer has no pad token: load it with lowrank_cli.text_data.load_tokenizer,"
+            raise InputError("the tokenizer has no pad token: load it with lowrank_cli.data.texts.load_tokenizer,"
                              " which sets one")
         self.tokenizer = tokenizer
         self.max_length = max_length

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.image_data import ImageDataset, ImageSet, collate, find_images, image_mode, make_transform
-from lowrank_cli.model_inputs import output_tensor
+from lowrank_cli.data.images import ImageDataset, ImageSet, collate, find_images, image_mode, make_transform
+from lowrank_cli.models.inputs import output_tensor
 
 TOP_K = (1, 5)
 
@@ -58,7 +58,7 @@ def val_split(data: str | os.PathLike, *, required: bool = True, class_tree: boo
 def num_classes(model: nn.Module) -> int | None:
     """The number of outputs of a timm classifier, or of a transformers image classifier (None when the model
     says nothing or has no head)."""
-    from lowrank_cli.transformers_models import is_transformers_model
+    from lowrank_cli.models.transformers_models import is_transformers_model
 
     if is_transformers_model(model):
         labels = getattr(model.config, "num_labels", 0)
@@ -116,7 +116,7 @@ def evaluate(
     """
     from lowrank_cli import distributed
 
-    from lowrank_cli.transformers_models import is_text_model
+    from lowrank_cli.models.transformers_models import is_text_model
 
     if is_text_model(unwrap(model)):
         raise UsageError("lrc eval measures top-1 / top-5 on labelled images; this is a text model: compare its "

@@ -27,8 +27,8 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import elementwise_flop_counter, get_shape, norm_flop_counter
 
-from .errors import InputError, UsageError
-from .lowrank_linear import LowRankLinear
+from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
 __all__ = [
     "MacCount",
@@ -155,7 +155,7 @@ def _as_inputs(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
     if items and all(isinstance(t, torch.Tensor) for t in items):
         return items
     if items and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in items):
-        from lowrank_cli.model_inputs import example_input
+        from lowrank_cli.models.inputs import example_input
 
         device, dtype = _model_device_dtype(model)
         # A private generator: values do not change the count, and the caller's RNG stream stays untouched.

@@ -1,6 +1,6 @@
 """`lrc report`: what a model costs (parameters, MACs), what factorization saved, and what the file says about itself.
 
-    from lowrank_cli.report import build_report, apply_gates
+    from lowrank_cli.evaluation.report import build_report, apply_gates
     report = build_report("deit_lr.safetensors")              # any MODEL source, or a plain safetensors file
     report.document["compression"]                            # {"params": 1.96, "macs": 1.91}
     failed = apply_gates(report, max_params=50_000_000)       # CI gates; failed ones are returned
@@ -71,7 +71,7 @@ def build_report(
 ) -> Report:
     """The report of any MODEL source (timm name, hf-hub:, local-dir:, folder, weights file + arch, lrc
     checkpoint) or of a plain safetensors file without lrc metadata (counted from its header unless `arch`)."""
-    from lowrank_cli.sources import load_model
+    from lowrank_cli.models.sources import load_model
 
     log = log or (lambda msg: None)
     path = Path(source).expanduser()
@@ -84,7 +84,7 @@ def build_report(
     loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
     source_doc = _source_doc(source, loaded.source)
     reference = None
-    from lowrank_cli.model_inputs import check_input_size
+    from lowrank_cli.models.inputs import check_input_size
 
     check_input_size(loaded.model, input_size)
     size = input_size if seq_len is None and input_size else default_input_size(loaded.model, seq_len)
@@ -117,7 +117,7 @@ def report_model(
     `checkpoint` defaults to `model.lrc_info`; `reference` is a measured dense reference (`measure_reference`);
     without it the reference is reconstructed from the low-rank layers (or is the model itself when dense).
     """
-    from lowrank_cli.counting import count_macs, count_params
+    from lowrank_cli.evaluation.counting import count_macs, count_params
 
     checkpoint = checkpoint if checkpoint is not None else getattr(model, "lrc_info", None)
     spec = spec if spec is not None else getattr(checkpoint, "spec", None)
@@ -174,8 +174,8 @@ def measure_reference(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The `--compare` model, measured for real: {"kind": "compare", "source", "params", "macs"}."""
-    from lowrank_cli.counting import count_macs, count_params
-    from lowrank_cli.sources import load_model
+    from lowrank_cli.evaluation.counting import count_macs, count_params
+    from lowrank_cli.models.sources import load_model
 
     log = log or (lambda msg: None)
     log(f"Loading the --compare model {source}")
@@ -195,7 +195,7 @@ def measure_reference(
 def default_input_size(model: nn.Module, seq_len: int | None = None) -> tuple[int, ...]:
     """(C, H, W) the model is built for (its pretrained_cfg, corrected for img_size / in_chans overrides), or
     (seq_len,) for a text model."""
-    from lowrank_cli import model_inputs
+    from lowrank_cli.models import inputs as model_inputs
 
     try:
         return model_inputs.default_input_size(model, seq_len)
@@ -250,7 +250,7 @@ def apply_gates(
 
 def describe_gate(gate: dict[str, Any]) -> str:
     """'params 86.57M > 50.00M allowed', 'compression 1.96x >= 1.80x required', ..."""
-    from lowrank_cli.counting import format_size
+    from lowrank_cli.evaluation.counting import format_size
 
     value, limit, ok = gate["value"], gate["limit"], gate["passed"]
     if gate["name"] == "min_compression":
@@ -306,7 +306,7 @@ def _set_reference(document: dict[str, Any], reference: dict[str, Any] | None) -
 
 
 def _is_lrc_file(path: Path) -> bool:
-    from lowrank_cli.checkpoint import is_lrc_checkpoint
+    from lowrank_cli.checkpoint.io import is_lrc_checkpoint
 
     return is_lrc_checkpoint(path)  # raises InputError for a truncated / corrupt file
 
@@ -317,7 +317,7 @@ def _is_bare_file(source: str) -> bool:
 
 
 def _file_facts(path: Path) -> tuple[str, int]:
-    from lowrank_cli.sources import file_sha256
+    from lowrank_cli.models.sources import file_sha256
 
     return file_sha256(path), path.stat().st_size
 
@@ -360,7 +360,7 @@ def _speedup(entry: Any) -> float | None:
 
 def _layer_rows(model: nn.Module, by_module: dict[str, int], checkpoint: Any) -> list[dict[str, Any]]:
     """One row per linear of the model: low-rank layers and plain nn.Linear (not those inside a low-rank pair)."""
-    from lowrank_cli.lowrank_linear import LowRankLinear
+    from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
     info_layers = getattr(checkpoint, "layers", None) or {}
     plan = getattr(checkpoint, "plan", None)
@@ -420,7 +420,7 @@ def _report_tensor_shapes(path: Path, argument: str) -> Report:
     """A safetensors file with no lrc metadata and no --arch: parameters from the header, no MACs."""
     from safetensors import safe_open
 
-    from lowrank_cli.checkpoint import _open_header
+    from lowrank_cli.checkpoint.io import _open_header
 
     _open_header(path)  # the one place that turns a bad header / truncation into a clear InputError
     total, dtypes = 0, {}
@@ -458,14 +458,14 @@ def _report_tensor_shapes(path: Path, argument: str) -> Report:
 
 
 def _fmt_params(n: int | None) -> str:
-    from lowrank_cli.counting import format_size
+    from lowrank_cli.evaluation.counting import format_size
 
     return "-" if n is None else f"{format_size(n)} ({n:,})"
 
 
 def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) lines shared by the terminal table and the markdown summary."""
-    from lowrank_cli.counting import format_size
+    from lowrank_cli.evaluation.counting import format_size
 
     rows: list[tuple[str, str]] = []
     src = doc["source"]
@@ -562,7 +562,7 @@ def layer_columns(doc: dict[str, Any]) -> list[str]:
 
 
 def layer_cells(row: dict[str, Any], with_speed: bool) -> list[str]:
-    from lowrank_cli.counting import format_size
+    from lowrank_cli.evaluation.counting import format_size
 
     cells = [
         row["name"], str(row["d_in"]), str(row["d_out"]),

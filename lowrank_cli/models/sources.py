@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.model_spec import ModelSpec, build_empty, fill, json_safe, record_input_size
+from lowrank_cli.models.spec import ModelSpec, build_empty, fill, json_safe, record_input_size
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 CONFIG_NAME = "config.json"
@@ -279,7 +279,7 @@ def read_config_json(folder: Path) -> dict:
 
 def folder_library(folder: Path, library: str | None) -> str:
     """timm or transformers: what wrote the folder's config.json, unless `library` says."""
-    from lowrank_cli.transformers_models import config_library
+    from lowrank_cli.models.transformers_models import config_library
 
     found = config_library(read_config_json(folder))
     if library is not None:
@@ -416,7 +416,7 @@ def _load_folder(folder: Path, model_args: dict, library: str | None = None, arc
 
 def _load_transformers(where: str, folder: Path, revision: str | None, arch: str | None, model_args: dict,
                        what: str, source: dict) -> LoadedModel:
-    from lowrank_cli import transformers_models as tm
+    from lowrank_cli.models import transformers_models as tm
 
     if model_args:
         raise UsageError(f"--model-arg is for timm models; {what} is a transformers model, built from its "
@@ -434,7 +434,7 @@ def hub_transformers_files(repo: str, revision: str | None) -> Path:
     snapshot folder that `from_pretrained` then reads."""
     from huggingface_hub import errors as hf_errors
 
-    from lowrank_cli.transformers_models import PREPROCESSOR
+    from lowrank_cli.models.transformers_models import PREPROCESSOR
 
     def optional(name: str) -> Path | None:
         try:
@@ -467,7 +467,7 @@ def hub_transformers_files(repo: str, revision: str | None) -> Path:
 
 def tokenizer_folder(loaded: LoadedModel) -> Path:
     """The local folder with the tokenizer files of a transformers source (Hub files are fetched to the cache)."""
-    from lowrank_cli.transformers_models import TOKENIZER_FILES
+    from lowrank_cli.models.transformers_models import TOKENIZER_FILES
 
     if loaded.files is None:
         raise InputError("the source has no tokenizer files (only transformers folders and Hub repos have them): "
@@ -503,7 +503,7 @@ def _load_folder_files(folder: Path, weights: Path | None, model_args: dict, wha
 
 def _load_file(path: Path, arch: str | None, model_args: dict) -> LoadedModel:
     if path.suffix == ".safetensors":
-        from lowrank_cli.checkpoint import is_lrc_checkpoint, read_checkpoint
+        from lowrank_cli.checkpoint.io import is_lrc_checkpoint, read_checkpoint
 
         if is_lrc_checkpoint(path):
             return read_checkpoint(path)

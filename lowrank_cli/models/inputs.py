@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.transformers_models import DEFAULT_SEQ_LEN, is_text_model
+from lowrank_cli.models.transformers_models import DEFAULT_SEQ_LEN, is_text_model
 
 
 def default_input_size(model: nn.Module, seq_len: int | None = None) -> tuple[int, ...]:
     """(C, H, W) from the model's data config, or (seq_len,) for a text model (DEFAULT_SEQ_LEN, at most the
     model's positions)."""
     if is_text_model(model):
-        from lowrank_cli.text_data import position_limit
+        from lowrank_cli.data.texts import position_limit
 
         positions = position_limit(model)  # RoBERTa-style models lose 2 of max_position_embeddings
         if seq_len is not None:
@@ -29,7 +29,7 @@ def default_input_size(model: nn.Module, seq_len: int | None = None) -> tuple[in
         return (min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN),)
     if seq_len is not None:
         raise UsageError("--seq-len is for text models; an image model takes --input-size C,H,W")
-    from lowrank_cli.image_data import data_config
+    from lowrank_cli.data.images import data_config
 
     return tuple(int(v) for v in data_config(model)["input_size"])
 
