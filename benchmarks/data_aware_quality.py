@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import lowrank_cli  # noqa: E402
 from lowrank_cli.evaluation.counting import count_macs  # noqa: E402
 from lowrank_cli.data.images import find_images, make_loader, make_transform  # noqa: E402
-from lowrank_cli.compress.plan import block_names  # noqa: E402
+from lowrank_cli.models.structure import block_names  # noqa: E402
 
 
 @torch.no_grad()

@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace, device: torch.device):
     import timm
 
-    from lowrank_cli.training.losses import LossWeights, RecoveryLoss, innermost_blocks
+    from lowrank_cli.training.losses import LossWeights, RecoveryLoss
+    from lowrank_cli.models.structure import innermost_blocks
     from lowrank_cli.compress.factorization import factorize
     from lowrank_cli.training.recovery import Distiller, compile_hooked, param_groups
 
@@ -69,7 +70,7 @@ def build(args: argparse.Namespace, device: torch.device):
 
     opt, params = adamw(student)
     opt_alone, params_alone = adamw(dense_student)
-    from lowrank_cli.data.images import data_config
+    from lowrank_cli.models.inputs import data_config
 
     input_size = tuple(data_config(teacher)["input_size"])
     forward, teacher_forward, alone_forward = student, teacher, dense_student
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print("recover_throughput: no CUDA device here; this benchmark measures a GPU (use --device cpu "
               "--model vit_tiny_patch16_224 --batch-size 8 for a smoke run)")
         return 0
-    from lowrank_cli.evaluation.accuracy import autocast_for
+    from lowrank_cli.devices import autocast_for
     from lowrank_cli.data.images import Batch
 
     device = torch.device(args.device)

@@ -26,10 +26,10 @@ _API = {
     "FactorizeResult": "lowrank_cli.compress.factorization",
     "load": "lowrank_cli.checkpoint.io",
     "save": "lowrank_cli.checkpoint.io",
-    "read_info": "lowrank_cli.checkpoint.io",
-    "CheckpointInfo": "lowrank_cli.checkpoint.io",
+    "read_info": "lowrank_cli.checkpoint.format",
+    "CheckpointInfo": "lowrank_cli.checkpoint.format",
     "load_model": "lowrank_cli.models.sources",
-    "LoadedModel": "lowrank_cli.models.sources",
+    "LoadedModel": "lowrank_cli.models.loaded",
     "LowRankLinear": "lowrank_cli.layers.lowrank_linear",
     "make_plan": "lowrank_cli.compress.plan",
     "pela_rank": "lowrank_cli.compress.plan",
@@ -43,15 +43,17 @@ _API = {
 __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:
-    from lowrank_cli.checkpoint.io import CheckpointInfo, load, read_info, save
-    from lowrank_cli.errors import LrcError
+    from lowrank_cli.checkpoint.format import CheckpointInfo, read_info
+    from lowrank_cli.checkpoint.io import load, save
     from lowrank_cli.compress.factorization import FactorizeResult, factorize
-    from lowrank_cli.layers.lowrank_linear import LowRankLinear
     from lowrank_cli.compress.plan import make_plan, pela_rank
+    from lowrank_cli.errors import LrcError
     from lowrank_cli.evaluation.accuracy import evaluate
-    from lowrank_cli.training.recovery import RecoverResult, recover
     from lowrank_cli.evaluation.report import build_report
-    from lowrank_cli.models.sources import LoadedModel, load_model
+    from lowrank_cli.layers.lowrank_linear import LowRankLinear
+    from lowrank_cli.models.loaded import LoadedModel
+    from lowrank_cli.models.sources import load_model
+    from lowrank_cli.training.recovery import RecoverResult, recover
 
 
 def __getattr__(name: str):

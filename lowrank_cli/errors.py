@@ -16,9 +16,29 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
+# A parameter of the Python API named in a message: `batch_size`, or `force=True` for a switch. The API shows it
+# as written (batch_size, force=True); the CLI shows its option (--batch-size, --force): library code never
+# names a CLI flag, and one message serves both.
+PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:=[^`\s]+)?)`")
+
+
+def api_name(parameter: str) -> str:
+    return parameter
+
 
 class LrcError(Exception):
     exit_code = 1
+
+    def __str__(self) -> str:
+        return self.render(api_name)
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with each `parameter` written by `name` (the CLI passes its option names)."""
+        text = super().__str__()
+        return PARAMETER.sub(lambda m: name(m.group(1)), text)
 
 
 class GateFailed(LrcError):

@@ -10,7 +10,7 @@ from digits import write_digits_imagefolder
 import lowrank_cli
 from lowrank_cli.errors import UsageError
 from lowrank_cli.data.images import find_images, make_loader, make_transform
-from lowrank_cli.compress.plan import block_names
+from lowrank_cli.models.structure import block_names
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import torch
 from conftest import error_lines, make_tiny_vit, run_cli
 
 import lowrank_cli
-from lowrank_cli.evaluation.bench import BenchRow, bench, classify, noise_warning, parse_batch_sizes, profile, resolve_dtype
+from lowrank_cli.devices import resolve_dtype
+from lowrank_cli.evaluation.bench import BenchRow, bench, classify, noise_warning, parse_batch_sizes, profile
 from lowrank_cli.evaluation.counting import count_macs
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
 from lowrank_cli.compress.plan import make_plan
@@ -91,12 +92,12 @@ def test_bench_refuses_what_cannot_work():
     with pytest.raises(UsageError, match="dtype"):
         resolve_dtype("int8")
     assert parse_batch_sizes("1, 32,256,32") == [1, 32, 256]
-    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(None) is torch.float32
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(None, torch.float32) is torch.float32
 
 
 @no_cuda
 def test_bench_on_missing_cuda_is_an_environment_problem():
-    with pytest.raises(EnvironmentProblem, match="--device cpu"):
+    with pytest.raises(EnvironmentProblem, match="device=cpu"):
         bench({"a": make_tiny_vit()}, device="cuda")
 
 
@@ -230,7 +231,7 @@ def test_the_plan_is_timed_in_the_precision_the_model_will_run_in():
     assert run_dtype(None, None, cpu, torch.float32) is torch.float32
     assert run_dtype(None, torch.float16, cuda, torch.float32) is torch.float16  # the stored dtype
     assert run_dtype("fp32", torch.float16, cuda, torch.float32) is torch.float32  # --plan-dtype wins
-    with pytest.raises(UsageError, match="--plan-dtype 'int8'"):
+    with pytest.raises(UsageError, match="plan_dtype 'int8'"):
         run_dtype("int8", None, cpu, torch.float32)
 
 

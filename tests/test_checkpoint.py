@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lowrank_cli
-from lowrank_cli.checkpoint import io as checkpoint
+from lowrank_cli import checkpoint
 from lowrank_cli.errors import InputError, OutputError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 

@@ -139,7 +139,7 @@ def test_dtype_option_and_bad_options():
     model = make_tiny_vit()
     lowrank_cli.factorize(model, kappa=2, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    with pytest.raises(UsageError, match="--dtype 'int8'"):
+    with pytest.raises(UsageError, match="dtype 'int8'"):
         lowrank_cli.factorize(make_tiny_vit(), dtype="int8")
     with pytest.raises(UsageError, match="--svd 'qr'"):
         lowrank_cli.factorize(make_tiny_vit(), svd="qr")

@@ -13,12 +13,11 @@ from lowrank_cli.data.images import (
     EpochSampler,
     ImageDataset,
     collate,
-    data_config,
     find_images,
-    image_mode,
     make_loader,
     make_transform,
 )
+from lowrank_cli.models.inputs import data_config, image_mode
 
 from digits import digits_split_counts, write_corrupt_image, write_digits_imagefolder, write_flat_images
 

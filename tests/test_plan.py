@@ -5,7 +5,8 @@ import torch
 from conftest import make_tiny_vit
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.compress.plan import block_linear_names, make_plan, pela_rank, saves_params, select_targets
+from lowrank_cli.models.structure import block_linear_names, select_targets
+from lowrank_cli.compress.plan import make_plan, pela_rank, saves_params
 
 
 @pytest.mark.parametrize(

@@ -24,16 +24,16 @@ import torch
 from PIL import Image
 
 import lowrank_cli
-from lowrank_cli.checkpoint.io import read_info
+from lowrank_cli.checkpoint.format import read_info
 from lowrank_cli.training.losses import (
     BlockOutputs,
     LossWeights,
     RecoveryLoss,
     feature_distillation,
-    innermost_blocks,
     logit_distillation,
     weight_perturbation,
 )
+from lowrank_cli.models.structure import innermost_blocks
 from lowrank_cli.errors import InputError, Interrupted, OutputError, TrainingError, UsageError
 from lowrank_cli.evaluation.accuracy import evaluate
 from lowrank_cli.layers.lowrank_linear import LowRankLinear

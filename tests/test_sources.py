@@ -8,7 +8,8 @@ from conftest import make_tiny_vit
 from safetensors.torch import save_file
 
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.models.sources import load_model, parse_model_args, resolve_timm_name
+from lowrank_cli.models.sources import load_model, parse_model_args
+from lowrank_cli.models.timm_names import resolve_timm_name
 
 
 def same_weights(a, b):

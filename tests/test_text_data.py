@@ -15,11 +15,11 @@ from lowrank_cli.data.texts import (
     TextCollate,
     TextDataset,
     TextSet,
-    default_max_length,
     find_texts,
     load_tokenizer,
     text_loader,
 )
+from lowrank_cli.models.inputs import default_max_length
 
 from hf_fixtures import corpus_sentences, vocab_size, write_corpus, write_tiny_bert
 

@@ -115,7 +115,7 @@ def test_hub_repos_from_the_offline_cache(bert_folder, hub_cache):
     with pytest.raises(InputError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_model("hf-hub:acme/not-cached")
     # the tokenizer files of a Hub source come from the same cache
-    from lowrank_cli.models.sources import tokenizer_folder
+    from lowrank_cli.models.hub import tokenizer_folder
 
     assert (tokenizer_folder(via_id) / "tokenizer.json").is_file()
     hub_cache("acme/no-tokenizer", {"config.json": bert_folder / "config.json",

@@ -24,50 +24,21 @@ swapped in, names and shapes are checked against the file's header, then the ten
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_cli._version import __version__
 from lowrank_cli.atomic import atomic_path, check_output
+from lowrank_cli.checkpoint.format import CheckpointInfo, metadata_of, read_info
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
-from lowrank_cli.models.spec import ModelSpec, build_empty, check_fits, json_safe, record_input_size
+from lowrank_cli.models.build import build_empty, check_fits
+from lowrank_cli.models.inputs import record_input_size
+from lowrank_cli.models.spec import ModelSpec, json_safe
+from lowrank_cli.models.structure import swap_in
 from lowrank_cli.models.transformers_models import finish, is_transformers_model
-
-SCHEMA = 1
-PREFIX = "lrc."
-
-
-@dataclass
-class CheckpointInfo:
-    """What an lrc checkpoint says about itself; also attached to models lrc builds, as `model.lrc_info`."""
-
-    spec: ModelSpec
-    ranks: dict[str, int] = field(default_factory=dict)
-    provenance: dict[str, Any] = field(default_factory=dict)
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    dense: dict[str, str] = field(default_factory=dict)
-    spectra: dict[str, list[float]] = field(default_factory=dict)
-    recovery: dict[str, Any] | None = None
-    plan: dict[str, Any] | None = None
-    schema: int = SCHEMA
-    lrc_version: str = __version__
-    path: Path | None = None
-
-
-def lowrank_ranks(model: nn.Module) -> dict[str, int]:
-    return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-
-
-def swap_in(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
 def with_ranks(model: nn.Module, ranks: dict[str, int], what: str) -> nn.Module:
@@ -91,83 +62,11 @@ def with_ranks(model: nn.Module, ranks: dict[str, int], what: str) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def _open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    from safetensors import safe_open
-
-    if not path.exists():
-        raise InputError(f"'{path}' does not exist: check the path")
-    if not path.is_file():
-        raise InputError(f"'{path}' is not a file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}  # may be None for files written without metadata
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own types for bad headers, truncation, wrong format
-        raise InputError(
-            f"'{path}' is not a readable safetensors file ({str(e).splitlines()[0][:160]}): it may be truncated or "
-            "corrupt; write it again"
-        ) from None
-    return meta, shapes
-
-
-def is_lrc_checkpoint(path: str | Path) -> bool:
-    meta, _ = _open_header(Path(path))
-    return PREFIX + "schema" in meta
-
-
-def _json(meta: dict[str, str], key: str, default: Any, path: Path) -> Any:
-    if PREFIX + key not in meta:
-        return default
-    try:
-        return json.loads(meta[PREFIX + key])
-    except json.JSONDecodeError:
-        raise InputError(f"'{path}': metadata '{PREFIX}{key}' is not valid JSON: the file is corrupt; write it again") from None
-
-
-def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[int, ...]]]:
-    """The checkpoint's metadata and tensor shapes, without reading any tensor."""
-    path = Path(path)
-    meta, shapes = _open_header(path)
-    if PREFIX + "schema" not in meta:
-        raise InputError(f"'{path}' is a safetensors file without lrc metadata: not written by lrc (use --arch with report)")
-    try:
-        schema = int(meta[PREFIX + "schema"])
-    except ValueError:
-        raise InputError(f"'{path}': unreadable lrc schema '{meta[PREFIX + 'schema']}': the file is corrupt") from None
-    if schema > SCHEMA:
-        raise InputError(
-            f"'{path}' was written by lrc {meta.get(PREFIX + 'version', '?')} (file schema {schema}); this lrc "
-            f"{__version__} reads schema <= {SCHEMA}: upgrade lrc"
-        )
-    if PREFIX + "architecture" not in meta:
-        raise InputError(f"'{path}': lrc metadata names no architecture: the file is corrupt; write it again")
-    spec = ModelSpec(
-        architecture=meta[PREFIX + "architecture"],
-        model_args=_json(meta, "model_args", {}, path),
-        pretrained_cfg=_json(meta, "pretrained_cfg", {}, path),
-        library=meta.get(PREFIX + "library", "timm"),
-    )
-    info = CheckpointInfo(
-        spec=spec,
-        ranks={k: int(v) for k, v in _json(meta, "ranks", {}, path).items()},
-        provenance=_json(meta, "provenance", {}, path),
-        layers=_json(meta, "layers", {}, path),
-        dense=_json(meta, "dense", {}, path),
-        spectra=_json(meta, "spectra", {}, path),
-        recovery=_json(meta, "recovery", None, path),
-        plan=_json(meta, "plan", None, path),
-        schema=schema,
-        lrc_version=meta.get(PREFIX + "version", "?"),
-        path=path,
-    )
-    return info, shapes
-
-
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the model from the file alone; returns a LoadedModel (model, spec, source, checkpoint info)."""
     from safetensors.torch import load_file
 
-    from lowrank_cli.models.sources import LoadedModel
+    from lowrank_cli.models.loaded import LoadedModel
 
     path = Path(path)
     info, shapes = read_info(path)
@@ -211,34 +110,6 @@ def _spec_of(model: nn.Module) -> ModelSpec:
     spec = ModelSpec(arch, json_safe(dict(getattr(model, "_model_args", {}) or {})), json_safe(cfg))
     record_input_size(model, spec)
     return spec
-
-
-def _compact(values: list[float]) -> list[float]:
-    top = max(values) if values else 1.0
-    return [float(f"{v / top:.4g}") for v in values] if top > 0 else values
-
-
-def metadata_of(model: nn.Module, info: CheckpointInfo) -> dict[str, str]:
-    ranks = lowrank_ranks(model)
-    meta = {
-        "format": "pt",
-        PREFIX + "schema": str(SCHEMA),
-        PREFIX + "version": __version__,
-        PREFIX + "library": info.spec.library,
-        PREFIX + "architecture": info.spec.architecture,
-        PREFIX + "model_args": json.dumps(json_safe(info.spec.model_args)),
-        PREFIX + "pretrained_cfg": json.dumps(json_safe(info.spec.pretrained_cfg)),
-        PREFIX + "ranks": json.dumps(ranks),
-        PREFIX + "provenance": json.dumps(json_safe(info.provenance)),
-        PREFIX + "layers": json.dumps(json_safe({k: v for k, v in info.layers.items() if k in ranks})),
-        PREFIX + "dense": json.dumps(info.dense),
-        PREFIX + "spectra": json.dumps({k: _compact(v) for k, v in info.spectra.items()}),
-    }
-    if info.recovery is not None:
-        meta[PREFIX + "recovery"] = json.dumps(json_safe(info.recovery))
-    if info.plan is not None:
-        meta[PREFIX + "plan"] = json.dumps(json_safe(info.plan))
-    return meta
 
 
 def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch.dtype | None = None) -> Path:

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     except LrcError as e:
         if debug:
             raise
-        _error(str(e), e.exit_code)
+        from lowrank_cli.cli.options import option_name
+
+        _error(e.render(option_name), e.exit_code)
     except Exception as e:
         if debug:
             raise

@@ -7,7 +7,18 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lowrank_cli.cli import console
-from lowrank_cli.cli.options import Arch, Device, InputSize, Json, Library, Model, ModelArg, Revision, SeqLen, parse_input_size
+from lowrank_cli.cli.options import (
+    Arch,
+    Device,
+    InputSize,
+    Json,
+    Library,
+    Model,
+    ModelArg,
+    Revision,
+    SeqLen,
+    parse_input_size,
+)
 
 EPILOG = """\
 Examples:
@@ -49,10 +60,19 @@ def bench(
     """Measure latency (median and spread), throughput and peak memory of MODEL, and of --against in the same run."""
     import torch
 
-    from lowrank_cli.evaluation.bench import SHORT_DTYPE, device_name, parse_batch_sizes, process_peak_rss, resolve_compile_mode, resolve_dtype
-    from lowrank_cli.evaluation.bench import bench as run_bench
-    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.devices import (
+        SHORT_DTYPE,
+        device_name,
+        resolve_device,
+        resolve_dtype,
+    )
     from lowrank_cli.errors import UsageError
+    from lowrank_cli.evaluation.bench import bench as run_bench
+    from lowrank_cli.evaluation.bench import (
+        parse_batch_sizes,
+        process_peak_rss,
+        resolve_compile_mode,
+    )
     from lowrank_cli.models.sources import load_model, parse_model_args
 
     # Everything that can be refused is refused before the (slow) loading.
@@ -61,7 +81,7 @@ def bench(
             raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, torch.float32)
     sizes = parse_batch_sizes(batch_size or DEFAULT_BATCHES["cuda" if dev.type == "cuda" else "cpu"])
     size = parse_input_size(input_size)
     if repeats is not None and repeats < 1:

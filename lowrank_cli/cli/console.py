@@ -20,14 +20,22 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def cli_text(message: str) -> str:
+    """A library message with its `parameter` names written as this CLI's options (see errors.PARAMETER)."""
+    from lowrank_cli.cli.options import option_name
+    from lowrank_cli.errors import PARAMETER
+
+    return PARAMETER.sub(lambda m: option_name(m.group(1)), message)
+
+
 def info(message: str) -> None:
     if is_main_process():
-        err.print(message, highlight=False)
+        err.print(cli_text(message), highlight=False)
 
 
 def warn(message: str) -> None:
     if is_main_process():
-        err.print(f"[yellow]Warning:[/yellow] {message}", highlight=False)
+        err.print(f"[yellow]Warning:[/yellow] {cli_text(message)}", highlight=False)
 
 
 def print_json(document: Any) -> None:
@@ -38,7 +46,14 @@ def print_json(document: Any) -> None:
 
 def progress(description: str = "working"):
     """A rich progress bar on stderr with rate and ETA (disabled on ranks other than 0)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[progress.description]{task.description}"),

@@ -9,7 +9,18 @@ import typer
 
 from lowrank_cli.cli import console
 from lowrank_cli.cli.options import (
-    Arch, Device, Force, InputSize, Json, Library, Model, ModelArg, Output, Revision, SeqLen, parse_input_size,
+    Arch,
+    Device,
+    Force,
+    InputSize,
+    Json,
+    Library,
+    Model,
+    ModelArg,
+    Output,
+    Revision,
+    SeqLen,
+    parse_input_size,
 )
 
 EPILOG = """\
@@ -66,8 +77,8 @@ def factorize(
 ) -> None:
     """Replace every linear of the transformer blocks (timm blocks, transformers encoder layers) by its truncated
     SVD and write an lrc checkpoint."""
-    from lowrank_cli.evaluation.counting import parse_size
     from lowrank_cli.compress.factorization import factorize_file
+    from lowrank_cli.evaluation.counting import parse_size
     from lowrank_cli.models.sources import parse_model_args
 
     with console.progress() as bar:

@@ -32,6 +32,33 @@ InputSize = Annotated[
 ]
 
 
+# API parameters whose CLI option is not simply --the-name (see errors.PARAMETER: messages name parameters).
+_OPTION_OF = {
+    "num_workers": "--workers",
+    "evaluate_accuracy=False": "--no-eval",
+    "augment=False": "--no-augment",
+    "model_args": "--model-arg",
+    "rank_patterns": "--rank-pattern",
+    "compile=True": "--compile",
+    "budget_samples": "--calib-samples",
+    "calib_samples": "--calib-samples",
+    "plan_batch_size": "--plan-batch-size",
+    "output": "-o/--output",
+}
+
+
+def option_name(parameter: str) -> str:
+    """The CLI option for an API parameter named in an error message: batch_size -> --batch-size,
+    force=True -> --force, device=cpu -> --device cpu."""
+    if parameter in _OPTION_OF:
+        return _OPTION_OF[parameter]
+    name, _, value = parameter.partition("=")
+    flag = _OPTION_OF.get(name, "--" + name.replace("_", "-"))
+    if value in ("", "True"):
+        return flag
+    return f"{flag} {value}"
+
+
 def parse_input_size(text: str | None) -> tuple[int, ...] | None:
     from lowrank_cli.errors import UsageError
 

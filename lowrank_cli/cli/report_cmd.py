@@ -8,7 +8,17 @@ from typing import Annotated, Optional
 import typer
 
 from lowrank_cli.cli import console
-from lowrank_cli.cli.options import Arch, InputSize, Json, Library, Model, ModelArg, Revision, SeqLen, parse_input_size
+from lowrank_cli.cli.options import (
+    Arch,
+    InputSize,
+    Json,
+    Library,
+    Model,
+    ModelArg,
+    Revision,
+    SeqLen,
+    parse_input_size,
+)
 
 EPILOG = """\
 Examples:
@@ -55,9 +65,15 @@ def report(
     revision: Revision = None,
 ) -> None:
     """Count parameters and MACs, show the compression and where the model came from; optionally gate CI on them."""
-    from lowrank_cli.evaluation.counting import parse_size
     from lowrank_cli.errors import GateFailed, UsageError
-    from lowrank_cli.evaluation.report import apply_gates, build_report, describe_gate, parse_ratio, to_markdown
+    from lowrank_cli.evaluation.counting import parse_size
+    from lowrank_cli.evaluation.report import (
+        apply_gates,
+        build_report,
+        describe_gate,
+        parse_ratio,
+        to_markdown,
+    )
     from lowrank_cli.models.sources import parse_model_args
 
     if json_out and markdown:

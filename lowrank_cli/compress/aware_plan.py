@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowrank_cli.compress.budget import LayerSpectrum, allocate_ranks, budget_cost
 from lowrank_cli.compress.calibration import InputStats, collect_second_moments
+from lowrank_cli.compress.plan import LayerPlan, Plan
+from lowrank_cli.compress.svd import Factors, compute_dtype
 from lowrank_cli.compress.whitened_svd import data_aware_factors, whitened_spectrum
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.compress.plan import LayerPlan, Plan
-from lowrank_cli.compress.budget import LayerSpectrum, allocate_ranks, budget_cost
-from lowrank_cli.compress.svd import Factors, compute_dtype
 
 
 def calibrate(
@@ -65,7 +65,8 @@ def _on(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _calibrate_images(model, names, data, *, samples, batch_size, device, progress):
-    from lowrank_cli.data.images import find_images, image_mode, make_loader, make_transform
+    from lowrank_cli.data.images import find_images, make_loader, make_transform
+    from lowrank_cli.models.inputs import image_mode
 
     try:
         images = find_images(data)
@@ -79,7 +80,8 @@ def _calibrate_images(model, names, data, *, samples, batch_size, device, progre
 
 
 def _calibrate_text(model, names, data, *, samples, batch_size, device, tokenizer, progress):
-    from lowrank_cli.data.texts import TextCollate, default_max_length, find_texts, load_tokenizer
+    from lowrank_cli.data.texts import TextCollate, find_texts, load_tokenizer
+    from lowrank_cli.models.inputs import default_max_length
 
     if tokenizer is None:
         raise UsageError("calibrating a text model needs its tokenizer: factorize from the folder or Hub repo that "

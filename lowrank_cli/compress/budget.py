@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank_cli.errors import UsageError
 from lowrank_cli.compress.plan import pela_rank, saves_params
+from lowrank_cli.errors import UsageError
 
 
 @dataclass(frozen=True)

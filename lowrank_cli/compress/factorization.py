@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
 import time
 import warnings
 from collections.abc import Callable
@@ -13,16 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_cli.checkpoint.io import CheckpointInfo, swap_in
-from lowrank_cli.evaluation.counting import count_params
-from lowrank_cli.devices import resolve_device, resolve_dtype
-from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.layers.lowrank_linear import LowRankLinear
-from lowrank_cli.models.inputs import example_input
-from lowrank_cli.models.spec import ModelSpec
+from lowrank_cli.checkpoint.format import CheckpointInfo
 from lowrank_cli.compress.plan import Plan, make_plan
 from lowrank_cli.compress.svd import SVD_METHODS, truncated_svd
-
+from lowrank_cli.devices import resolve_device, resolve_dtype
+from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.evaluation.counting import count_params
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.models.spec import ModelSpec
+from lowrank_cli.models.structure import swap_in, uncalled_linears
 
 
 @dataclass
@@ -68,48 +65,6 @@ class FactorizeResult:
             "layers": [vars(r) for r in self.layers],
             **self.extra,
         }
-
-
-def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, ...] | None) -> list[str]:
-    """The named linears that a forward pass never calls as modules.
-
-    Some timm models use `F.linear(x, self.qkv.weight)` (beit, eva, ...): a swapped-in LowRankLinear would then
-    never run and the model would silently break. One batch-1 forward with hooks finds them.
-    """
-    if not names:
-        return []
-    from lowrank_cli.models.inputs import default_input_size
-
-    size = tuple(input_size or default_input_size(model))
-    # A twin on the meta device runs the same modules on shapes only: no arithmetic, no memory. A model that
-    # cannot run on meta (data-dependent control flow) is checked with a real batch-1 forward instead.
-    try:
-        twin = copy.deepcopy(model, {id(t): torch.empty_like(t, device="meta")
-                                     for t in itertools.chain(model.parameters(), model.buffers())})
-        return _uncalled(twin, names, size, torch.device("meta"))
-    except Exception:
-        pass
-    try:
-        return _uncalled(model, names, size, next(model.parameters()).device)
-    except Exception as e:
-        from lowrank_cli.models.inputs import forward_failed
-
-        raise forward_failed(e, model, size, ", so lrc cannot check which linears the model calls") from None
-
-
-def _uncalled(model: nn.Module, names: list[str], size: tuple[int, ...], device: torch.device) -> list[str]:
-    called: set[str] = set()
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: called.add(n)) for n in names]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input(model, size, dtype=next(model.parameters()).dtype, device=device, zeros=True))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return [n for n in names if n not in called]
 
 
 def factorize(
@@ -289,9 +244,7 @@ def factorize_file(
         raise UsageError(f"--svd '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
     resolve_dtype(options.get("dtype"))
     if options.get("plan_dtype") is not None:
-        from lowrank_cli.evaluation.bench import resolve_dtype as resolve_run_dtype
-
-        resolve_run_dtype(options["plan_dtype"], "--plan-dtype")  # refused before the loading
+        resolve_dtype(options["plan_dtype"], parameter="plan_dtype")  # refused before the loading
     resolve_device(options.get("device", "auto"))
     from lowrank_cli.models.inputs import check_input_size, default_input_size
     from lowrank_cli.models.transformers_models import is_text_model
@@ -306,7 +259,7 @@ def factorize_file(
     calib_needs_tokenizer = text and options.get("calib") is not None and options.get("tokenizer") is None
     tokenizer_dir = None
     if save_tokenizer or calib_needs_tokenizer:
-        from lowrank_cli.models.sources import tokenizer_folder
+        from lowrank_cli.models.hub import tokenizer_folder
 
         tokenizer_dir = tokenizer_folder(loaded)  # once, before the SVDs: a source without one fails at once
     if calib_needs_tokenizer:

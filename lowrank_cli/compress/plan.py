@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lowrank_cli.errors import UsageError
+from lowrank_cli.models.structure import _compile, select_targets
 
 
 @dataclass(frozen=True)
@@ -63,65 +64,6 @@ def pela_rank(d_in: int, d_out: int, kappa: float, multiple: int = 1) -> int:
 
 def saves_params(d_in: int, d_out: int, rank: int) -> bool:
     return 0 < rank and rank * (d_in + d_out) < d_in * d_out
-
-
-def _compile(patterns: list[str], option: str) -> list[re.Pattern]:
-    compiled = []
-    for p in patterns:
-        try:
-            compiled.append(re.compile(p))
-        except re.error as e:
-            raise UsageError(f"{option} '{p}' is not a valid regular expression ({e}): fix the pattern") from None
-    return compiled
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def block_names(model: nn.Module) -> list[str]:
-    """Names of the model's repeated blocks (see block_linear_names), outermost first, in model order."""
-    names: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        children = [c for c in module.children() if any(True for _ in c.children())]
-        classes = [type(c) for c in children]
-        if any(classes.count(c) >= 2 for c in set(classes)):
-            names += [f"{name}.{child}" if name else child for child, c in module.named_children() if any(True for _ in c.children())]
-    return names
-
-
-def block_linear_names(model: nn.Module) -> list[str]:
-    """Linears inside the model's repeated blocks: the transformer blocks, in PELA's sense.
-
-    A block is an element of an nn.ModuleList / nn.Sequential that holds at least two container modules of the
-    same class (timm `blocks.N`, Swin `layers.N.blocks.M`, BERT `encoder.layer.N`). Heads, patch embeddings,
-    poolers and an MLP written as a Sequential of bare Linears are not blocks, so they stay dense.
-    """
-    block_prefixes = [b + "." for b in block_names(model)]
-    return [n for n in linear_names(model) if any(n.startswith(p) for p in block_prefixes)]
-
-
-def select_targets(model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:
-    """Names of the linears to factorize: `include` (regex full match) or the block linears, minus `exclude`.
-
-    Exclude wins over include. Every pattern must match at least one linear, so a typo never silently
-    compresses the wrong layers (or none).
-    """
-    linears = linear_names(model)
-    inc = _compile(include or [], "--include")
-    exc = _compile(exclude or [], "--exclude")
-    for option, patterns in (("--include", inc), ("--exclude", exc)):
-        for p in patterns:
-            if not any(p.fullmatch(n) for n in linears):
-                example = linears[0] if linears else "(the model has no nn.Linear)"
-                raise UsageError(
-                    f"{option} '{p.pattern}' matches no nn.Linear of the model (patterns match whole module "
-                    f"names, e.g. '{example}'): fix the pattern; 'lrc report MODEL --per-layer' lists the names"
-                )
-    chosen = [n for n in linears if any(p.fullmatch(n) for p in inc)] if inc else block_linear_names(model)
-    return [n for n in chosen if not any(p.fullmatch(n) for p in exc)]
 
 
 def parse_rank_patterns(items: list[str] | None) -> list[tuple[re.Pattern, int]]:

@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from lowrank_cli.errors import UsageError
 from lowrank_cli.compress.plan import LayerPlan, Plan
+from lowrank_cli.errors import UsageError
 
 
 class LayerShape(NamedTuple):
@@ -70,11 +70,10 @@ def auto_rank_multiple(device: str | torch.device | None = "auto", dtype: str | 
         312) took 4-9% more time per MAC than the multiples of 16 beside them on the 3072->768 and
         768->2304 shapes (one run, noisy host).
     """
-    from lowrank_cli.evaluation.bench import resolve_dtype
-    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.devices import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, torch.float32)
     if dev.type == "cuda":
         return 64 if dt in (torch.bfloat16, torch.float16) else 8
     return 16 if _cpu_capability().startswith("AVX512") else 8
@@ -93,10 +92,10 @@ def run_dtype(plan_dtype: str | torch.dtype | None, stored_dtype: torch.dtype | 
     """The precision the factorized model will run in: what `--plan speed` times and `--rank-multiple auto`
     suits. --plan-dtype; else the stored --dtype; else bf16 on CUDA (a GPU serves transformers in bf16: an fp32
     plan would time TF32-less fp32 GEMMs and pick the fp32 grid) and the model's own dtype on the CPU."""
-    from lowrank_cli.evaluation.bench import resolve_dtype
+    from lowrank_cli.devices import resolve_dtype
 
     if plan_dtype is not None:
-        return resolve_dtype(plan_dtype, "--plan-dtype")
+        return resolve_dtype(plan_dtype, parameter="plan_dtype")
     if stored_dtype is not None:
         return stored_dtype
     return torch.bfloat16 if device.type == "cuda" else model_dtype
@@ -169,8 +168,8 @@ def time_layer(shape: LayerShape, *, device: torch.device, dtype: torch.dtype, r
     `cuda_graphs` (CUDA only) each layer is replayed from a CUDA graph, as a model deployed with CUDA graphs
     runs: the launch of the second GEMM then costs (almost) nothing, which matters at small batches.
     """
-    from lowrank_cli.evaluation.bench import _cuda_graphed, synchronize
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
+    from lowrank_cli.timing import cuda_graphed, synchronize
 
     gen = torch.Generator().manual_seed(seed)
     dense = nn.Linear(shape.d_in, shape.d_out, bias=shape.bias)
@@ -202,7 +201,7 @@ def time_layer(shape: LayerShape, *, device: torch.device, dtype: torch.dtype, r
             low(x)
         synchronize(device)
         if cuda_graphs and cuda:
-            dense, low = _cuda_graphed(dense, x), _cuda_graphed(low, x)
+            dense, low = cuda_graphed(dense, x), cuda_graphed(low, x)
         one = max(run(dense, 1), 1e-4)
         calls = max(1, min(1000, int(min_sample_s * 1e3 / one)))
         times: dict[str, list[float]] = {"dense": [], "low": []}
@@ -256,8 +255,12 @@ def speed_plan(
          "kept_dense": [names], "estimated_gain": sum of dense_ms / sum of the chosen forms' ms}
     for `CheckpointInfo.plan` (`lrc.plan` in the checkpoint).
     """
-    from lowrank_cli.evaluation.bench import SHORT_DTYPE, device_name, resolve_dtype
-    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.devices import (
+        SHORT_DTYPE,
+        device_name,
+        resolve_device,
+        resolve_dtype,
+    )
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
@@ -268,7 +271,7 @@ def speed_plan(
         torch.cuda.set_device(dev)  # the CUDA events and graphs of time_layer use the current device
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, torch.float32)
     candidates = [p for p in base_plan.layers if p.rank is not None]
 
     names = [p.name for p in candidates]

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.compress.svd import split_balanced
+from lowrank_cli.errors import InputError, UsageError
 
 JITTER = 1e-6  # relative to the mean diagonal of C; also the accepted smallest Cholesky pivot
 JITTER_STEPS = (1.0, 1e2, 1e4)  # multiples of `jitter` tried after plain Cholesky fails

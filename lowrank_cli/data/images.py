@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.models.inputs import data_config
 
 log = logging.getLogger(__name__)
 
@@ -190,65 +191,6 @@ def find_images(
 
 
 # ------------------------------------------------------------------------------------------ transforms
-
-
-def data_config(model_or_config: torch.nn.Module | Mapping[str, Any]) -> dict[str, Any]:
-    """timm's data config (input_size, interpolation, mean, std, crop_pct, crop_mode) for a model.
-
-    A model's pretrained_cfg describes the checkpoint it was published with, not the model as built:
-    `create_model(..., img_size=32, in_chans=1)` still reports (3, 224, 224). The channel count and,
-    for models with a fixed input size (ViT patch embedding), the image size are read from the model.
-    A mapping (a pretrained_cfg or a data config, e.g. from checkpoint metadata) is taken as it is.
-    """
-    import timm.data
-
-    if isinstance(model_or_config, torch.nn.Module):
-        model = model_or_config
-        from lowrank_cli.models.transformers_models import ensure_pretrained_cfg
-
-        ensure_pretrained_cfg(model)
-        cfg = dict(timm.data.resolve_data_config({}, model=model))
-        chans, size = cfg["input_size"][0], tuple(cfg["input_size"][1:])
-        chans = int(getattr(model, "in_chans", 0) or _first_conv_channels(model) or chans)
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if img_size is not None:
-            size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        cfg["input_size"] = (chans, *size)
-    else:
-        cfg = dict(timm.data.resolve_data_config({}, pretrained_cfg=dict(model_or_config)))
-    chans = cfg["input_size"][0]
-    for key in ("mean", "std"):
-        value = tuple(float(v) for v in cfg[key])
-        # timm adapts 3-channel weights to 1 channel by summing the filters, so a grey image normalised
-        # with the averaged statistics matches what the RGB filters saw.
-        if chans == 1 and len(value) == 3:
-            value = (sum(value) / 3,)
-        cfg[key] = value
-    cfg["input_size"] = tuple(int(v) for v in cfg["input_size"])
-    image_mode(cfg)  # fail early on channel counts that images cannot provide
-    return cfg
-
-
-def _first_conv_channels(model: torch.nn.Module) -> int | None:
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    if isinstance(name, (list, tuple)):
-        name = name[0] if name else None
-    if not name:
-        return None
-    try:
-        return getattr(model.get_submodule(name), "in_channels", None)
-    except AttributeError:
-        return None
-
-
-def image_mode(model_or_config: torch.nn.Module | Mapping[str, Any]) -> str:
-    """The PIL mode images must be decoded to: 'L' for 1-channel models, 'RGB' for 3."""
-    cfg = model_or_config if isinstance(model_or_config, Mapping) else data_config(model_or_config)
-    chans = int(cfg["input_size"][0])
-    if chans not in (1, 3):
-        raise InputError(f"the model expects {chans} input channels, but images give 1 (grey) or 3 (RGB):"
-                         " use a model built with in_chans=1 or 3")
-    return "L" if chans == 1 else "RGB"
 
 
 def make_transform(model_or_config: torch.nn.Module | Mapping[str, Any], training: bool) -> Callable[..., Any]:

@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,8 +29,13 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lowrank_cli.data.images import (
+    IMAGE_EXTENSIONS,
+    EpochSampler,
+    epoch_loader,
+    visible,
+)
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.data.images import IMAGE_EXTENSIONS, EpochSampler, epoch_loader, visible
 from lowrank_cli.models.transformers_models import quiet, require
 
 log = logging.getLogger(__name__)
@@ -40,12 +45,6 @@ TEXT_EXTENSIONS: tuple[str, ...] = (".txt", ".jsonl")
 # with only config.json, transformers 5 builds a BERT tokenizer that knows nothing but its 5 special tokens.
 VOCAB_FILES: tuple[str, ...] = (
     "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
-)  # fmt: skip
-DEFAULT_MAX_LENGTH = 512
-# Models whose learned positions start at padding_idx + 1 (fairseq's convention): max_position_embeddings
-# counts padding_idx + 1 = 2 slots that no token can use (514 for a 512-token RoBERTa).
-_POSITIONS_AFTER_PAD = (
-    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text",
 )  # fmt: skip
 _FORMAT_HINT = 'write one text per line (.txt) or one {"text": "..."} object per line (.jsonl)'
 
@@ -292,32 +291,3 @@ def text_loader(text_set: TextSet, tokenizer: Any, *, batch_size: int, max_lengt
 # ------------------------------------------------------------------------------------------- max length
 
 
-def _config_value(config: Any, key: str) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(key)
-    return getattr(config, key, None)
-
-
-def position_limit(model_or_config: Any) -> int | None:
-    """The most tokens the model's learned positions take (max_position_embeddings, minus the 2 unusable slots
-    of RoBERTa-style models), or None when the config does not say."""
-    config = getattr(model_or_config, "config", model_or_config)
-    positions = _config_value(config, "max_position_embeddings")
-    if not (isinstance(positions, int) and positions > 0):
-        return None
-    return positions - 2 if _config_value(config, "model_type") in _POSITIONS_AFTER_PAD else positions
-
-
-def default_max_length(model_or_config: Any, tokenizer: Any = None) -> int:
-    """The longest input to tokenize for a model: 512, or less when the model's learned positions
-    (max_position_embeddings, minus the 2 unusable slots of RoBERTa-style models) or the tokenizer's
-    model_max_length say so. `model_or_config`: a transformers model, its config, or a config dict."""
-    limits = [DEFAULT_MAX_LENGTH]
-    positions = position_limit(model_or_config)
-    if positions is not None:
-        limits.append(positions)
-    tok_max = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
-    # transformers reports "no limit" as int(1e30).
-    if isinstance(tok_max, (int, float)) and 0 < tok_max < 1e6:
-        limits.append(int(tok_max))
-    return max(min(limits), 1)

@@ -8,7 +8,6 @@ On CUDA the forward runs under bf16 autocast, as recovery does; on the CPU in fl
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_cli.data.images import (
+    ImageDataset,
+    ImageSet,
+    collate,
+    find_images,
+    make_transform,
+)
+from lowrank_cli.devices import autocast_for
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.data.images import ImageDataset, ImageSet, collate, find_images, image_mode, make_transform
-from lowrank_cli.models.inputs import output_tensor
+from lowrank_cli.models.inputs import image_mode, output_tensor
 
 TOP_K = (1, 5)
 
@@ -78,12 +84,6 @@ def check_classes(model: nn.Module, image_set: ImageSet, what: str = "the model"
     return None
 
 
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP and torch.compile wrappers."""
     while True:
@@ -115,7 +115,6 @@ def evaluate(
     Returns {"top1", "top5", "images", "skipped", "precision"}; "top5" is top-min(5, classes).
     """
     from lowrank_cli import distributed
-
     from lowrank_cli.models.transformers_models import is_text_model
 
     if is_text_model(unwrap(model)):

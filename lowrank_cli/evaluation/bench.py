@@ -41,17 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_cli.devices import SHORT_DTYPE, resolve_dtype
 from lowrank_cli.errors import UsageError
 from lowrank_cli.models.inputs import example_input
-
-# Short and long names: what the CLI accepts for --dtype.
-DTYPE_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp64": torch.float64, "float64": torch.float64,
-}  # fmt: skip
-SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+from lowrank_cli.timing import cuda_graphed, quantile, synchronize
 
 # torch.compile modes that run the compiled graph through CUDA graphs.
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -143,20 +136,6 @@ class Profile:
 # ------------------------------------------------------------------------------------------------ options
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, option: str = "--dtype") -> torch.dtype:
-    """fp32 / bf16 / fp16 (or float32, bfloat16, float16, a torch.dtype) -> torch.dtype; None is fp32."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in SHORT_DTYPE:
-            raise UsageError(f"{option} {dtype} is not a floating type lrc benchmarks: use fp32, bf16 or fp16")
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPE_NAMES:
-        raise UsageError(f"{option} '{dtype}' is not one of fp32, bf16, fp16 (or float32, bfloat16, float16)")
-    return DTYPE_NAMES[key]
-
-
 def parse_batch_sizes(text: str | Iterable[int]) -> list[int]:
     """"1,32,256" -> [1, 32, 256] (each a whole number >= 1, duplicates dropped, order kept)."""
     items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
@@ -173,20 +152,6 @@ def parse_batch_sizes(text: str | Iterable[int]) -> list[int]:
     if not sizes:
         raise UsageError("--batch-size is empty: give e.g. 1,32,256")
     return sizes
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def process_peak_rss() -> int | None:
@@ -208,22 +173,6 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default), q in [0, 1]."""
-    s = sorted(values)
-    if len(s) == 1:
-        return s[0]
-    pos = q * (len(s) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 class _Runner:
@@ -289,28 +238,6 @@ class _Runner:
         self.calls = max(1, min(1000, math.ceil(min_sample_s / max(last, 1e-7))))
 
 
-def _cuda_graphed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-    """Capture fn(x) once in a CUDA graph; calls then replay it on the same (static) input tensor."""
-    stream = torch.cuda.Stream(device=x.device)
-    stream.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(stream):  # warm-up outside the capture (cuBLAS workspaces, lazy init)
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream(x.device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(x)
-
-    def replay(inp: torch.Tensor) -> Any:
-        if inp is not x:
-            raise RuntimeError("a CUDA-graphed model replays on the input tensor it was captured with")
-        graph.replay()
-        return out
-
-    replay.graph = graph  # keep the graph (and its memory pool) alive with the callable
-    return replay
-
-
 def resolve_compile_mode(compile: bool | str, cuda_graphs: bool) -> str | None:
     if compile in (False, None, "", "none"):
         return None
@@ -370,7 +297,7 @@ def bench(
     warn = warn or (lambda msg: None)
     progress = progress or (lambda msg: None)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, torch.float32)
     sizes = parse_batch_sizes(batch_sizes)
     names = list(models)
     reference = names[0] if reference is None else reference
@@ -439,7 +366,7 @@ def bench(
                     torch.cuda.synchronize(dev)
                     before = torch.cuda.memory_allocated(dev)
                     torch.cuda.reset_peak_memory_stats(dev)
-                    fn = _cuda_graphed(fn, x)  # the graph's pool holds the activations from now on
+                    fn = cuda_graphed(fn, x)  # the graph's pool holds the activations from now on
                     torch.cuda.synchronize(dev)
                     captured = torch.cuda.max_memory_allocated(dev) - before
                 runner = _Runner(name, models[name], fn, dev, mark_step=graphed and bool(mode), compiled=bool(mode))
@@ -463,8 +390,8 @@ def bench(
                     model=r.name,
                     batch_size=bs,
                     median_ms=median,
-                    p10_ms=_quantile(r.samples, 0.1),
-                    p90_ms=_quantile(r.samples, 0.9),
+                    p10_ms=quantile(r.samples, 0.1),
+                    p90_ms=quantile(r.samples, 0.9),
                     min_ms=min(r.samples),
                     repeats=len(r.samples),
                     calls_per_repeat=r.calls,
@@ -565,10 +492,10 @@ def profile(
     """Split the time of `calls` forward passes of `model` on `x` (already on its device) into GEMMs, attention
     and the rest. On CUDA the kernels' device time is split by kernel name; on the CPU the ops' self time.
     `fn` (e.g. a compiled model) is called instead of `model` when given; warm it up first."""
+    import os
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-
-    import os
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" line on machines without CUDA
     fn = model if fn is None else fn  # not `fn or model`: a compiled module has no truth value (len() raises)

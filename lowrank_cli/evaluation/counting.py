@@ -25,7 +25,11 @@ with warnings.catch_warnings():
     # fvcore.nn imports a module that calls torch.jit.script, deprecated (FutureWarning) in recent torch.
     warnings.simplefilter("ignore")
     from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import elementwise_flop_counter, get_shape, norm_flop_counter
+    from fvcore.nn.jit_handles import (
+        elementwise_flop_counter,
+        get_shape,
+        norm_flop_counter,
+    )
 
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear

@@ -1,6 +1,6 @@
 """`lrc report`: what a model costs (parameters, MACs), what factorization saved, and what the file says about itself.
 
-    from lowrank_cli.evaluation.report import build_report, apply_gates
+
     report = build_report("deit_lr.safetensors")              # any MODEL source, or a plain safetensors file
     report.document["compression"]                            # {"params": 1.96, "macs": 1.91}
     failed = apply_gates(report, max_params=50_000_000)       # CI gates; failed ones are returned
@@ -306,7 +306,7 @@ def _set_reference(document: dict[str, Any], reference: dict[str, Any] | None) -
 
 
 def _is_lrc_file(path: Path) -> bool:
-    from lowrank_cli.checkpoint.io import is_lrc_checkpoint
+    from lowrank_cli.checkpoint.format import is_lrc_checkpoint
 
     return is_lrc_checkpoint(path)  # raises InputError for a truncated / corrupt file
 
@@ -317,7 +317,7 @@ def _is_bare_file(source: str) -> bool:
 
 
 def _file_facts(path: Path) -> tuple[str, int]:
-    from lowrank_cli.models.sources import file_sha256
+    from lowrank_cli.models.weights import file_sha256
 
     return file_sha256(path), path.stat().st_size
 
@@ -420,7 +420,7 @@ def _report_tensor_shapes(path: Path, argument: str) -> Report:
     """A safetensors file with no lrc metadata and no --arch: parameters from the header, no MACs."""
     from safetensors import safe_open
 
-    from lowrank_cli.checkpoint.io import _open_header
+    from lowrank_cli.checkpoint.format import _open_header
 
     _open_header(path)  # the one place that turns a bad header / truncation into a clear InputError
     total, dtypes = 0, {}

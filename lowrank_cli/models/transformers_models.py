@@ -129,7 +129,7 @@ def _no_init() -> Iterator[None]:
         yield
 
 
-def build_empty(spec: ModelSpec) -> nn.Module:
+def empty_model(spec: ModelSpec) -> nn.Module:
     """The architecture of `spec`, uninitialised (non-persistent buffers such as position ids are real)."""
     config = config_from_dict(spec.model_args)
     cls = model_class(config, spec.architecture)

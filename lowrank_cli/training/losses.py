@@ -56,14 +56,6 @@ class LossWeights:
             raise UsageError(f"--temperature must be a finite number > 0, got {self.temperature}")
 
 
-def innermost_blocks(model: nn.Module) -> list[str]:
-    """The model's repeated transformer blocks, innermost ones only (Swin: `layers.N.blocks.M`, not `layers.N`)."""
-    from lowrank_cli.compress.plan import block_names
-
-    names = block_names(model)
-    return [n for n in names if not any(other.startswith(n + ".") for other in names)]
-
-
 def _first_tensor(output: object) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output

@@ -1,6 +1,6 @@
 """Recovery: distil the low-rank student back towards its dense teacher (PELA Eq. 7).
 
-    from lowrank_cli.training.recovery import recover
+
     result = recover("deit_lr.safetensors", "deit_base", "imagenet/", output="deit_lr_rec.safetensors", steps=2000)
     result.accuracy        # {"teacher": {...}, "before": {...}, "after": {...}} on imagenet/val
     result.summary()       # what `lrc recover --json` prints
@@ -47,11 +47,28 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowrank_cli import distributed
-from lowrank_cli.training.losses import BlockOutputs, LossWeights, RecoveryLoss, innermost_blocks
-from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError, UsageError
-from lowrank_cli.evaluation.accuracy import autocast_for, check_classes, evaluate, val_split
-from lowrank_cli.data.images import Batch, EpochSampler, ImageDataset, ImageSet, collate, data_config, find_images
+from lowrank_cli.data.images import (
+    Batch,
+    EpochSampler,
+    ImageDataset,
+    ImageSet,
+    collate,
+    find_images,
+)
+from lowrank_cli.devices import autocast_for
+from lowrank_cli.errors import (
+    EnvironmentProblem,
+    InputError,
+    Interrupted,
+    OutputError,
+    TrainingError,
+    UsageError,
+)
+from lowrank_cli.evaluation.accuracy import check_classes, evaluate, val_split
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.models.inputs import data_config
+from lowrank_cli.models.structure import innermost_blocks
+from lowrank_cli.training.losses import BlockOutputs, LossWeights, RecoveryLoss
 from lowrank_cli.training.state import (
     TrainState,
     changed_options,
@@ -462,7 +479,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _load(source, what: str, arch, model_args, log, library=None):
-    from lowrank_cli.models.sources import LoadedModel, load_model
+    from lowrank_cli.models.loaded import LoadedModel
+    from lowrank_cli.models.sources import load_model
 
     if isinstance(source, LoadedModel):
         return source
@@ -691,10 +709,11 @@ class _Run:
         raw.to(device=dev, dtype=torch.float32).train()
         tea.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
         if text:
-            from lowrank_cli.data.texts import default_max_length, load_tokenizer, position_limit
+            from lowrank_cli.data.texts import load_tokenizer
+            from lowrank_cli.models.inputs import default_max_length, position_limit
 
             if tokenizer is None:
-                from lowrank_cli.models.sources import tokenizer_folder
+                from lowrank_cli.models.hub import tokenizer_folder
 
                 if t.files is None:
                     raise UsageError(f"no tokenizer for the text data: the teacher {_name(t)} is not a transformers "
@@ -728,7 +747,8 @@ class _Run:
                              "are 0: nothing to learn from; keep --alpha 1")
         loss = RecoveryLoss(weights, use_labels=use_labels, pairs=[(layer, w) for _, layer, w in pairs])
 
-        from lowrank_cli.data.images import image_mode, make_transform
+        from lowrank_cli.data.images import make_transform
+        from lowrank_cli.models.inputs import image_mode
 
         if text:
             from lowrank_cli.data.texts import text_loader
@@ -856,7 +876,7 @@ class _Run:
                     "final_losses": {k: v["last"] for k, v in losses.items()}}
         info = getattr(raw, "lrc_info", None)
         if info is None:  # a low-rank LoadedModel built by hand: describe it as lrc would
-            from lowrank_cli.checkpoint.io import CheckpointInfo, lowrank_ranks
+            from lowrank_cli.checkpoint.format import CheckpointInfo, lowrank_ranks
 
             info = raw.lrc_info = CheckpointInfo(spec=s.spec, ranks=lowrank_ranks(raw), provenance={"source": s.source})
         info.recovery = recovery

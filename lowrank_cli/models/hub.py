@@ -1,0 +1,132 @@
+"""The Hugging Face Hub, through huggingface_hub: its cache, revisions, HF_TOKEN and HF_HUB_OFFLINE apply everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lowrank_cli.errors import InputError
+from lowrank_cli.models.loaded import LoadedModel
+from lowrank_cli.models.weights import PICKLE_WEIGHTS, SAFE_WEIGHTS
+
+
+class NotOnHub(InputError):
+    """A Hub repo that is not there: absent, or not in the cache while the Hub cannot be reached."""
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message)
+        self.reason = reason  # what to say about the repo in a combined message
+
+
+def hub_download(repo: str, filename: str, revision: str | None) -> Path:
+    """One file from the Hub through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply."""
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise NotOnHub(
+            f"{filename} of hf-hub:{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
+            f"and {why}: run once with network access (or unset HF_HUB_OFFLINE), or point at a local folder",
+            reason=f"it is not in the Hugging Face cache and {why}",
+        ) from e
+    except hf_errors.EntryNotFoundError:  # the repo has no such file: the caller may try another name
+        raise
+    except hf_errors.RevisionNotFoundError:
+        raise InputError(f"hf-hub:{repo} has no revision '{revision}': check --revision") from None
+    except hf_errors.GatedRepoError:
+        raise InputError(f"hf-hub:{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise NotOnHub(
+            f"hf-hub:{repo} does not exist or is private: check the name, or set HF_TOKEN for a private repo",
+            reason="it does not exist or is private",
+        ) from None
+    except hf_errors.HfHubHTTPError as e:
+        raise InputError(f"downloading {filename} of hf-hub:{repo} failed ({e}): try again later") from None
+
+
+def hub_weights(repo: str, revision: str | None) -> Path:
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        return hub_download(repo, SAFE_WEIGHTS, revision)
+    except hf_errors.EntryNotFoundError:
+        pass
+    try:
+        return hub_download(repo, PICKLE_WEIGHTS, revision)
+    except hf_errors.EntryNotFoundError:
+        raise InputError(f"hf-hub:{repo} has neither {SAFE_WEIGHTS} nor {PICKLE_WEIGHTS}: it is not a timm model repo") from None
+
+
+def snapshot_revision(path: Path) -> str | None:
+    """The commit a cached Hub file belongs to (…/snapshots/<commit>/file)."""
+    parts = path.parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+
+
+def hub_transformers_files(repo: str, revision: str | None) -> Path:
+    """Fetch what transformers needs of a Hub repo (weights, shards, image preprocessing) through hub_download,
+    so that the cache, HF_TOKEN, HF_HUB_OFFLINE and the error messages are lrc's everywhere; returns the local
+    snapshot folder that `from_pretrained` then reads."""
+    from huggingface_hub import errors as hf_errors
+
+    from lowrank_cli.models.transformers_models import PREPROCESSOR
+
+    def optional(name: str) -> Path | None:
+        try:
+            return hub_download(repo, name, revision)
+        except hf_errors.EntryNotFoundError:
+            return None
+
+    folder = None
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          (PICKLE_WEIGHTS, "pytorch_model.bin.index.json")):
+        path = optional(single)
+        if path is None and (index_path := optional(index)) is not None:
+            try:
+                shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                raise InputError(f"{index} of hf-hub:{repo} is unreadable ({e}): the repo is broken") from None
+            path = [hub_download(repo, shard, revision) for shard in shards][0]
+        if path is not None:
+            folder = path.parent
+            break
+    if folder is None:
+        raise InputError(f"hf-hub:{repo} has no model.safetensors or {PICKLE_WEIGHTS} (nor sharded ones): it is "
+                         "not a transformers model repo")
+    try:  # vision models keep their mean / std / size there; text models have none
+        optional(PREPROCESSOR)
+    except InputError:  # offline, and never downloaded
+        pass
+    return folder
+
+
+def tokenizer_folder(loaded: LoadedModel) -> Path:
+    """The local folder with the tokenizer files of a transformers source (Hub files are fetched to the cache)."""
+    from lowrank_cli.models.transformers_models import TOKENIZER_FILES
+
+    if loaded.files is None:
+        raise InputError("the source has no tokenizer files (only transformers folders and Hub repos have them): "
+                         "leave out --save-tokenizer, or pass --tokenizer DIR_OR_REPO")
+    folder = Path(loaded.files)
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise InputError(f"'{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...): leave out "
+                             "--save-tokenizer, or pass --tokenizer DIR_OR_REPO")
+        return folder
+    from huggingface_hub import errors as hf_errors
+
+    found = None
+    for name in TOKENIZER_FILES:
+        try:
+            found = hub_download(loaded.files, name, loaded.revision).parent
+        except (hf_errors.EntryNotFoundError, InputError):  # absent, or not cached while offline
+            continue
+    if found is None:
+        raise InputError(f"hf-hub:{loaded.files} has no tokenizer files (or, offline, none in the cache): leave out "
+                         "--save-tokenizer, or pass --tokenizer DIR_OR_REPO")
+    return found

@@ -1,0 +1,34 @@
+"""A loaded model: the nn.Module, how to rebuild it (ModelSpec), and where it came from."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lowrank_cli.models.spec import ModelSpec
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: ModelSpec
+    pending_source: dict[str, Any] = field(default_factory=dict)  # values may still be computing (Future)
+    checkpoint: Any = None  # CheckpointInfo when the source is an lrc checkpoint
+    files: str | None = None  # transformers: the folder or Hub repo with the tokenizer (`--save-tokenizer`, text data)
+    revision: str | None = None
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """Provenance: kind, id, revision / sha256. The file hash is computed in the background while the
+        caller works (0.3 s for a ViT-B) and waited for here, on first use."""
+        for key, value in self.pending_source.items():
+            if isinstance(value, Future):
+                self.pending_source[key] = value.result()
+        return self.pending_source
+
+    @source.setter
+    def source(self, value: dict[str, Any]) -> None:
+        self.pending_source = value

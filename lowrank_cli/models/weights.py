@@ -1,0 +1,75 @@
+"""Weights files: safetensors or torch files read with weights_only=True (never unpickled), and their hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from lowrank_cli.errors import InputError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+SAFE_WEIGHTS = "model.safetensors"
+
+
+PICKLE_WEIGHTS = "pytorch_model.bin"
+
+
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrc-sha256")
+
+
+def sha256_later(path: Path) -> Future:
+    """hashlib and file reads release the GIL: hashing in a thread overlaps the caller's SVDs or training."""
+    return _HASHER.submit(file_sha256, path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a torch file read with weights_only=True (never unpickled).
+
+    Unwraps a `state_dict` / `model` / `state_dict_ema` wrapper key and strips DDP's `module.` prefix.
+    """
+    if not path.is_file():
+        raise InputError(f"weights file '{path}' does not exist: check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for every kind of corruption
+            raise InputError(f"'{path}' is not a readable safetensors file ({e}): is it truncated or corrupt?") from None
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols; the error below says it all
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            if "Unsupported global" in str(e):  # a class or function in the pickle: refused, not run
+                raise InputError(
+                    f"'{path}' holds pickled Python objects, which lrc never unpickles: re-save it as "
+                    "torch.save(model.state_dict(), ...) or as safetensors"
+                ) from None
+            raise InputError(
+                f"'{path}' is not a readable PyTorch weights file ({type(e).__name__}): is it truncated or corrupt?"
+            ) from None
+        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise InputError(f"'{path}' does not hold a state dict (name -> tensor): save model.state_dict()")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
