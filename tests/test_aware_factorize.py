@@ -8,8 +8,8 @@ from conftest import error_lines, make_tiny_vit, run_cli
 from digits import write_digits_imagefolder
 
 import lowrank_cli
-from lowrank_cli.errors import UsageError
 from lowrank_cli.data.images import find_images, make_loader, make_transform
+from lowrank_cli.errors import UsageError
 from lowrank_cli.models.structure import block_names
 
 

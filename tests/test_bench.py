@@ -14,12 +14,24 @@ import torch
 from conftest import error_lines, make_tiny_vit, run_cli
 
 import lowrank_cli
-from lowrank_cli.devices import resolve_dtype
-from lowrank_cli.evaluation.bench import BenchRow, bench, classify, noise_warning, parse_batch_sizes, profile
-from lowrank_cli.evaluation.counting import count_macs
-from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
 from lowrank_cli.compress.plan import make_plan
-from lowrank_cli.compress.speed_plan import LayerShape, auto_rank_multiple, parse_rank_multiple, speed_plan
+from lowrank_cli.compress.speed_plan import (
+    LayerShape,
+    auto_rank_multiple,
+    parse_rank_multiple,
+    speed_plan,
+)
+from lowrank_cli.devices import resolve_dtype
+from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
+from lowrank_cli.evaluation.bench import (
+    BenchRow,
+    bench,
+    classify,
+    noise_warning,
+    parse_batch_sizes,
+    profile,
+)
+from lowrank_cli.evaluation.counting import count_macs
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is missing")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -328,8 +340,8 @@ def test_cli_refuses_bad_options_with_one_error_line(checkpoints, capsys):
 
 
 def test_a_device_failure_is_not_blamed_on_the_input_size(monkeypatch):
-    from lowrank_cli.evaluation.bench import check_input_size
     from lowrank_cli.devices import is_device_failure
+    from lowrank_cli.evaluation.bench import check_input_size
 
     class Broken(torch.nn.Module):
         def __init__(self, error: Exception):

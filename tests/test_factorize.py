@@ -8,10 +8,10 @@ from conftest import make_tiny_vit
 from torch import nn
 
 import lowrank_cli
-from lowrank_cli.errors import EnvironmentProblem, UsageError
-from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.compress.plan import LayerPlan, Plan, make_plan
 from lowrank_cli.compress.svd import truncated_svd
+from lowrank_cli.errors import EnvironmentProblem, UsageError
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
 
 def test_full_rank_reproduces_dense_outputs():

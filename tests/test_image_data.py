@@ -5,9 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from digits import (
+    digits_split_counts,
+    write_corrupt_image,
+    write_digits_imagefolder,
+    write_flat_images,
+)
 from PIL import Image
 
-from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.data.images import (
     Batch,
     EpochSampler,
@@ -17,9 +22,8 @@ from lowrank_cli.data.images import (
     make_loader,
     make_transform,
 )
+from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.inputs import data_config, image_mode
-
-from digits import digits_split_counts, write_corrupt_image, write_digits_imagefolder, write_flat_images
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import make_tiny_vit
 
+from lowrank_cli.compress.plan import make_plan, pela_rank, saves_params
 from lowrank_cli.errors import UsageError
 from lowrank_cli.models.structure import block_linear_names, select_targets
-from lowrank_cli.compress.plan import make_plan, pela_rank, saves_params
 
 
 @pytest.mark.parametrize(

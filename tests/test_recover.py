@@ -21,10 +21,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_lines, run_cli
+from digits import write_corrupt_image, write_digits_imagefolder
 from PIL import Image
 
 import lowrank_cli
-from lowrank_cli.checkpoint.format import read_info
+from lowrank_cli.checkpoint.format import read_info, record_source
+from lowrank_cli.errors import (
+    InputError,
+    Interrupted,
+    OutputError,
+    TrainingError,
+    UsageError,
+)
+from lowrank_cli.evaluation.accuracy import evaluate
+from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.models.structure import innermost_blocks
 from lowrank_cli.training.losses import (
     BlockOutputs,
     LossWeights,
@@ -33,15 +45,8 @@ from lowrank_cli.training.losses import (
     logit_distillation,
     weight_perturbation,
 )
-from lowrank_cli.models.structure import innermost_blocks
-from lowrank_cli.errors import InputError, Interrupted, OutputError, TrainingError, UsageError
-from lowrank_cli.evaluation.accuracy import evaluate
-from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.training.recovery import lr_factor, recover
 from lowrank_cli.training.state import metrics_path, read_train_state, train_state_path
-
-from conftest import error_lines, run_cli
-from digits import write_corrupt_image, write_digits_imagefolder
 
 TEACHER_ARGS = dict(img_size=16, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=10)
 FAST = dict(num_workers=0, device="cpu", log_every=1)  # tiny models: worker processes cost more than they save
@@ -103,7 +108,7 @@ def student(teacher, tmp_path_factory) -> Path:
     """The teacher factorized hard (kappa 16, the paper's ranks), as an lrc checkpoint."""
     loaded = lowrank_cli.load_model(str(teacher))
     lowrank_cli.factorize(loaded.model, kappa=16, rank_multiple=1)
-    loaded.model.lrc_info.provenance["source"] = loaded.source
+    record_source(loaded.model, loaded.source)
     path = tmp_path_factory.mktemp("student") / "student.safetensors"
     lowrank_cli.save(loaded.model, path)
     return path

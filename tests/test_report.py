@@ -15,19 +15,26 @@ import struct
 import sys
 from pathlib import Path
 
+from lowrank_cli.checkpoint.format import record_source
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from conftest import error_lines, make_tiny_vit, run_cli  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowrank_cli  # noqa: E402
-from conftest import error_lines, make_tiny_vit, run_cli  # noqa: E402
-from lowrank_cli.evaluation.counting import format_size  # noqa: E402
-from lowrank_cli.errors import UsageError  # noqa: E402
-from lowrank_cli.evaluation.report import apply_gates, build_report, report_model, to_markdown  # noqa: E402
 from lowrank_cli.compress.svd import Factors  # noqa: E402
+from lowrank_cli.errors import UsageError  # noqa: E402
+from lowrank_cli.evaluation.counting import format_size  # noqa: E402
+from lowrank_cli.evaluation.report import (  # noqa: E402
+    apply_gates,
+    build_report,
+    report_model,
+    to_markdown,
+)
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report_schema.md"
 TINY_ARCH = "vit_tiny_patch16_224"
@@ -66,7 +73,7 @@ def tiny_files(tiny_folder, tmp_path_factory) -> dict[str, Path]:
         lowrank_cli.factorize(loaded.model, kappa=2, rank_multiple=8, check_calls=False)
     finally:
         torch.set_num_threads(threads)
-    loaded.model.lrc_info.provenance["source"] = loaded.source
+    record_source(loaded.model, loaded.source)
     lowrank_cli.save(loaded.model, root / "lr.safetensors")
     info = loaded.model.lrc_info
     info.recovery = {"epochs": 1, "alpha": 1.0, "beta": 0.0, "top1": 0.5}

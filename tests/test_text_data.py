@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hf_fixtures import corpus_sentences, vocab_size, write_corpus, write_tiny_bert
 
-from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
 from lowrank_cli.data.texts import (
     TextBatch,
     TextCollate,
@@ -19,9 +19,8 @@ from lowrank_cli.data.texts import (
     load_tokenizer,
     text_loader,
 )
+from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
 from lowrank_cli.models.inputs import default_max_length
-
-from hf_fixtures import corpus_sentences, vocab_size, write_corpus, write_tiny_bert
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,21 @@ import sys
 
 import pytest
 import torch
+from conftest import error_lines, read_json, run_cli
+from hf_fixtures import (
+    corpus_sentences,
+    write_corpus,
+    write_sentence_transformers,
+    write_tiny_bert,
+    write_tiny_vit,
+)
 from torch import nn
 
 import lowrank_cli
+from lowrank_cli.compress.plan import LayerPlan, Plan, pela_rank
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, UsageError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
-from lowrank_cli.compress.plan import LayerPlan, Plan, pela_rank
 from lowrank_cli.models.sources import load_model
-
-from conftest import error_lines, read_json, run_cli
-from hf_fixtures import corpus_sentences, write_corpus, write_sentence_transformers, write_tiny_bert, write_tiny_vit
 
 transformers = pytest.importorskip("transformers")
 

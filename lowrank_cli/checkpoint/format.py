@@ -37,11 +37,49 @@ class CheckpointInfo:
     path: Path | None = None
 
 
+# The attribute that carries a model's record. Read it with info_of and change it through the functions below:
+# one place knows how the record is attached, so no module sets attributes on models behind another's back.
+ATTRIBUTE = "lrc_info"
+
+
+def info_of(model: nn.Module) -> CheckpointInfo | None:
+    """The lrc record of a model lrc built or loaded (None for any other model)."""
+    return getattr(model, ATTRIBUTE, None)
+
+
+def attach_info(model: nn.Module, info: CheckpointInfo) -> CheckpointInfo:
+    """Give `model` its record (what `lowrank_cli.save` writes); returns it."""
+    setattr(model, ATTRIBUTE, info)
+    return info
+
+
+def info_for_saving(model: nn.Module) -> CheckpointInfo:
+    """The model's record, or a new one describing any timm / transformers model (how to rebuild it)."""
+    from lowrank_cli.models.build import spec_of
+
+    return info_of(model) or CheckpointInfo(spec=spec_of(model))
+
+
+def record_source(model: nn.Module, source: dict[str, Any]) -> None:
+    """Note where the dense weights came from (kind, id, revision / sha256) in the model's provenance."""
+    info = info_of(model) or attach_info(model, info_for_saving(model))
+    info.provenance["source"] = source
+
+
+def record_recovery(model: nn.Module, recovery: dict[str, Any], *, spec: ModelSpec,
+                    source: dict[str, Any] | None = None) -> None:
+    """Record a recovery run (settings, accuracy) on a low-rank model; a low-rank model lrc did not build (a
+    LoadedModel made by hand) is described first from `spec` and `source`, as lrc would have."""
+    info = info_of(model) or attach_info(model, CheckpointInfo(
+        spec=spec, ranks=lowrank_ranks(model), provenance={"source": source} if source is not None else {}))
+    info.recovery = recovery
+
+
 def lowrank_ranks(model: nn.Module) -> dict[str, int]:
     return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def _open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+def open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     from safetensors import safe_open
 
     if not path.exists():
@@ -61,7 +99,7 @@ def _open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]
 
 
 def is_lrc_checkpoint(path: str | Path) -> bool:
-    meta, _ = _open_header(Path(path))
+    meta, _ = open_header(Path(path))
     return PREFIX + "schema" in meta
 
 
@@ -77,7 +115,7 @@ def _json(meta: dict[str, str], key: str, default: Any, path: Path) -> Any:
 def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[int, ...]]]:
     """The checkpoint's metadata and tensor shapes, without reading any tensor."""
     path = Path(path)
-    meta, shapes = _open_header(path)
+    meta, shapes = open_header(path)
     if PREFIX + "schema" not in meta:
         raise InputError(f"'{path}' is a safetensors file without lrc metadata: not written by lrc (use --arch with report)")
     try:

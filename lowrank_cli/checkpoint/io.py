@@ -31,14 +31,17 @@ import torch
 from torch import nn
 
 from lowrank_cli.atomic import atomic_path, check_output
-from lowrank_cli.checkpoint.format import CheckpointInfo, metadata_of, read_info
-from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.checkpoint.format import (
+    attach_info,
+    info_for_saving,
+    metadata_of,
+    read_info,
+)
+from lowrank_cli.errors import InputError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.build import build_empty, check_fits
-from lowrank_cli.models.inputs import record_input_size
-from lowrank_cli.models.spec import ModelSpec, json_safe
 from lowrank_cli.models.structure import swap_in
-from lowrank_cli.models.transformers_models import finish, is_transformers_model
+from lowrank_cli.models.transformers_models import finish
 
 
 def with_ranks(model: nn.Module, ranks: dict[str, int], what: str) -> nn.Module:
@@ -78,7 +81,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     finish(model)  # transformers: re-tie the tensors the file holds twice
     model.to(device)
     model.eval()
-    model.lrc_info = info
+    attach_info(model, info)
     return LoadedModel(model, info.spec, {"kind": "lrc", "id": str(path.resolve())}, info)
 
 
@@ -90,28 +93,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def _spec_of(model: nn.Module) -> ModelSpec:
-    info = getattr(model, "lrc_info", None)
-    if info is not None:
-        return info.spec
-    if is_transformers_model(model):
-        from lowrank_cli.models.transformers_models import spec_of
-
-        return spec_of(model)
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    arch = cfg.get("architecture")
-    if not arch:
-        raise UsageError(
-            "lrc can only save timm models (the model has no pretrained_cfg['architecture']): build it with "
-            "timm.create_model or lowrank_cli.load"
-        )
-    for key in ("hf_hub_id", "url", "file", "source", "state_dict"):
-        cfg.pop(key, None)
-    spec = ModelSpec(arch, json_safe(dict(getattr(model, "_model_args", {}) or {})), json_safe(cfg))
-    record_input_size(model, spec)
-    return spec
-
-
 def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch.dtype | None = None) -> Path:
     """`lowrank_cli.save(model, path)`: write the model as an lrc checkpoint, atomically.
 
@@ -120,7 +101,7 @@ def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch
     from safetensors.torch import save_file
 
     path = check_output(path, force=force)
-    info = getattr(model, "lrc_info", None) or CheckpointInfo(spec=_spec_of(model))
+    info = info_for_saving(model)
     info.provenance.setdefault("saved", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     tensors = {}
     seen: dict[int, str] = {}

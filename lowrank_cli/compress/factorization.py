@@ -11,13 +11,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_cli.checkpoint.format import CheckpointInfo
+from lowrank_cli.checkpoint.format import (
+    CheckpointInfo,
+    attach_info,
+    info_of,
+    record_source,
+)
 from lowrank_cli.compress.plan import Plan, make_plan
 from lowrank_cli.compress.svd import SVD_METHODS, truncated_svd
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.evaluation.counting import count_params
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.models.build import spec_of
 from lowrank_cli.models.spec import ModelSpec
 from lowrank_cli.models.structure import swap_in, uncalled_linears
 
@@ -106,7 +112,7 @@ def factorize(
     picks the multiple the device likes; `plan_kind="speed"` times every layer shape dense vs factorized on the
     device (batch `plan_batch_size`, precision `plan_dtype`: default the stored dtype, else bf16 on CUDA) and
     keeps dense the layers whose factorized form is not faster. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
-    carries its metadata as `model.lrc_info` for `lowrank_cli.save`.
+    carries its record (`checkpoint.format.info_of`) for `lowrank_cli.save`.
     """
     if svd not in SVD_METHODS:
         raise UsageError(f"--svd '{svd}' is not one of {', '.join(SVD_METHODS)}")
@@ -189,9 +195,9 @@ def factorize(
         result.extra["speed_plan"] = {k: v for k, v in timings.items() if k != "layers"}
     result.params_after = count_params(model).total
     result.seconds = time.perf_counter() - start
-    info = getattr(model, "lrc_info", None)
-    spec = info.spec if info is not None else _timm_spec(model)
-    model.lrc_info = CheckpointInfo(
+    info = info_of(model)
+    spec = info.spec if info is not None else _describe(model)
+    attach_info(model, CheckpointInfo(
         spec=spec,
         ranks={r.name: r.rank for r in result.layers},
         plan=timings,
@@ -203,15 +209,14 @@ def factorize(
         layers={r.name: {k: v for k, v in vars(r).items() if k != "name"} for r in result.layers},
         dense=result.dense,
         spectra=spectra,
-    )
+    ))
     return result
 
 
-def _timm_spec(model: nn.Module) -> ModelSpec:
-    from lowrank_cli.checkpoint.io import _spec_of
-
+def _describe(model: nn.Module) -> ModelSpec:
+    """How to rebuild the model; a model lrc cannot rebuild is still factorized (saving it is what fails)."""
     try:
-        return _spec_of(model)
+        return spec_of(model)
     except UsageError:
         return ModelSpec(type(model).__name__, library="unknown")
 
@@ -265,7 +270,7 @@ def factorize_file(
     if calib_needs_tokenizer:
         options["tokenizer"] = tokenizer_dir
     result = factorize(loaded.model, **options)
-    result.model.lrc_info.provenance["source"] = loaded.source
+    record_source(result.model, loaded.source)
     save(result.model, output, force=force)
     if save_tokenizer:
         from lowrank_cli.models.transformers_models import copy_tokenizer

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.models.structure import _compile, select_targets
+from lowrank_cli.models.structure import compile_patterns, select_targets
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def parse_rank_patterns(items: list[str] | None) -> list[tuple[re.Pattern, int]]
             raise UsageError(f"--rank-pattern '{item}': rank '{value}' is not a whole number") from None
         if rank < 1:
             raise UsageError(f"--rank-pattern '{item}': the rank must be at least 1")
-        parsed.append((_compile([pattern], "--rank-pattern")[0], rank))
+        parsed.append((compile_patterns([pattern], "--rank-pattern")[0], rank))
     return parsed
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from torch import nn
 
 from lowrank_cli._version import __version__
+from lowrank_cli.checkpoint.format import info_of
 from lowrank_cli.errors import InputError, UsageError
 
 REPORT_SCHEMA = 1
@@ -114,12 +115,12 @@ def report_model(
 ) -> Report:
     """The report of a model in memory (dense, factorized by `lowrank_cli.factorize`, or loaded by lrc).
 
-    `checkpoint` defaults to `model.lrc_info`; `reference` is a measured dense reference (`measure_reference`);
+    `checkpoint` defaults to the model's lrc record (`checkpoint.format.info_of`); `reference` is a measured dense reference (`measure_reference`);
     without it the reference is reconstructed from the low-rank layers (or is the model itself when dense).
     """
     from lowrank_cli.evaluation.counting import count_macs, count_params
 
-    checkpoint = checkpoint if checkpoint is not None else getattr(model, "lrc_info", None)
+    checkpoint = checkpoint if checkpoint is not None else info_of(model)
     spec = spec if spec is not None else getattr(checkpoint, "spec", None)
     size = tuple(input_size or default_input_size(model))
     params = count_params(model)
@@ -420,9 +421,9 @@ def _report_tensor_shapes(path: Path, argument: str) -> Report:
     """A safetensors file with no lrc metadata and no --arch: parameters from the header, no MACs."""
     from safetensors import safe_open
 
-    from lowrank_cli.checkpoint.format import _open_header
+    from lowrank_cli.checkpoint.format import open_header
 
-    _open_header(path)  # the one place that turns a bad header / truncation into a clear InputError
+    open_header(path)  # the one place that turns a bad header / truncation into a clear InputError
     total, dtypes = 0, {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowrank_cli.errors import InputError
-from lowrank_cli.models.spec import ModelSpec
+from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.models.inputs import record_input_size
+from lowrank_cli.models.spec import ModelSpec, json_safe
+from lowrank_cli.models.transformers_models import is_transformers_model
 
 
 def _non_persistent_buffers(model: nn.Module) -> bool:
@@ -88,3 +90,23 @@ def fill(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> nn
 
 def build(spec: ModelSpec, state_dict: dict[str, torch.Tensor], what: str) -> nn.Module:
     return fill(build_empty(spec), state_dict, what)
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """How to rebuild a timm or transformers model without its source (its lrc record, if any, knows better)."""
+    if is_transformers_model(model):
+        from lowrank_cli.models.transformers_models import transformers_spec
+
+        return transformers_spec(model)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    arch = cfg.get("architecture")
+    if not arch:
+        raise UsageError(
+            "lrc can only save timm models (the model has no pretrained_cfg['architecture']): build it with "
+            "timm.create_model or lowrank_cli.load"
+        )
+    for key in ("hf_hub_id", "url", "file", "source", "state_dict"):
+        cfg.pop(key, None)
+    spec = ModelSpec(arch, json_safe(dict(getattr(model, "_model_args", {}) or {})), json_safe(cfg))
+    record_input_size(model, spec)
+    return spec

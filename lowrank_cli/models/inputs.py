@@ -118,10 +118,9 @@ def data_config(model_or_config: torch.nn.Module | Mapping[str, Any]) -> dict[st
 
     if isinstance(model_or_config, torch.nn.Module):
         model = model_or_config
-        from lowrank_cli.models.transformers_models import ensure_pretrained_cfg
+        from lowrank_cli.models.transformers_models import image_pretrained_cfg
 
-        ensure_pretrained_cfg(model)
-        cfg = dict(timm.data.resolve_data_config({}, model=model))
+        cfg = dict(timm.data.resolve_data_config({}, pretrained_cfg=image_pretrained_cfg(model), model=model))
         chans, size = cfg["input_size"][0], tuple(cfg["input_size"][1:])
         chans = int(getattr(model, "in_chans", 0) or _first_conv_channels(model) or chans)
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)

@@ -41,7 +41,7 @@ def block_linear_names(model: nn.Module) -> list[str]:
     return [n for n in linear_names(model) if any(n.startswith(p) for p in block_prefixes)]
 
 
-def _compile(patterns: list[str], option: str) -> list[re.Pattern]:
+def compile_patterns(patterns: list[str], option: str) -> list[re.Pattern]:
     compiled = []
     for p in patterns:
         try:
@@ -58,8 +58,8 @@ def select_targets(model: nn.Module, include: list[str] | None = None, exclude: 
     compresses the wrong layers (or none).
     """
     linears = linear_names(model)
-    inc = _compile(include or [], "--include")
-    exc = _compile(exclude or [], "--exclude")
+    inc = compile_patterns(include or [], "--include")
+    exc = compile_patterns(exclude or [], "--exclude")
     for option, patterns in (("--include", inc), ("--exclude", exc)):
         for p in patterns:
             if not any(p.fullmatch(n) for n in linears):

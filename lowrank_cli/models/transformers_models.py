@@ -181,19 +181,21 @@ def attach_pretrained_cfg(model: nn.Module, pretrained_cfg: dict[str, Any]) -> N
         model.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items()}
 
 
-def ensure_pretrained_cfg(model: nn.Module) -> None:
-    """A transformers vision model built outside lrc (from_pretrained in a notebook) has no pretrained_cfg: give
-    it one from its config, so that its input size is its own and not timm's default 224."""
-    if is_transformers_model(model) and not is_text_model(model) and not getattr(model, "pretrained_cfg", None):
-        attach_pretrained_cfg(model, vision_pretrained_cfg(model.config, None))
+def image_pretrained_cfg(model: nn.Module) -> dict[str, Any] | None:
+    """The pretrained_cfg of a transformers vision model: the one lrc attached when it loaded it, else one derived
+    from its config (a model built in a notebook with from_pretrained has none), so that its input size is its
+    own and not timm's default 224. None for text models and for other libraries' models. The model is not
+    changed."""
+    if not is_transformers_model(model) or is_text_model(model):
+        return None
+    return getattr(model, "pretrained_cfg", None) or vision_pretrained_cfg(model.config, None)
 
 
-def spec_of(model: nn.Module) -> ModelSpec:
+def transformers_spec(model: nn.Module) -> ModelSpec:
     """How to rebuild `model`: its class, its whole config and (vision) its preprocessing."""
-    ensure_pretrained_cfg(model)
     config = model.config.to_dict()
     config.pop("transformers_version", None)
-    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}) if not is_text_model(model) else {}
+    pretrained_cfg = dict(image_pretrained_cfg(model) or {})
     return ModelSpec(type(model).__name__, json_safe(config), json_safe(pretrained_cfg), library=LIBRARY)
 
 
@@ -241,7 +243,7 @@ def load_pretrained(folder: str, *, what: str, arch: str | None = None,
     model.eval()
     if getattr(model, "main_input_name", None) == "pixel_values":
         attach_pretrained_cfg(model, vision_pretrained_cfg(config, preprocessor))
-    return model, spec_of(model)
+    return model, transformers_spec(model)
 
 
 def copy_tokenizer(folder: Path, destination: str | Path) -> list[str]:

@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowrank_cli import distributed
+from lowrank_cli.checkpoint.format import record_recovery, record_source
 from lowrank_cli.data.images import (
     Batch,
     EpochSampler,
@@ -655,7 +656,7 @@ class _Run:
                                  "--kappa")
             self.log(f"Factorizing the student at kappa {kappa:g} (rank multiple {rank_multiple})")
             factorize(s.model, kappa=kappa, rank_multiple=rank_multiple, device=self.ctx.device, warn=self.warn)
-            s.model.lrc_info.provenance["source"] = s.source
+            record_source(s.model, s.source)
         elif not _is_lowrank(s.model):
             raise UsageError(f"the student {_name(s)} has no low-rank layers: pass an lrc checkpoint (lrc factorize), "
                              "or factorize it on the fly with --kappa")
@@ -874,12 +875,7 @@ class _Run:
         recovery = {**settings, "images_seen": state.images_seen, "skipped_images": state.skipped,
                     "seconds": round(state.seconds, 3), "accuracy": accuracy,
                     "final_losses": {k: v["last"] for k, v in losses.items()}}
-        info = getattr(raw, "lrc_info", None)
-        if info is None:  # a low-rank LoadedModel built by hand: describe it as lrc would
-            from lowrank_cli.checkpoint.format import CheckpointInfo, lowrank_ranks
-
-            info = raw.lrc_info = CheckpointInfo(spec=s.spec, ranks=lowrank_ranks(raw), provenance={"source": s.source})
-        info.recovery = recovery
+        record_recovery(raw, recovery, spec=s.spec, source=s.source)
 
         def write() -> None:
             from lowrank_cli.checkpoint.io import save
