@@ -54,7 +54,8 @@ def build(args: argparse.Namespace, device: torch.device):
     from lowrank_cli.training.losses import LossWeights, RecoveryLoss
     from lowrank_cli.models.structure import innermost_blocks
     from lowrank_cli.compress.factorization import factorize
-    from lowrank_cli.training.recovery import Distiller, compile_hooked, param_groups
+    from lowrank_cli.training.step import Distiller, compile_hooked
+    from lowrank_cli.training.schedule import param_groups
 
     torch.manual_seed(0)
     teacher = timm.create_model(args.model, pretrained=False).to(device).eval().requires_grad_(False)

@@ -15,22 +15,10 @@ from conftest import error_lines, make_tiny_vit, run_cli
 
 import lowrank_cli
 from lowrank_cli.compress.plan import make_plan
-from lowrank_cli.compress.speed_plan import (
-    LayerShape,
-    auto_rank_multiple,
-    parse_rank_multiple,
-    speed_plan,
-)
+from lowrank_cli.compress.speed_plan import LayerShape, auto_rank_multiple, parse_rank_multiple, speed_plan
 from lowrank_cli.devices import resolve_dtype
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
-from lowrank_cli.evaluation.bench import (
-    BenchRow,
-    bench,
-    classify,
-    noise_warning,
-    parse_batch_sizes,
-    profile,
-)
+from lowrank_cli.evaluation.bench import BenchRow, bench, classify, noise_warning, parse_batch_sizes, profile
 from lowrank_cli.evaluation.counting import count_macs
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is missing")

@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.evaluation.counting import (
-    count_macs,
-    count_params,
-    format_size,
-    linear_macs_removed,
-    parse_size,
-)
+from lowrank_cli.evaluation.counting import count_macs, count_params, format_size, linear_macs_removed, parse_size
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
 

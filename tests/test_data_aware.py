@@ -10,19 +10,9 @@ import timm
 import torch
 from torch import nn
 
-from lowrank_cli.compress.budget import (
-    LayerSpectrum,
-    allocate_ranks,
-    budget_cost,
-    kept_energy,
-    uniform_ranks,
-)
+from lowrank_cli.compress.budget import LayerSpectrum, allocate_ranks, budget_cost, kept_energy, uniform_ranks
 from lowrank_cli.compress.calibration import collect_second_moments
-from lowrank_cli.compress.whitened_svd import (
-    data_aware_factors,
-    output_rel_error,
-    plain_factors,
-)
+from lowrank_cli.compress.whitened_svd import data_aware_factors, output_rel_error, plain_factors
 from lowrank_cli.errors import InputError, UsageError
 
 F64 = torch.float64

@@ -13,15 +13,8 @@ from digits import (
 )
 from PIL import Image
 
-from lowrank_cli.data.images import (
-    Batch,
-    EpochSampler,
-    ImageDataset,
-    collate,
-    find_images,
-    make_loader,
-    make_transform,
-)
+from lowrank_cli.data.images import Batch, ImageDataset, collate, find_images, make_loader, make_transform
+from lowrank_cli.data.sampling import EpochSampler
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.inputs import data_config, image_mode
 

@@ -27,26 +27,22 @@ from PIL import Image
 
 import lowrank_cli
 from lowrank_cli.checkpoint.format import read_info, record_source
-from lowrank_cli.errors import (
-    InputError,
-    Interrupted,
-    OutputError,
-    TrainingError,
-    UsageError,
-)
+from lowrank_cli.errors import InputError, Interrupted, OutputError, TrainingError, UsageError
 from lowrank_cli.evaluation.accuracy import evaluate
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.structure import innermost_blocks
+from lowrank_cli.training.features import BlockOutputs
 from lowrank_cli.training.losses import (
-    BlockOutputs,
     LossWeights,
     RecoveryLoss,
     feature_distillation,
     logit_distillation,
     weight_perturbation,
 )
-from lowrank_cli.training.recovery import lr_factor, recover
-from lowrank_cli.training.state import metrics_path, read_train_state, train_state_path
+from lowrank_cli.training.metrics import metrics_path
+from lowrank_cli.training.recovery import recover
+from lowrank_cli.training.schedule import lr_factor
+from lowrank_cli.training.state import read_train_state, train_state_path
 
 TEACHER_ARGS = dict(img_size=16, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=10)
 FAST = dict(num_workers=0, device="cpu", log_every=1)  # tiny models: worker processes cost more than they save
@@ -480,7 +476,7 @@ def test_compiled_hooked_model_keeps_its_block_outputs_after_a_hookless_twin() -
     import torch._dynamo
     from torch import nn
 
-    from lowrank_cli.training.recovery import compile_hooked
+    from lowrank_cli.training.step import compile_hooked
 
     class Net(nn.Module):
         def __init__(self):

@@ -29,12 +29,7 @@ import lowrank_cli  # noqa: E402
 from lowrank_cli.compress.svd import Factors  # noqa: E402
 from lowrank_cli.errors import UsageError  # noqa: E402
 from lowrank_cli.evaluation.counting import format_size  # noqa: E402
-from lowrank_cli.evaluation.report import (  # noqa: E402
-    apply_gates,
-    build_report,
-    report_model,
-    to_markdown,
-)
+from lowrank_cli.evaluation.report import apply_gates, build_report, report_model, to_markdown  # noqa: E402
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report_schema.md"
 TINY_ARCH = "vit_tiny_patch16_224"

@@ -31,12 +31,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.atomic import atomic_path, check_output
-from lowrank_cli.checkpoint.format import (
-    attach_info,
-    info_for_saving,
-    metadata_of,
-    read_info,
-)
+from lowrank_cli.checkpoint.format import attach_info, info_for_saving, metadata_of, read_info
 from lowrank_cli.errors import InputError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.build import build_empty, check_fits

@@ -60,19 +60,10 @@ def bench(
     """Measure latency (median and spread), throughput and peak memory of MODEL, and of --against in the same run."""
     import torch
 
-    from lowrank_cli.devices import (
-        SHORT_DTYPE,
-        device_name,
-        resolve_device,
-        resolve_dtype,
-    )
+    from lowrank_cli.devices import SHORT_DTYPE, device_name, resolve_device, resolve_dtype
     from lowrank_cli.errors import UsageError
     from lowrank_cli.evaluation.bench import bench as run_bench
-    from lowrank_cli.evaluation.bench import (
-        parse_batch_sizes,
-        process_peak_rss,
-        resolve_compile_mode,
-    )
+    from lowrank_cli.evaluation.bench import parse_batch_sizes, process_peak_rss, resolve_compile_mode
     from lowrank_cli.models.sources import load_model, parse_model_args
 
     # Everything that can be refused is refused before the (slow) loading.

@@ -12,16 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from lowrank_cli.cli import console
-from lowrank_cli.cli.options import (
-    Arch,
-    Device,
-    Force,
-    Json,
-    Library,
-    Model,
-    ModelArg,
-    Output,
-)
+from lowrank_cli.cli.options import Arch, Device, Force, Json, Library, Model, ModelArg, Output
 
 RECOVER_EPILOG = """\
 Examples:
@@ -238,10 +229,10 @@ def eval_command(
     json_out: Json = False,
 ) -> None:
     """Top-1 / top-5 accuracy of any MODEL on DIR/val (or on DIR when it is a class tree)."""
+    from lowrank_cli.data.sampling import default_workers
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
     from lowrank_cli.models.sources import load_model, parse_model_args
-    from lowrank_cli.training.recovery import default_workers
 
     image_set = val_split(data)  # a wrong folder fails before the model loads
     dev = resolve_device(device)

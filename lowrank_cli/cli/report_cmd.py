@@ -67,13 +67,7 @@ def report(
     """Count parameters and MACs, show the compression and where the model came from; optionally gate CI on them."""
     from lowrank_cli.errors import GateFailed, UsageError
     from lowrank_cli.evaluation.counting import parse_size
-    from lowrank_cli.evaluation.report import (
-        apply_gates,
-        build_report,
-        describe_gate,
-        parse_ratio,
-        to_markdown,
-    )
+    from lowrank_cli.evaluation.report import apply_gates, build_report, describe_gate, parse_ratio, to_markdown
     from lowrank_cli.models.sources import parse_model_args
 
     if json_out and markdown:

@@ -11,12 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_cli.checkpoint.format import (
-    CheckpointInfo,
-    attach_info,
-    info_of,
-    record_source,
-)
+from lowrank_cli.checkpoint.format import CheckpointInfo, attach_info, info_of, record_source
 from lowrank_cli.compress.plan import Plan, make_plan
 from lowrank_cli.compress.svd import SVD_METHODS, truncated_svd
 from lowrank_cli.devices import resolve_device, resolve_dtype

@@ -255,12 +255,7 @@ def speed_plan(
          "kept_dense": [names], "estimated_gain": sum of dense_ms / sum of the chosen forms' ms}
     for `CheckpointInfo.plan` (`lrc.plan` in the checkpoint).
     """
-    from lowrank_cli.devices import (
-        SHORT_DTYPE,
-        device_name,
-        resolve_device,
-        resolve_dtype,
-    )
+    from lowrank_cli.devices import SHORT_DTYPE, device_name, resolve_device, resolve_dtype
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")

@@ -14,9 +14,8 @@ Four pieces, each usable on its own:
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lowrank_cli.data.sampling import EpochSampler, derive_seed, epoch_loader, ignore_sigint_in_worker, seeded
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.inputs import data_config
 
@@ -268,71 +268,6 @@ def collate(items: Sequence[tuple[torch.Tensor, int] | None]) -> Batch:
 # ---------------------------------------------------------------------------------------- sampler
 
 
-class EpochSampler(Sampler[int]):
-    """This rank's sample indices for one epoch; use as `sampler=` with `DataLoader(batch_size=batch_size)`.
-
-    Like torch's DistributedSampler: the permutation comes from (seed + epoch), identical on all ranks,
-    and rank r takes positions r, r + world_size, ... of it. drop_last=True trims the epoch to whole
-    global batches (batch_size * world_size), so every rank sees the same number of full batches;
-    drop_last=False pads with indices from the start instead, so every sample is seen (a few twice) and
-    only the last batch may be short.
-
-    Resuming: `set_epoch(e)` then `set_start_batch(k)` skips the k batches already consumed, and the
-    rest is exactly what the uninterrupted run would have seen. `set_epoch` resets the start to 0.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True):
-        if num_samples < 0 or batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad sampler arguments: num_samples={num_samples} batch_size={batch_size}"
-                             f" rank={rank} world_size={world_size}")
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.shuffle, self.seed = shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
-        self.start_batch = 0
-
-    @property
-    def per_rank(self) -> int:
-        """Samples per rank in a whole epoch."""
-        if self.drop_last:
-            return self.num_samples // (self.batch_size * self.world_size) * self.batch_size
-        return math.ceil(self.num_samples / self.world_size)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.per_rank / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.start_batch = 0
-
-    def set_start_batch(self, k: int) -> None:
-        if not 0 <= k <= self.batches_per_epoch:
-            raise UsageError(f"cannot resume at batch {k}: an epoch has {self.batches_per_epoch} batches here"
-                             " (did the data, --batch-size or the number of processes change?)")
-        self.start_batch = k
-
-    def epoch_indices(self) -> list[int]:
-        """This rank's whole epoch, ignoring the start batch."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
-        total = self.per_rank * self.world_size
-        if total > len(order) and order:  # pad (drop_last=False): repeat from the start, as often as needed
-            order = (order * math.ceil(total / len(order)))
-        return order[:total][self.rank::self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.start_batch * self.batch_size:])
-
-    def __len__(self) -> int:
-        # What is left of this epoch, so that len(loader) counts the batches still to come.
-        return max(self.per_rank - self.start_batch * self.batch_size, 0)
-
-
 # ----------------------------------------------------------------------------------------- loader
 
 
@@ -350,29 +285,55 @@ def make_loader(image_set: ImageSet, transform: Callable[[Image.Image], Any], ba
                         what=f"data folder '{image_set.root}'", unit="images")
 
 
-def epoch_loader(dataset: Dataset, collate_fn: Callable, *, batch_size: int, shuffle: bool, seed: int, rank: int,
-                 world_size: int, drop_last: bool, num_workers: int, what: str,
-                 unit: str) -> tuple[DataLoader, EpochSampler]:
-    """A DataLoader over `dataset` whose order is an EpochSampler's (resumable, sharded per rank); shared by
-    images and texts. `what` and `unit` name the data in the too-little-data error."""
+class SeededImages(Dataset):
+    """ImageDataset whose augmentation for image `index` in epoch `epoch` is seeded by (seed, epoch, index).
+
+    The key is (epoch, index), so the random crop and flip of an image do not depend on which worker loads
+    it or on how many batches came before: a resumed run sees the very same tensors.
+    """
+
+    def __init__(self, dataset: ImageDataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with seeded(derive_seed(self.seed, "image", epoch, index)):
+            return self.dataset[index]
+
+
+class EpochKeys(Sampler):
+    """(epoch, index) keys for SeededImages, from an EpochSampler (which keeps the order and the resume point)."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def train_loader(image_set: ImageSet, transform, mode: str, batch_size: int, *, seed: int, rank: int,
+                 world_size: int, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, EpochSampler]:
+    """Shuffled training batches (whole global batches only), seeded per image; see SeededImages."""
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {num_workers}")
-    sampler = EpochSampler(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last)
+    sampler = EpochSampler(len(image_set), batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size,
+                           drop_last=True)
     if sampler.batches_per_epoch == 0:
-        raise InputError(f"{what} has {len(dataset)} {unit}, fewer than one batch of {batch_size} x {world_size} "
-                         f"process(es): lower --batch-size or add {unit}")
+        raise InputError(f"data folder '{image_set.root}' has {len(image_set)} images, fewer than one batch of "
+                         f"{batch_size} x {world_size} process(es): lower --batch-size or add images")
     loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=False,  # the sampler already decided
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        # Seeds the workers' RNGs (augmentations) reproducibly, differently per rank.
-        generator=torch.Generator().manual_seed(seed * 1000 + rank),
+        SeededImages(ImageDataset(image_set, transform, mode), seed),
+        batch_size=batch_size, sampler=EpochKeys(sampler), collate_fn=collate, num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_sigint_in_worker if num_workers > 0 else None,
     )
     return loader, sampler

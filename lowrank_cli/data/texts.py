@@ -29,12 +29,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lowrank_cli.data.images import (
-    IMAGE_EXTENSIONS,
-    EpochSampler,
-    epoch_loader,
-    visible,
-)
+from lowrank_cli.data.images import IMAGE_EXTENSIONS, visible
+from lowrank_cli.data.sampling import EpochSampler, epoch_loader
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.transformers_models import quiet, require
 

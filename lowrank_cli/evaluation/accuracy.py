@@ -16,13 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_cli.data.images import (
-    ImageDataset,
-    ImageSet,
-    collate,
-    find_images,
-    make_transform,
-)
+from lowrank_cli.data.images import ImageDataset, ImageSet, collate, find_images, make_transform
 from lowrank_cli.devices import autocast_for
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.inputs import image_mode, output_tensor

@@ -21,28 +21,12 @@ from typing import Any
 
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.build import build
-from lowrank_cli.models.hub import (
-    NotOnHub,
-    hub_download,
-    hub_transformers_files,
-    hub_weights,
-    snapshot_revision,
-)
+from lowrank_cli.models.hub import NotOnHub, hub_download, hub_transformers_files, hub_weights, snapshot_revision
 from lowrank_cli.models.inputs import record_input_size
 from lowrank_cli.models.loaded import LoadedModel
 from lowrank_cli.models.spec import ModelSpec, json_safe
-from lowrank_cli.models.timm_names import (
-    UnknownName,
-    default_pretrained_cfg,
-    resolve_timm_name,
-)
-from lowrank_cli.models.weights import (
-    PICKLE_WEIGHTS,
-    SAFE_WEIGHTS,
-    WEIGHT_SUFFIXES,
-    read_state_dict,
-    sha256_later,
-)
+from lowrank_cli.models.timm_names import UnknownName, default_pretrained_cfg, resolve_timm_name
+from lowrank_cli.models.weights import PICKLE_WEIGHTS, SAFE_WEIGHTS, WEIGHT_SUFFIXES, read_state_dict, sha256_later
 
 CONFIG_NAME = "config.json"
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.training.features import first_tensor
 
 # The names under which the terms are logged, in this order (loss = the weighted sum).
 TERMS = ("loss", "ce", "fd", "rwp", "kd", "pool")
@@ -54,56 +54,6 @@ class LossWeights:
             raise UsageError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
         if not self.temperature > 0 or self.temperature == float("inf"):
             raise UsageError(f"--temperature must be a finite number > 0, got {self.temperature}")
-
-
-def _first_tensor(output: object) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"a block returned {type(output).__name__}, not a tensor: its output cannot be distilled")
-
-
-class BlockOutputs:
-    """Forward hooks that keep the output of each named block during a forward pass.
-
-        with BlockOutputs(model, names) as feats:
-            model(x)
-            outputs = feats.take()   # list, in `names` order; cleared for the next pass
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str]):
-        self.names = list(names)
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = []
-        for name in self.names:
-            module = model.get_submodule(name)
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            self.outputs[name] = _first_tensor(output)
-        return hook
-
-    def take(self) -> list[torch.Tensor]:
-        missing = [n for n in self.names if n not in self.outputs]
-        if missing:
-            raise RuntimeError(f"blocks {missing[:3]} did not run in the forward pass: they cannot be distilled")
-        outputs = [self.outputs[n] for n in self.names]
-        self.outputs.clear()
-        return outputs
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.outputs.clear()
-
-    def __enter__(self) -> BlockOutputs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 # ---------------------------------------------------------------------------------------------- the terms
@@ -187,7 +137,7 @@ def logits_of(output: object) -> torch.Tensor:
 
         raise UsageError("the model has no head (its output has no logits), so there are no labels or logits to "
                          "learn from: leave out --gamma, and use --alpha (hidden states) or --delta (pooled output)")
-    return _first_tensor(output)
+    return first_tensor(output)
 
 
 class RecoveryLoss:

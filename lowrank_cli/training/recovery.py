@@ -26,14 +26,9 @@ data-loader workers.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
-import random
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,45 +36,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowrank_cli import distributed
 from lowrank_cli.checkpoint.format import record_recovery, record_source
-from lowrank_cli.data.images import (
-    Batch,
-    EpochSampler,
-    ImageDataset,
-    ImageSet,
-    collate,
-    find_images,
-)
-from lowrank_cli.devices import autocast_for
-from lowrank_cli.errors import (
-    EnvironmentProblem,
-    InputError,
-    Interrupted,
-    OutputError,
-    TrainingError,
-    UsageError,
-)
+from lowrank_cli.data.images import Batch, find_images, train_loader
+from lowrank_cli.data.sampling import EpochSampler, default_workers, derive_seed
+from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError, UsageError
 from lowrank_cli.evaluation.accuracy import check_classes, evaluate, val_split
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.inputs import data_config
 from lowrank_cli.models.structure import innermost_blocks
-from lowrank_cli.training.losses import BlockOutputs, LossWeights, RecoveryLoss
+from lowrank_cli.training.losses import LossWeights, RecoveryLoss
+from lowrank_cli.training.metrics import metrics_lines, metrics_path, truncate_metrics
+from lowrank_cli.training.schedule import lr_factor, param_groups
+from lowrank_cli.training.signals import StopRequest
 from lowrank_cli.training.state import (
     TrainState,
     changed_options,
     check_fingerprint,
     load_train_state,
-    metrics_path,
     read_train_state,
     save_train_state,
     train_state_path,
 )
+from lowrank_cli.training.step import Distiller, compile_hooked, params_reached
+from lowrank_cli.training.teacher import check_teacher, is_lowrank, load_participant, name_of
 
 ProgressFn = Callable[[str, int, int, str], None]  # (phase, done, total, status)
 
@@ -123,378 +106,25 @@ class RecoverResult:
         }
 
 
-@dataclass
-class StepStats:
-    terms: dict[str, float]  # mean over the step's micro-batches and ranks
-    grad_norm: float
-    images: int  # over all ranks
-    skipped: int  # over all ranks
-
-
 # ---------------------------------------------------------------------------------------------- seeds
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (stable across processes and Python versions, unlike hash())."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's CPU generators for a block, then put their states back."""
-    py, npy, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.random.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.random.set_rng_state(cpu)
-
-
-class SeededImages(Dataset):
-    """ImageDataset whose augmentation for image `index` in epoch `epoch` is seeded by (seed, epoch, index).
-
-    The key is (epoch, index), so the random crop and flip of an image do not depend on which worker loads
-    it or on how many batches came before: a resumed run sees the very same tensors.
-    """
-
-    def __init__(self, dataset: ImageDataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        with _seeded(derive_seed(self.seed, "image", epoch, index)):
-            return self.dataset[index]
-
-
-class EpochKeys(Sampler):
-    """(epoch, index) keys for SeededImages, from an EpochSampler (which keeps the order and the resume point)."""
-
-    def __init__(self, sampler: EpochSampler):
-        self.sampler = sampler
-
-    def __iter__(self):
-        epoch = self.sampler.epoch
-        return ((epoch, i) for i in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-def default_workers(processes_per_node: int = 1) -> int:
-    """Data-loading workers per training process: the node's CPUs shared between its processes, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // max(processes_per_node, 1) - 1))
-
-
-def _worker_init(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: workers leave it to the main process, which saves and exits.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def train_loader(image_set: ImageSet, transform, mode: str, batch_size: int, *, seed: int, rank: int,
-                 world_size: int, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, EpochSampler]:
-    """Shuffled training batches (whole global batches only), seeded per image; see SeededImages."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if num_workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {num_workers}")
-    sampler = EpochSampler(len(image_set), batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size,
-                           drop_last=True)
-    if sampler.batches_per_epoch == 0:
-        raise InputError(f"data folder '{image_set.root}' has {len(image_set)} images, fewer than one batch of "
-                         f"{batch_size} x {world_size} process(es): lower --batch-size or add images")
-    loader = DataLoader(
-        SeededImages(ImageDataset(image_set, transform, mode), seed),
-        batch_size=batch_size, sampler=EpochKeys(sampler), collate_fn=collate, num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-    )
-    return loader, sampler
 
 
 # ---------------------------------------------------------------------------------------------- schedule
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate multiplier for the optimizer step `step` (0-based): linear warm-up, then cosine to 0."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    span = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / span, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices (linear and factor weights), none on biases, norms and tokens."""
-    tokens = ("cls_token", "pos_embed", "dist_token", "reg_token")
-    decays = [p.ndim >= 2 and not n.endswith(tokens) for n, p in named]
-    groups = ({"params": [p for (_, p), d in zip(named, decays) if d], "weight_decay": weight_decay},
-              {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
-
-
 # ---------------------------------------------------------------------------------------------- the step
-
-
-def compile_hooked(module: nn.Module, **options: Any) -> Callable[..., Any]:
-    """torch.compile a model whose blocks carry distillation hooks (BlockOutputs).
-
-    Dynamo does not guard on module hooks by default (`skip_nnmodule_hook_guards`), so a graph traced for another
-    instance of the same class without hooks (a dense twin, a compiled model timed earlier in the process) would
-    be reused for this one and its hooks would silently never run. Guarding on them costs a few checks per call."""
-    import torch._dynamo
-
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
-    return torch.compile(module, **options)
-
-
-class Distiller:
-    """One recovery step: forward both models on each micro-batch, Eq. 7, backward, clip, AdamW step.
-
-    `student` is the plain model (hooks go on its blocks); `forward` calls it, possibly through DDP and
-    torch.compile. The step's loss terms, gradient norm and image counts are summed over ranks in one
-    collective and checked for finiteness before the optimizer step, so every rank takes the same decision.
-    """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss: RecoveryLoss, blocks: list[str], *,
-                 optimizer: torch.optim.Optimizer, params: list[nn.Parameter], clip_grad: float,
-                 device: torch.device, input_size: tuple[int, ...], ctx: distributed.DistContext | None = None,
-                 forward: Callable[[torch.Tensor], Any] | None = None,
-                 teacher_forward: Callable[[torch.Tensor], Any] | None = None):
-        self.student, self.teacher, self.loss = student, teacher, loss
-        self.optimizer, self.params, self.clip_grad = optimizer, params, clip_grad
-        self.device, self.input_size = device, tuple(input_size)
-        self.ctx = ctx or distributed.DistContext(device=device)
-        self.forward = forward if forward is not None else student
-        self.teacher_forward = teacher_forward if teacher_forward is not None else teacher
-        # Block outputs feed L_fd, and L_pool of a model whose output has no last hidden state.
-        # L_fd reads every block; L_pool alone only the last one (its fallback for a model without a pooled output).
-        self.blocks = blocks if loss.weights.alpha > 0 else blocks[-1:] if loss.weights.delta > 0 else []
-        self.student_blocks = BlockOutputs(student, self.blocks)
-        self.teacher_blocks = BlockOutputs(teacher, self.blocks)
-        self.terms = loss.active
-
-    def close(self) -> None:
-        self.student_blocks.remove()
-        self.teacher_blocks.remove()
-
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, scale: float,
-                   mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Forward both models on one micro-batch, backward its loss times `scale`; return the detached terms.
-        `images` are token ids for a text model, with their attention `mask`."""
-        kwargs = {"attention_mask": mask} if mask is not None else {}
-        with autocast_for(self.device):
-            with torch.no_grad():
-                teacher_out = self.teacher_forward(images, **kwargs)
-            teacher_blocks = self.teacher_blocks.take() if self.blocks else []
-            student_out = self.forward(images, **kwargs)
-            student_blocks = self.student_blocks.take() if self.blocks else []
-            terms = self.loss(
-                student_out=student_out, teacher_out=teacher_out,
-                student_blocks=student_blocks, teacher_blocks=teacher_blocks,
-                labels=labels if self.loss.use_labels else None, mask=mask,
-            )
-        (terms["loss"] * scale).backward()
-        return {k: v.detach() for k, v in terms.items()}
-
-    def step(self, batches: list[Batch], step: int | None = None) -> StepStats:
-        n = len(batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(len(self.terms), device=self.device)
-        weight = images_seen = skipped = 0
-        for i, batch in enumerate(batches):
-            mask = None
-            if hasattr(batch, "input_ids"):  # text: token ids and their attention mask, no labels
-                images, mask, w = batch.input_ids, batch.attention_mask.to(self.device, non_blocking=True), 1.0
-                labels = torch.zeros(len(images), dtype=torch.long)
-            else:
-                images, labels, w = batch.images, batch.labels, 1.0
-            if len(images) == 0:  # every image of the batch was unreadable: a zero-weight pass keeps ranks in step
-                images = torch.zeros((1, *self.input_size))
-                labels, w = torch.zeros(1, dtype=torch.long), 0.0
-            count = len(images) if w else 0
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            no_sync = getattr(self.forward, "no_sync", None)
-            sync = no_sync() if (no_sync is not None and i < n - 1) else contextlib.nullcontext()
-            with sync:
-                terms = self.micro_step(images, labels, w / n, mask)
-            if w:
-                sums += torch.stack([terms[t].float() for t in self.terms])
-            weight += w
-            images_seen += count
-            skipped += batch.skipped
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad if self.clip_grad > 0 else float("inf"))
-        counts = torch.tensor([weight, images_seen, skipped], dtype=torch.float32)
-        stats = torch.cat([sums, norm.detach().float().reshape(1), counts.to(self.device)])
-        if self.ctx.enabled:
-            stats = distributed.all_reduce_sum(self.ctx, stats if self.ctx.device.type == "cuda" else stats.cpu())
-        values = stats.tolist()  # the one host sync of the step
-        k = len(self.terms)
-        weight, norm_value = values[k + 1], values[k] / self.ctx.world_size
-        terms = {t: (values[i] / weight if weight else 0.0) for i, t in enumerate(self.terms)}
-        where = f" at step {step}" if step is not None else ""
-        for name, value in terms.items():
-            if not math.isfinite(value):
-                raise TrainingError(f"the {'total loss' if name == 'loss' else name + ' loss term'} is {value}{where}")
-        if not math.isfinite(norm_value):
-            raise TrainingError(f"the gradient norm is {norm_value}{where}")
-        if weight:
-            self.optimizer.step()
-        return StepStats(terms, norm_value, int(values[k + 2]), int(values[k + 3]))
 
 
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _is_lowrank(model: nn.Module) -> bool:
-    return any(isinstance(m, LowRankLinear) for m in model.modules())
-
-
-def check_teacher(student: nn.Module, teacher: nn.Module, student_name: str, teacher_name: str,
-                  student_arch: str, teacher_arch: str) -> list[tuple[str, LowRankLinear, torch.Tensor]]:
-    """The teacher must be the student's dense architecture: the same tensors, except that each factorized
-    module of the student is an nn.Linear of the same shape in the teacher. Returns (name, low-rank layer,
-    teacher weight) for each factorized module; raises InputError naming both models otherwise."""
-    who = f"the teacher {teacher_name} ({teacher_arch}) and the student {student_name} ({student_arch})"
-    lowrank = {n: m for n, m in student.named_modules() if isinstance(m, LowRankLinear)}
-    teacher_modules = dict(teacher.named_modules())
-    pairs, problems = [], []
-    for name, layer in lowrank.items():
-        dense = teacher_modules.get(name)
-        if not isinstance(dense, nn.Linear):
-            problems.append(f"'{name}' is factorized in the student but is "
-                            f"{'missing' if dense is None else 'a ' + type(dense).__name__} in the teacher")
-        elif (dense.out_features, dense.in_features) != (layer.out_features, layer.in_features):
-            problems.append(f"'{name}' is {layer.out_features}x{layer.in_features} in the student, "
-                            f"{dense.out_features}x{dense.in_features} in the teacher")
-        elif (dense.bias is None) != (layer.second.bias is None):
-            problems.append(f"'{name}' has a bias in only one of them")
-        else:
-            pairs.append((name, layer, dense.weight))
-    skip = tuple(n + "." for n in lowrank)
-    s_shapes = {k: tuple(v.shape) for k, v in student.state_dict().items() if not k.startswith(skip)}
-    t_shapes = {k: tuple(v.shape) for k, v in teacher.state_dict().items() if not k.startswith(skip)}
-    for key in sorted(set(s_shapes) | set(t_shapes)):
-        if key not in t_shapes:
-            problems.append(f"'{key}' is in the student only")
-        elif key not in s_shapes:
-            problems.append(f"'{key}' is in the teacher only")
-        elif s_shapes[key] != t_shapes[key]:
-            problems.append(f"'{key}' is {s_shapes[key]} in the student, {t_shapes[key]} in the teacher")
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise InputError(
-            f"{who} do not share the architecture: {'; '.join(problems[:3])}{more}. The teacher must be the dense "
-            "model the student was factorized from (same architecture and model args)"
-        )
-    return pairs
-
-
-def _params_reached(student: nn.Module, teacher: nn.Module, loss: RecoveryLoss, blocks: list[str],
-                    input_size: tuple[int, ...], device: torch.device) -> set[str]:
-    """Names of the student's parameters that the loss reaches (one backward on a blank image, eval mode).
-
-    With unlabelled data and no logit distillation, the final norm and the head get no gradient: they are
-    frozen, which DDP needs (and which saves AdamW the work)."""
-    distiller = Distiller(student, teacher, loss, blocks, optimizer=None, params=[], clip_grad=0.0,
-                          device=device, input_size=input_size)
-    was_training = student.training
-    student.eval()
-    try:
-        from lowrank_cli.models.inputs import example_input
-
-        distiller.micro_step(example_input(student, input_size, 2, device=device, zeros=True),
-                             torch.zeros(2, dtype=torch.long, device=device), 1.0)
-        return {n for n, p in student.named_parameters() if p.grad is not None}
-    finally:
-        distiller.close()
-        student.zero_grad(set_to_none=True)
-        student.train(was_training)
-
-
 # ---------------------------------------------------------------------------------------------- signals
-
-
-class StopRequest:
-    """SIGINT / SIGTERM during training set a flag that the loop checks after each step.
-
-    Ctrl-C in a terminal reaches every process of the group, and torchrun forwards it to its workers once more,
-    so a signal within `grace` seconds of the first is the same request. A Ctrl-C after that raises
-    KeyboardInterrupt at once (the last saved state is then what is left)."""
-
-    def __init__(self, grace: float = 3.0) -> None:
-        self.signal: str | None = None
-        self.grace = grace
-        self._first = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signal is None:
-            self.signal, self._first = signal.Signals(signum).name, time.monotonic()
-        elif signum == signal.SIGINT and time.monotonic() - self._first > self.grace:
-            raise KeyboardInterrupt
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def _metrics_lines(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            lines.append(json.loads(line))
-    return lines
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume: keep the lines up to the resumed step (the steps after it are done again)."""
-    from lowrank_cli.atomic import write_text
-
-    kept = [line for line in _metrics_lines(path) if line.get("step", 0) <= step]
-    write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
-
-
 # ---------------------------------------------------------------------------------------------- the API
-
-
-def _load(source, what: str, arch, model_args, log, library=None):
-    from lowrank_cli.models.loaded import LoadedModel
-    from lowrank_cli.models.sources import load_model
-
-    if isinstance(source, LoadedModel):
-        return source
-    if isinstance(source, nn.Module):
-        raise UsageError(f"pass the {what} as a MODEL source string or a LoadedModel (lowrank_cli.load_model), "
-                         "not a bare nn.Module: recovery needs its architecture to check and save it")
-    return load_model(str(source), arch=arch, model_args=model_args, library=library,
-                      log=lambda m: log(f"{what.capitalize()}: {m}"))
-
-
-def _name(loaded) -> str:
-    source = loaded.source or {}
-    return str(source.get("id") or loaded.spec.architecture)
 
 
 def recover(
@@ -648,22 +278,22 @@ class _Run:
     def _models(self, student, teacher, *, kappa, rank_multiple, arch, model_args, library):
         from lowrank_cli.compress.factorization import factorize
 
-        s = _load(student, "student", arch, model_args, self.log, library)
-        t = _load(teacher, "teacher", arch, model_args, self.log, library)
+        s = load_participant(student, "student", arch, model_args, self.log, library)
+        t = load_participant(teacher, "teacher", arch, model_args, self.log, library)
         if kappa is not None:
-            if s.checkpoint is not None or _is_lowrank(s.model):
-                raise UsageError(f"--kappa factorizes a dense student, but {_name(s)} is already low-rank: leave out "
+            if s.checkpoint is not None or is_lowrank(s.model):
+                raise UsageError(f"--kappa factorizes a dense student, but {name_of(s)} is already low-rank: leave out "
                                  "--kappa")
             self.log(f"Factorizing the student at kappa {kappa:g} (rank multiple {rank_multiple})")
             factorize(s.model, kappa=kappa, rank_multiple=rank_multiple, device=self.ctx.device, warn=self.warn)
             record_source(s.model, s.source)
-        elif not _is_lowrank(s.model):
-            raise UsageError(f"the student {_name(s)} has no low-rank layers: pass an lrc checkpoint (lrc factorize), "
+        elif not is_lowrank(s.model):
+            raise UsageError(f"the student {name_of(s)} has no low-rank layers: pass an lrc checkpoint (lrc factorize), "
                              "or factorize it on the fly with --kappa")
-        if t.checkpoint is not None or _is_lowrank(t.model):
-            raise InputError(f"the teacher {_name(t)} is a low-rank model: the teacher is the dense model the student "
+        if t.checkpoint is not None or is_lowrank(t.model):
+            raise InputError(f"the teacher {name_of(t)} is a low-rank model: the teacher is the dense model the student "
                              "was factorized from")
-        pairs = check_teacher(s.model, t.model, _name(s), _name(t), s.spec.architecture, t.spec.architecture)
+        pairs = check_teacher(s.model, t.model, name_of(s), name_of(t), s.spec.architecture, t.spec.architecture)
         if s.spec.architecture != t.spec.architecture:
             self.warn(f"the teacher is {t.spec.architecture} and the student was made from {s.spec.architecture}: "
                       "the shapes agree, so distillation works, but check that this is the teacher you meant")
@@ -703,7 +333,7 @@ class _Run:
         from lowrank_cli.models.transformers_models import is_text_model
 
         if text != is_text_model(tea):
-            raise UsageError(f"--data '{data}' holds {'texts' if text else 'images'} but the teacher {_name(t)} is "
+            raise UsageError(f"--data '{data}' holds {'texts' if text else 'images'} but the teacher {name_of(t)} is "
                              f"{'a text' if is_text_model(tea) else 'an image'} model: give it "
                              f"{'a .txt / .jsonl file or folder' if is_text_model(tea) else 'an image folder'}")
         save_dtype = next(raw.parameters()).dtype
@@ -717,7 +347,7 @@ class _Run:
                 from lowrank_cli.models.hub import tokenizer_folder
 
                 if t.files is None:
-                    raise UsageError(f"no tokenizer for the text data: the teacher {_name(t)} is not a transformers "
+                    raise UsageError(f"no tokenizer for the text data: the teacher {name_of(t)} is not a transformers "
                                      "folder or Hub repo; pass --tokenizer DIR_OR_REPO")
                 tokenizer = tokenizer_folder(t)
             tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
@@ -733,7 +363,7 @@ class _Run:
             input_size = tuple(data_config(tea)["input_size"])
         blocks = innermost_blocks(raw)
         if weights.alpha > 0 and not blocks:
-            raise UsageError(f"{_name(s)} has no repeated transformer blocks to distil features from: use --alpha 0 "
+            raise UsageError(f"{name_of(s)} has no repeated transformer blocks to distil features from: use --alpha 0 "
                              "with labels or --gamma > 0")
 
         use_labels = not text and train_set.labelled
@@ -777,7 +407,7 @@ class _Run:
         soft = {"--steps": total, "--lr": lr, "--warmup-steps": warmup, "--weight-decay": weight_decay,
                 "--clip-grad": clip_grad, "--alpha": weights.alpha, "--beta": weights.beta, "--gamma": weights.gamma,
                 "--eps": weights.eps, "--temperature": weights.temperature,
-                "--label-smoothing": weights.label_smoothing, "--augment": augment, "--teacher": _name(t),
+                "--label-smoothing": weights.label_smoothing, "--augment": augment, "--teacher": name_of(t),
                 "--data": str(data.resolve())}
 
         state = TrainState(schedule=schedule, fingerprint={**hard, **soft})
@@ -820,7 +450,7 @@ class _Run:
         metrics = metrics_path(output)
         if self.main:
             if resume:
-                _truncate_metrics(metrics, state.step)
+                truncate_metrics(metrics, state.step)
             else:
                 from lowrank_cli.atomic import write_text
 
@@ -837,7 +467,7 @@ class _Run:
                               device=dev, input_size=input_size, ctx=ctx, forward=forward,
                               teacher_forward=teacher_forward)
         settings = {
-            "teacher": t.source or {"id": _name(t)}, "data": str(data.resolve()), "train_images": len(train_set),
+            "teacher": t.source or {"id": name_of(t)}, "data": str(data.resolve()), "train_images": len(train_set),
             "labels": use_labels, "steps": total, "lr": lr, "schedule": "warmup-cosine", "warmup_steps": warmup,
             "batch_size": batch_size, "grad_accum": grad_accum, "processes": ctx.world_size,
             "images_per_step": batch_size * grad_accum * ctx.world_size, "alpha": weights.alpha,
@@ -865,7 +495,7 @@ class _Run:
         raw.eval()
         if val_set is not None:
             accuracy["after"] = self._evaluate(raw, val_set, "eval after", eval_batch_size, num_workers, tea)
-        lines = _metrics_lines(metrics) if self.main else history
+        lines = metrics_lines(metrics) if self.main else history
         losses = {}
         if lines:
             for term in loss.active:
@@ -894,7 +524,7 @@ class _Run:
     def _trainable(self, raw, tea, loss, blocks, input_size, freeze_dense) -> list[tuple[str, nn.Parameter]]:
         """The student's parameters that train: those the loss reaches (all but the factorized layers' with
         freeze_dense). The others get requires_grad=False, which DDP needs and which spares AdamW the work."""
-        reached = _params_reached(raw, tea, loss, blocks, input_size, self.ctx.device)
+        reached = params_reached(raw, tea, loss, blocks, input_size, self.ctx.device)
         lowrank_prefixes = tuple(n + "." for n, m in raw.named_modules() if isinstance(m, LowRankLinear))
         named = []
         for name, p in raw.named_parameters():

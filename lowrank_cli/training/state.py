@@ -42,12 +42,6 @@ def train_state_path(output: str | Path) -> Path:
     return output.with_name(output.stem + ".train.safetensors")
 
 
-def metrics_path(output: str | Path) -> Path:
-    """`out.safetensors` -> `out.metrics.jsonl`, next to the output."""
-    output = Path(output)
-    return output.with_name(output.stem + ".metrics.jsonl")
-
-
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
