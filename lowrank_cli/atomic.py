@@ -19,7 +19,7 @@ def check_output(path: str | os.PathLike, force: bool = False) -> Path:
     if path.is_dir():
         raise OutputError(f"output '{path}' is a folder: give a file name, e.g. {path / 'model.safetensors'}")
     if path.exists() and not force:
-        raise OutputError(f"output '{path}' exists: pass --force to overwrite it, or choose another name")
+        raise OutputError(f"output '{path}' exists: pass `force=True` to overwrite it, or choose another name")
     if not path.parent.is_dir():
         raise OutputError(f"the folder of output '{path}' does not exist: create '{path.parent}' first")
     return path

@@ -20,13 +20,13 @@ import re
 from collections.abc import Callable
 
 # A parameter of the Python API named in a message: `batch_size`, or `force=True` for a switch. The API shows it
-# as written (batch_size, force=True); the CLI shows its option (--batch-size, --force): library code never
-# names a CLI flag, and one message serves both.
+# as written, in backticks; the CLI shows its option (--batch-size, --force): library code never names a CLI
+# flag, and one message serves both. Warnings passed to `warn` callbacks carry the same marks.
 PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:=[^`\s]+)?)`")
 
 
 def api_name(parameter: str) -> str:
-    return parameter
+    return f"`{parameter}`"
 
 
 class LrcError(Exception):

@@ -156,7 +156,7 @@ def test_interrupted_write_leaves_the_old_file_or_none(factorized, tmp_path, mon
 
 def test_output_checks(factorized, tmp_path):
     model, _, path = factorized
-    with pytest.raises(OutputError, match="exists: pass --force"):
+    with pytest.raises(OutputError, match="exists: pass force=True"):
         lowrank_cli.save(model, path, force=False)
     with pytest.raises(OutputError, match="does not exist: create"):
         lowrank_cli.save(model, tmp_path / "no" / "such" / "x.safetensors")

@@ -226,15 +226,15 @@ def test_resume_refusals(student, teacher, small_digits, tmp_path) -> None:
         _run(student, teacher, small_digits, out, resume=True)
     with pytest.raises(Interrupted):
         _run(student, teacher, small_digits, out, on_step=lambda step, model: step == 1)
-    with pytest.raises(OutputError, match="--resume"):  # a fresh start would throw the saved state away
+    with pytest.raises(OutputError, match="resume=True"):  # a fresh start would throw the saved state away
         _run(student, teacher, small_digits, out)
-    with pytest.raises(UsageError, match="--batch-size was 8 .* is 4"):
+    with pytest.raises(UsageError, match="batch_size was 8 .* is 4"):
         _run(student, teacher, small_digits, out, resume=True, batch_size=4)
-    with pytest.raises(UsageError, match="--freeze-dense was False"):
+    with pytest.raises(UsageError, match="freeze_dense was False"):
         _run(student, teacher, small_digits, out, resume=True, freeze_dense=True)
     messages = []
     done = _run(student, teacher, small_digits, out, resume=True, lr=5e-4, steps=3, warn=messages.append)
-    assert done.resumed_from == 1 and any("--lr was 0.001" in m for m in messages)
+    assert done.resumed_from == 1 and any("`lr` was 0.001" in m for m in messages)
 
 
 def test_sigterm_finishes_the_step_saves_and_stops(student, teacher, small_digits, tmp_path) -> None:
@@ -259,7 +259,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(student, teacher, s
             with torch.no_grad():
                 model.blocks[1].mlp.fc1.first.weight.fill_(float("nan"))
 
-    with pytest.raises(TrainingError, match=r"loss.* is nan at step 4.*step 2.*lower --lr"):
+    with pytest.raises(TrainingError, match=r"loss.* is nan at step 4.*step 2.*lower lr"):
         _run(student, teacher, small_digits, out, save_every=2, on_step=poison)
     state, _ = read_train_state(train_state_path(out))
     assert state.step == 2
@@ -312,7 +312,7 @@ def test_teacher_of_another_architecture_is_refused(student, teacher, small_digi
 
 
 def test_student_must_be_low_rank_or_factorized_on_the_fly(teacher, small_digits, tmp_path) -> None:
-    with pytest.raises(UsageError, match="no low-rank layers.*--kappa"):
+    with pytest.raises(UsageError, match="no low-rank layers.*kappa"):
         recover(str(teacher), str(teacher), small_digits, output=tmp_path / "o.safetensors", steps=1, **FAST)
     result = recover(str(teacher), str(teacher), small_digits, output=tmp_path / "k.safetensors", steps=2,
                      batch_size=8, kappa=4, rank_multiple=1, evaluate_accuracy=False, **FAST)
@@ -323,14 +323,14 @@ def test_student_must_be_low_rank_or_factorized_on_the_fly(teacher, small_digits
 
 def test_option_errors(student, teacher, small_digits, tmp_path) -> None:
     out = tmp_path / "o.safetensors"
-    with pytest.raises(UsageError, match="--steps N or as --epochs E"):
+    with pytest.raises(UsageError, match="steps N or as epochs E"):
         recover(str(student), str(teacher), small_digits, output=out)
-    with pytest.raises(UsageError, match="--steps N or as --epochs E"):
+    with pytest.raises(UsageError, match="steps N or as epochs E"):
         recover(str(student), str(teacher), small_digits, output=out, steps=1, epochs=1)
-    with pytest.raises(UsageError, match="--alpha must be"):
+    with pytest.raises(UsageError, match="alpha must be"):
         recover(str(student), str(teacher), small_digits, output=out, steps=1, alpha=-1)
     out.write_bytes(b"x")
-    with pytest.raises(OutputError, match="--force"):
+    with pytest.raises(OutputError, match="force=True"):
         recover(str(student), str(teacher), small_digits, output=out, steps=1)
 
 
@@ -413,7 +413,7 @@ def test_loss_terms_by_hand() -> None:
     loss = RecoveryLoss(LossWeights(alpha=2.0, beta=0.0, gamma=0.0), use_labels=False)
     terms = loss(student_out=None, teacher_out=None, student_blocks=shifted, teacher_blocks=feats, labels=None)
     assert set(terms) == {"loss", "fd"} and terms["loss"].item() == pytest.approx(2.0)
-    with pytest.raises(UsageError, match="--temperature"):
+    with pytest.raises(UsageError, match="temperature"):
         LossWeights(temperature=0).check()
 
 

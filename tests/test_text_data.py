@@ -163,7 +163,7 @@ def test_missing_tokenizer_files(tmp_path: Path, bert_folder: Path) -> None:
     (no_tok / "config.json").write_text((bert_folder / "config.json").read_text())
     with pytest.raises(InputError, match="has no tokenizer files") as info:
         load_tokenizer(no_tok)
-    assert "--tokenizer DIR_OR_REPO" in str(info.value) and str(no_tok) in str(info.value)
+    assert "tokenizer DIR_OR_REPO" in str(info.value) and str(no_tok) in str(info.value)
 
     with pytest.raises(InputError, match="is a file"):
         load_tokenizer(bert_folder / "config.json")
@@ -218,7 +218,7 @@ def test_collate_pads_to_longest_and_truncates(tokenizer) -> None:
     moved = batch.to("cpu")
     assert isinstance(moved, TextBatch) and torch.equal(moved.input_ids, batch.input_ids)
 
-    with pytest.raises(UsageError, match="--max-length"):
+    with pytest.raises(UsageError, match="max_length"):
         TextCollate(tokenizer, 0)
 
 
@@ -273,8 +273,8 @@ def test_loader_too_few_texts(tmp_path: Path, tokenizer) -> None:
     small = find_texts(write_corpus(tmp_path / "small.txt", n=5))
     with pytest.raises(InputError, match="has 5 texts, fewer than one batch of 4 x 2") as info:
         text_loader(small, tokenizer, batch_size=4, max_length=16, shuffle=True, world_size=2)
-    assert "small.txt" in str(info.value) and "lower --batch-size or add texts" in str(info.value)
-    with pytest.raises(UsageError, match="--batch-size"):
+    assert "small.txt" in str(info.value) and "lower batch_size or add texts" in str(info.value)
+    with pytest.raises(UsageError, match="batch_size"):
         text_loader(small, tokenizer, batch_size=0, max_length=16, shuffle=True)
     loader, _ = text_loader(small, tokenizer, batch_size=8, max_length=16, shuffle=False, drop_last=False)
     assert [b.input_ids.shape[0] for b in loader] == [5]

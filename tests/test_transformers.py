@@ -73,9 +73,9 @@ def test_bert_folder_loads_as_its_transformers_class(bert_folder):
     # --arch picks another class of the same weights: the encoder alone
     encoder = load_model(str(bert_folder), arch="BertModel").model
     assert type(encoder).__name__ == "BertModel"
-    with pytest.raises(InputError, match="--arch 'NoSuchModel' is not a transformers model class"):
+    with pytest.raises(InputError, match="arch 'NoSuchModel' is not a transformers model class"):
         load_model(str(bert_folder), arch="NoSuchModel")
-    with pytest.raises(UsageError, match="--model-arg is for timm models"):
+    with pytest.raises(UsageError, match="model_args is for timm models"):
         load_model(str(bert_folder), model_args={"num_classes": 3})
 
 
@@ -93,11 +93,11 @@ def test_corrupt_weights_in_a_transformers_folder(bert_folder, tmp_path, capsys)
 def test_library_detection_and_override(bert_folder, tiny_vit_folder):
     assert load_model(f"local-dir:{bert_folder}", library="transformers").spec.library == "transformers"
     assert load_model(str(tiny_vit_folder)).spec.library == "timm"  # timm's own layout stays timm
-    with pytest.raises(UsageError, match="--library timm, but .* is a transformers config"):
+    with pytest.raises(UsageError, match="library timm, but .* is a transformers config"):
         load_model(str(bert_folder), library="timm")
-    with pytest.raises(UsageError, match="--library transformers, but .* is a timm config"):
+    with pytest.raises(UsageError, match="library transformers, but .* is a timm config"):
         load_model(str(tiny_vit_folder), library="transformers")
-    with pytest.raises(UsageError, match="--library 'keras' is not one of auto, timm, transformers"):
+    with pytest.raises(UsageError, match="library 'keras' is not one of auto, timm, transformers"):
         load_model(str(bert_folder), library="keras")
 
 

@@ -117,7 +117,7 @@ def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[int, ..
     path = Path(path)
     meta, shapes = open_header(path)
     if PREFIX + "schema" not in meta:
-        raise InputError(f"'{path}' is a safetensors file without lrc metadata: not written by lrc (use --arch with report)")
+        raise InputError(f"'{path}' is a safetensors file without lrc metadata: not written by lrc (use `arch` with report)")
     try:
         schema = int(meta[PREFIX + "schema"])
     except ValueError:

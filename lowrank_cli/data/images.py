@@ -36,7 +36,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 TRAIN_SPLITS = ("train",)
 VAL_SPLITS = ("val", "validation")
-_HOW_TO_POINT = "point --data at an ImageFolder (DIR/train/<class>/...) or a folder of images"
+_HOW_TO_POINT = "point `data` at an ImageFolder (DIR/train/<class>/...) or a folder of images"
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -143,7 +143,7 @@ def find_images(
     if not root.exists():
         raise InputError(f"data folder '{root}' does not exist: {_HOW_TO_POINT}")
     if not root.is_dir():
-        raise InputError(f"--data '{root}' is not a folder: {_HOW_TO_POINT}")
+        raise InputError(f"`data` '{root}' is not a folder: {_HOW_TO_POINT}")
     if split is not None and split not in TRAIN_SPLITS + VAL_SPLITS:
         raise UsageError(f"unknown data split '{split}': use 'train' or 'val'")
     want_val = split in VAL_SPLITS
@@ -155,7 +155,7 @@ def find_images(
             if required:
                 name = "val" if want_val else "train"
                 raise InputError(f"data folder '{root}' has no {name}/ split: add '{root / name}/<class>/...'"
-                                 f" or point --data at a folder with one")
+                                 f" or point `data` at a folder with one")
             return None
         layout, split_name = "imagefolder", folder.name
     else:
@@ -221,6 +221,10 @@ class Batch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
     skipped: int
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """(model input, labels, attention mask): what a training step needs of any kind of batch."""
+        return self.images, self.labels, None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(self.images.to(device, non_blocking=non_blocking),
@@ -322,14 +326,14 @@ def train_loader(image_set: ImageSet, transform, mode: str, batch_size: int, *, 
                  world_size: int, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, EpochSampler]:
     """Shuffled training batches (whole global batches only), seeded per image; see SeededImages."""
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"`batch_size` must be at least 1, got {batch_size}")
     if num_workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {num_workers}")
+        raise UsageError(f"`num_workers` must be 0 or more, got {num_workers}")
     sampler = EpochSampler(len(image_set), batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size,
                            drop_last=True)
     if sampler.batches_per_epoch == 0:
         raise InputError(f"data folder '{image_set.root}' has {len(image_set)} images, fewer than one batch of "
-                         f"{batch_size} x {world_size} process(es): lower --batch-size or add images")
+                         f"{batch_size} x {world_size} process(es): lower `batch_size` or add images")
     loader = DataLoader(
         SeededImages(ImageDataset(image_set, transform, mode), seed),
         batch_size=batch_size, sampler=EpochKeys(sampler), collate_fn=collate, num_workers=num_workers,

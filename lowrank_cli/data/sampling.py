@@ -63,7 +63,7 @@ class EpochSampler(Sampler[int]):
     def set_start_batch(self, k: int) -> None:
         if not 0 <= k <= self.batches_per_epoch:
             raise UsageError(f"cannot resume at batch {k}: an epoch has {self.batches_per_epoch} batches here"
-                             " (did the data, --batch-size or the number of processes change?)")
+                             " (did the data, `batch_size` or the number of processes change?)")
         self.start_batch = k
 
     def epoch_indices(self) -> list[int]:
@@ -92,13 +92,13 @@ def epoch_loader(dataset: Dataset, collate_fn: Callable, *, batch_size: int, shu
     """A DataLoader over `dataset` whose order is an EpochSampler's (resumable, sharded per rank); shared by
     images and texts. `what` and `unit` name the data in the too-little-data error."""
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"`batch_size` must be at least 1, got {batch_size}")
     if num_workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {num_workers}")
+        raise UsageError(f"`num_workers` must be 0 or more, got {num_workers}")
     sampler = EpochSampler(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last)
     if sampler.batches_per_epoch == 0:
         raise InputError(f"{what} has {len(dataset)} {unit}, fewer than one batch of {batch_size} x {world_size} "
-                         f"process(es): lower --batch-size or add {unit}")
+                         f"process(es): lower `batch_size` or add {unit}")
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

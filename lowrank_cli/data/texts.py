@@ -175,7 +175,7 @@ def find_texts(path: str | os.PathLike[str], *, limit: int | None = None) -> Tex
 def _no_tokenizer(source: str, why: str) -> InputError:
     shown = ", ".join(VOCAB_FILES[:2])
     return InputError(f"'{source}' has no tokenizer files ({shown} ...) that could be loaded ({why}): pass"
-                      " --tokenizer DIR_OR_REPO with the model's tokenizer (a folder, or a Hub repo that is cached"
+                      " `tokenizer` DIR_OR_REPO with the model's tokenizer (a folder, or a Hub repo that is cached"
                       " when offline)")
 
 
@@ -188,7 +188,7 @@ def load_tokenizer(source: str | os.PathLike[str], revision: str | None = None) 
     local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise InputError(f"tokenizer '{name}' is a file: pass --tokenizer the folder that holds its"
+            raise InputError(f"tokenizer '{name}' is a file: pass `tokenizer` the folder that holds its"
                              f" {' / '.join(VOCAB_FILES[:2])}")
         if not any((local / f).is_file() for f in VOCAB_FILES):
             raise _no_tokenizer(name, "none in the folder")
@@ -223,6 +223,10 @@ class TextBatch(NamedTuple):
     attention_mask: torch.Tensor
     skipped: int = 0
 
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token ids, labels: none, all 0, attention mask): what a training step needs of any kind of batch."""
+        return self.input_ids, torch.zeros(len(self.input_ids), dtype=torch.long), self.attention_mask
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TextBatch:
         return TextBatch(self.input_ids.to(device, non_blocking=non_blocking),
                          self.attention_mask.to(device, non_blocking=non_blocking), self.skipped)
@@ -250,7 +254,7 @@ class TextCollate:
 
     def __init__(self, tokenizer: Any, max_length: int):
         if max_length < 1:
-            raise UsageError(f"--max-length must be at least 1, got {max_length}")
+            raise UsageError(f"`max_length` must be at least 1, got {max_length}")
         if tokenizer.pad_token is None:
             raise InputError("the tokenizer has no pad token: load it with lowrank_cli.data.texts.load_tokenizer,"
                              " which sets one")

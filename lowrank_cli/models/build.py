@@ -42,7 +42,7 @@ def build_empty(spec: ModelSpec) -> nn.Module:
             )
     except TypeError as e:
         raise InputError(
-            f"timm cannot build '{spec.architecture}' with model args {spec.model_args} ({e}): fix the --model-arg values"
+            f"timm cannot build '{spec.architecture}' with model args {spec.model_args} ({e}): fix the `model_args` values"
         ) from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
@@ -72,7 +72,7 @@ def check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], what: str) 
     if wrong:
         parts.append(f"{len(wrong)} shape mismatch(es) (file vs model: {some(wrong, '; ')})")
     raise InputError(
-        f"the weights of {what} do not fit the architecture: {', '.join(parts)}; check --arch and --model-arg "
+        f"the weights of {what} do not fit the architecture: {', '.join(parts)}; check `arch` and `model_args` "
         "(e.g. num_classes=...)"
     )
 

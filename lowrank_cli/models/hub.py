@@ -37,7 +37,7 @@ def hub_download(repo: str, filename: str, revision: str | None) -> Path:
     except hf_errors.EntryNotFoundError:  # the repo has no such file: the caller may try another name
         raise
     except hf_errors.RevisionNotFoundError:
-        raise InputError(f"hf-hub:{repo} has no revision '{revision}': check --revision") from None
+        raise InputError(f"hf-hub:{repo} has no revision '{revision}': check `revision`") from None
     except hf_errors.GatedRepoError:
         raise InputError(f"hf-hub:{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
     except hf_errors.RepositoryNotFoundError:
@@ -111,12 +111,12 @@ def tokenizer_folder(loaded: LoadedModel) -> Path:
 
     if loaded.files is None:
         raise InputError("the source has no tokenizer files (only transformers folders and Hub repos have them): "
-                         "leave out --save-tokenizer, or pass --tokenizer DIR_OR_REPO")
+                         "leave out `save_tokenizer`, or pass `tokenizer` DIR_OR_REPO")
     folder = Path(loaded.files)
     if folder.is_dir():
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise InputError(f"'{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...): leave out "
-                             "--save-tokenizer, or pass --tokenizer DIR_OR_REPO")
+                             "`save_tokenizer`, or pass `tokenizer` DIR_OR_REPO")
         return folder
     from huggingface_hub import errors as hf_errors
 
@@ -128,5 +128,5 @@ def tokenizer_folder(loaded: LoadedModel) -> Path:
             continue
     if found is None:
         raise InputError(f"hf-hub:{loaded.files} has no tokenizer files (or, offline, none in the cache): leave out "
-                         "--save-tokenizer, or pass --tokenizer DIR_OR_REPO")
+                         "`save_tokenizer`, or pass `tokenizer` DIR_OR_REPO")
     return found

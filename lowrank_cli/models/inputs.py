@@ -26,13 +26,13 @@ def default_input_size(model: nn.Module, seq_len: int | None = None) -> tuple[in
         positions = position_limit(model)  # RoBERTa-style models lose 2 of max_position_embeddings
         if seq_len is not None:
             if seq_len < 1:
-                raise UsageError(f"--seq-len must be at least 1, got {seq_len}")
+                raise UsageError(f"`seq_len` must be at least 1, got {seq_len}")
             if positions and seq_len > positions:
-                raise UsageError(f"--seq-len {seq_len} is above the {positions} positions the model has: lower it")
+                raise UsageError(f"`seq_len` {seq_len} is above the {positions} positions the model has: lower it")
             return (int(seq_len),)
         return (min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN),)
     if seq_len is not None:
-        raise UsageError("--seq-len is for text models; an image model takes --input-size C,H,W")
+        raise UsageError("`seq_len` is for text models; an image model takes `input_size` C,H,W")
 
 
     return tuple(int(v) for v in data_config(model)["input_size"])
@@ -46,7 +46,7 @@ def forward_failed(error: Exception, model: nn.Module, input_size: tuple[int, ..
 
     if is_device_failure(error):
         raise error
-    option = "--seq-len N" if is_text_model(model) else "--input-size C,H,W"
+    option = "`seq_len` N" if is_text_model(model) else "`input_size` C,H,W"
     return InputError(f"a test forward pass at input size {tuple(input_size)} failed ({type(error).__name__}: "
                       f"{str(error)[:120]}){consequence}: pass the right {option}")
 
@@ -54,7 +54,7 @@ def forward_failed(error: Exception, model: nn.Module, input_size: tuple[int, ..
 def check_input_size(model: nn.Module, input_size: tuple[int, ...] | None) -> None:
     """An --input-size given to a text model is a mistake of kind, not of numbers: say which option it needs."""
     if input_size is not None and is_text_model(model) and len(input_size) != 1:
-        raise UsageError("--input-size is C,H,W for image models; a text model takes --seq-len N")
+        raise UsageError("`input_size` is C,H,W for image models; a text model takes `seq_len` N")
 
 
 def example_input(model: nn.Module, size: tuple[int, ...], batch: int = 1, *, device: torch.device | str | None = None,

@@ -37,7 +37,7 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--model-arg '{item}' is not KEY=VALUE: write e.g. --model-arg num_classes=10")
+            raise UsageError(f"`model_args` '{item}' is not KEY=VALUE: write e.g. `model_args` num_classes=10")
         try:
             args[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -65,7 +65,7 @@ def check_library(library: str | None) -> str | None:
     if library in (None, "auto"):
         return None
     if library not in LIBRARIES:
-        raise UsageError(f"--library '{library}' is not one of {', '.join(LIBRARIES)}")
+        raise UsageError(f"`library` '{library}' is not one of {', '.join(LIBRARIES)}")
     return library
 
 
@@ -75,7 +75,7 @@ def read_config_json(folder: Path) -> dict:
         raise InputError(
             f"folder '{folder}' has no {CONFIG_NAME}: expected timm's Hub layout (config.json + model.safetensors, "
             "as written by timm.models.save_for_hf) or a transformers model folder (save_pretrained), or pass a "
-            "weights file with --arch"
+            "weights file with `arch`"
         )
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -93,12 +93,12 @@ def folder_library(folder: Path, library: str | None) -> str:
     found = config_library(read_config_json(folder))
     if library is not None:
         if found is not None and found != library:
-            raise UsageError(f"--library {library}, but '{folder / CONFIG_NAME}' is a {found} config: leave out "
-                             "--library or fix it")
+            raise UsageError(f"`library` {library}, but '{folder / CONFIG_NAME}' is a {found} config: leave out "
+                             "`library` or fix it")
         return library
     if found is None:
         raise InputError(f"'{folder / CONFIG_NAME}' is neither a timm config (architecture) nor a transformers "
-                         "config (model_type): pass --library timm or --library transformers")
+                         "config (model_type): pass `library` timm or `library` transformers")
     return found
 
 
@@ -115,7 +115,7 @@ def read_folder_config(folder: Path) -> tuple[str, dict, dict]:
     if not arch:
         if "model_type" in cfg or "architectures" in cfg:
             raise InputError(f"'{cfg_path}' is a Hugging Face transformers config, not a timm one: leave out "
-                             "--library timm")
+                             "`library` timm")
         raise InputError(f"'{cfg_path}' names no 'architecture': not a timm model config")
     model_args = dict(cfg.get("model_args") or {})
     if "num_classes" in cfg:
@@ -217,7 +217,7 @@ def _load_transformers(where: str, folder: Path, revision: str | None, arch: str
     from lowrank_cli.models import transformers_models as tm
 
     if model_args:
-        raise UsageError(f"--model-arg is for timm models; {what} is a transformers model, built from its "
+        raise UsageError(f"`model_args` is for timm models; {what} is a transformers model, built from its "
                          "config.json: edit the config instead")
     if source["kind"] == "hf-hub":
         folder = hub_transformers_files(where, revision)
@@ -245,19 +245,19 @@ def _load_file(path: Path, arch: str | None, model_args: dict) -> LoadedModel:
     elif path.suffix not in WEIGHT_SUFFIXES:
         raise InputError(
             f"'{path}' is not a weights file lrc reads ({', '.join(WEIGHT_SUFFIXES)}): pass a timm folder, "
-            "a weights file with --arch, or an lrc checkpoint"
+            "a weights file with `arch`, or an lrc checkpoint"
         )
     if not arch:
         raise UsageError(
-            f"'{path}' is a bare weights file: say which architecture it is for with --arch NAME "
-            "(e.g. --arch vit_small_patch16_224, plus --model-arg num_classes=10 if needed)"
+            f"'{path}' is a bare weights file: say which architecture it is for with `arch` NAME "
+            "(e.g. `arch` vit_small_patch16_224, plus `model_args` num_classes=10 if needed)"
         )
     import timm
 
     arch_name = arch.partition(".")[0]
     if arch_name not in timm.list_models():
         close = difflib.get_close_matches(arch_name, timm.list_models(), n=5)
-        raise InputError(f"--arch '{arch}' is not a timm architecture (closest: {', '.join(close) or 'none'})")
+        raise InputError(f"`arch` '{arch}' is not a timm architecture (closest: {', '.join(close) or 'none'})")
     spec = ModelSpec(arch_name, dict(model_args), default_pretrained_cfg(arch))
     model = build(spec, read_state_dict(path), f"'{path}'")
     record_input_size(model, spec)

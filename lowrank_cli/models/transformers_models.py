@@ -93,7 +93,7 @@ def model_class(config: Any, arch: str | None = None) -> type:
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
         if arch:
-            raise InputError(f"--arch '{arch}' is not a transformers model class (e.g. BertModel, "
+            raise InputError(f"`arch` '{arch}' is not a transformers model class (e.g. BertModel, "
                              "BertForSequenceClassification): fix the name or upgrade transformers")
     try:
         return transformers.AutoModel._model_mapping[type(config)]
@@ -237,8 +237,8 @@ def load_pretrained(folder: str, *, what: str, arch: str | None = None,
     if bad:
         raise InputError(
             f"the weights of {what} do not fit {cls.__name__}: {len(bad)} missing or mismatched tensor(s) "
-            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); pick the class that matches with --arch "
-            "(e.g. --arch BertModel for an encoder without a head)"
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); pick the class that matches with `arch` "
+            "(e.g. `arch` BertModel for an encoder without a head)"
         )
     model.eval()
     if getattr(model, "main_input_name", None) == "pixel_values":
@@ -251,10 +251,10 @@ def copy_tokenizer(folder: Path, destination: str | Path) -> list[str]:
     names = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
     if not names:
         raise InputError(f"'{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...): leave out "
-                         "--save-tokenizer, or factorize from the folder or repo that has them")
+                         "`save_tokenizer`, or factorize from the folder or repo that has them")
     destination = Path(destination).expanduser()
     if destination.exists() and not destination.is_dir():
-        raise UsageError(f"--save-tokenizer '{destination}' is a file: give a folder")
+        raise UsageError(f"`save_tokenizer` '{destination}' is a file: give a folder")
     destination.mkdir(parents=True, exist_ok=True)
     from lowrank_cli.atomic import atomic_path
 

@@ -49,11 +49,11 @@ class LossWeights:
         for name in ("alpha", "beta", "gamma", "eps", "label_smoothing", "delta"):
             value = getattr(self, name)
             if not value >= 0 or value == float("inf"):  # also refuses NaN
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+                raise UsageError(f"`{name}` must be a finite number >= 0, got {value}")
         if not self.label_smoothing < 1:
-            raise UsageError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
+            raise UsageError(f"`label_smoothing` must be below 1, got {self.label_smoothing}")
         if not self.temperature > 0 or self.temperature == float("inf"):
-            raise UsageError(f"--temperature must be a finite number > 0, got {self.temperature}")
+            raise UsageError(f"`temperature` must be a finite number > 0, got {self.temperature}")
 
 
 # ---------------------------------------------------------------------------------------------- the terms
@@ -118,8 +118,8 @@ def pooled_output(output: object, mask: torch.Tensor | None, last_block: torch.T
             return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
     from lowrank_cli.errors import UsageError
 
-    raise UsageError("--delta distils the final pooled output, which only transformers encoders (a pooler or a last "
-                     "hidden state) return: leave out --delta")
+    raise UsageError("`delta` distils the final pooled output, which only transformers encoders (a pooler or a last "
+                     "hidden state) return: leave out `delta`")
 
 
 def classification(student: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -136,7 +136,7 @@ def logits_of(output: object) -> torch.Tensor:
         from lowrank_cli.errors import UsageError
 
         raise UsageError("the model has no head (its output has no logits), so there are no labels or logits to "
-                         "learn from: leave out --gamma, and use --alpha (hidden states) or --delta (pooled output)")
+                         "learn from: leave out `gamma`, and use `alpha` (hidden states) or `delta` (pooled output)")
     return first_tensor(output)
 
 

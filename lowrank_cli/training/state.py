@@ -106,7 +106,7 @@ def read_train_state(path: str | Path) -> tuple[TrainState, dict[str, Any]]:
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types for every kind of damage
         raise InputError(
             f"training state '{path}' is unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}):"
-            " it is damaged; delete it and start again without --resume"
+            " it is damaged; delete it and start again without `resume=True`"
         ) from None
     if int(document.get("schema", 0)) > SCHEMA:
         raise InputError(f"training state '{path}' was written by a newer lrc (schema {document['schema']}): "
@@ -115,9 +115,20 @@ def read_train_state(path: str | Path) -> tuple[TrainState, dict[str, Any]]:
     return TrainState(**fields), document
 
 
+def _parameter(key: str) -> str:
+    """A fingerprint key as the parameter it names: states written by lrc 0.1 keyed options by CLI flag."""
+    return key[2:].replace("-", "_") if key.startswith("--") else key
+
+
+def _shown(key: str) -> str:
+    return f"`{key}`" if key.isidentifier() else key  # parameters render as options on the CLI
+
+
 def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(option, then, now) for each option whose value differs from the interrupted run's (keys name the option)."""
-    return [(k, saved[k], v) for k, v in current.items() if k in saved and saved[k] != v]
+    """(option, then, now) for each option whose value differs from the interrupted run's (keys name the option,
+    in backticks when it is a parameter, see errors.PARAMETER)."""
+    saved = {_parameter(k): v for k, v in saved.items()}
+    return [(_shown(k), saved[k], v) for k, v in current.items() if k in saved and saved[k] != v]
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -125,7 +136,7 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
     for option, then, now in changed_options(saved, current):
         raise UsageError(
             f"cannot resume: {option} was {then} in the interrupted run and is {now} now, so the data position saved "
-            f"in '{path}' does not apply: resume with the same {option}, or start again without --resume (pass --force "
+            f"in '{path}' does not apply: resume with the same {option}, or start again without `resume=True` (pass `force=True` "
             "to replace the saved state)"
         )
 
@@ -150,7 +161,7 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
         raise InputError(
             f"training state '{path}' does not fit the student ({len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(wrong)} differently shaped tensors, e.g. {first}): the student changed since the interrupted "
-            "run; resume with the same student, or start again without --resume"
+            "run; resume with the same student, or start again without `resume=True`"
         )
     with torch.no_grad():
         model.load_state_dict(weights, strict=True)
@@ -158,7 +169,7 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
     if saved_names != param_names:
         raise UsageError(
             f"cannot resume: the trained parameters differ from the interrupted run's ({len(saved_names)} then, "
-            f"{len(param_names)} now): was --freeze-dense changed? resume with the same options"
+            f"{len(param_names)} now): was `freeze_dense` changed? resume with the same options"
         )
     opt_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

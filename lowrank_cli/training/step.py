@@ -98,12 +98,10 @@ class Distiller:
         sums = torch.zeros(len(self.terms), device=self.device)
         weight = images_seen = skipped = 0
         for i, batch in enumerate(batches):
-            mask = None
-            if hasattr(batch, "input_ids"):  # text: token ids and their attention mask, no labels
-                images, mask, w = batch.input_ids, batch.attention_mask.to(self.device, non_blocking=True), 1.0
-                labels = torch.zeros(len(images), dtype=torch.long)
-            else:
-                images, labels, w = batch.images, batch.labels, 1.0
+            images, labels, mask = batch.parts()
+            w = 1.0
+            if mask is not None:
+                mask = mask.to(self.device, non_blocking=True)
             if len(images) == 0:  # every image of the batch was unreadable: a zero-weight pass keeps ranks in step
                 images = torch.zeros((1, *self.input_size))
                 labels, w = torch.zeros(1, dtype=torch.long), 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -69,3 +71,31 @@ def load_participant(source, what: str, arch, model_args, log, library=None):
 def name_of(loaded) -> str:
     source = loaded.source or {}
     return str(source.get("id") or loaded.spec.architecture)
+
+
+def load_pair(student: Any, teacher: Any, opts: Any, *, device: torch.device, log, warn):
+    """Load the student (factorizing a dense one when `opts.kappa` is set) and its dense teacher, and check that
+    they share the architecture. Returns (student, teacher, [(name, low-rank layer, teacher weight)])."""
+    from lowrank_cli.checkpoint.format import record_source
+    from lowrank_cli.compress.factorization import factorize
+
+    s = load_participant(student, "student", opts.arch, opts.model_args, log, opts.library)
+    t = load_participant(teacher, "teacher", opts.arch, opts.model_args, log, opts.library)
+    if opts.kappa is not None:
+        if s.checkpoint is not None or is_lowrank(s.model):
+            raise UsageError(f"`kappa` factorizes a dense student, but {name_of(s)} is already low-rank: leave out "
+                             "`kappa`")
+        log(f"Factorizing the student at kappa {opts.kappa:g} (rank multiple {opts.rank_multiple})")
+        factorize(s.model, kappa=opts.kappa, rank_multiple=opts.rank_multiple, device=device, warn=warn)
+        record_source(s.model, s.source)
+    elif not is_lowrank(s.model):
+        raise UsageError(f"the student {name_of(s)} has no low-rank layers: pass an lrc checkpoint (lrc factorize), "
+                         "or factorize it on the fly with `kappa`")
+    if t.checkpoint is not None or is_lowrank(t.model):
+        raise InputError(f"the teacher {name_of(t)} is a low-rank model: the teacher is the dense model the student "
+                         "was factorized from")
+    pairs = check_teacher(s.model, t.model, name_of(s), name_of(t), s.spec.architecture, t.spec.architecture)
+    if s.spec.architecture != t.spec.architecture:
+        warn(f"the teacher is {t.spec.architecture} and the student was made from {s.spec.architecture}: "
+             "the shapes agree, so distillation works, but check that this is the teacher you meant")
+    return s, t, pairs

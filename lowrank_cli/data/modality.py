@@ -1,0 +1,143 @@
+"""One object per kind of input (images, texts): how training data of that kind is found, sized, loaded and
+described, so that recovery asks its modality instead of branching on `if text` in every phase.
+
+    modality = modality_for(data)                     # from the data on disk: texts or images
+    train, val = modality.find(data, evaluate=True)   # val: labelled images to measure accuracy on, or None
+    modality.check_model(teacher, data)               # images for an image model, texts for a text model
+    size = modality.input_size(teacher)               # (C, H, W), or (max_length,) once the tokenizer is known
+    loader, sampler = modality.loader(train, ...)     # resumable, seeded batches
+    inputs, labels, mask = batch.parts()              # every batch kind answers the same way
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lowrank_cli.errors import UsageError
+
+
+class ImageData:
+    name = "images"
+    unit = "img"  # what the progress bar counts per second
+    augments = True  # random crops and flips can apply
+
+    def find(self, data: Path, *, evaluate: bool) -> tuple[Any, Any]:
+        from lowrank_cli.data.images import find_images
+        from lowrank_cli.evaluation.accuracy import val_split
+
+        train = find_images(data, "train")
+        return train, (val_split(data, required=False, class_tree=False) if evaluate else None)
+
+    def prepare(self, teacher: Any, *, tokenizer: Any, max_length: int | None) -> None:
+        if tokenizer is not None or max_length is not None:
+            raise UsageError("`tokenizer` and `max_length` are for text data; the data here is images")
+
+    def input_size(self, teacher: nn.Module) -> tuple[int, ...]:
+        from lowrank_cli.models.inputs import data_config
+
+        return tuple(data_config(teacher)["input_size"])
+
+    def labelled(self, train_set: Any) -> bool:
+        return train_set.labelled
+
+    def loader(self, train_set: Any, teacher: nn.Module, *, batch_size: int, seed: int, rank: int, world_size: int,
+               num_workers: int, pin_memory: bool, augment: bool):
+        from lowrank_cli.data.images import make_transform, train_loader
+        from lowrank_cli.models.inputs import image_mode
+
+        return train_loader(train_set, make_transform(teacher, training=augment), image_mode(teacher), batch_size,
+                            seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
+                            pin_memory=pin_memory)
+
+    def describe(self, train_set: Any, val_set: Any, why_no_accuracy: str) -> str:
+        classes = f" ({train_set.num_classes} classes)" if train_set.labelled else " (no labels)"
+        if val_set is not None:
+            return f"Data: {len(train_set)} training images{classes}, {len(val_set)} validation images"
+        return f"Data: {len(train_set)} training images{classes}; accuracy not measured ({why_no_accuracy})"
+
+    def settings(self, delta: float) -> dict[str, Any]:
+        return {}
+
+
+class TextData:
+    name = "texts"
+    unit = "texts"
+    augments = False
+
+    def __init__(self) -> None:
+        self.tokenizer: Any = None
+        self.tokenizer_source: Any = None
+        self.max_length: int | None = None
+
+    def find(self, data: Path, *, evaluate: bool) -> tuple[Any, Any]:
+        from lowrank_cli.data.texts import find_texts
+
+        return find_texts(data), None
+
+    def prepare(self, teacher: Any, *, tokenizer: Any, max_length: int | None) -> None:
+        """Find the tokenizer (default: the teacher's) and the text length the model's positions allow."""
+        from lowrank_cli.data.texts import load_tokenizer
+        from lowrank_cli.models.inputs import default_max_length, position_limit
+
+        if tokenizer is None:
+            from lowrank_cli.models.hub import tokenizer_folder
+            from lowrank_cli.training.teacher import name_of
+
+            if teacher.files is None:
+                raise UsageError(f"no tokenizer for the text data: the teacher {name_of(teacher)} is not a "
+                                 "transformers folder or Hub repo; pass `tokenizer` DIR_OR_REPO")
+            tokenizer = tokenizer_folder(teacher)
+        self.tokenizer_source = tokenizer
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        longest = position_limit(teacher.model)
+        if max_length is not None and longest is not None and max_length > longest:
+            raise UsageError(f"`max_length` {max_length} is above the {longest} tokens the model's positions "
+                             "allow: lower it")
+        self.max_length = max_length or default_max_length(teacher.model, self.tokenizer)
+
+    def input_size(self, teacher: nn.Module) -> tuple[int, ...]:
+        return (self.max_length,)
+
+    def labelled(self, train_set: Any) -> bool:
+        return False
+
+    def loader(self, train_set: Any, teacher: nn.Module, *, batch_size: int, seed: int, rank: int, world_size: int,
+               num_workers: int, pin_memory: bool, augment: bool):
+        from lowrank_cli.data.texts import text_loader
+
+        # Tokenising in the training process: fast tokenizers are Rust and the texts are in memory, and a
+        # worker would need its own Ctrl-C handling.
+        return text_loader(train_set, self.tokenizer, batch_size=batch_size, max_length=self.max_length,
+                           shuffle=True, seed=seed, rank=rank, world_size=world_size, drop_last=True)
+
+    def describe(self, train_set: Any, val_set: Any, why_no_accuracy: str) -> str:
+        skipped = f", {train_set.skipped} unusable record(s) skipped" if train_set.skipped else ""
+        return (f"Data: {len(train_set)} training texts from {len(train_set.files)} file(s){skipped}, at most "
+                f"{self.max_length} tokens each; distillation only (no accuracy on text)")
+
+    def settings(self, delta: float) -> dict[str, Any]:
+        source = self.tokenizer_source
+        return {"data_kind": "text", "max_length": self.max_length, "delta": delta,
+                "tokenizer": str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__}
+
+
+def modality_for(data: Path) -> ImageData | TextData:
+    """Texts (a .txt / .jsonl file or a folder of them) or images, from what is on disk."""
+    from lowrank_cli.data.texts import looks_like_text_data
+
+    return TextData() if looks_like_text_data(data) else ImageData()
+
+
+def check_model(modality: ImageData | TextData, teacher: nn.Module, teacher_name: str, data: Path) -> None:
+    """Texts need a text model and images an image model: say which data the model needs."""
+    from lowrank_cli.models.transformers_models import is_text_model
+
+    text_model = is_text_model(teacher)
+    if (modality.name == "texts") != text_model:
+        raise UsageError(f"`data` '{data}' holds {modality.name} but the teacher {teacher_name} is "
+                         f"{'a text' if text_model else 'an image'} model: give it "
+                         f"{'a .txt / .jsonl file or folder' if text_model else 'an image folder'}")

@@ -1,0 +1,110 @@
+"""The options of a recovery, in one place: their defaults, their checks, and how a resume compares them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from lowrank_cli.errors import UsageError
+from lowrank_cli.training.losses import LossWeights
+
+
+@dataclass
+class RecoverOptions:
+    """Everything `recover` can be told besides what to train (student, teacher, data, output).
+
+    Loss weights (PELA Eq. 7, see training.losses): alpha, beta, gamma, eps, temperature, label_smoothing, delta.
+    Exactly one of `steps` (optimizer steps) and `epochs` (passes over the training data; fractions allowed).
+    `batch_size` is per process; a step uses batch_size x grad_accum x processes samples.
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-4
+    batch_size: int = 64
+    grad_accum: int = 1
+    alpha: float = 1.0
+    beta: float = 0.0
+    gamma: float = 0.0
+    eps: float = 1e-3
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
+    delta: float = 0.0
+    tokenizer: Any = None  # text data: a tokenizer, or the folder / Hub repo that has one (default: the teacher's)
+    max_length: int | None = None  # text data: tokens per text at most (default: the model's positions, <= 512)
+    library: str | None = None
+    warmup_steps: int | None = None  # default: warmup_fraction of the steps
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.05
+    clip_grad: float = 1.0  # 0: off
+    freeze_dense: bool = False  # train only the factorized layers
+    augment: bool = True  # random resized crops and flips, or the evaluation preprocessing
+    kappa: float | None = None  # factorize a dense student on the fly
+    rank_multiple: int = 8
+    arch: str | None = None
+    model_args: dict[str, Any] | None = None
+    save_every: int = 500
+    log_every: int = 10
+    resume: bool = False
+    force: bool = False
+    compile: bool = False
+    evaluate_accuracy: bool = True
+    eval_batch_size: int | None = None  # default: batch_size
+    device: str | torch.device | None = "auto"
+    num_workers: int | None = None  # default: the CPUs per process, at most 8
+    seed: int = 0
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @property
+    def weights(self) -> LossWeights:
+        return LossWeights(self.alpha, self.beta, self.gamma, self.eps, self.temperature, self.label_smoothing,
+                           self.delta)
+
+    def check(self) -> None:
+        """Refuse values that cannot work, naming the parameter, before anything is loaded."""
+        self.weights.check()
+        if (self.steps is None) == (self.epochs is None):
+            raise UsageError("give the length of the recovery as `steps` N or as `epochs` E (one of them)")
+        checks = [
+            (self.steps is None or self.steps >= 1, f"`steps` must be at least 1, got {self.steps}"),
+            (self.epochs is None or (self.epochs > 0 and math.isfinite(self.epochs)),
+             f"`epochs` must be a number > 0, got {self.epochs}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"`lr` must be a number > 0, got {self.lr}"),
+            (self.batch_size >= 1, f"`batch_size` must be at least 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"`grad_accum` must be at least 1, got {self.grad_accum}"),
+            (self.warmup_steps is None or self.warmup_steps >= 0,
+             f"`warmup_steps` must be 0 or more, got {self.warmup_steps}"),
+            (0 <= self.warmup_fraction < 1, f"the warm-up fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (self.weight_decay >= 0, f"`weight_decay` must be 0 or more, got {self.weight_decay}"),
+            (self.clip_grad >= 0, f"`clip_grad` must be 0 (off) or more, got {self.clip_grad}"),
+            (self.save_every >= 1, f"`save_every` must be at least 1, got {self.save_every}"),
+            (self.log_every >= 1, f"`log_every` must be at least 1, got {self.log_every}"),
+            (self.num_workers is None or self.num_workers >= 0,
+             f"`num_workers` must be 0 or more, got {self.num_workers}"),
+            (self.kappa is None or self.kappa > 1, f"`kappa` must be a number > 1, got {self.kappa}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def fixed_for_resume(self, processes: int, samples: int) -> dict[str, Any]:
+        """What a resumed run must share with the interrupted one: the data order and the batch shape depend on it."""
+        return {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed,
+                "freeze_dense": self.freeze_dense, "number of processes": processes,
+                "number of training images": samples}
+
+    def changeable_on_resume(self, *, total: int, warmup: int, teacher: str, data: str) -> dict[str, Any]:
+        """What a resumed run may change, with a warning (the result then differs from an uninterrupted run)."""
+        return {"steps": total, "lr": self.lr, "warmup_steps": warmup, "weight_decay": self.weight_decay,
+                "clip_grad": self.clip_grad, "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
+                "eps": self.eps, "temperature": self.temperature, "label_smoothing": self.label_smoothing,
+                "augment": self.augment, "teacher": teacher, "data": data}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

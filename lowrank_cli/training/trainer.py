@@ -1,0 +1,153 @@
+"""The training loop: steps from a saved position to the end, with logging, periodic saves and clean stops.
+
+A run is never lost. Every `save_every` steps the training state (weights, optimizer, step, data position) is
+written atomically (training/state.py); SIGINT / SIGTERM finish the current step, save and raise Interrupted with
+the command that resumes; a non-finite loss stops before the optimizer step, so the last saved state stays good.
+The model's own randomness (dropout, drop path) is reseeded every step from (seed, step, rank).
+
+Methods that change the model or the loss as training goes (a schedule of their own) hook in with
+`before_step(step)` callbacks; `after_step(step, model)` callbacks may ask to stop (return True).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_cli import distributed
+from lowrank_cli.data.sampling import EpochSampler, derive_seed
+from lowrank_cli.errors import Interrupted, TrainingError
+from lowrank_cli.training.schedule import lr_factor
+from lowrank_cli.training.signals import StopRequest
+from lowrank_cli.training.state import TrainState, save_train_state
+from lowrank_cli.training.step import Distiller, StepStats
+
+ProgressFn = Callable[[str, int, int, "str | None"], None]  # (phase, done, total, status)
+
+
+class Trainer:
+    """Runs `distiller` from `state` to `total` steps. `metrics` (a JSONL file) gets a line every `log_every`
+    steps on the main process; `history` collects the same lines on every process."""
+
+    def __init__(self, distiller: Distiller, loader: Any, sampler: EpochSampler, state: TrainState, *,
+                 ctx: distributed.DistContext, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 param_names: list[str], state_path: Path, metrics: Path, total: int, grad_accum: int, lr: float,
+                 warmup: int, save_every: int, log_every: int, seed: int, train_samples: int, unit: str,
+                 progress: ProgressFn, resume_hint: Callable[[float | None], str]):
+        self.distiller, self.loader, self.sampler, self.state = distiller, loader, sampler, state
+        self.ctx, self.model, self.optimizer, self.param_names = ctx, model, optimizer, param_names
+        self.state_path, self.metrics, self.total, self.grad_accum = state_path, metrics, total, grad_accum
+        self.lr, self.warmup, self.save_every, self.log_every, self.seed = lr, warmup, save_every, log_every, seed
+        self.train_samples, self.unit, self.progress, self.resume_hint = train_samples, unit, progress, resume_hint
+        self.before_step: list[Callable[[int], None]] = [self._set_lr, self._reseed]
+        self.after_step: list[Callable[[int, nn.Module], bool | None]] = []
+        self.history: list[dict[str, Any]] = []
+        self.resumed_from = state.step  # 0 for a fresh run
+        self.saved_at = state.step if state.step > 0 else -1
+        self._interval: dict[str, float] = {}
+        self._interval_steps = self._interval_samples = 0
+        self._interval_start = time.perf_counter()
+
+    # -- the callbacks every run has ------------------------------------------------------------------------
+
+    def _set_lr(self, step: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * lr_factor(step, self.warmup, self.total)
+
+    def _reseed(self, step: int) -> None:
+        torch.manual_seed(derive_seed(self.seed, "step", step, self.ctx.rank))
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[tuple[int, int, Any]]:
+        """(epoch, micro-batches of that epoch consumed after this one, batch), from the saved position."""
+        epoch, start = self.state.epoch, self.state.batch
+        while True:
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_start_batch(start)
+            for position, batch in enumerate(self.loader, start + 1):
+                yield epoch, position, batch
+            epoch, start = epoch + 1, 0
+
+    def save(self) -> None:
+        distributed.on_main(self.ctx, save_train_state, self.state_path, self.state, self.model, self.optimizer,
+                            self.param_names)
+        self.saved_at = self.state.step
+
+    def run(self) -> None:
+        state = self.state
+        self.progress("recover", state.step, self.total, "")
+        first_step = state.step + 1
+        stream = self._batches()
+        with StopRequest() as stop:
+            while state.step < self.total:
+                stats = self._step(stream)
+                self._log(stats, first_step)
+                if state.step % self.save_every == 0 or state.step == self.total:
+                    self.save()
+                asked = any([bool(callback(state.step, self.model)) for callback in self.after_step])
+                if distributed.any_rank(self.ctx, asked or stop.signal is not None) and state.step < self.total:
+                    if self.saved_at != state.step:
+                        self.save()
+                    raise Interrupted(
+                        f"interrupted by {stop.signal or 'request'} at step {state.step}/{self.total}; the training "
+                        f"state is saved in '{self.state_path}'. Resume with: {self.resume_hint(None)}")
+        if self.saved_at != state.step:  # resumed at the end: nothing ran, nothing new to save
+            self.save()
+
+    def _step(self, stream: Iterator[tuple[int, int, Any]]) -> StepStats:
+        state = self.state
+        start = time.perf_counter()
+        for callback in self.before_step:
+            callback(state.step)
+        micro = [next(stream) for _ in range(self.grad_accum)]
+        try:
+            stats = self.distiller.step([b for _, _, b in micro], step=state.step + 1)
+        except TrainingError as e:
+            kept = (f"the last good training state (step {self.saved_at}) is kept in '{self.state_path}'; resume "
+                    f"from it with a lower `lr` (now {self.lr:g}): {self.resume_hint(self.lr / 10)}"
+                    if self.saved_at > 0 else
+                    f"no training state was saved yet; start again with a lower `lr` (now {self.lr:g})")
+            raise TrainingError(f"training stopped: {e}; {kept}") from None
+        epoch, position, _ = micro[-1]
+        if position >= self.sampler.batches_per_epoch:
+            epoch, position = epoch + 1, 0
+        state.step += 1
+        state.epoch, state.batch = epoch, position
+        state.images_seen += stats.images
+        state.skipped += stats.skipped
+        state.seconds += time.perf_counter() - start
+        return stats
+
+    def _log(self, stats: StepStats, first_step: int) -> None:
+        """Average the terms over the steps since the last line; the first step of a call is logged too, so that
+        a short or resumed run shows numbers at once."""
+        state = self.state
+        for name, value in [*stats.terms.items(), ("grad_norm", stats.grad_norm)]:
+            self._interval[name] = self._interval.get(name, 0.0) + value
+        self._interval_steps += 1
+        self._interval_samples += stats.images
+        if not (state.step % self.log_every == 0 or state.step in (first_step, self.total)):
+            self.progress("recover", state.step, self.total, None)
+            return
+        elapsed = time.perf_counter() - self._interval_start
+        line = {"step": state.step, "epoch": round(state.images_seen / self.train_samples, 4),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                **{k: v / self._interval_steps for k, v in self._interval.items()},
+                "images_per_s": round(self._interval_samples / elapsed, 2) if elapsed > 0 else None,
+                "images": state.images_seen, "skipped": state.skipped, "seconds": round(state.seconds, 3)}
+        self.history.append(line)
+        if self.ctx.is_main:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        status = " ".join(f"{k} {line[k]:.3g}" for k in self.distiller.terms) + (
+            f" | {line['images_per_s']:.0f} {self.unit}/s" if line["images_per_s"] else "")
+        self.progress("recover", state.step, self.total, status)
+        self._interval, self._interval_steps, self._interval_samples = {}, 0, 0
+        self._interval_start = time.perf_counter()
