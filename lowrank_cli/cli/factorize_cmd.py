@@ -77,7 +77,7 @@ def factorize(
 ) -> None:
     """Replace every linear of the transformer blocks (timm blocks, transformers encoder layers) by its truncated
     SVD and write an lrc checkpoint."""
-    from lowrank_cli.compress.factorization import factorize_file
+    from lowrank_cli.compress.factorize_source import factorize_file
     from lowrank_cli.evaluation.counting import parse_size
     from lowrank_cli.models.sources import parse_model_args
 

@@ -43,6 +43,7 @@ _OPTION_OF = {
     "budget_samples": "--calib-samples",
     "calib_samples": "--calib-samples",
     "plan_batch_size": "--plan-batch-size",
+    "plan_kind": "--plan",
     "output": "-o/--output",
 }
 

@@ -24,6 +24,10 @@ cost less than the budget.
 Budget: keep_fraction in (0, 1) of the dense cost of these layers (the dense parameters when cost_per_param
 is 1), or an absolute target_cost = sum of cost_per_param * params. A budget below every layer at rank
 rank_multiple is a UsageError; a budget at or above the dense cost keeps every layer dense (nothing is lost).
+
+`budget_plan` applies this to a model's plan: the layers' spectra (whitened ones when calibration statistics
+are given), their cost per parameter (1, or the tokens each sees for a MAC target: `tokens_per_layer`), and
+the plan with the allocated ranks.
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from lowrank_cli.compress.plan import pela_rank, saves_params
+from lowrank_cli.compress.calibration import InputStats
+from lowrank_cli.compress.plan import LayerPlan, LayerStatus, Plan, pela_rank, saves_params
+from lowrank_cli.compress.svd import compute_dtype
+from lowrank_cli.compress.whitened_svd import whitened_spectrum
 from lowrank_cli.errors import UsageError
 
 
@@ -93,7 +101,7 @@ def uniform_ranks(
     """PELA's per-layer rule r = floor(d_in*d_out / (kappa*(d_in+d_out))), rounded down to the multiple;
     None where that rank would not save parameters."""
     if not kappa > 1:
-        raise UsageError(f"kappa must be > 1 (the compression ratio), got {kappa}")
+        raise UsageError(f"`kappa` must be > 1 (the compression ratio), got {kappa}")
     out: dict[str, int | None] = {}
     for n, layer in layers.items():
         r = pela_rank(layer.d_in, layer.d_out, kappa, rank_multiple)
@@ -242,3 +250,94 @@ def _drop(options: Options, at: dict[str, int], left: float, frozen: str) -> flo
         if move is not None:
             heapq.heappush(heap, move)
     return left
+
+
+# ------------------------------------------------------------------------------------------------ on a model
+
+
+def tokens_per_layer(model: nn.Module, names: list[str], input_size: tuple[int, ...]) -> tuple[dict[str, float], int]:
+    """How many rows each linear sees per image (MACs / (d_in * d_out), from fvcore), and the model's MACs."""
+    from lowrank_cli.evaluation.counting import count_macs
+
+    macs = count_macs(model, input_size)
+    tokens = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        tokens[name] = macs.by_module.get(name, 0) / (layer.in_features * layer.out_features)
+    return tokens, macs.total
+
+
+def budget_plan(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    keep_fraction: float | None = None,
+    target_macs: int | None = None,
+    rank_multiple: int = 8,
+    stats: dict[str, InputStats] | None = None,
+    input_size: tuple[int, ...] | None = None,
+) -> tuple[Plan, dict]:
+    """Per-layer ranks keeping the most (whitened) spectral energy within the budget.
+
+    Candidates are the plan's target layers, except those it must keep dense for a reason other than the
+    rank rule (e.g. linears the model does not call). Returns the plan and a JSON-ready summary. Errors name
+    `factorize`'s parameters (`keep_fraction` is its `budget`).
+    """
+    if (keep_fraction is None) == (target_macs is None):
+        raise UsageError("give one of `budget` (fraction of parameters to keep) or `target_macs`")
+    if keep_fraction is not None and not 0 < keep_fraction < 1:
+        raise UsageError(f"`budget` must be in (0, 1) (the fraction of the target layers' parameters to keep), "
+                         f"got {keep_fraction}")
+    candidates = [p for p in plan.layers if p.status in (LayerStatus.FACTORIZED, LayerStatus.DENSE_NO_SAVING)]
+    cost_per_param: dict[str, float] = dict.fromkeys((p.name for p in candidates), 1.0)
+    target_cost = None
+    summary: dict = {"keep_fraction": keep_fraction, "target_macs": target_macs}
+    if target_macs is not None:
+        cost_per_param, target_cost, summary["dense_macs"] = _macs_budget(model, candidates, target_macs, input_size)
+    spectra = _spectra(model, candidates, cost_per_param, stats)
+    try:
+        ranks = allocate_ranks(spectra, keep_fraction=keep_fraction, target_cost=target_cost,
+                               rank_multiple=rank_multiple)
+    except UsageError as e:
+        raise UsageError(f"{e} (for `budget` / `target_macs`)") from None
+    why = "budget" + (" on whitened spectra" if stats is not None else "")
+    allocated = {}
+    for p in candidates:
+        r = ranks[p.name]
+        allocated[p.name] = (LayerPlan(p.name, p.d_in, p.d_out, r, why, LayerStatus.FACTORIZED) if r else
+                             LayerPlan(p.name, p.d_in, p.d_out, None, f"dense: {why} keeps it whole",
+                                       LayerStatus.DENSE_BUDGET))
+    summary["cost"] = budget_cost(spectra, ranks)
+    return Plan([allocated.get(p.name, p) for p in plan.layers]), summary
+
+
+def _macs_budget(model: nn.Module, candidates: list[LayerPlan], target_macs: int,
+                 input_size: tuple[int, ...] | None) -> tuple[dict[str, float], float, int]:
+    """Cost per parameter (tokens seen) of each candidate, the MACs left to them under `target_macs`, and the
+    dense model's MACs."""
+    from lowrank_cli.models.inputs import default_input_size
+
+    size = tuple(input_size or default_input_size(model))
+    cost_per_param, total = tokens_per_layer(model, [p.name for p in candidates], size)
+    layer_macs = sum(cost_per_param[p.name] * p.dense_params for p in candidates)
+    target_cost = target_macs - (total - layer_macs)  # what is left for the factorizable layers
+    if target_cost <= 0:
+        raise UsageError(
+            f"`target_macs` {target_macs:,} is unreachable: the layers that stay dense alone take "
+            f"{total - layer_macs:,.0f} MACs; raise the target"
+        )
+    return cost_per_param, target_cost, total
+
+
+def _spectra(model: nn.Module, candidates: list[LayerPlan], cost_per_param: dict[str, float],
+             stats: dict[str, InputStats] | None) -> dict[str, LayerSpectrum]:
+    """Each candidate's singular values: of its weight, or whitened by its calibration inputs."""
+    spectra = {}
+    for p in candidates:
+        weight = model.get_submodule(p.name).weight
+        if stats is not None:
+            sv = whitened_spectrum(weight, stats[p.name].second_moment)
+        else:
+            sv = torch.linalg.svdvals(weight.detach().to(compute_dtype(weight.dtype))).float().cpu()
+        spectra[p.name] = LayerSpectrum(p.d_in, p.d_out, sv, cost_per_param[p.name])
+    return spectra

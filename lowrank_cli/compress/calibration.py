@@ -1,18 +1,28 @@
-"""Calibration: the input statistics of the linears that will be factorized.
+"""Calibration: the input statistics of the linears that will be factorized, and the data-aware truncation on them.
 
-Data-aware truncation (data_aware_svd.py) needs, per layer, the second moment C = sum_t x_t x_t^T of the
-layer's inputs over every token of some calibration images. It is accumulated while streaming, so memory per
+Data-aware truncation (whitened_svd.py) needs, per layer, the second moment C = sum_t x_t x_t^T of the layer's
+inputs over every token of some calibration images (or texts). It is accumulated while streaming, so memory per
 layer is O(d_in^2) whatever the number of images.
+
+- `collect_second_moments`: the statistics of named linears over any stream of batches, through forward hooks.
+- `calibrate`: the same over a few hundred images of a folder (the model's own eval transforms) or the first
+  texts of a text file, on the device the SVDs run on.
+- `data_aware_factor_fn`: truncation in the whitened space, so the kept rank minimises the output error on
+  those inputs; the factors are stored exactly like plain ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from lowrank_cli.compress.svd import Factors, compute_dtype
+from lowrank_cli.compress.whitened_svd import data_aware_factors
 from lowrank_cli.errors import InputError, UsageError
 
 
@@ -40,6 +50,70 @@ def _images(batch: object) -> torch.Tensor:
     )
 
 
+def _linears(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
+    """The named modules, each checked to be an nn.Linear of the model."""
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise UsageError(f"no module named {name!r} in the model: pick names from its nn.Linear layers")
+        if not isinstance(modules[name], nn.Linear):
+            raise UsageError(f"module {name!r} is a {type(modules[name]).__name__}, not an nn.Linear: leave it out")
+    return {name: modules[name] for name in names}
+
+
+class _Moments:
+    """Forward pre-hooks that add each linear's inputs x x^T (float64, on `device`) while the model runs."""
+
+    def __init__(self, linears: dict[str, nn.Linear], device: torch.device):
+        self.device = device
+        self.sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+                     for n, m in linears.items()}
+        self.tokens = dict.fromkeys(linears, 0)
+        self.padding: torch.Tensor | None = None  # text: the batch's attention mask, so that padding is left out
+        self.handles = [m.register_forward_pre_hook(self.hook_for(n)) for n, m in linears.items()]
+
+    def hook_for(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            mask = self.padding
+            if mask is not None and x.shape[:2] == mask.shape:
+                x = x[mask]
+            x = x.reshape(-1, module.in_features).to(device=self.device, dtype=torch.float64)
+            self.sums[name].addmm_(x.T, x)
+            self.tokens[name] += x.shape[0]
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _run_batches(model: nn.Module, batches: Iterable[object], moments: _Moments, *, model_device: torch.device,
+                 max_samples: int | None, progress: Callable[[int], None] | None) -> int:
+    """Forward every batch (cut at `max_samples` images in all) through the hooked model; the images done."""
+    done = 0
+    for batch in batches:
+        images = _images(batch)
+        mask = getattr(batch, "attention_mask", None)
+        if max_samples is not None:
+            images = images[: max_samples - done]
+            mask = mask[: max_samples - done] if mask is not None else None
+        if len(images) == 0:
+            break
+        if mask is not None:
+            mask = mask.to(model_device)
+            moments.padding = mask.bool()
+            model(images.to(model_device), attention_mask=mask)
+        else:
+            model(images.to(model_device))
+        done += len(images)
+        if progress is not None:
+            progress(done)
+        if max_samples is not None and done >= max_samples:
+            break
+    return done
+
+
 def collect_second_moments(
     model: nn.Module,
     module_names: Iterable[str],
@@ -56,70 +130,124 @@ def collect_second_moments(
     each batch. The model's train/eval mode is restored and the hooks removed, also on error.
     """
     names = list(dict.fromkeys(module_names))
-    modules = dict(model.named_modules())
-    for name in names:
-        if name not in modules:
-            raise UsageError(f"no module named {name!r} in the model: pick names from its nn.Linear layers")
-        if not isinstance(modules[name], nn.Linear):
-            raise UsageError(f"module {name!r} is a {type(modules[name]).__name__}, not an nn.Linear: leave it out")
+    linears = _linears(model, names)
     if max_samples is not None and max_samples < 1:
-        raise UsageError(f"max_samples must be at least 1, got {max_samples}")
-
+        raise UsageError(f"`max_samples` must be at least 1, got {max_samples}")
     device = torch.device(device)
-    sums = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64, device=device)
-            for n in names}
-    tokens = dict.fromkeys(names, 0)
-    padding: list[torch.Tensor | None] = [None]  # text: the batch's attention mask, so that padding is left out
-
-    def hook_for(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            mask = padding[0]
-            if mask is not None and x.shape[:2] == mask.shape:
-                x = x[mask]
-            x = x.reshape(-1, module.in_features).to(device=device, dtype=torch.float64)
-            sums[name].addmm_(x.T, x)
-            tokens[name] += x.shape[0]
-        return hook
-
     param = next(model.parameters(), None)
     model_device = param.device if param is not None else device
     was_training = model.training
-    handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
-    done = 0
+    moments = _Moments(linears, device)
     try:
         model.eval()
         with torch.no_grad():
-            for batch in batches:
-                images = _images(batch)
-                mask = getattr(batch, "attention_mask", None)
-                if max_samples is not None:
-                    images = images[: max_samples - done]
-                    mask = mask[: max_samples - done] if mask is not None else None
-                if len(images) == 0:
-                    break
-                if mask is not None:
-                    mask = mask.to(model_device)
-                    padding[0] = mask.bool()
-                    model(images.to(model_device), attention_mask=mask)
-                else:
-                    model(images.to(model_device))
-                done += len(images)
-                if progress is not None:
-                    progress(done)
-                if max_samples is not None and done >= max_samples:
-                    break
+            done = _run_batches(model, batches, moments, model_device=model_device, max_samples=max_samples,
+                                progress=progress)
     finally:
-        for h in handles:
-            h.remove()
+        moments.remove()
         model.train(was_training)
-
     if done == 0:
         raise InputError("no calibration images: the data is empty; point it at a folder with images")
     for name in names:
-        if tokens[name] == 0:
+        if moments.tokens[name] == 0:
             raise InputError(
                 f"module {name!r} saw no input during calibration: it is not on the model's forward path; "
                 "leave it out of the factorized layers"
             )
-    return {n: InputStats(sums[n], tokens[n], done) for n in names}
+    return {n: InputStats(moments.sums[n], moments.tokens[n], done) for n in names}
+
+
+# ------------------------------------------------------------------------------------------------ from data
+
+
+def calibrate(
+    model: nn.Module,
+    names: list[str],
+    data: str | Path,
+    *,
+    samples: int = 256,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    tokenizer: object = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, InputStats]:
+    """Input second moments of the named linears over `samples` images of `data` (ImageFolder or flat), or for
+    a text model over its first `samples` texts (.txt / .jsonl, tokenised by `tokenizer`; padding left out).
+
+    Errors name `factorize`'s parameters: `data` is its `calib`, `samples` its `calib_samples`."""
+    from lowrank_cli.models.transformers_models import is_text_model
+
+    if samples < 1:
+        raise UsageError(f"`calib_samples` must be at least 1, got {samples}")
+    with _on(model, torch.device(device)):  # the forward passes run where the SVDs do (`device`), then back
+        if is_text_model(model):
+            return _calibrate_text(model, names, data, samples=samples, batch_size=batch_size, device=device,
+                                   tokenizer=tokenizer, progress=progress)
+        return _calibrate_images(model, names, data, samples=samples, batch_size=batch_size, device=device,
+                                 progress=progress)
+
+
+@contextlib.contextmanager
+def _on(model: nn.Module, device: torch.device) -> Iterator[None]:
+    param = next(model.parameters(), None)
+    home = param.device if param is not None else device
+    if home == device:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
+def _as_calib(error: InputError) -> InputError:
+    """A data loader's error about its `data`, said of the calibration data (`calib`)."""
+    text = error.args[0] if error.args else str(error)
+    return InputError(text.replace("`data`", "`calib`").replace("--data", "`calib`"))
+
+
+def _calibrate_images(model, names, data, *, samples, batch_size, device, progress):
+    from lowrank_cli.data.images import find_images, make_loader, make_transform
+    from lowrank_cli.models.inputs import image_mode
+
+    try:
+        images = find_images(data)
+    except InputError as e:  # the data loader speaks of the training data, the parameter here is `calib`
+        raise _as_calib(e) from None
+    batch_size = max(1, min(batch_size, samples, len(images)))
+    # shuffle: a class-sorted folder would otherwise calibrate on the first classes only
+    loader, _ = make_loader(images, make_transform(model, training=False), batch_size, shuffle=True, seed=0,
+                            drop_last=False, mode=image_mode(model))
+    return collect_second_moments(model, names, loader, device=device, max_samples=samples, progress=progress)
+
+
+def _calibrate_text(model, names, data, *, samples, batch_size, device, tokenizer, progress):
+    from lowrank_cli.data.texts import TextCollate, find_texts, load_tokenizer
+    from lowrank_cli.models.inputs import default_max_length
+
+    if tokenizer is None:
+        raise UsageError("calibrating a text model needs its tokenizer: factorize from the folder or Hub repo that "
+                         "has the tokenizer files")
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)
+    try:
+        texts = find_texts(data, limit=samples)
+    except InputError as e:
+        raise _as_calib(e) from None
+    collate = TextCollate(tokenizer, default_max_length(model, tokenizer))
+    batch_size = max(1, min(batch_size, samples))
+    # The first `samples` texts in file order: a text file has no classes to balance, and the choice is repeatable.
+    batches = (collate(texts.texts[i:i + batch_size]) for i in range(0, len(texts), batch_size))
+    return collect_second_moments(model, names, batches, device=device, max_samples=samples, progress=progress)
+
+
+def data_aware_factor_fn(stats: dict[str, InputStats]) -> Callable[[str, torch.Tensor, int], Factors]:
+    """`factor_fn` for `factorize`: each layer's factors from the whitened SVD on its calibration inputs."""
+    def factor(name: str, weight: torch.Tensor, rank: int) -> Factors:
+        first, second, info = data_aware_factors(weight, stats[name].second_moment, rank)
+        dtype = compute_dtype(weight.dtype)
+        return Factors(first.to(dtype), second.to(dtype), info["singular_values"], float(info["kept_energy"]),
+                       float(info["output_rel_error"]), f"whitened/{info['method']}")
+
+    return factor

@@ -1,4 +1,10 @@
-"""Factorize: replace each planned nn.Linear by the truncated SVD of its weight (a LowRankLinear), in place."""
+"""Factorize: replace each planned nn.Linear by the truncated SVD of its weight (a LowRankLinear), in place.
+
+`factorize` runs the method's steps in order, each its own function: the plan (rank rule, or a plan given),
+the linears the model never calls kept dense, calibration (data-aware truncation), a rank budget, a speed plan,
+the SVD swap of every planned layer, and the record the model carries for `lowrank_cli.save`. Loading a MODEL
+source and writing the checkpoint is `compress.factorize_source`'s.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_cli.checkpoint.format import CheckpointInfo, attach_info, info_of, record_source
-from lowrank_cli.compress.plan import Plan, make_plan
-from lowrank_cli.compress.svd import SVD_METHODS, truncated_svd
+from lowrank_cli.checkpoint.format import CheckpointInfo, attach_info, info_of
+from lowrank_cli.compress.budget import budget_plan
+from lowrank_cli.compress.calibration import InputStats, calibrate, data_aware_factor_fn
+from lowrank_cli.compress.plan import LayerStatus, Plan, make_plan
+from lowrank_cli.compress.speed_plan import parse_rank_multiple, run_dtype, speed_plan
+from lowrank_cli.compress.svd import SVD_METHODS, Factors, truncated_svd
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.evaluation.counting import count_params
@@ -21,6 +30,8 @@ from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.build import spec_of
 from lowrank_cli.models.spec import ModelSpec
 from lowrank_cli.models.structure import swap_in, uncalled_linears
+
+FactorFn = Callable[[str, torch.Tensor, int], Any]  # (name, weight, rank) -> an object shaped like svd.Factors
 
 
 @dataclass
@@ -82,7 +93,7 @@ def factorize(
     dtype: str | torch.dtype | None = None,
     input_size: tuple[int, ...] | None = None,
     check_calls: bool = True,
-    factor_fn: Callable[[str, torch.Tensor, int], Any] | None = None,
+    factor_fn: FactorFn | None = None,
     calib: str | None = None,
     calib_samples: int = 256,
     tokenizer: Any = None,
@@ -98,114 +109,138 @@ def factorize(
     """`lowrank_cli.factorize(model, kappa=2)`: swap the planned linears of `model` for low-rank ones, in place.
 
     The plan comes from `plan`, or from kappa / rank_multiple / include / exclude / rank_pattern (see
-    `lowrank_cli.compress.plan`). Linears the model never calls as modules stay dense, with a warning. `factor_fn(name,
-    weight, rank)` can replace the plain SVD (data-aware truncation); it returns an object shaped like
-    `svd.Factors`. `calib` (an image folder; for a text model a .txt / .jsonl file or folder, tokenised
-    by `tokenizer`, a tokenizer or the folder / Hub repo that has one) makes the truncation data-aware: it
-    minimises each layer's output error on `calib_samples` of its images or texts. `budget` (fraction of the target layers' parameters to keep) or
-    `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa. `rank_multiple="auto"`
-    picks the multiple the device likes; `plan_kind="speed"` times every layer shape dense vs factorized on the
-    device (batch `plan_batch_size`, precision `plan_dtype`: default the stored dtype, else bf16 on CUDA) and
-    keeps dense the layers whose factorized form is not faster. Returns the model (also `result.model`) with per-layer errors and kept energies; the model
-    carries its record (`checkpoint.format.info_of`) for `lowrank_cli.save`.
+    `lowrank_cli.compress.plan`). Linears the model never calls as modules stay dense, with a warning.
+    `factor_fn(name, weight, rank)` can replace the plain SVD (data-aware truncation); it returns an object shaped
+    like `svd.Factors`. `calib` (an image folder; for a text model a .txt / .jsonl file or folder, tokenised by
+    `tokenizer`, a tokenizer or the folder / Hub repo that has one) makes the truncation data-aware: it minimises
+    each layer's output error on `calib_samples` of its images or texts. `budget` (fraction of the target layers'
+    parameters to keep) or `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa.
+    `rank_multiple="auto"` picks the multiple the device likes; `plan_kind="speed"` times every layer shape dense vs
+    factorized on the device (batch `plan_batch_size`, precision `plan_dtype`: default the stored dtype, else bf16
+    on CUDA) and keeps dense the layers whose factorized form is not faster. Returns the model (also
+    `result.model`) with per-layer errors and kept energies; the model carries its record
+    (`checkpoint.format.info_of`) for `lowrank_cli.save`.
     """
     if svd not in SVD_METHODS:
-        raise UsageError(f"--svd '{svd}' is not one of {', '.join(SVD_METHODS)}")
-    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+        raise UsageError(f"`svd` '{svd}' is not one of {', '.join(SVD_METHODS)}")
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))  # 3: the line of factorize that ran the step
     start = time.perf_counter()
-    dev = resolve_device(device)
-    out_dtype = resolve_dtype(dtype)
+    dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
     if plan_kind not in ("pela", "speed"):
-        raise UsageError(f"--plan '{plan_kind}' is not one of pela, speed")
-    asked_multiple = rank_multiple
-    from lowrank_cli.compress.speed_plan import parse_rank_multiple, run_dtype
-
+        raise UsageError(f"`plan_kind` '{plan_kind}' is not one of pela, speed")
     runs_in = run_dtype(plan_dtype, out_dtype, dev, next(model.parameters()).dtype)
-    if plan is None:
-        rank_multiple = parse_rank_multiple(rank_multiple, dev, runs_in)
-    plan = plan or make_plan(
-        model, kappa=kappa, rank_multiple=rank_multiple, include=include, exclude=exclude, rank_pattern=rank_pattern
-    )
+    multiple = rank_multiple if plan is not None else parse_rank_multiple(rank_multiple, dev, runs_in)
+    plan = plan or make_plan(model, kappa=kappa, rank_multiple=multiple, include=include, exclude=exclude,
+                             rank_pattern=rank_pattern)
     if check_calls:
-        uncalled = uncalled_linears(model, list(plan.ranks), input_size)
-        if uncalled:
-            warn(
-                f"{len(uncalled)} linear(s) are not called as modules by the model (it uses their weight directly, "
-                f"e.g. F.linear): left dense: {', '.join(uncalled[:4])}{', ...' if len(uncalled) > 4 else ''}"
-            )
-            plan = plan.without({n: "dense: not called as a module (F.linear on its weight)" for n in uncalled})
+        plan = _keep_uncalled_dense(model, plan, input_size, warn)
     extra: dict[str, Any] = {}
     stats = None
     if calib is not None:
-        from lowrank_cli.compress.aware_plan import calibrate, data_aware_factor_fn
-
-        started = time.perf_counter()
-        stats = calibrate(model, list(plan.ranks) + [n for n, why in plan.dense.items() if "would not reduce" in why],
-                          calib, samples=calib_samples, device=dev, tokenizer=tokenizer,
-                          progress=(lambda n: calib_progress(n, calib_samples)) if calib_progress else None)
-        first = next(iter(stats.values()), None)
-        extra["calibration"] = {"data": str(calib), "samples": first.samples if first else 0,
-                                "tokens": first.tokens if first else 0,
-                                "seconds": round(time.perf_counter() - started, 2)}
+        stats, extra["calibration"] = _calibration_step(model, plan, calib, calib_samples, dev, tokenizer,
+                                                        calib_progress)
         factor_fn = factor_fn or data_aware_factor_fn(stats)
     if budget is not None or target_macs is not None:
-        from lowrank_cli.compress.aware_plan import budget_plan
-
         plan, extra["budget"] = budget_plan(model, plan, keep_fraction=budget, target_macs=target_macs,
-                                            rank_multiple=rank_multiple, stats=stats, input_size=input_size)
+                                            rank_multiple=multiple, stats=stats, input_size=input_size)
     timings = None
     if plan_kind == "speed":
-        from lowrank_cli.compress.speed_plan import speed_plan
+        plan, timings = speed_plan(model, plan, device=dev, dtype=runs_in, input_size=input_size,
+                                   batch_size=plan_batch_size or (256 if dev.type == "cuda" else 16))
+        extra["speed_plan"] = {k: v for k, v in timings.items() if k != "layers"}
+    result = FactorizeResult(model, plan, params_before=count_params(model).total, dense=plan.dense, extra=extra)
+    spectra = _swap_planned(model, plan, result.layers, factor_fn=factor_fn, svd=svd, device=dev, dtype=out_dtype,
+                            progress=progress)
+    result.params_after = count_params(model).total
+    result.seconds = time.perf_counter() - start
+    _record(model, result, spectra, timings, kappa=None if "budget" in extra else kappa, rank_multiple=multiple,
+            asked_multiple=rank_multiple, plan_kind=plan_kind, svd="data-aware" if stats is not None else svd,
+            dtype=out_dtype)
+    return result
 
-        batch = plan_batch_size or (256 if dev.type == "cuda" else 16)
-        plan, timings = speed_plan(model, plan, device=dev, dtype=runs_in, batch_size=batch, input_size=input_size)
-    result = FactorizeResult(model, plan, params_before=count_params(model).total)
+
+def _keep_uncalled_dense(model: nn.Module, plan: Plan, input_size: tuple[int, ...] | None,
+                         warn: Callable[[str], None]) -> Plan:
+    """The plan with the linears the model never calls as modules (F.linear on their weight) kept dense."""
+    uncalled = uncalled_linears(model, list(plan.ranks), input_size)
+    if not uncalled:
+        return plan
+    warn(
+        f"{len(uncalled)} linear(s) are not called as modules by the model (it uses their weight directly, "
+        f"e.g. F.linear): left dense: {', '.join(uncalled[:4])}{', ...' if len(uncalled) > 4 else ''}"
+    )
+    return plan.without({n: "dense: not called as a module (F.linear on its weight)" for n in uncalled},
+                        LayerStatus.DENSE_UNCALLED)
+
+
+def _calibration_step(model: nn.Module, plan: Plan, calib: str, samples: int, device: torch.device, tokenizer: Any,
+                      progress: Callable[[int, int], None] | None) -> tuple[dict[str, InputStats], dict[str, Any]]:
+    """Input statistics of the layers the plan factorizes, or that a rank budget may (those whose rank rule
+    saves nothing), on `samples` of `calib`; and the summary for the record."""
+    started = time.perf_counter()
+    names = plan.named(LayerStatus.FACTORIZED) + plan.named(LayerStatus.DENSE_NO_SAVING)
+    stats = calibrate(model, names, calib, samples=samples, device=device, tokenizer=tokenizer,
+                      progress=(lambda n: progress(n, samples)) if progress else None)
+    first = next(iter(stats.values()), None)
+    return stats, {"data": str(calib), "samples": first.samples if first else 0, "tokens": first.tokens if first else 0,
+                   "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _swap_planned(model: nn.Module, plan: Plan, results: list[LayerResult], *, factor_fn: FactorFn | None, svd: str,
+                  device: torch.device, dtype: torch.dtype | None,
+                  progress: Callable[[str, int, int], None] | None) -> dict[str, list[float]]:
+    """Swap every planned linear for its LowRankLinear (stored in `dtype`, default the weight's), appending each
+    layer's result to `results`; returns the singular values of each."""
     spectra: dict[str, list[float]] = {}
     for done, (name, rank) in enumerate(plan.ranks.items(), 1):
         linear = model.get_submodule(name)
         weight = linear.weight
-        factors = factor_fn(name, weight, rank) if factor_fn else truncated_svd(weight, rank, method=svd, device=dev)
-        target = out_dtype or weight.dtype
-        if not (torch.isfinite(factors.first).all() and torch.isfinite(factors.second).all()):
-            raise InputError(f"the SVD of {name} is not finite: the weights hold NaN or Inf; check the source model")
-        layer = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-                              device=weight.device, dtype=target)
-        with torch.no_grad():
-            layer.first.weight.copy_(factors.first)
-            layer.second.weight.copy_(factors.second)
-            if linear.bias is not None:
-                layer.second.bias.copy_(linear.bias)
-        layer.train(linear.training)
-        swap_in(model, name, layer)
+        factors = factor_fn(name, weight, rank) if factor_fn else truncated_svd(weight, rank, method=svd, device=device)
+        swap_in(model, name, _lowrank_of(linear, factors, rank, name, dtype or weight.dtype))
         spectra[name] = factors.singular_values.tolist()
-        result.layers.append(LayerResult(name, linear.in_features, linear.out_features, rank,
-                                         factors.kept_energy, factors.rel_error, factors.method))
+        results.append(LayerResult(name, linear.in_features, linear.out_features, rank,
+                                   factors.kept_energy, factors.rel_error, factors.method))
         if progress:
             progress(name, done, len(plan.ranks))
-    if out_dtype is not None:
-        model.to(out_dtype)
-    result.dense = plan.dense
-    result.extra = extra
-    if timings is not None:
-        result.extra["speed_plan"] = {k: v for k, v in timings.items() if k != "layers"}
-    result.params_after = count_params(model).total
-    result.seconds = time.perf_counter() - start
+    if dtype is not None:
+        model.to(dtype)
+    return spectra
+
+
+def _lowrank_of(linear: nn.Linear, factors: Factors, rank: int, name: str, dtype: torch.dtype) -> LowRankLinear:
+    """The LowRankLinear holding `factors` (and the bias) of `linear`, in its training mode."""
+    if not (torch.isfinite(factors.first).all() and torch.isfinite(factors.second).all()):
+        raise InputError(f"the SVD of {name} is not finite: the weights hold NaN or Inf; check the source model")
+    layer = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                          device=linear.weight.device, dtype=dtype)
+    with torch.no_grad():
+        layer.first.weight.copy_(factors.first)
+        layer.second.weight.copy_(factors.second)
+        if linear.bias is not None:
+            layer.second.bias.copy_(linear.bias)
+    layer.train(linear.training)
+    return layer
+
+
+def _record(model: nn.Module, result: FactorizeResult, spectra: dict[str, list[float]], timings: dict | None, *,
+            kappa: float | None, rank_multiple: int | str, asked_multiple: int | str, plan_kind: str, svd: str,
+            dtype: torch.dtype | None) -> None:
+    """Attach the factorized model's record (`checkpoint.format.info_of`): what `lowrank_cli.save` writes."""
     info = info_of(model)
     spec = info.spec if info is not None else _describe(model)
     attach_info(model, CheckpointInfo(
         spec=spec,
         ranks={r.name: r.rank for r in result.layers},
         plan=timings,
-        provenance={"kappa": None if "budget" in extra else kappa, "rank_multiple": rank_multiple,
+        provenance={"kappa": kappa, "rank_multiple": rank_multiple,
                     **({"rank_multiple_asked": asked_multiple} if asked_multiple != rank_multiple else {}),
                     "plan": plan_kind,
-                    "svd": "data-aware" if stats is not None else svd,
-                    "dtype": str(out_dtype or next(model.parameters()).dtype).removeprefix("torch."), **extra},
+                    "svd": svd,
+                    "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."), **result.extra},
         layers={r.name: {k: v for k, v in vars(r).items() if k != "name"} for r in result.layers},
         dense=result.dense,
         spectra=spectra,
     ))
-    return result
 
 
 def _describe(model: nn.Module) -> ModelSpec:
@@ -214,61 +249,3 @@ def _describe(model: nn.Module) -> ModelSpec:
         return spec_of(model)
     except UsageError:
         return ModelSpec(type(model).__name__, library="unknown")
-
-
-def factorize_file(
-    source: str,
-    output: str,
-    *,
-    arch: str | None = None,
-    model_args: dict[str, Any] | None = None,
-    revision: str | None = None,
-    force: bool = False,
-    library: str | None = None,
-    seq_len: int | None = None,
-    save_tokenizer: str | None = None,
-    log: Callable[[str], None] | None = None,
-    **options: Any,
-) -> FactorizeResult:
-    """What `lrc factorize` does: load any MODEL source, factorize it, save the lrc checkpoint atomically.
-
-    The output is checked first, so a doomed run fails before the SVDs rather than after them. Text models run
-    their checks at `seq_len` tokens; `save_tokenizer` copies a transformers source's tokenizer files there.
-    """
-    from lowrank_cli.atomic import check_output
-    from lowrank_cli.checkpoint.io import save
-    from lowrank_cli.models.sources import load_model
-
-    check_output(output, force=force)
-    if options.get("svd", "exact") not in SVD_METHODS:
-        raise UsageError(f"--svd '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
-    resolve_dtype(options.get("dtype"))
-    if options.get("plan_dtype") is not None:
-        resolve_dtype(options["plan_dtype"], parameter="plan_dtype")  # refused before the loading
-    resolve_device(options.get("device", "auto"))
-    from lowrank_cli.models.inputs import check_input_size, default_input_size
-    from lowrank_cli.models.transformers_models import is_text_model
-
-    loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
-    if loaded.checkpoint is not None:
-        raise UsageError(f"'{source}' is already an lrc checkpoint: factorize its dense source model instead")
-    text = is_text_model(loaded.model)
-    check_input_size(loaded.model, options.get("input_size"))
-    if text or seq_len is not None:  # an image model with --seq-len is refused here
-        options["input_size"] = default_input_size(loaded.model, seq_len)
-    calib_needs_tokenizer = text and options.get("calib") is not None and options.get("tokenizer") is None
-    tokenizer_dir = None
-    if save_tokenizer or calib_needs_tokenizer:
-        from lowrank_cli.models.hub import tokenizer_folder
-
-        tokenizer_dir = tokenizer_folder(loaded)  # once, before the SVDs: a source without one fails at once
-    if calib_needs_tokenizer:
-        options["tokenizer"] = tokenizer_dir
-    result = factorize(loaded.model, **options)
-    record_source(result.model, loaded.source)
-    save(result.model, output, force=force)
-    if save_tokenizer:
-        from lowrank_cli.models.transformers_models import copy_tokenizer
-
-        result.extra["tokenizer"] = {"folder": save_tokenizer, "files": copy_tokenizer(tokenizer_dir, save_tokenizer)}
-    return result

@@ -6,6 +6,7 @@ the same for every later step (SVD, data-aware truncation, rank budgets, speed p
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from dataclasses import dataclass, field
@@ -16,6 +17,17 @@ from lowrank_cli.errors import UsageError
 from lowrank_cli.models.structure import compile_patterns, select_targets
 
 
+class LayerStatus(enum.Enum):
+    """What the plan does with a target linear; `LayerPlan.why` says it in words (the text checkpoints keep)."""
+
+    FACTORIZED = "factorized"
+    DENSE_NO_SAVING = "dense: no saving"  # its rank would not reduce parameters (a rank budget may still pick it)
+    DENSE_UNCALLED = "dense: not called"  # the model uses its weight directly (F.linear), so a swap would not run
+    DENSE_SLOWER = "dense: slower"  # the speed plan timed its factorized form no faster
+    DENSE_BUDGET = "dense: budget"  # the rank budget keeps it whole
+    DENSE_OTHER = "dense"  # kept dense for the reason given (a plan made by hand, Plan.without)
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     name: str
@@ -23,6 +35,13 @@ class LayerPlan:
     d_out: int
     rank: int | None  # None: stays dense
     why: str  # how the rank was chosen, or why the layer stays dense
+    status: LayerStatus | None = None  # default: FACTORIZED with a rank, DENSE_OTHER without
+
+    def __post_init__(self) -> None:
+        if self.status is None:
+            object.__setattr__(self, "status", LayerStatus.DENSE_OTHER if self.rank is None else LayerStatus.FACTORIZED)
+        if (self.status is LayerStatus.FACTORIZED) != (self.rank is not None):
+            raise ValueError(f"layer {self.name}: status {self.status.name} does not fit rank {self.rank}")
 
     @property
     def dense_params(self) -> int:
@@ -45,10 +64,15 @@ class Plan:
     def dense(self) -> dict[str, str]:
         return {p.name: p.why for p in self.layers if p.rank is None}
 
-    def without(self, names: dict[str, str]) -> "Plan":
-        """The same plan with `names` kept dense, each for the given reason."""
+    def named(self, *statuses: LayerStatus) -> list[str]:
+        """The names of the layers with one of `statuses`, in plan order."""
+        return [p.name for p in self.layers if p.status in statuses]
+
+    def without(self, names: dict[str, str], status: LayerStatus = LayerStatus.DENSE_OTHER) -> Plan:
+        """The same plan with `names` kept dense, each for the given reason, with `status`."""
         return Plan([
-            LayerPlan(p.name, p.d_in, p.d_out, None, names[p.name]) if p.name in names else p for p in self.layers
+            LayerPlan(p.name, p.d_in, p.d_out, None, names[p.name], status) if p.name in names else p
+            for p in self.layers
         ])
 
 
@@ -71,14 +95,14 @@ def parse_rank_patterns(items: list[str] | None) -> list[tuple[re.Pattern, int]]
     for item in items or []:
         pattern, sep, value = item.rpartition("=")
         if not sep or not pattern:
-            raise UsageError(f"--rank-pattern '{item}' is not REGEX=RANK: write e.g. 'blocks\\.0\\..*=64'")
+            raise UsageError(f"`rank_pattern` '{item}' is not REGEX=RANK: write e.g. 'blocks\\.0\\..*=64'")
         try:
             rank = int(value)
         except ValueError:
-            raise UsageError(f"--rank-pattern '{item}': rank '{value}' is not a whole number") from None
+            raise UsageError(f"`rank_pattern` '{item}': rank '{value}' is not a whole number") from None
         if rank < 1:
-            raise UsageError(f"--rank-pattern '{item}': the rank must be at least 1")
-        parsed.append((compile_patterns([pattern], "--rank-pattern")[0], rank))
+            raise UsageError(f"`rank_pattern` '{item}': the rank must be at least 1")
+        parsed.append((compile_patterns([pattern], "rank_pattern")[0], rank))
     return parsed
 
 
@@ -91,11 +115,11 @@ def make_plan(
     exclude: list[str] | None = None,
     rank_pattern: list[str] | None = None,
 ) -> Plan:
-    """Rank of every target linear: an explicit `--rank-pattern` (first match wins) or PELA's rule."""
+    """Rank of every target linear: an explicit `rank_pattern` REGEX=RANK (first match wins) or PELA's rule."""
     if not isinstance(kappa, (int, float)) or not math.isfinite(kappa) or kappa <= 1:
-        raise UsageError(f"kappa must be a number > 1 (the compression ratio of each layer), got {kappa}")
+        raise UsageError(f"`kappa` must be a number > 1 (the compression ratio of each layer), got {kappa}")
     if rank_multiple < 1:
-        raise UsageError(f"--rank-multiple must be >= 1, got {rank_multiple}")
+        raise UsageError(f"`rank_multiple` must be >= 1, got {rank_multiple}")
     targets = select_targets(model, include, exclude)
     patterns = parse_rank_patterns(rank_pattern)
     unused = {p.pattern for p, _ in patterns}
@@ -106,21 +130,22 @@ def make_plan(
         explicit = next(((p, r) for p, r in patterns if p.fullmatch(name)), None)
         if explicit is not None:
             unused.discard(explicit[0].pattern)
-            rank, why = explicit[1], f"--rank-pattern {explicit[0].pattern}"
+            rank, why = explicit[1], f"--rank-pattern {explicit[0].pattern}"  # the plan's reason text, kept as it was
             if rank > min(d_in, d_out):
                 raise UsageError(
-                    f"--rank-pattern gives {name} rank {rank}, above its full rank {min(d_in, d_out)} "
+                    f"`rank_pattern` gives {name} rank {rank}, above its full rank {min(d_in, d_out)} "
                     f"({d_out}x{d_in}): lower it"
                 )
         else:
             rank, why = pela_rank(d_in, d_out, kappa, rank_multiple), f"kappa {kappa:g}, multiple {rank_multiple}"
         if not saves_params(d_in, d_out, rank):
-            layers.append(LayerPlan(name, d_in, d_out, None, f"dense: rank {rank} would not reduce parameters"))
+            layers.append(LayerPlan(name, d_in, d_out, None, f"dense: rank {rank} would not reduce parameters",
+                                    LayerStatus.DENSE_NO_SAVING))
         else:
             layers.append(LayerPlan(name, d_in, d_out, rank, why))
     if unused:
         raise UsageError(
-            f"--rank-pattern '{sorted(unused)[0]}' matches no target layer: fix the pattern (targets look like "
+            f"`rank_pattern` '{sorted(unused)[0]}' matches no target layer: fix the pattern (targets look like "
             f"'{targets[0] if targets else '?'}')"
         )
     return Plan(layers)

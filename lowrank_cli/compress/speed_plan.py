@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from lowrank_cli.compress.plan import LayerPlan, Plan
+from lowrank_cli.compress.plan import LayerStatus, Plan
 from lowrank_cli.errors import UsageError
 
 
@@ -54,7 +55,7 @@ Timer = Callable[[LayerShape], tuple[float, float]]
 
 
 def auto_rank_multiple(device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None) -> int:
-    """The rank multiple that `--rank-multiple auto` means on this device and dtype.
+    """The rank multiple that `rank_multiple="auto"` (`--rank-multiple auto`) means on this device and dtype.
 
     CUDA, bf16 / fp16: 64. Tensor-core GEMM tiles are multiples of 64 along K and N; on an H100 under
         torch.compile DeiT-B at kappa 2 ran 19.1 ms with ranks rounded to /64 against 20.0 ms with /8 and
@@ -89,8 +90,8 @@ def _cpu_capability() -> str:
 
 def run_dtype(plan_dtype: str | torch.dtype | None, stored_dtype: torch.dtype | None, device: torch.device,
               model_dtype: torch.dtype) -> torch.dtype:
-    """The precision the factorized model will run in: what `--plan speed` times and `--rank-multiple auto`
-    suits. --plan-dtype; else the stored --dtype; else bf16 on CUDA (a GPU serves transformers in bf16: an fp32
+    """The precision the factorized model will run in: what `plan_kind="speed"` times and `rank_multiple="auto"`
+    suits. `plan_dtype`; else the stored `dtype`; else bf16 on CUDA (a GPU serves transformers in bf16: an fp32
     plan would time TF32-less fp32 GEMMs and pick the fp32 grid) and the model's own dtype on the CPU."""
     from lowrank_cli.devices import resolve_dtype
 
@@ -103,7 +104,7 @@ def run_dtype(plan_dtype: str | torch.dtype | None, stored_dtype: torch.dtype | 
 
 def parse_rank_multiple(value: str | int, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = None) -> int:
-    """`--rank-multiple` value: a whole number >= 1, or "auto" (auto_rank_multiple for device and dtype)."""
+    """A `rank_multiple` value: a whole number >= 1, or "auto" (auto_rank_multiple for device and dtype)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return auto_rank_multiple(device, dtype)
     try:
@@ -111,7 +112,7 @@ def parse_rank_multiple(value: str | int, device: str | torch.device | None = "a
     except (TypeError, ValueError):
         n = 0
     if n < 1:
-        raise UsageError(f"--rank-multiple '{value}' is not a whole number >= 1 or 'auto'")
+        raise UsageError(f"`rank_multiple` '{value}' is not a whole number >= 1 or 'auto'")
     return n
 
 
@@ -258,17 +259,49 @@ def speed_plan(
     from lowrank_cli.devices import SHORT_DTYPE, device_name, resolve_device, resolve_dtype
 
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UsageError(f"`batch_size` must be >= 1, got {batch_size}")
     if min_gain <= 0:
-        raise UsageError(f"min_gain must be > 0, got {min_gain}")
+        raise UsageError(f"`min_gain` must be > 0, got {min_gain}")
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # the CUDA events and graphs of time_layer use the current device
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dt = resolve_dtype(dtype, torch.float32)
-    candidates = [p for p in base_plan.layers if p.rank is not None]
+    shapes, uncalled = _planned_shapes(model, base_plan, batch_size=batch_size, tokens=tokens, input_size=input_size)
+    if timer is None:
+        def timer(shape: LayerShape) -> tuple[float, float]:
+            return time_layer(shape, device=dev, dtype=dt, repeats=repeats, warmup=warmup,
+                              cuda_graphs=cuda_graphs and dev.type == "cuda")
 
+    measured = _measure(list(dict.fromkeys(shapes.values())), timer, progress)
+    where = f"{dev.type} {SHORT_DTYPE[dt]}, batch {batch_size}"
+    layers_json, slower, (total_dense, total_chosen) = _decide(base_plan, shapes, measured, min_gain, where)
+    plan = _speed_annotated(base_plan.without(uncalled, LayerStatus.DENSE_UNCALLED)
+                            .without(slower, LayerStatus.DENSE_SLOWER), layers_json, where)
+    info = {
+        "kind": "speed",
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "dtype": SHORT_DTYPE[dt],
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "min_gain": min_gain,
+        "cuda_graphs": bool(cuda_graphs and dev.type == "cuda"),
+        "torch": torch.__version__.split("+")[0],
+        "unique_shapes": len(measured),
+        "layers": layers_json,
+        "kept_dense": [*uncalled, *slower],
+        "estimated_gain": round(total_dense / total_chosen, 4) if total_chosen > 0 else None,
+    }
+    return plan, info
+
+
+def _planned_shapes(model: nn.Module, plan: Plan, *, batch_size: int, tokens: int | Sequence[int] | None,
+                    input_size: Sequence[int] | None) -> tuple[dict[str, LayerShape], dict[str, str]]:
+    """What to time for each factorized layer of `plan`, and the layers the forward never calls (kept dense
+    untimed, for the reason `factorize` gives)."""
+    candidates = [p for p in plan.layers if p.rank is not None]
     names = [p.name for p in candidates]
     if tokens is not None:
         per_image = (int(tokens),) if isinstance(tokens, int) else tuple(int(t) for t in tokens)
@@ -284,32 +317,38 @@ def speed_plan(
 
     uncalled = {p.name: "dense: not called as a module (F.linear on its weight)" for p in candidates
                 if p.name not in shapes_in}
-    candidates = [p for p in candidates if p.name in shapes_in]
-    shapes = {p.name: LayerShape(p.d_in, p.d_out, p.rank, shapes_in[p.name], bias_of(p.name)) for p in candidates}
-    unique = list(dict.fromkeys(shapes.values()))
-    if timer is None:
-        def timer(shape: LayerShape) -> tuple[float, float]:
-            return time_layer(shape, device=dev, dtype=dt, repeats=repeats, warmup=warmup,
-                              cuda_graphs=cuda_graphs and dev.type == "cuda")
+    shapes = {p.name: LayerShape(p.d_in, p.d_out, p.rank, shapes_in[p.name], bias_of(p.name))
+              for p in candidates if p.name in shapes_in}
+    return shapes, uncalled
 
+
+def _measure(unique: list[LayerShape], timer: Timer,
+             progress: Callable[[str, int, int], None] | None) -> dict[LayerShape, tuple[float, float]]:
+    """(dense_ms, lowrank_ms) of every unique shape, timed once each."""
     measured: dict[LayerShape, tuple[float, float]] = {}
     for i, shape in enumerate(unique, 1):
         dense_ms, low_ms = timer(shape)
         measured[shape] = (float(dense_ms), float(low_ms))
         if progress:
             progress(f"{shape.d_out}x{shape.d_in} rank {shape.rank}", i, len(unique))
+    return measured
 
-    where = f"{dev.type} {SHORT_DTYPE[dt]}, batch {batch_size}"
+
+def _decide(plan: Plan, shapes: dict[str, LayerShape], measured: dict[LayerShape, tuple[float, float]],
+            min_gain: float, where: str) -> tuple[dict[str, dict[str, Any]], dict[str, str], tuple[float, float]]:
+    """Per timed layer: its timings (JSON-ready) and whether it is factorized; the layers kept dense as slower,
+    with why; and the summed ms of the linears dense and in the chosen forms."""
     layers_json: dict[str, dict[str, Any]] = {}
-    keep_dense: dict[str, str] = dict(uncalled)
+    slower: dict[str, str] = {}
     total_dense = total_chosen = 0.0
-    for p in candidates:
+    for p in plan.layers:
+        if p.name not in shapes:
+            continue
         dense_ms, low_ms = measured[shapes[p.name]]
         gain = dense_ms / low_ms if low_ms > 0 else float("inf")
         factorized = gain > min_gain
         if not factorized:
-            keep_dense[p.name] = (f"dense: factorized {low_ms:.3g} ms vs dense {dense_ms:.3g} ms "
-                                  f"({gain:.2f}x) on {where}")
+            slower[p.name] = f"dense: factorized {low_ms:.3g} ms vs dense {dense_ms:.3g} ms ({gain:.2f}x) on {where}"
         total_dense += dense_ms
         total_chosen += low_ms if factorized else dense_ms
         layers_json[p.name] = {
@@ -317,25 +356,13 @@ def speed_plan(
             "dense_ms": round(dense_ms, 5), "lowrank_ms": round(low_ms, 5),
             "gain": round(gain, 4) if gain != float("inf") else None, "factorized": factorized,
         }
-    plan = base_plan.without(keep_dense)
-    plan = Plan([
-        LayerPlan(p.name, p.d_in, p.d_out, p.rank, f"{p.why}; speed {layers_json[p.name]['gain']}x on {where}")
+    return layers_json, slower, (total_dense, total_chosen)
+
+
+def _speed_annotated(plan: Plan, layers_json: dict[str, dict[str, Any]], where: str) -> Plan:
+    """The plan with each timed factorized layer's reason extended by its measured gain."""
+    return Plan([
+        replace(p, why=f"{p.why}; speed {layers_json[p.name]['gain']}x on {where}")
         if p.rank is not None and p.name in layers_json else p
         for p in plan.layers
     ])
-    info = {
-        "kind": "speed",
-        "device": device_name(dev),
-        "device_type": dev.type,
-        "dtype": SHORT_DTYPE[dt],
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "min_gain": min_gain,
-        "cuda_graphs": bool(cuda_graphs and dev.type == "cuda"),
-        "torch": torch.__version__.split("+")[0],
-        "unique_shapes": len(unique),
-        "layers": layers_json,
-        "kept_dense": list(keep_dense),
-        "estimated_gain": round(total_dense / total_chosen, 4) if total_chosen > 0 else None,
-    }
-    return plan, info

@@ -41,13 +41,14 @@ def block_linear_names(model: nn.Module) -> list[str]:
     return [n for n in linear_names(model) if any(n.startswith(p) for p in block_prefixes)]
 
 
-def compile_patterns(patterns: list[str], option: str) -> list[re.Pattern]:
+def compile_patterns(patterns: list[str], parameter: str) -> list[re.Pattern]:
+    """The regular expressions of `patterns`; a bad one is refused naming the API `parameter` that gave it."""
     compiled = []
     for p in patterns:
         try:
             compiled.append(re.compile(p))
         except re.error as e:
-            raise UsageError(f"{option} '{p}' is not a valid regular expression ({e}): fix the pattern") from None
+            raise UsageError(f"`{parameter}` '{p}' is not a valid regular expression ({e}): fix the pattern") from None
     return compiled
 
 
@@ -58,14 +59,14 @@ def select_targets(model: nn.Module, include: list[str] | None = None, exclude: 
     compresses the wrong layers (or none).
     """
     linears = linear_names(model)
-    inc = compile_patterns(include or [], "--include")
-    exc = compile_patterns(exclude or [], "--exclude")
-    for option, patterns in (("--include", inc), ("--exclude", exc)):
+    inc = compile_patterns(include or [], "include")
+    exc = compile_patterns(exclude or [], "exclude")
+    for parameter, patterns in (("include", inc), ("exclude", exc)):
         for p in patterns:
             if not any(p.fullmatch(n) for n in linears):
                 example = linears[0] if linears else "(the model has no nn.Linear)"
                 raise UsageError(
-                    f"{option} '{p.pattern}' matches no nn.Linear of the model (patterns match whole module "
+                    f"`{parameter}` '{p.pattern}' matches no nn.Linear of the model (patterns match whole module "
                     f"names, e.g. '{example}'): fix the pattern; 'lrc report MODEL --per-layer' lists the names"
                 )
     chosen = [n for n in linears if any(p.fullmatch(n) for p in inc)] if inc else block_linear_names(model)
