@@ -47,7 +47,7 @@ def val_split(data: str | os.PathLike, *, required: bool = True, class_tree: boo
             if required:
                 raise InputError(
                     f"data folder '{root}' has a train/ split but no val/ split to measure accuracy on: add "
-                    f"'{root / 'val'}/<class>/...' or point --data at a labelled folder"
+                    f"'{root / 'val'}/<class>/...' or point `data` at a labelled folder"
                 )
             return None
         val = train  # DIR itself: a class tree (e.g. --data imagenet/val), or a flat folder (no labels)
@@ -124,7 +124,7 @@ def evaluate(
     if not image_set.labelled:
         raise InputError(f"'{image_set.root}' has no labels: accuracy needs an ImageFolder (<class>/image.jpg)")
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"`batch_size` must be at least 1, got {batch_size}")
     plain = unwrap(model)
     problem = check_classes(plain, image_set)
     if problem:
