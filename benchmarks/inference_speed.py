@@ -42,7 +42,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowrank_cli  # noqa: E402
-from lowrank_cli.evaluation.bench import bench, profile
+from lowrank_cli.evaluation.bench import bench  # noqa: E402
+from lowrank_cli.evaluation.profiling import profile  # noqa: E402
 from lowrank_cli.devices import device_name  # noqa: E402
 from lowrank_cli.evaluation.counting import count_macs  # noqa: E402
 from lowrank_cli.compress.plan import make_plan  # noqa: E402

@@ -19,14 +19,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-# A parameter of the Python API named in a message: `batch_size`, or `force=True` for a switch. The API shows it
-# as written, in backticks; the CLI shows its option (--batch-size, --force): library code never names a CLI
-# flag, and one message serves both. Warnings passed to `warn` callbacks carry the same marks.
+# A parameter of the Python API named in a message: `batch_size`, or `force=True` for a switch. str(error) shows
+# it as written (batch_size, force=True); the CLI shows its option (--batch-size, --force): library code never
+# names a CLI flag, and one message serves both. Messages passed to `warn` / `log` callbacks keep the backticks
+# (the CLI's console renders them; `render_api` is what a notebook would show).
 PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:=[^`\s]+)?)`")
 
 
 def api_name(parameter: str) -> str:
-    return f"`{parameter}`"
+    return parameter
+
+
+def render_api(message: str) -> str:
+    return PARAMETER.sub(lambda m: api_name(m.group(1)), message)
 
 
 class LrcError(Exception):

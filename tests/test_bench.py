@@ -18,7 +18,9 @@ from lowrank_cli.compress.plan import make_plan
 from lowrank_cli.compress.speed_plan import LayerShape, auto_rank_multiple, parse_rank_multiple, speed_plan
 from lowrank_cli.devices import resolve_dtype
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
-from lowrank_cli.evaluation.bench import BenchRow, bench, classify, noise_warning, parse_batch_sizes, profile
+from lowrank_cli.evaluation.bench import BenchRow, bench, noise_warning
+from lowrank_cli.evaluation.bench_options import parse_batch_sizes
+from lowrank_cli.evaluation.profiling import classify, profile
 from lowrank_cli.evaluation.counting import count_macs
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is missing")
@@ -83,11 +85,11 @@ def test_bench_refuses_what_cannot_work():
     model = make_tiny_vit()
     with pytest.raises(UsageError, match="reference"):
         bench({"a": model}, device="cpu", reference="b")
-    with pytest.raises(UsageError, match="cuda-graphs"):
+    with pytest.raises(UsageError, match="cuda_graphs"):
         bench({"a": model}, device="cpu", cuda_graphs=True)
-    with pytest.raises(UsageError, match="--compile-mode"):
+    with pytest.raises(UsageError, match="compile"):
         bench({"a": model}, device="cpu", compile="fastest")
-    with pytest.raises(UsageError, match="batch-size"):
+    with pytest.raises(UsageError, match="batch_sizes"):
         parse_batch_sizes("1,x")
     with pytest.raises(UsageError, match="dtype"):
         resolve_dtype("int8")
@@ -136,7 +138,7 @@ def test_noisy_timings_are_named_with_what_to_do():
     assert not steady.noisy and shaky.noisy and shaky.to_json()["noisy"] is True
     assert noise_warning([steady]) is None
     message = noise_warning([steady, shaky])
-    assert "lr at batch 16" in message and "dense" not in message and "1.42x" in message and "--repeats" in message
+    assert "lr at batch 16" in message and "dense" not in message and "1.42x" in message and "`repeats`" in message
     assert not _row("two", [50.0, 90.0]).noisy  # two repeats say nothing about the spread
 
 # ------------------------------------------------------------------------------------------------ speed plan

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -19,6 +19,9 @@ from lowrank_cli.cli.options import (
     SeqLen,
     parse_input_size,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 EPILOG = """\
 Examples:
@@ -58,15 +61,31 @@ def bench(
     json_out: Json = False,
 ) -> None:
     """Measure latency (median and spread), throughput and peak memory of MODEL, and of --against in the same run."""
+    dev, dt, sizes, size, compile_arg = _refuse_bad_options(device, dtype, batch_size, input_size, threads, repeats,
+                                                            warmup, cuda_graphs, compile_, compile_mode)
+    models, reference, size = _load_models(model, against, size, seq_len, library, arch, model_arg, revision)
+    rows, profiles = _measure(models, reference, size, dev, dt, sizes, compile_arg, cuda_graphs, warmup, repeats,
+                              min_time, profile)
+    document = _document(models, [model, against], reference, size, dev, dt, rows, profiles, cuda_graphs)
+    if json_out:
+        console.print_json(document)
+        return
+    print_table(document, rows)
+    if profile:
+        print_profiles(profiles, document["profile_note"])
+
+
+def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, input_size: str | None,
+                        threads: int | None, repeats: int | None, warmup: int | None, cuda_graphs: bool,
+                        compile_: bool, compile_mode: str | None) -> tuple[Any, ...]:
+    """Everything that can be refused, refused before the (slow) loading: (device, dtype, batch sizes, input size
+    or None, compile argument)."""
     import torch
 
-    from lowrank_cli.devices import SHORT_DTYPE, device_name, resolve_device, resolve_dtype
+    from lowrank_cli.devices import resolve_device, resolve_dtype
     from lowrank_cli.errors import UsageError
-    from lowrank_cli.evaluation.bench import bench as run_bench
-    from lowrank_cli.evaluation.bench import parse_batch_sizes, process_peak_rss, resolve_compile_mode
-    from lowrank_cli.models.sources import load_model, parse_model_args
+    from lowrank_cli.evaluation.bench_options import parse_batch_sizes, resolve_compile_mode
 
-    # Everything that can be refused is refused before the (slow) loading.
     if threads is not None:
         if threads < 1:
             raise UsageError(f"--threads must be >= 1, got {threads}")
@@ -83,6 +102,16 @@ def bench(
         raise UsageError("--cuda-graphs needs a CUDA device: drop it, or use --device cuda")
     compile_arg: bool | str = compile_mode or compile_
     resolve_compile_mode(compile_arg, cuda_graphs)  # an unknown mode fails here, before the models are loaded
+    return dev, dt, sizes, size, compile_arg
+
+
+def _load_models(model: str, against: str | None, size: tuple[int, ...] | None, seq_len: int | None, library: str,
+                 arch: str | None, model_arg: list[str] | None, revision: str | None) -> tuple[Any, ...]:
+    """(label -> model, the reference's label or None, the input size: given, a text model's, or None for the
+    model's own)."""
+    from lowrank_cli.models.inputs import check_input_size, default_input_size
+    from lowrank_cli.models.sources import load_model, parse_model_args
+    from lowrank_cli.models.transformers_models import is_text_model
 
     loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg), revision=revision,
                         library=library, log=lambda msg: console.info(f"Model: {msg}"))
@@ -97,12 +126,21 @@ def bench(
             ref_label += " (against)"
         models[ref_label] = ref.model
         reference = ref_label
-    from lowrank_cli.models.inputs import check_input_size, default_input_size
-    from lowrank_cli.models.transformers_models import is_text_model
-
     check_input_size(loaded.model, size)
     if seq_len is not None or is_text_model(loaded.model):
         size = default_input_size(loaded.model, seq_len)
+    return models, reference, size
+
+
+def _measure(models: dict[str, Any], reference: str | None, size: tuple[int, ...] | None, dev: torch.device,
+             dt: torch.dtype, sizes: list[int], compile_arg: bool | str, cuda_graphs: bool, warmup: int | None,
+             repeats: int | None, min_time: float | None, profile: bool) -> tuple[list, list | None]:
+    """The bench rows and, with --profile, one profile per model at the largest batch (else None), under a
+    spinner."""
+    import torch
+
+    from lowrank_cli.evaluation.bench import bench as run_bench
+
     status = console.err.status("benchmarking", spinner="dots") if console.is_main_process() else None
     if status:
         status.start()
@@ -112,13 +150,15 @@ def bench(
             compile=compile_arg, cuda_graphs=cuda_graphs, warmup=warmup, repeats=repeats, min_time=min_time,
             progress=(lambda msg: status.update(f"benchmarking: {msg}")) if status else None, warn=console.warn,
         )
-        profiles = []
+        profiles = None
         if profile:
-            from lowrank_cli.evaluation.bench import profile as run_profile
+            from lowrank_cli.evaluation.profiling import profile as run_profile
             from lowrank_cli.models.inputs import example_input
 
+            profiles = []
             largest = max(sizes)
-            x = example_input(loaded.model, size or _input_size(models, reference), largest, device=dev, dtype=dt,
+            first = next(iter(models.values()))
+            x = example_input(first, size or _input_size(models, reference), largest, device=dev, dtype=dt,
                               generator=torch.Generator().manual_seed(0))
             for name, m in models.items():
                 if status:
@@ -127,6 +167,17 @@ def bench(
     finally:
         if status:
             status.stop()
+    return rows, profiles
+
+
+def _document(models: dict[str, Any], sources: list[str | None], reference: str | None,
+              size: tuple[int, ...] | None, dev: torch.device, dt: torch.dtype, rows: list, profiles: list | None,
+              cuda_graphs: bool) -> dict[str, Any]:
+    """The --json document (the tables are printed from it too)."""
+    import torch
+
+    from lowrank_cli.devices import SHORT_DTYPE, device_name
+    from lowrank_cli.evaluation.bench import process_peak_rss
 
     document = {
         "device": str(dev),
@@ -139,23 +190,18 @@ def bench(
         "reference": reference,
         "models": {name: {"source": src, "params": sum(p.numel() for p in m.parameters()),
                           "macs_per_image": next((r.macs // r.batch_size for r in rows if r.model == name and r.macs), None)}
-                   for (name, m), src in zip(models.items(), [model, against])},
+                   for (name, m), src in zip(models.items(), sources)},
         "rows": [r.to_json() for r in rows],
         "peak_memory_note": _memory_note(dev.type),
         "process_peak_rss_bytes": process_peak_rss(),
         "torch": torch.__version__,
     }
-    if profile:
+    if profiles is not None:
         document["profile"] = [p.to_json() for p in profiles]
         document["profile_note"] = ("ms per forward pass at the largest batch, eager (not compiled): "
                                     + ("CUDA kernel time" if dev.type == "cuda" else
                                        "CPU op time: linear/attention ops with what runs under them, the rest self time"))
-    if json_out:
-        console.print_json(document)
-        return
-    print_table(document, rows)
-    if profile:
-        print_profiles(profiles, document["profile_note"])
+    return document
 
 
 def _label(source: str) -> str:

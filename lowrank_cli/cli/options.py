@@ -40,6 +40,8 @@ _OPTION_OF = {
     "model_args": "--model-arg",
     "rank_patterns": "--rank-pattern",
     "compile=True": "--compile",
+    "compile": "--compile-mode",  # lrc bench: compile=True is --compile, a mode name is --compile-mode MODE
+    "batch_sizes": "--batch-size",
     "budget_samples": "--calib-samples",
     "calib_samples": "--calib-samples",
     "plan_batch_size": "--plan-batch-size",

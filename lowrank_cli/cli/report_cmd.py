@@ -46,7 +46,6 @@ image (FLOPs = 2 x MACs). The JSON keys are documented in docs/report_schema.md.
 """
 
 
-
 def report(
     model: Model,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="One row per linear: d_in, d_out, rank, params, MACs, kept energy.")] = False,
@@ -66,24 +65,14 @@ def report(
 ) -> None:
     """Count parameters and MACs, show the compression and where the model came from; optionally gate CI on them."""
     from lowrank_cli.errors import GateFailed, UsageError
-    from lowrank_cli.evaluation.counting import parse_size
-    from lowrank_cli.evaluation.report import apply_gates, build_report, describe_gate, parse_ratio, to_markdown
+    from lowrank_cli.evaluation.gates import apply_gates, describe_gate
+    from lowrank_cli.evaluation.report import build_report
+    from lowrank_cli.evaluation.report_format import to_markdown
     from lowrank_cli.models.sources import parse_model_args
 
     if json_out and markdown:
         raise UsageError("--json and --markdown both print the report on stdout: choose one")
-
-    def size_option(option: str, text: str | None) -> int | None:
-        try:
-            return parse_size(text) if text is not None else None
-        except UsageError as e:
-            raise UsageError(f"{option}: {e}") from None
-
-    limits = {
-        "max_params": size_option("--max-params", max_params),
-        "max_macs": size_option("--max-macs", max_macs),
-        "min_compression": parse_ratio(min_compression),
-    }
+    limits = _gate_limits(max_params, max_macs, min_compression)
     size = parse_input_size(input_size)
     if plot is not None:
         from lowrank_cli.evaluation.plot import check_plot_output
@@ -115,11 +104,30 @@ def report(
         console.info("gates passed: " + "; ".join(describe_gate(g) for g in result.document["gates"]))
 
 
+def _gate_limits(max_params: str | None, max_macs: str | None, min_compression: str | None) -> dict:
+    """The gate options as apply_gates takes them (a bad size or ratio is refused before any loading)."""
+    from lowrank_cli.errors import UsageError
+    from lowrank_cli.evaluation.counting import parse_size
+    from lowrank_cli.evaluation.gates import parse_ratio
+
+    def size_option(option: str, text: str | None) -> int | None:
+        try:
+            return parse_size(text) if text is not None else None
+        except UsageError as e:
+            raise UsageError(f"{option}: {e}") from None
+
+    return {
+        "max_params": size_option("--max-params", max_params),
+        "max_macs": size_option("--max-macs", max_macs),
+        "min_compression": parse_ratio(min_compression),
+    }
+
+
 def print_report(doc: dict, per_layer: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from lowrank_cli.evaluation.report import layer_cells, layer_columns, summary_rows
+    from lowrank_cli.evaluation.report_format import layer_cells, layer_columns, summary_rows
 
     if not console.is_main_process():  # under torchrun, rank 0 alone prints
         return

@@ -106,7 +106,7 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     if q is None or k is None or v is None:
         raise InputError(
             "could not read the attention shapes from the traced graph. Fix: pass a concrete input tensor "
-            "or --input-size so the model can be traced with known shapes."
+            "or `input_size` so the model can be traced with known shapes."
         )
     *batch_dims, lq, e = q  # batch and heads; K/V may have fewer heads (GQA), the work follows Q's
     lk, ev = k[-2], v[-1]
