@@ -347,7 +347,7 @@ def test_a_device_failure_is_not_blamed_on_the_input_size(monkeypatch):
     assert not is_device_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x3)"))
     with pytest.raises(torch.OutOfMemoryError):
         check_input_size(Broken(oom), (3, 8, 8), torch.device("cpu"), torch.float32)
-    with pytest.raises(InputError, match="--input-size"):
+    with pytest.raises(InputError, match="input_size"):
         check_input_size(Broken(RuntimeError("shapes cannot be multiplied")), (3, 8, 8), torch.device("cpu"),
                          torch.float32)
 
