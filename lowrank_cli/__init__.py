@@ -36,7 +36,7 @@ _API = {
     "LrcError": "lowrank_cli.errors",
     "build_report": "lowrank_cli.evaluation.report",
     "recover": "lowrank_cli.training.recovery",
-    "RecoverResult": "lowrank_cli.training.recovery",
+    "RecoverResult": "lowrank_cli.training.result",
     "evaluate": "lowrank_cli.evaluation.accuracy",
 }
 
@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
     from lowrank_cli.models.loaded import LoadedModel
     from lowrank_cli.models.sources import load_model
-    from lowrank_cli.training.recovery import RecoverResult, recover
+    from lowrank_cli.training.recovery import recover
+    from lowrank_cli.training.result import RecoverResult
 
 
 def __getattr__(name: str):

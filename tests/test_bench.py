@@ -20,8 +20,8 @@ from lowrank_cli.devices import resolve_dtype
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
 from lowrank_cli.evaluation.bench import BenchRow, bench, noise_warning
 from lowrank_cli.evaluation.bench_options import parse_batch_sizes
-from lowrank_cli.evaluation.profiling import classify, profile
 from lowrank_cli.evaluation.counting import count_macs
+from lowrank_cli.evaluation.profiling import classify, profile
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is missing")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

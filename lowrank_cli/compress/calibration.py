@@ -201,20 +201,11 @@ def _on(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.to(home)
 
 
-def _as_calib(error: InputError) -> InputError:
-    """A data loader's error about its `data`, said of the calibration data (`calib`)."""
-    text = error.args[0] if error.args else str(error)
-    return InputError(text.replace("`data`", "`calib`").replace("--data", "`calib`"))
-
-
 def _calibrate_images(model, names, data, *, samples, batch_size, device, progress):
     from lowrank_cli.data.images import find_images, make_loader, make_transform
     from lowrank_cli.models.inputs import image_mode
 
-    try:
-        images = find_images(data)
-    except InputError as e:  # the data loader speaks of the training data, the parameter here is `calib`
-        raise _as_calib(e) from None
+    images = find_images(data, parameter="calib")
     batch_size = max(1, min(batch_size, samples, len(images)))
     # shuffle: a class-sorted folder would otherwise calibrate on the first classes only
     loader, _ = make_loader(images, make_transform(model, training=False), batch_size, shuffle=True, seed=0,
@@ -231,10 +222,7 @@ def _calibrate_text(model, names, data, *, samples, batch_size, device, tokenize
                          "has the tokenizer files")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
-    try:
-        texts = find_texts(data, limit=samples)
-    except InputError as e:
-        raise _as_calib(e) from None
+    texts = find_texts(data, limit=samples)
     collate = TextCollate(tokenizer, default_max_length(model, tokenizer))
     batch_size = max(1, min(batch_size, samples))
     # The first `samples` texts in file order: a text file has no classes to balance, and the choice is repeatable.

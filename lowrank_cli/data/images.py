@@ -36,7 +36,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 TRAIN_SPLITS = ("train",)
 VAL_SPLITS = ("val", "validation")
-_HOW_TO_POINT = "point `data` at an ImageFolder (DIR/train/<class>/...) or a folder of images"
+def _how_to_point(parameter: str) -> str:
+    return f"point `{parameter}` at an ImageFolder (DIR/train/<class>/...) or a folder of images"
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -118,6 +119,7 @@ def find_images(
     *,
     required: bool = True,
     labelled: bool | None = None,
+    parameter: str = "data",
 ) -> ImageSet | None:
     """Find the images under `root` and their labels.
 
@@ -141,9 +143,9 @@ def find_images(
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise InputError(f"data folder '{root}' does not exist: {_HOW_TO_POINT}")
+        raise InputError(f"data folder '{root}' does not exist: {_how_to_point(parameter)}")
     if not root.is_dir():
-        raise InputError(f"`data` '{root}' is not a folder: {_HOW_TO_POINT}")
+        raise InputError(f"`{parameter}` '{root}' is not a folder: {_how_to_point(parameter)}")
     if split is not None and split not in TRAIN_SPLITS + VAL_SPLITS:
         raise UsageError(f"unknown data split '{split}': use 'train' or 'val'")
     want_val = split in VAL_SPLITS
@@ -155,7 +157,7 @@ def find_images(
             if required:
                 name = "val" if want_val else "train"
                 raise InputError(f"data folder '{root}' has no {name}/ split: add '{root / name}/<class>/...'"
-                                 f" or point `data` at a folder with one")
+                                 f" or point `{parameter}` at a folder with one")
             return None
         layout, split_name = "imagefolder", folder.name
     else:
@@ -183,7 +185,7 @@ def find_images(
     samples = [(p, -1) for p in _images_in(folder, recursive=True)]
     if not samples:
         shown = ", ".join(IMAGE_EXTENSIONS[:3])
-        raise InputError(f"data folder '{folder}' has no images ({shown}, ...): {_HOW_TO_POINT}")
+        raise InputError(f"data folder '{folder}' has no images ({shown}, ...): {_how_to_point(parameter)}")
     if labelled:
         raise InputError(f"data folder '{folder}' has images but no class folders: labels need"
                          f" '{folder}/<class>/image.jpg' (an ImageFolder)")

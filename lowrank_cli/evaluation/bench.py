@@ -41,13 +41,7 @@ from torch import nn
 
 from lowrank_cli.devices import SHORT_DTYPE
 from lowrank_cli.evaluation.bench_options import BenchSetup, resolve_setup
-from lowrank_cli.evaluation.bench_runner import (
-    Runner,
-    allow_recompiles,
-    capture_graph,
-    cudagraph_skips,
-    time_rounds,
-)
+from lowrank_cli.evaluation.bench_runner import Runner, allow_recompiles, capture_graph, cudagraph_skips, time_rounds
 from lowrank_cli.models.inputs import default_input_size, example_input, forward_failed
 from lowrank_cli.timing import quantile
 

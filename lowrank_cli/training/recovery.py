@@ -23,7 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from lowrank_cli.models.structure import innermost_blocks
 from lowrank_cli.training.losses import RecoveryLoss
 from lowrank_cli.training.metrics import metrics_lines, metrics_path, truncate_metrics
 from lowrank_cli.training.options import RecoverOptions
+from lowrank_cli.training.result import RecoverResult
 from lowrank_cli.training.schedule import param_groups
 from lowrank_cli.training.state import (
     TrainState,
@@ -55,47 +56,6 @@ from lowrank_cli.training.teacher import load_pair, name_of
 from lowrank_cli.training.trainer import ProgressFn, Trainer
 
 # ---------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class RecoverResult:
-    model: nn.Module  # the recovered student (plain nn.Module, on the training device, eval mode)
-    output: Path
-    steps: int
-    resumed_from: int  # 0 for a fresh run
-    images_seen: int  # over all ranks, all steps (also those before a resume)
-    skipped: int  # unreadable training images met
-    seconds: float  # training time, all attempts
-    accuracy: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # teacher, before, after
-    losses: dict[str, dict[str, float]] = field(default_factory=dict)  # first / last logged value of each term
-    history: list[dict[str, Any]] = field(default_factory=list)  # the metric lines logged by this call
-    metrics: Path | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images_seen / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready summary (the `--json` output of `lrc recover`)."""
-        return {
-            "output": str(self.output),
-            "steps": self.steps,
-            "resumed_from": self.resumed_from,
-            "images_seen": self.images_seen,
-            "skipped_images": self.skipped,
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images_per_second, 1),
-            "accuracy": self.accuracy,
-            "losses": self.losses,
-            "metrics": str(self.metrics) if self.metrics else None,
-            "settings": self.settings,
-        }
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------- the API
