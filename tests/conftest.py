@@ -12,7 +12,6 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -20,17 +19,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/digits.py and friends
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, digits.py, hf_fixtures.py
 
-
-TINY_VIT = dict(img_size=32, patch_size=8, num_classes=10, depth=4)
-
-
-def make_tiny_vit(seed: int = 0, **overrides):
-    import timm
-
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides}).eval()
+from helpers import make_tiny_vit  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -78,21 +69,27 @@ def hub_cache(monkeypatch, tmp_path):
     return add
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run `lrc ARGS` in-process through the real entry point; returns (exit code, stdout, stderr)."""
-    from lowrank_cli.cli.app import main
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory):
+    """`digits_folder(image_size, max_per_class)`: scikit-learn's digits as an ImageFolder (train/ and val/),
+    written once per session for each size asked for."""
+    from digits import write_digits_imagefolder
 
-    capsys.readouterr()  # only this command's output
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else code), out, err
+    written: dict[tuple[int, int | None], Path] = {}
+
+    def get(image_size: int = 32, max_per_class: int | None = None) -> Path:
+        key = (image_size, max_per_class)
+        if key not in written:
+            folder = tmp_path_factory.mktemp(f"digits{image_size}_{max_per_class or 'all'}")
+            written[key] = write_digits_imagefolder(folder, image_size=image_size, max_per_class=max_per_class)
+        return written[key]
+
+    return get
 
 
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("Error:")]
+@pytest.fixture(scope="session")
+def bert_folder(tmp_path_factory) -> Path:
+    """A tiny BERT sequence classifier with its tokenizer, in transformers' save_pretrained layout."""
+    from hf_fixtures import write_tiny_bert
 
-
-def read_json(text: str):
-    return json.loads(text)
+    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert", head="sequence-classification")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_vit
+from helpers import make_tiny_vit
 
 from lowrank_cli.compress.plan import make_plan, pela_rank, saves_params
 from lowrank_cli.errors import UsageError

@@ -6,7 +6,7 @@ import os
 import pytest
 import timm.data
 import torch
-from conftest import make_tiny_vit
+from helpers import make_tiny_vit
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import error_lines, read_json, run_cli
+from helpers import error_lines, read_json, run_cli
 from hf_fixtures import (
     corpus_sentences,
     write_corpus,
@@ -27,11 +27,6 @@ transformers = pytest.importorskip("transformers")
 
 ENCODER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                    "intermediate.dense", "output.dense")
-
-
-@pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory):
-    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert", head="sequence-classification")
 
 
 @pytest.fixture(scope="module")

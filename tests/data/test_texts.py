@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hf_fixtures import corpus_sentences, vocab_size, write_corpus, write_tiny_bert
+from hf_fixtures import corpus_sentences, vocab_size, write_corpus
 
 from lowrank_cli.data.texts import (
     TextBatch,
@@ -21,11 +21,6 @@ from lowrank_cli.data.texts import (
 )
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
 from lowrank_cli.models.inputs import default_max_length
-
-
-@pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")

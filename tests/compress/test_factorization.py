@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_vit
+from helpers import make_tiny_vit
 from torch import nn
 
 import lowrank_cli

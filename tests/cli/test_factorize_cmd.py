@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import error_lines, run_cli
+from helpers import error_lines, run_cli
 from safetensors.torch import save_file
 
 import lowrank_cli
@@ -50,7 +50,7 @@ def test_overwrite_needs_force(tiny_vit_folder, tmp_path, capsys):
 
 @pytest.fixture
 def bad_inputs(tmp_path, tiny_vit_folder):
-    from conftest import make_tiny_vit
+    from helpers import make_tiny_vit
 
     sd = make_tiny_vit().state_dict()
     torch.save(sd, tmp_path / "w.pth")

@@ -20,13 +20,13 @@ from lowrank_cli.models.inputs import data_config, image_mode
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_digits_imagefolder(tmp_path_factory.mktemp("digits"), image_size=32)
+def digits(digits_folder) -> Path:
+    return digits_folder(32)
 
 
 @pytest.fixture(scope="module")
-def small_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_digits_imagefolder(tmp_path_factory.mktemp("small"), image_size=32, max_per_class=8)
+def small_digits(digits_folder) -> Path:
+    return digits_folder(32, 8)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny_vit
+from helpers import make_tiny_vit
 from safetensors.torch import save_file
 
 from lowrank_cli.errors import InputError, UsageError

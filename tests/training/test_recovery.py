@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import error_lines, run_cli
-from digits import write_corrupt_image, write_digits_imagefolder
+from digits import write_corrupt_image
+from helpers import error_lines, run_cli
 from PIL import Image
 
 import lowrank_cli
@@ -52,14 +52,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits_imagefolder(tmp_path_factory.mktemp("digits"), image_size=16)
+def digits(digits_folder) -> Path:
+    return digits_folder(16)
 
 
 @pytest.fixture(scope="module")
-def small_digits(tmp_path_factory) -> Path:
+def small_digits(digits_folder) -> Path:
     """40 training and 20 validation images."""
-    return write_digits_imagefolder(tmp_path_factory.mktemp("small_digits"), image_size=16, max_per_class=6)
+    return digits_folder(16, 6)
 
 
 def _tensors(folder: Path, split: str, transform):

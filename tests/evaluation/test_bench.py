@@ -11,7 +11,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import error_lines, make_tiny_vit, run_cli
+from helpers import error_lines, make_tiny_vit, run_cli
 
 import lowrank_cli
 from lowrank_cli.compress.plan import make_plan

@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import error_lines, make_tiny_vit, run_cli
-from digits import write_digits_imagefolder
+from helpers import error_lines, make_tiny_vit, run_cli
 
 import lowrank_cli
 from lowrank_cli.data.images import find_images, make_loader, make_transform
@@ -14,8 +13,8 @@ from lowrank_cli.models.structure import block_names
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return write_digits_imagefolder(tmp_path_factory.mktemp("digits"), image_size=32, max_per_class=30)
+def digits(digits_folder):
+    return digits_folder(32, 30)
 
 
 def held_out_images(model, digits, n=64):

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-from conftest import error_lines, make_tiny_vit, run_cli  # noqa: E402
+from helpers import error_lines, make_tiny_vit, run_cli  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowrank_cli  # noqa: E402
@@ -33,7 +33,7 @@ from lowrank_cli.evaluation.gates import apply_gates  # noqa: E402
 from lowrank_cli.evaluation.report import build_report, report_model  # noqa: E402
 from lowrank_cli.evaluation.report_format import to_markdown  # noqa: E402
 
-SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report_schema.md"
+SCHEMA_DOC = Path(__file__).resolve().parents[2] / "docs" / "report_schema.md"
 TINY_ARCH = "vit_tiny_patch16_224"
 TINY_MODEL_ARGS = ["--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "depth=4",
                    "--model-arg", "num_classes=10"]
