@@ -1,0 +1,1 @@
+"""Training: losses, one step, the loop (saves, signals, metrics), resumable state, and `recover`."""
