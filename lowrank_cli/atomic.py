@@ -1,35 +1,79 @@
 """Atomic file writing: a temporary file in the same folder, flushed, fsynced and renamed over the target.
 
-An interrupted write (crash, kill, Ctrl-C, full disk) leaves the old file or none, never half a file.
+An interrupted write (crash, kill, Ctrl-C, full disk) leaves the old file or none, never half a file. A write
+killed outright (SIGKILL) leaves its temporary file behind; the next write to the same target removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from lowrank_cli.errors import OutputError
 
+TMP_INFIX = ".tmp-"  # .NAME.tmp-<pid>: lrc's own temporary files, recognised by the next write
 
-def check_output(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse early (before any expensive work) an output that exists or whose folder is missing."""
+
+def check_output(path: str | os.PathLike, force: bool = False, needed_bytes: int | None = None) -> Path:
+    """Refuse early (before any expensive work) an output that exists, whose folder is missing or cannot be
+    written, or that will not fit in the free space (`needed_bytes`, when the caller knows it)."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"output '{path}' is a folder: give a file name, e.g. {path / 'model.safetensors'}")
     if path.exists() and not force:
         raise OutputError(f"output '{path}' exists: pass `force=True` to overwrite it, or choose another name")
-    if not path.parent.is_dir():
-        raise OutputError(f"the folder of output '{path}' does not exist: create '{path.parent}' first")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"the folder of output '{path}' does not exist: create '{folder}' first")
+    probe = folder / f".{path.name}{TMP_INFIX}{os.getpid()}-probe"
+    try:  # os.access does not see read-only mounts or ACLs: try what the write will do
+        probe.open("xb").close()
+    except OSError as e:
+        raise OutputError(f"cannot write in '{folder}' ({e.strerror or e}): choose a writable folder for the output") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    if needed_bytes:
+        free = shutil.disk_usage(folder).free
+        if free < needed_bytes:
+            raise OutputError(f"'{folder}' has {free / 2**20:.0f} MiB free and the output needs about "
+                              f"{needed_bytes / 2**20:.0f} MiB: free some space or choose another folder")
     return path
+
+
+def _remove_stale(path: Path) -> None:
+    """Temporary files of earlier writes to `path` whose process is gone (killed during the write)."""
+    for tmp in path.parent.glob(f".{path.name}{TMP_INFIX}*"):
+        pid = tmp.name[len(f".{path.name}{TMP_INFIX}"):].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on any failure it is removed."""
+    """Yield a temporary path next to `path`; on success it replaces `path`, on any failure it is removed.
+
+    An OSError (full disk, read-only folder, no permission) becomes an OutputError (exit 4); removing the
+    temporary file afterwards never hides the error that happened."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove_stale(path)
+    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -38,15 +82,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        raise OutputError(f"cannot write '{path}' ({e.strerror or e}): check the disk space and permissions") from e
+        raise cannot_write(path, e) from e
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def cannot_write(path: Path, error: OSError) -> OutputError:
+    hint = {errno.ENOSPC: "the disk is full: free some space or choose another folder",
+            errno.EROFS: "the file system is read-only: choose a writable folder",
+            errno.EACCES: "no permission: choose a folder you can write to"}.get(error.errno,
+                                                                              "check the disk space and permissions")
+    return OutputError(f"cannot write '{path}' ({error.strerror or error}): {hint}")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> None:
+    """A safetensors file written through lrc's own temporary file: safetensors serialises to memory, lrc writes
+    (safetensors' save_file keeps a temporary file of its own, which a kill would leave behind, and reports a full
+    disk as its own error type)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_cli.atomic import atomic_path, check_output
+from lowrank_cli.atomic import check_output, write_safetensors
 from lowrank_cli.checkpoint.format import attach_info, info_for_saving, metadata_of, read_info
 from lowrank_cli.errors import InputError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
@@ -93,8 +93,6 @@ def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch
 
     `dtype` casts floating tensors on the way out. With force=False an existing file is refused.
     """
-    from safetensors.torch import save_file
-
     path = check_output(path, force=force)
     info = info_for_saving(model)
     info.provenance.setdefault("saved", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -110,6 +108,6 @@ def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch
             t = t.clone()
         seen[key] = name
         tensors[name] = t.to("cpu").contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata_of(model, info))
+    check_output(path, force=True, needed_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+    write_safetensors(path, tensors, metadata_of(model, info))
     return path

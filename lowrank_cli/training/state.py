@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_cli.atomic import atomic_path
+from lowrank_cli.atomic import write_safetensors
 from lowrank_cli.errors import InputError, UsageError
 
 SCHEMA = 1
@@ -70,8 +70,6 @@ def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_train_state(path: str | Path, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer,
                      param_names: list[str]) -> Path:
     """Write the training state atomically (rank 0 only, under torchrun)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = _tensors_of(model)
     opt = optimizer.state_dict()
@@ -87,8 +85,7 @@ def save_train_state(path: str | Path, state: TrainState, model: nn.Module, opti
         **asdict(state),
         "optimizer": {"param_groups": opt["param_groups"], "values": values, "param_names": param_names},
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", KEY: json.dumps(document)})
+    write_safetensors(path, tensors, {"format": "pt", KEY: json.dumps(document)})
     return path
 
 
