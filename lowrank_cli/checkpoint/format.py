@@ -104,12 +104,40 @@ def is_lrc_checkpoint(path: str | Path) -> bool:
 
 
 def _json(meta: dict[str, str], key: str, default: Any, path: Path) -> Any:
+    """One `lrc.*` value, parsed and checked against SHAPES before anything is built from it."""
     if PREFIX + key not in meta:
         return default
     try:
-        return json.loads(meta[PREFIX + key])
+        value = json.loads(meta[PREFIX + key])
     except json.JSONDecodeError:
         raise InputError(f"'{path}': metadata '{PREFIX}{key}' is not valid JSON: the file is corrupt; write it again") from None
+    problem = None if value is None and default is None else _shape_problem(key, value)
+    if problem:
+        raise InputError(f"'{path}': metadata '{PREFIX}{key}' {problem}: the file is corrupt; write it again")
+    return value
+
+
+# What each JSON value must be: a mapping, and what its values must be (None: anything JSON).
+SHAPES: dict[str, Any] = {
+    "model_args": None, "pretrained_cfg": None, "provenance": None, "recovery": None, "plan": None,
+    "ranks": "rank", "layers": dict, "dense": str, "spectra": list,
+}
+MAX_RANK = 1 << 20
+
+
+def _shape_problem(key: str, value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"is a {type(value).__name__}, not a JSON object"
+    kind = SHAPES.get(key)
+    for name, item in value.items():
+        if kind == "rank":
+            if not (isinstance(item, int) and not isinstance(item, bool) and 0 < item <= MAX_RANK):
+                return f"gives '{name}' the rank {json.dumps(item)}: a rank is a whole number from 1 to {MAX_RANK}"
+        elif kind is not None and not isinstance(item, kind):
+            return f"gives '{name}' a {type(item).__name__}, not a {kind.__name__}"
+        if kind is list and not all(isinstance(v, (int, float)) for v in item):
+            return f"gives '{name}' a list that is not all numbers"
+    return None
 
 
 def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[int, ...]]]:
@@ -137,7 +165,7 @@ def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[int, ..
     )
     info = CheckpointInfo(
         spec=spec,
-        ranks={k: int(v) for k, v in _json(meta, "ranks", {}, path).items()},
+        ranks=_json(meta, "ranks", {}, path),
         provenance=_json(meta, "provenance", {}, path),
         layers=_json(meta, "layers", {}, path),
         dense=_json(meta, "dense", {}, path),

@@ -24,6 +24,7 @@ swapped in, names and shapes are checked against the file's header, then the ten
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     path = Path(path)
     info, shapes = read_info(path)
     what = f"'{path}'"
-    model = with_ranks(build_empty(info.spec), info.ranks, what)
+    stored = sum(math.prod(shape) for shape in shapes.values())
+    model = with_ranks(build_empty(info.spec, what=what, fix="its lrc.model_args are corrupt; write the file again",
+                                   max_params=100 * stored + 10**6), info.ranks, what)
     check_fits(model, shapes, what)
     state_dict = load_file(str(path), device=str(device))
     model.load_state_dict(state_dict, strict=True, assign=True)

@@ -255,7 +255,7 @@ class ImageDataset(Dataset):
             with Image.open(path) as im:
                 img = im.convert(self.mode)  # convert() loads fully, so truncation surfaces here
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-            log.warning("skipping unreadable image '%s': %s", path, exc)
+            log.debug("skipping unreadable image '%s': %s", path, exc)  # counted; the run says how many
             return None
         return self.transform(img), label
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -16,39 +20,55 @@ def _non_persistent_buffers(model: nn.Module) -> bool:
     return any(name not in persistent for name, _ in model.named_buffers())
 
 
-def build_empty(spec: ModelSpec) -> nn.Module:
+# What a model constructor raises for arguments it cannot take (timm asserts, transformers raises ValueError, ...).
+_REJECTED = (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, OverflowError)
+
+
+def build_empty(spec: ModelSpec, *, what: str = "the model", fix: str = "fix the `model_args` values",
+                max_params: int | None = None) -> nn.Module:
     """The architecture with its parameters on the meta device (no memory, no random init).
 
     Random initialisation of a ViT-B costs ~2 s on 2 cores; every weight is overwritten by the state dict
-    anyway. Models with non-persistent buffers (computed, not stored: relative position indices...) are built
-    for real, because those buffers would otherwise stay empty.
+    anyway. Models with non-persistent buffers (computed, not stored: relative position indices...) and
+    transformers models are built for real, because those buffers would otherwise stay empty; `max_params`
+    refuses, before that allocation, arguments that describe a far larger model than the weights at hand.
+    A constructor that rejects the arguments is an InputError that says `fix`.
     """
-    if spec.library == "transformers":
-        from lowrank_cli.models.transformers_models import empty_model
-
-        return empty_model(spec)
-    if spec.library != "timm":
+    if spec.library not in ("timm", "transformers"):
         raise InputError(f"library '{spec.library}' is not supported by this version of lrc: upgrade lrc")
-    import timm
+    meta = _construct(spec, meta=True, what=what, fix=fix)
+    count = sum(p.numel() for p in meta.parameters())
+    if max_params is not None and count > max_params:
+        raise InputError(f"{what} describes a model of {count:,} parameters, far more than its weights hold: {fix}")
+    if spec.library == "transformers" or _non_persistent_buffers(meta):
+        return _construct(spec, meta=False, what=what, fix=fix)
+    return meta
 
+
+def _construct(spec: ModelSpec, *, meta: bool, what: str, fix: str) -> nn.Module:
+    device = torch.device("meta") if meta else contextlib.nullcontext()
     try:
-        with torch.device("meta"):
-            model = timm.create_model(
-                spec.architecture, pretrained=False, pretrained_cfg=dict(spec.pretrained_cfg) or None, **spec.model_args
-            )
-        if _non_persistent_buffers(model):
-            model = timm.create_model(
-                spec.architecture, pretrained=False, pretrained_cfg=dict(spec.pretrained_cfg) or None, **spec.model_args
-            )
-    except TypeError as e:
-        raise InputError(
-            f"timm cannot build '{spec.architecture}' with model args {spec.model_args} ({e}): fix the `model_args` values"
-        ) from None
+        with device:
+            if spec.library == "transformers":
+                from lowrank_cli.models.transformers_models import empty_model
+
+                return empty_model(spec)
+            import timm
+
+            return timm.create_model(spec.architecture, pretrained=False,
+                                     pretrained_cfg=dict(spec.pretrained_cfg) or None, **spec.model_args).eval()
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise InputError(f"timm has no architecture '{spec.architecture}': upgrade timm or fix the name") from None
         raise
-    return model.eval()
+    except _REJECTED as e:
+        raise InputError(f"{what}: {spec.library} cannot build '{spec.architecture}' with model args "
+                         f"{_short(spec.model_args)} ({type(e).__name__}: {str(e)[:160]}): {fix}") from None
+
+
+def _short(args: dict[str, Any]) -> str:
+    text = json.dumps(args, default=str)
+    return text if len(text) <= 200 else text[:200] + "...}"
 
 
 def check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], what: str) -> None:

@@ -34,7 +34,7 @@ from lowrank_cli import distributed
 from lowrank_cli.checkpoint.format import record_recovery
 from lowrank_cli.data.modality import check_model, modality_for
 from lowrank_cli.data.sampling import default_workers
-from lowrank_cli.errors import EnvironmentProblem, InputError, OutputError, UsageError
+from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError, UsageError
 from lowrank_cli.evaluation.accuracy import check_classes, evaluate
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.structure import innermost_blocks
@@ -53,7 +53,7 @@ from lowrank_cli.training.state import (
 )
 from lowrank_cli.training.step import Distiller, compile_hooked, params_reached
 from lowrank_cli.training.teacher import load_pair, name_of
-from lowrank_cli.training.trainer import ProgressFn, Trainer
+from lowrank_cli.training.trainer import NoUsableData, ProgressFn, Trainer
 
 # ---------------------------------------------------------------------------------------------- results
 
@@ -110,12 +110,29 @@ def recover(
         return _Run(ctx, opts, workers, log, warn, progress, resume_command, on_step).run(
             student, teacher, Path(data).expanduser(), output, state_path)
     except torch.cuda.OutOfMemoryError:
+        _forget_failed_run(output, state_path, opts, ctx)
         raise EnvironmentProblem(
             f"out of GPU memory at `batch_size` {opts.batch_size}: use a smaller `batch_size` with a larger "
             "`grad_accum` (same images per step)"
         ) from None
+    except (Interrupted, TrainingError):
+        raise  # the saved training state and its metrics are what a resume continues from
+    except BaseException as e:
+        _forget_failed_run(output, state_path, opts, ctx, drop_state=isinstance(e, NoUsableData))
+        raise
     finally:
         distributed.teardown(ctx)
+
+
+def _forget_failed_run(output: Path, state_path: Path, opts: RecoverOptions, ctx, drop_state: bool = False) -> None:
+    """A fresh run that failed leaves nothing behind: its metrics log (and, when it trained on nothing, its state).
+    A resumed run keeps both: they belong to the run it continues."""
+    if opts.resume or not ctx.is_main:
+        return
+    if drop_state:
+        state_path.unlink(missing_ok=True)
+    if not state_path.exists():
+        metrics_path(output).unlink(missing_ok=True)
 
 
 def _check_outputs(output: Path, state_path: Path, opts: RecoverOptions) -> None:
@@ -131,6 +148,9 @@ def _check_outputs(output: Path, state_path: Path, opts: RecoverOptions) -> None
             raise OutputError(f"the training state of an earlier, unfinished run is at '{state_path}': continue it "
                               "with `resume=True`, or pass `force=True` to start again")
         state_path.unlink(missing_ok=True)  # starting again: a later resume must not find the old run
+
+
+SKIPPED_WARNING = 0.01  # the share of unreadable training samples above which a run warns (once, at the end)
 
 
 @dataclass
@@ -197,6 +217,9 @@ class _Run:
         finally:
             trainer.distiller.close()
         raw.eval()
+        if state.skipped > SKIPPED_WARNING * (state.images_seen + state.skipped):
+            self.warn(f"{state.skipped} of {state.images_seen + state.skipped} training samples were unreadable and "
+                      "skipped (corrupt or truncated files): the run learnt from the rest; fix or remove those files")
         if d.val is not None:
             accuracy["after"] = self._evaluate(raw, d.val, "eval after", tea)
         losses = self._losses(metrics if self.main else None, trainer.history, loss)

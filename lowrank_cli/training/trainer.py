@@ -22,11 +22,19 @@ from torch import nn
 
 from lowrank_cli import distributed
 from lowrank_cli.data.sampling import EpochSampler, derive_seed
-from lowrank_cli.errors import Interrupted, TrainingError
+from lowrank_cli.errors import InputError, Interrupted, TrainingError
 from lowrank_cli.training.schedule import lr_factor
 from lowrank_cli.training.signals import StopRequest
 from lowrank_cli.training.state import TrainState, save_train_state
 from lowrank_cli.training.step import Distiller, StepStats
+
+# With none of this many samples readable (or of the whole set, if smaller), the data is broken, not unlucky.
+NO_DATA_AFTER = 256
+
+
+class NoUsableData(InputError):
+    """Training met only unreadable samples."""
+
 
 ProgressFn = Callable[[str, int, int, "str | None"], None]  # (phase, done, total, status)
 
@@ -123,6 +131,10 @@ class Trainer:
         state.images_seen += stats.images
         state.skipped += stats.skipped
         state.seconds += time.perf_counter() - start
+        tried_enough = state.skipped >= min(self.train_samples, NO_DATA_AFTER) or state.step >= self.total
+        if state.images_seen == 0 and tried_enough:
+            raise NoUsableData(f"none of the {state.skipped} training samples tried so far could be read (corrupt, "
+                               "truncated or not images): nothing to train on; check the files of `data`")
         return stats
 
     def _log(self, stats: StepStats, first_step: int) -> None:
