@@ -44,8 +44,23 @@ def print_json(document: Any) -> None:
         sys.stdout.flush()
 
 
+_PROGRESS: bool | None = None  # --progress / --no-progress; None: only when stderr is a terminal
+
+
+def show_progress(value: bool | None) -> None:
+    """Force progress bars on (a log collector that wants them) or off; None goes back to "on a terminal"."""
+    global _PROGRESS
+    _PROGRESS = value
+
+
+def progress_wanted() -> bool:
+    if _PROGRESS is not None:
+        return _PROGRESS
+    return err.is_terminal  # a CI log or a pipe gets no bar redrawn a hundred times
+
+
 def progress(description: str = "working"):
-    """A rich progress bar on stderr with rate and ETA (disabled on ranks other than 0)."""
+    """A rich progress bar on stderr with rate and ETA, on a terminal (or with --progress), on rank 0 only."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -64,5 +79,5 @@ def progress(description: str = "working"):
         TimeRemainingColumn(),
         console=err,
         transient=False,
-        disable=not is_main_process(),
+        disable=not (is_main_process() and progress_wanted()),
     )
