@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +95,22 @@ def cannot_write(path: Path, error: OSError) -> OutputError:
             errno.EACCES: "no permission: choose a folder you can write to"}.get(error.errno,
                                                                               "check the disk space and permissions")
     return OutputError(f"cannot write '{path}' ({error.strerror or error}): {hint}")
+
+
+@contextlib.contextmanager
+def utf8_path(path: str | os.PathLike) -> Iterator[str]:
+    """`path` as a string safetensors can open: it takes UTF-8 paths only, so a file whose name is in another
+    encoding (bytes from another locale, read back as surrogates) is opened through a symlink."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="lrc-") as folder:
+            link = os.path.join(folder, "file" + Path(path).suffix)
+            os.symlink(os.path.abspath(path), link)
+            yield link
+        return
+    yield text
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

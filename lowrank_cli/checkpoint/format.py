@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from lowrank_cli._version import __version__
+from lowrank_cli.atomic import utf8_path
 from lowrank_cli.errors import InputError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.spec import ModelSpec, json_safe
@@ -87,7 +88,7 @@ def open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]
     if not path.is_file():
         raise InputError(f"'{path}' is not a file")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with utf8_path(path) as name, safe_open(name, framework="pt") as f:
             meta = f.metadata() or {}  # may be None for files written without metadata
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own types for bad headers, truncation, wrong format

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_cli.atomic import check_output, write_safetensors
+from lowrank_cli.atomic import check_output, utf8_path, write_safetensors
 from lowrank_cli.checkpoint.format import attach_info, info_for_saving, metadata_of, read_info
 from lowrank_cli.errors import InputError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
@@ -74,7 +74,8 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     model = with_ranks(build_empty(info.spec, what=what, fix="its lrc.model_args are corrupt; write the file again",
                                    max_params=100 * stored + 10**6), info.ranks, what)
     check_fits(model, shapes, what)
-    state_dict = load_file(str(path), device=str(device))
+    with utf8_path(path) as name:
+        state_dict = load_file(name, device=str(device))
     model.load_state_dict(state_dict, strict=True, assign=True)
     finish(model)  # transformers: re-tie the tensors the file holds twice
     model.to(device)

@@ -204,7 +204,8 @@ def print_summary(s: dict) -> None:
             if a:
                 table.add_row(f"  {name}", f"{_percent(a, 'top1')} / {_percent(a, 'top5')}  ({a['images']} images)")
     else:
-        why = "text data: distillation only" if unit == "texts" else "no labelled val/ split"
+        why = "text data: distillation only" if unit == "texts" else console.cli_text(
+            settings.get("accuracy_not_measured", "no labelled val/ split"))
         table.add_row("accuracy", f"not measured ({why})")
     table.add_row("metrics", str(s["metrics"]))
     console.out.print(table)

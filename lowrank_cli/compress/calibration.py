@@ -89,17 +89,18 @@ class _Moments:
 
 
 def _run_batches(model: nn.Module, batches: Iterable[object], moments: _Moments, *, model_device: torch.device,
-                 max_samples: int | None, progress: Callable[[int], None] | None) -> int:
-    """Forward every batch (cut at `max_samples` images in all) through the hooked model; the images done."""
-    done = 0
+                 max_samples: int | None, progress: Callable[[int], None] | None) -> tuple[int, int]:
+    """Forward every batch (cut at `max_samples` images in all) through the hooked model; (images done,
+    unreadable images skipped)."""
+    done = skipped = 0
     for batch in batches:
-        images = _images(batch)
-        mask = getattr(batch, "attention_mask", None)
+        skipped += getattr(batch, "skipped", 0)
+        images, _, mask = batch.parts() if hasattr(batch, "parts") else (_images(batch), None, None)
         if max_samples is not None:
             images = images[: max_samples - done]
             mask = mask[: max_samples - done] if mask is not None else None
-        if len(images) == 0:
-            break
+        if len(images) == 0:  # every file of the batch was unreadable: the next batch may be fine
+            continue
         if mask is not None:
             mask = mask.to(model_device)
             moments.padding = mask.bool()
@@ -111,7 +112,7 @@ def _run_batches(model: nn.Module, batches: Iterable[object], moments: _Moments,
             progress(done)
         if max_samples is not None and done >= max_samples:
             break
-    return done
+    return done, skipped
 
 
 def collect_second_moments(
@@ -141,11 +142,14 @@ def collect_second_moments(
     try:
         model.eval()
         with torch.no_grad():
-            done = _run_batches(model, batches, moments, model_device=model_device, max_samples=max_samples,
-                                progress=progress)
+            done, skipped = _run_batches(model, batches, moments, model_device=model_device,
+                                         max_samples=max_samples, progress=progress)
     finally:
         moments.remove()
         model.train(was_training)
+    if done == 0 and skipped:
+        raise InputError(f"none of the {skipped} calibration images could be read (corrupt, truncated or not "
+                         "images): check the files of `calib`")
     if done == 0:
         raise InputError("no calibration images: the data is empty; point it at a folder with images")
     for name in names:

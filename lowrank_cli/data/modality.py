@@ -127,9 +127,15 @@ class TextData:
 
 def modality_for(data: Path) -> ImageData | TextData:
     """Texts (a .txt / .jsonl file or a folder of them) or images, from what is on disk."""
-    from lowrank_cli.data.texts import looks_like_text_data
+    from lowrank_cli.data.texts import TEXT_EXTENSIONS, looks_like_text_data
+    from lowrank_cli.errors import InputError
 
-    return TextData() if looks_like_text_data(data) else ImageData()
+    if looks_like_text_data(data):
+        return TextData()
+    if data.is_file():
+        raise InputError(f"`data` '{data}' is a file lrc does not read as data: texts go in a "
+                         f"{' or '.join(TEXT_EXTENSIONS)} file (or a folder of them), images in a folder")
+    return ImageData()
 
 
 def check_model(modality: ImageData | TextData, teacher: nn.Module, teacher_name: str, data: Path) -> None:

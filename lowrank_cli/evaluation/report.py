@@ -35,6 +35,7 @@ from typing import Any
 from torch import nn
 
 from lowrank_cli._version import __version__
+from lowrank_cli.atomic import utf8_path
 from lowrank_cli.checkpoint.format import info_of
 from lowrank_cli.errors import InputError
 from lowrank_cli.evaluation.report_layers import layer_rows
@@ -289,7 +290,7 @@ def _report_tensor_shapes(path: Path, argument: str) -> Report:
 
     open_header(path)  # the one place that turns a bad header / truncation into a clear InputError
     total, dtypes = 0, {}
-    with safe_open(str(path), framework="pt") as f:
+    with utf8_path(path) as name, safe_open(name, framework="pt") as f:
         for key in f.keys():
             if key.rsplit(".", 1)[-1] in _NOT_PARAMS:
                 continue

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from lowrank_cli.atomic import utf8_path
 from lowrank_cli.errors import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -36,6 +38,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions a torch file's pickle would import (what weights_only refuses to run)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # not a readable torch file at all: the caller says so
+        return []
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file: safetensors, or a torch file read with weights_only=True (never unpickled).
 
@@ -47,7 +57,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            sd = load_file(str(path))
+            with utf8_path(path) as name:
+                sd = load_file(name)
         except Exception as e:  # safetensors raises its own error types for every kind of corruption
             raise InputError(f"'{path}' is not a readable safetensors file ({e}): is it truncated or corrupt?") from None
     else:
@@ -56,10 +67,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 warnings.simplefilter("ignore")  # torch's notes on pickle protocols; the error below says it all
                 sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            if "Unsupported global" in str(e):  # a class or function in the pickle: refused, not run
+            unsafe = _unsafe_globals(path) if isinstance(e, pickle.UnpicklingError) else []
+            if unsafe:  # a class or function in the pickle: refused, not run
                 raise InputError(
-                    f"'{path}' holds pickled Python objects, which lrc never unpickles: re-save it as "
-                    "torch.save(model.state_dict(), ...) or as safetensors"
+                    f"'{path}' holds pickled Python objects ({', '.join(unsafe[:3])}), which lrc never unpickles: "
+                    "re-save it as torch.save(model.state_dict(), ...) or as safetensors"
                 ) from None
             raise InputError(
                 f"'{path}' is not a readable PyTorch weights file ({type(e).__name__}): is it truncated or corrupt?"

@@ -162,6 +162,7 @@ class _Data:
     val: Any
     use_labels: bool = False
     input_size: tuple[int, ...] = ()
+    why_no_accuracy: str = "no labelled val/ split"
 
 
 class _Run:
@@ -210,6 +211,8 @@ class _Run:
         accuracy = self._accuracy_before(d, raw, tea, state)
         metrics = self._start_metrics(output, state)
         settings = self._settings(d, t, data, total, warmup, named)
+        if d.val is None and d.modality.name == "images":
+            settings["accuracy_not_measured"] = self._why_no_accuracy(d)
         trainer = self._trainer(d, raw, tea, loss, blocks, loader, sampler, state, optimizer, named, state_path,
                                 metrics, total, warmup)
         try:
@@ -259,7 +262,7 @@ class _Run:
             d.use_labels = False
         if d.val is not None and (problem := check_classes(tea, d.val, "the teacher")):
             self.warn(f"accuracy not measured: {problem}")
-            d.val = None
+            d.val, d.why_no_accuracy = None, problem
         if not d.use_labels and not (weights.alpha or weights.gamma or weights.beta or weights.delta):
             raise UsageError("the data has no labels (or none that fit the model) and alpha, beta, gamma and delta "
                              "are 0: nothing to learn from; keep `alpha` 1")
@@ -306,13 +309,15 @@ class _Run:
     def _accuracy_before(self, d: _Data, raw, tea, state: TrainState) -> dict[str, dict[str, Any] | None]:
         """Accuracy of the teacher and of the student before training (a resumed run reuses the first run's)."""
         accuracy: dict[str, dict[str, Any] | None] = {"teacher": None, "before": None, "after": None}
-        why = "`evaluate_accuracy=False`" if not self.opts.evaluate_accuracy else "no labelled val/ split that fits the model"
-        self.log(d.modality.describe(d.train, d.val, why))
+        self.log(d.modality.describe(d.train, d.val, self._why_no_accuracy(d)))
         if d.val is not None:
             accuracy["teacher"] = state.extra.get("teacher") or self._evaluate(tea, d.val, "eval teacher", tea)
             accuracy["before"] = state.extra.get("before") or self._evaluate(raw, d.val, "eval before", tea)
             state.extra.update(teacher=accuracy["teacher"], before=accuracy["before"])
         return accuracy
+
+    def _why_no_accuracy(self, d: _Data) -> str:
+        return "`evaluate_accuracy=False`" if not self.opts.evaluate_accuracy else d.why_no_accuracy
 
     def _evaluate(self, model, image_set, phase, transform_from):
         return evaluate(model, image_set, batch_size=self.opts.eval_batch_size or self.opts.batch_size,

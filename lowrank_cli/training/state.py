@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_cli.atomic import write_safetensors
+from lowrank_cli.atomic import utf8_path, write_safetensors
 from lowrank_cli.errors import InputError, UsageError
 
 SCHEMA = 1
@@ -97,7 +97,7 @@ def read_train_state(path: str | Path) -> tuple[TrainState, dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"training state '{path}' does not exist")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with utf8_path(path) as name, safe_open(name, framework="pt") as f:
             meta = f.metadata() or {}
         document = json.loads(meta[KEY])
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types for every kind of damage
@@ -148,7 +148,8 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
 
     path = Path(path)
     state, document = read_train_state(path)
-    tensors = load_file(str(path))
+    with utf8_path(path) as name:
+        tensors = load_file(name)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing = sorted(set(model.state_dict()) - set(weights))
     unexpected = sorted(set(weights) - set(model.state_dict()))
