@@ -53,6 +53,9 @@ def _error(message: str, code: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     from lowrank_cli.errors import LrcError
 
+    # huggingface_hub's own retry and progress chatter would come before lrc's one Error line.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+
     debug = os.environ.get("LRC_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
     try:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from lowrank_cli.errors import InputError
 from lowrank_cli.models.loaded import LoadedModel
@@ -19,19 +22,44 @@ class NotOnHub(InputError):
         self.reason = reason  # what to say about the repo in a combined message
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hub's host answers at all (one TCP connect, 3 s at most, once per process).
+
+    Without a network huggingface_hub retries every request five times with backoff (~25 s per file); knowing
+    up front lets lrc read the cache only and fail at once. Behind a proxy the direct connect says nothing, so it
+    is not tried."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
 def hub_download(repo: str, filename: str, revision: str | None) -> Path:
-    """One file from the Hub through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply."""
+    """One file from the Hub through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply; when the Hub
+    cannot be reached, the cache alone answers (at once, without huggingface_hub's retries)."""
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import hf_hub_download
 
+    cache_only = not _offline() and not hub_reachable()
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision, local_files_only=cache_only))
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if _offline() else "the Hub cannot be reached"
+        fix = "unset HF_HUB_OFFLINE and run once with network access" if _offline() else "run once with network access"
         raise NotOnHub(
             f"{filename} of hf-hub:{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
-            f"and {why}: run once with network access (or unset HF_HUB_OFFLINE), or point at a local folder",
+            f"and {why}: {fix}, or point at a local folder",
             reason=f"it is not in the Hugging Face cache and {why}",
         ) from e
     except hf_errors.EntryNotFoundError:  # the repo has no such file: the caller may try another name

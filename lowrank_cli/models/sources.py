@@ -180,7 +180,7 @@ def load_model(
     try:
         return _load_timm_name(source, model_args, log)
     except UnknownName as timm_error:
-        if library == "timm":
+        if library == "timm" or timm_error.typo:
             raise
         # Not a timm name: perhaps a Hub repo with a legacy short name (bert-base-uncased).
         try:

@@ -10,7 +10,9 @@ from lowrank_cli.models.spec import json_safe
 
 
 class UnknownName(InputError):
-    """A bare MODEL name that timm does not know (it may still be a Hub repo)."""
+    """A bare MODEL name that timm does not know (it may still be a Hub repo, unless it is a `typo` of one)."""
+
+    typo = False
 
 
 def resolve_timm_name(name: str) -> str:
@@ -53,10 +55,13 @@ def resolve_timm_name(name: str) -> str:
     close = [short[c] for c in difflib.get_close_matches(arch, list(short), n=3, cutoff=0.7)]
     close += difflib.get_close_matches(name, sorted(archs), n=5, cutoff=0.6)
     hint = ", ".join(list(dict.fromkeys(close))[:5]) or "none"
-    raise UnknownName(
+    error = UnknownName(
         f"'{name}' is not a file, a folder or a timm model name (closest timm names: {hint}); "
         "for a Hub repo write hf-hub:ORG/REPO, for a folder local-dir:PATH"
     )
+    # A near miss of a timm name is a typo, not a Hub repo: asking the Hub would only add its wait to the error.
+    error.typo = bool(difflib.get_close_matches(arch, list(short) + sorted(archs), n=1, cutoff=0.85))
+    raise error
 
 
 def default_pretrained_cfg(arch_or_name: str) -> dict:

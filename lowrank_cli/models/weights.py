@@ -70,7 +70,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             unsafe = _unsafe_globals(path) if isinstance(e, pickle.UnpicklingError) else []
             if unsafe:  # a class or function in the pickle: refused, not run
                 raise InputError(
-                    f"'{path}' holds pickled Python objects ({', '.join(unsafe[:3])}), which lrc never unpickles: "
+                    f"'{path}' holds pickled Python objects, which lrc never unpickles ({', '.join(unsafe[:3])}): "
                     "re-save it as torch.save(model.state_dict(), ...) or as safetensors"
                 ) from None
             raise InputError(
