@@ -22,7 +22,7 @@ from lowrank_cli.compress.budget import budget_plan
 from lowrank_cli.compress.calibration import InputStats, calibrate, data_aware_factor_fn
 from lowrank_cli.compress.plan import LayerStatus, Plan, make_plan
 from lowrank_cli.compress.speed_plan import parse_rank_multiple, run_dtype, speed_plan
-from lowrank_cli.compress.svd import SVD_METHODS, Factors, truncated_svd
+from lowrank_cli.compress.svd import SVD_METHODS, Factors, linalg_threads, truncated_svd
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.evaluation.counting import count_params
@@ -195,7 +195,9 @@ def _swap_planned(model: nn.Module, plan: Plan, results: list[LayerResult], *, f
     for done, (name, rank) in enumerate(plan.ranks.items(), 1):
         linear = model.get_submodule(name)
         weight = linear.weight
-        factors = factor_fn(name, weight, rank) if factor_fn else truncated_svd(weight, rank, method=svd, device=device)
+        with linalg_threads(weight.shape, device):
+            factors = factor_fn(name, weight, rank) if factor_fn else truncated_svd(weight, rank, method=svd,
+                                                                                    device=device)
         swap_in(model, name, _lowrank_of(linear, factors, rank, name, dtype or weight.dtype))
         spectra[name] = factors.singular_values.tolist()
         results.append(LayerResult(name, linear.in_features, linear.out_features, rank,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +20,28 @@ class Factors:
     kept_energy: float  # sum of the kept sigma^2 over ||W||_F^2
     rel_error: float  # ||W - second @ first||_F / ||W||_F, measured, not inferred from the spectrum
     method: str
+
+
+# Below this many matrix elements a CPU SVD (or eigendecomposition) runs faster on one thread: OpenMP's fork and
+# barriers cost more than they save, and on a shared machine a busy second core stalls every barrier (10-50x).
+# Measured by benchmarks/svd_threads.py; the GPU is not affected.
+ONE_THREAD_BELOW = 1_000_000
+
+
+@contextlib.contextmanager
+def linalg_threads(shape: Sequence[int], device: torch.device | str | None = None) -> Iterator[int]:
+    """Run the linear algebra of a `shape` matrix on the CPU thread count that pays: one thread for matrices
+    below ONE_THREAD_BELOW elements, torch.get_num_threads() otherwise. Yields the count used."""
+    threads = torch.get_num_threads()
+    small = math.prod(shape) < ONE_THREAD_BELOW and torch.device(device or "cpu").type == "cpu"
+    if not small or threads == 1:
+        yield threads
+        return
+    torch.set_num_threads(1)
+    try:
+        yield 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
