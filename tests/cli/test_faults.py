@@ -1,0 +1,195 @@
+"""The audit of issue 19, as a table: each bad input or fault ends with one `Error:` line, its exit code, and no
+new file in the output folder. Faults of the disk are simulated at the writer (no root tricks)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from digits import write_corrupt_image, write_digits_imagefolder
+from helpers import error_lines, make_tiny_vit, run_cli
+from hf_fixtures import write_corpus
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lowrank_cli
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_vit_folder, bert_folder):
+    """A low-rank checkpoint, corrupt variants of its metadata, bad data folders and a malicious pickle."""
+    root = tmp_path_factory.mktemp("faults")
+    lr = root / "lr.safetensors"
+    model = make_tiny_vit()
+    lowrank_cli.factorize(model, kappa=2)
+    lowrank_cli.save(model, lr)
+    with safe_open(str(lr), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for name, key, value in [("ranks_text", "lrc.ranks", {"blocks.0.attn.qkv": "abc"}),
+                             ("ranks_list", "lrc.ranks", [1, 2, 3]),
+                             ("ranks_zero", "lrc.ranks", {"blocks.0.attn.qkv": 0}),
+                             ("huge_args", "lrc.model_args", {"embed_dim": 100000000, "depth": 1000}),
+                             ("args_list", "lrc.model_args", [1]),
+                             ("layers_text", "lrc.layers", {"blocks.0.attn.qkv": "x"})]:
+        save_file(tensors, str(root / f"{name}.safetensors"), metadata={**meta, key: json.dumps(value)})
+    unreadable = root / "unreadable"
+    for c in range(2):
+        for i in range(6):
+            write_corrupt_image(unreadable / "train" / str(c) / f"{i}.png", kind="garbage")
+    mismatched = write_digits_imagefolder(root / "mismatched", image_size=32, max_per_class=8)
+    for split in ("train", "val"):  # 3 classes, for a model with 10 outputs
+        for digit in range(3, 10):
+            shutil.rmtree(mismatched / split / str(digit))
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    torch.save({"w": Payload()}, root / "evil.pt")
+    (root / "README.md").write_text("# not data\n")
+    return {"lr": lr, "root": root, "teacher": tiny_vit_folder, "bert": bert_folder, "unreadable": unreadable,
+            "mismatched": mismatched, "corpus": write_corpus(root / "corpus.txt", n=16)}
+
+
+def _case(args, code, message):
+    return pytest.param(args, code, message, id=" ".join(str(a) for a in args)[:60])
+
+
+CASES = [
+    _case(["report", "{root}/ranks_text.safetensors"], 3, "lrc.ranks' gives 'blocks.0.attn.qkv' the rank \"abc\""),
+    _case(["report", "{root}/ranks_list.safetensors"], 3, "lrc.ranks' is a list, not a JSON object"),
+    _case(["report", "{root}/ranks_zero.safetensors"], 3, "the rank 0"),
+    _case(["report", "{root}/huge_args.safetensors"], 3, "lrc.model_args are corrupt"),
+    _case(["report", "{root}/args_list.safetensors"], 3, "lrc.model_args' is a list"),
+    _case(["report", "{root}/layers_text.safetensors"], 3, "lrc.layers' gives 'blocks.0.attn.qkv' a str"),
+    _case(["factorize", "{root}/evil.pt", "--arch", "vit_tiny_patch16_224", "-o", "{out}/x.safetensors"], 3,
+          "pickled Python objects, which lrc never unpickles (posix.system)"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{unreadable}", "--steps", "2", "--batch-size", "4",
+           "--workers", "0", "-o", "{out}/r.safetensors"], 3, "none of the"),
+    _case(["factorize", "{teacher}", "--calib", "{unreadable}", "-o", "{out}/x.safetensors"], 3,
+          "none of the 12 calibration images could be read"),
+    _case(["recover", "{bert}", "--kappa", "2", "--teacher", "{bert}", "--data", "{root}/README.md", "--steps", "1",
+           "-o", "{out}/r.safetensors"], 3, "is a file lrc does not read as data"),
+    _case(["factorize", "deit_tinyy", "-o", "{out}/x.safetensors"], 3, "closest timm names: deit_tiny"),
+    _case(["report", "{out}/missing.safetensors"], 3, "does not exist"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "1", "--batch-size", "4",
+           "--workers", "0", "--alpha", "0", "-o", "{out}/r.safetensors"], 2, "nothing to learn from"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), CASES)
+def test_bad_input(files, tmp_path, capsys, args, code, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    names = {k: v for k, v in files.items() if isinstance(v, Path)}
+    argv = [a.format(out=out, **names) for a in args]
+    got, _, err = run_cli(argv, capsys)
+    lines = error_lines(err)
+    assert got == code and len(lines) == 1 and message in lines[0], err
+    assert list(out.iterdir()) == []  # nothing written, nothing half-written
+
+
+def test_read_only_output_folder_fails_before_the_work(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_open = Path.open
+
+    def refuse(self, mode="r", *a, **k):
+        if self.parent == out and "x" in mode:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(self, mode, *a, **k)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    started = time.perf_counter()
+    code, _, err = run_cli(["factorize", files["teacher"], "-o", out / "x.safetensors"], capsys)
+    assert code == 4 and error_lines(err) == [f"Error: cannot write in '{out}' (Read-only file system): choose a "
+                                              "writable folder for the output"], err
+    assert "Factorizing" not in err and time.perf_counter() - started < 30
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"),
+                                             (errno.EACCES, "no permission")])
+def test_a_failing_write_is_exit_4_and_leaves_nothing(files, tmp_path, capsys, monkeypatch, code, words):
+    out = tmp_path / "full"
+    out.mkdir()
+    real_write = Path.write_bytes
+
+    def fail_half_way(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(Path, "write_bytes", fail_half_way)
+    got, _, err = run_cli(["factorize", files["teacher"], "-o", out / "x.safetensors"], capsys)
+    lines = error_lines(err)
+    assert got == 4 and len(lines) == 1 and words in lines[0] and "x.safetensors" in lines[0], err
+    assert list(out.iterdir()) == []
+
+
+def test_recover_on_a_full_disk_leaves_no_metrics(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "full"
+    out.mkdir()
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    got, _, err = run_cli(["recover", files["lr"], "--teacher", files["teacher"], "--data", files["corpus"].parent /
+                           "mismatched", "--steps", "2", "--batch-size", "4", "--workers", "0", "--no-eval",
+                           "-o", out / "r.safetensors"], capsys)
+    assert got == 4 and len(error_lines(err)) == 1, err
+    assert list(out.iterdir()) == []
+
+
+def test_a_kill_during_the_write_leaves_nothing_the_next_write_keeps(files, tmp_path):
+    """SIGKILL in the middle of writing a checkpoint leaves lrc's temporary file; the next write removes it."""
+    out = tmp_path / "k.safetensors"
+    code = (
+        "import os, signal, sys, pathlib, lowrank_cli\n"
+        "real = pathlib.Path.write_bytes\n"
+        "def die(self, data):\n"
+        "    real(self, data[: len(data) // 2]); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "pathlib.Path.write_bytes = die\n"
+        f"lowrank_cli.save(lowrank_cli.load({str(files['lr'])!r}), {str(out)!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    stale = [p.name for p in tmp_path.iterdir()]
+    assert len(stale) == 1 and stale[0].startswith(".k.safetensors.tmp-") and not out.exists()
+    lowrank_cli.save(lowrank_cli.load(files["lr"]), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]
+
+
+def test_a_file_name_in_another_encoding_is_read(files, tmp_path, capsys):
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9_lr.safetensors"))
+    odd.write_bytes(files["lr"].read_bytes())
+    code, out, err = run_cli(["report", odd, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["params"]["total"] == sum(p.numel() for p in lowrank_cli.load(files["lr"]).parameters())
+
+
+def test_val_split_that_does_not_fit_is_said_so(files, tmp_path, capsys):
+    code, out, err = run_cli(["recover", files["lr"], "--teacher", files["teacher"], "--data", files["mismatched"],
+                              "--steps", "1", "--batch-size", "4", "--workers", "0", "-o", tmp_path / "r.safetensors"],
+                             capsys)
+    assert code == 0, err
+    assert "no labelled val/ split" not in out and "classes" in out  # the summary names the real cause
+
+
+def test_unknown_name_fails_fast_without_network(tmp_path, capsys, monkeypatch):
+    from lowrank_cli.models import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    hub.hub_reachable.cache_clear()
+    monkeypatch.setattr(hub.socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    started = time.perf_counter()
+    code, _, err = run_cli(["factorize", "not_a_model_at_all", "-o", tmp_path / "x.safetensors"], capsys)
+    hub.hub_reachable.cache_clear()
+    assert code == 3 and len(error_lines(err)) == 1 and "the Hub cannot be reached" in err, err
+    assert time.perf_counter() - started < 5
+    assert err.count("\n") == 1  # nothing before the Error line
