@@ -6,6 +6,7 @@ Every expected failure is an LrcError: it prints one `Error: ...` line on stderr
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -44,6 +45,9 @@ for _command in (factorize_cmd, report_cmd, recover_cmd, eval_cmd, bench_cmd):
 _CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
+_WRITE_FAILURES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+
+
 def _error(message: str, code: int) -> None:
     sys.stderr.write(f"Error: {message}\n")
     sys.stderr.flush()
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         from lowrank_cli.devices import is_out_of_memory
+
+        if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:  # a write outside lrc's atomic writer
+            _error(f"cannot write '{e.filename or 'the output'}' ({e.strerror}): free some space or choose a "
+                   "writable folder", 4)
 
         if is_out_of_memory(e):
             first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
