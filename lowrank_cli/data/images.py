@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowrank_cli.data.sampling import EpochSampler, derive_seed, epoch_loader, ignore_sigint_in_worker, seeded
 from lowrank_cli.errors import InputError, UsageError
-from lowrank_cli.models.inputs import data_config
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +201,9 @@ def make_transform(model_or_config: torch.nn.Module | Mapping[str, Any], trainin
     crop and horizontal flip only. Distillation matches the frozen teacher on the same input, so
     regularising augmentations (auto-augment, random erasing, colour jitter, mixup) only slow recovery.
     """
-    import timm.data
+    from lowrank_cli.data.augment import train_transform
 
-    cfg = data_config(model_or_config)
-    extra: dict[str, Any] = {}
-    if training:
-        extra = dict(hflip=0.5, vflip=0.0, color_jitter=None, auto_augment=None, re_prob=0.0)
-    return timm.data.create_transform(**cfg, is_training=training, **extra)
+    return train_transform(model_or_config, "strong" if training else "none")
 
 
 # ---------------------------------------------------------------------------------------- dataset

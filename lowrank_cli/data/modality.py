@@ -11,13 +11,16 @@ described, so that recovery asks its modality instead of branching on `if text` 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from lowrank_cli.errors import UsageError
+from lowrank_cli.data.sampling import derive_seed
+from lowrank_cli.errors import InputError, UsageError
 
 
 class ImageData:
@@ -25,12 +28,28 @@ class ImageData:
     unit = "img"  # what the progress bar counts per second
     augments = True  # random crops and flips can apply
 
-    def find(self, data: Path, *, evaluate: bool) -> tuple[Any, Any]:
+    def find(self, data: Path, *, evaluate: bool, val_data: Path | None = None, val_fraction: float | None = None,
+             seed: int = 0) -> tuple[Any, Any, str]:
+        """(training images, held-out images or None, where the held-out images come from)."""
         from lowrank_cli.data.images import find_images
         from lowrank_cli.evaluation.accuracy import val_split
 
         train = find_images(data, "train")
-        return train, (val_split(data, required=False, class_tree=False) if evaluate else None)
+        if not evaluate:
+            return train, None, ""
+        if val_data is not None:
+            val = val_split(val_data) if train.labelled else find_images(val_data, labelled=False,
+                                                                        parameter="val_data")
+            if train.labelled and val.classes != train.classes:
+                raise InputError(f"the validation data '{val.root}' has the classes {_some(val.classes)} and the "
+                                 f"training data '{train.root}' {_some(train.classes)}: give both the same class "
+                                 "folders")
+            return train, val, f"{val.root}"
+        if val_fraction is None:
+            val = val_split(data, required=False, class_tree=False)
+            if val is not None:
+                return train, val, f"{val.root}"
+        return carve(train, "samples", val_fraction, seed)
 
     def prepare(self, teacher: Any, *, tokenizer: Any, max_length: int | None) -> None:
         if tokenizer is not None or max_length is not None:
@@ -45,13 +64,31 @@ class ImageData:
         return train_set.labelled
 
     def loader(self, train_set: Any, teacher: nn.Module, *, batch_size: int, seed: int, rank: int, world_size: int,
-               num_workers: int, pin_memory: bool, augment: bool):
-        from lowrank_cli.data.images import make_transform, train_loader
+               num_workers: int, pin_memory: bool, augment: str):
+        from lowrank_cli.data.augment import train_transform
+        from lowrank_cli.data.images import train_loader
         from lowrank_cli.models.inputs import image_mode
 
-        return train_loader(train_set, make_transform(teacher, training=augment), image_mode(teacher), batch_size,
+        return train_loader(train_set, train_transform(teacher, augment), image_mode(teacher), batch_size,
                             seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
                             pin_memory=pin_memory)
+
+    def held_out_loader(self, held_out: Any, teacher: nn.Module, *, batch_size: int, num_workers: int):
+        """Every held-out image once, in order, with the evaluation preprocessing."""
+        from lowrank_cli.data.images import make_loader, make_transform
+        from lowrank_cli.models.inputs import image_mode
+
+        loader, _ = make_loader(held_out, make_transform(teacher, training=False), batch_size, shuffle=False,
+                                drop_last=False, num_workers=num_workers, mode=image_mode(teacher))
+        return loader
+
+    def augmentation(self, asked: str, train_set: Any, input_size: tuple[int, ...], passes: float) -> tuple[str, str]:
+        """The augmentation level to train with, and why (`auto` decides from the images and the run)."""
+        from lowrank_cli.data.augment import choose
+
+        if asked != "auto":
+            return asked, "asked for"
+        return choose(train_set, input_size, passes)
 
     def describe(self, train_set: Any, val_set: Any, why_no_accuracy: str) -> str:
         classes = f" ({train_set.num_classes} classes)" if train_set.labelled else " (no labels)"
@@ -73,10 +110,17 @@ class TextData:
         self.tokenizer_source: Any = None
         self.max_length: int | None = None
 
-    def find(self, data: Path, *, evaluate: bool) -> tuple[Any, Any]:
+    def find(self, data: Path, *, evaluate: bool, val_data: Path | None = None, val_fraction: float | None = None,
+             seed: int = 0) -> tuple[Any, Any, str]:
+        """(training texts, held-out texts or None, where the held-out texts come from)."""
         from lowrank_cli.data.texts import find_texts
 
-        return find_texts(data), None
+        train = find_texts(data)
+        if not evaluate:
+            return train, None, ""
+        if val_data is not None:
+            return train, find_texts(val_data), str(val_data)
+        return carve(train, "texts", val_fraction, seed)
 
     def prepare(self, teacher: Any, *, tokenizer: Any, max_length: int | None) -> None:
         """Find the tokenizer (default: the teacher's) and the text length the model's positions allow."""
@@ -105,8 +149,18 @@ class TextData:
     def labelled(self, train_set: Any) -> bool:
         return False
 
+    def held_out_loader(self, held_out: Any, teacher: nn.Module, *, batch_size: int, num_workers: int):
+        from lowrank_cli.data.texts import text_loader
+
+        loader, _ = text_loader(held_out, self.tokenizer, batch_size=batch_size, max_length=self.max_length,
+                                shuffle=False, drop_last=False)
+        return loader
+
+    def augmentation(self, asked: str, train_set: Any, input_size: tuple[int, ...], passes: float) -> tuple[str, str]:
+        return "none", "text is not augmented"
+
     def loader(self, train_set: Any, teacher: nn.Module, *, batch_size: int, seed: int, rank: int, world_size: int,
-               num_workers: int, pin_memory: bool, augment: bool):
+               num_workers: int, pin_memory: bool, augment: str):
         from lowrank_cli.data.texts import text_loader
 
         # Tokenising in the training process: fast tokenizers are Rust and the texts are in memory, and a
@@ -125,10 +179,34 @@ class TextData:
                 "tokenizer": str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__}
 
 
+# A held-out share is carved from the training data by default when there is this much of it (and no val split).
+AUTO_VAL_FRACTION, AUTO_VAL_FROM = 0.1, 200
+
+
+def carve(train: Any, field: str, fraction: float | None, seed: int) -> tuple[Any, Any, str]:
+    """Split `fraction` of a training set (its list `field`) off as held-out data, the same way for a seed.
+    `fraction` None: AUTO_VAL_FRACTION when the set has at least AUTO_VAL_FROM samples, else no held-out data."""
+    items = getattr(train, field)
+    if fraction is None:
+        if len(items) < AUTO_VAL_FROM:
+            return train, None, ""
+        fraction = AUTO_VAL_FRACTION
+    count = max(1, round(fraction * len(items)))
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(derive_seed(seed, "val") % 2**63))
+    held = set(order[:count].tolist())
+    kept = [x for i, x in enumerate(items) if i not in held]
+    val = [x for i, x in enumerate(items) if i in held]
+    why = f"{count} of the {len(items)} training samples ({fraction:g}), set aside with seed {seed}"
+    return dataclasses.replace(train, **{field: kept}), dataclasses.replace(train, **{field: val}), why
+
+
+def _some(names: list[str]) -> str:
+    return "[" + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") + "]"
+
+
 def modality_for(data: Path) -> ImageData | TextData:
     """Texts (a .txt / .jsonl file or a folder of them) or images, from what is on disk."""
     from lowrank_cli.data.texts import TEXT_EXTENSIONS, looks_like_text_data
-    from lowrank_cli.errors import InputError
 
     if looks_like_text_data(data):
         return TextData()

@@ -41,7 +41,7 @@ class RecoverOptions:
     weight_decay: float = 0.05
     clip_grad: float = 1.0  # 0: off
     freeze_dense: bool = False  # train only the factorized layers
-    augment: bool = True  # random resized crops and flips, or the evaluation preprocessing
+    augment: str | bool = "auto"  # auto | none | light | strong (data/augment.py); True / False: strong / none
     kappa: float | None = None  # factorize a dense student on the fly
     rank_multiple: int = 8
     arch: str | None = None
@@ -51,7 +51,11 @@ class RecoverOptions:
     resume: bool = False
     force: bool = False
     compile: bool = False
-    evaluate_accuracy: bool = True
+    evaluate_accuracy: bool = True  # False: no held-out evaluation at all
+    val_data: Any = None  # held-out data (default: the data's val/ split, else a share of the training data)
+    val_fraction: float | None = None  # share of the training data held out (default 0.1 from 200 samples)
+    eval_every: int | None = None  # steps between held-out evaluations (default: a tenth of the run)
+    keep: str | None = None  # best | last (default: best when there is held-out data)
     eval_batch_size: int | None = None  # default: batch_size
     device: str | torch.device | None = "auto"
     num_workers: int | None = None  # default: the CPUs per process, at most 8
@@ -69,6 +73,9 @@ class RecoverOptions:
     def check(self) -> None:
         """Refuse values that cannot work, naming the parameter, before anything is loaded."""
         self.weights.check()
+        from lowrank_cli.data.augment import parse_level
+
+        parse_level(self.augment)
         if (self.steps is None) == (self.epochs is None):
             raise UsageError("give the length of the recovery as `steps` N or as `epochs` E (one of them)")
         checks = [
@@ -88,6 +95,15 @@ class RecoverOptions:
             (self.num_workers is None or self.num_workers >= 0,
              f"`num_workers` must be 0 or more, got {self.num_workers}"),
             (self.kappa is None or self.kappa > 1, f"`kappa` must be a number > 1, got {self.kappa}"),
+            (self.val_fraction is None or 0 < self.val_fraction <= 0.5,
+             f"`val_fraction` must be in (0, 0.5], got {self.val_fraction}"),
+            (self.eval_every is None or self.eval_every >= 1, f"`eval_every` must be at least 1, got {self.eval_every}"),
+            (self.keep in (None, "best", "last"), f"`keep` '{self.keep}' is not one of best, last"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"`eval_batch_size` must be at least 1, got {self.eval_batch_size}"),
+            (self.max_length is None or self.max_length >= 1, f"`max_length` must be at least 1, got {self.max_length}"),
+            (not (self.val_data is not None and self.val_fraction is not None),
+             "`val_data` and `val_fraction` both say where the held-out data comes from: give one of them"),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,7 +112,8 @@ class RecoverOptions:
     def fixed_for_resume(self, processes: int, samples: int) -> dict[str, Any]:
         """What a resumed run must share with the interrupted one: the data order and the batch shape depend on it."""
         return {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed,
-                "freeze_dense": self.freeze_dense, "number of processes": processes,
+                "freeze_dense": self.freeze_dense, "val_fraction": self.val_fraction,
+                "val_data": None if self.val_data is None else str(self.val_data), "number of processes": processes,
                 "number of training images": samples}
 
     def changeable_on_resume(self, *, total: int, warmup: int, teacher: str, data: str) -> dict[str, Any]:

@@ -68,10 +68,12 @@ def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_train_state(path: str | Path, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     param_names: list[str]) -> Path:
-    """Write the training state atomically (rank 0 only, under torchrun)."""
+                     param_names: list[str], extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the training state atomically (rank 0 only, under torchrun). `extra_tensors` (e.g. the best weights
+    so far) are stored under `extra.` and read back by `read_extra_tensors`."""
     path = Path(path)
     tensors = _tensors_of(model)
+    tensors.update({f"extra.{k}": v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
     opt = optimizer.state_dict()
     values: dict[str, dict[str, Any]] = {}
     for index, per_param in opt["state"].items():
@@ -136,6 +138,14 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
             f"in '{path}' does not apply: resume with the same {option}, or start again without `resume=True` (pass `force=True` "
             "to replace the saved state)"
         )
+
+
+def read_extra_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `extra_tensors` saved with a training state (an empty dict when there are none)."""
+    from safetensors import safe_open
+
+    with utf8_path(path) as name, safe_open(name, framework="pt") as f:
+        return {k[len("extra."):]: f.get_tensor(k) for k in f.keys() if k.startswith("extra.")}
 
 
 def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -54,6 +54,11 @@ class Trainer:
         self.lr, self.warmup, self.save_every, self.log_every, self.seed = lr, warmup, save_every, log_every, seed
         self.train_samples, self.unit, self.progress, self.resume_hint = train_samples, unit, progress, resume_hint
         self.before_step: list[Callable[[int], None]] = [self._set_lr, self._reseed]
+        # Held-out evaluation: `evaluate(step)` returns the held-out metrics, every `eval_every` steps and at the
+        # end; `best` (training.heldout.KeepBest) remembers the best state and travels with the training state.
+        self.evaluate: Callable[[int], dict[str, float]] | None = None
+        self.eval_every = 0
+        self.best: Any = None
         self.after_step: list[Callable[[int, nn.Module], bool | None]] = []
         self.history: list[dict[str, Any]] = []
         self.resumed_from = state.step  # 0 for a fresh run
@@ -84,9 +89,22 @@ class Trainer:
             epoch, start = epoch + 1, 0
 
     def save(self) -> None:
+        extra = None
+        if self.best is not None:
+            self.state.extra["best"] = self.best.record()
+            extra = {f"best.{k}": v for k, v in self.best.weights.items()}
         distributed.on_main(self.ctx, save_train_state, self.state_path, self.state, self.model, self.optimizer,
-                            self.param_names)
+                            self.param_names, extra)
         self.saved_at = self.state.step
+
+    def _held_out(self) -> dict[str, float] | None:
+        step = self.state.step
+        if self.evaluate is None or not (step % self.eval_every == 0 or step == self.total):
+            return None
+        metrics = self.evaluate(step)
+        if self.best is not None:
+            self.best.observe(step, metrics, self.model)
+        return metrics
 
     def run(self) -> None:
         state = self.state
@@ -96,7 +114,7 @@ class Trainer:
         with StopRequest() as stop:
             while state.step < self.total:
                 stats = self._step(stream)
-                self._log(stats, first_step)
+                self._log(stats, first_step, self._held_out())
                 if state.step % self.save_every == 0 or state.step == self.total:
                     self.save()
                 asked = any([bool(callback(state.step, self.model)) for callback in self.after_step])
@@ -137,15 +155,15 @@ class Trainer:
                                "truncated or not images): nothing to train on; check the files of `data`")
         return stats
 
-    def _log(self, stats: StepStats, first_step: int) -> None:
+    def _log(self, stats: StepStats, first_step: int, held_out: dict[str, float] | None = None) -> None:
         """Average the terms over the steps since the last line; the first step of a call is logged too, so that
-        a short or resumed run shows numbers at once."""
+        a short or resumed run shows numbers at once; so is every step with held-out metrics."""
         state = self.state
         for name, value in [*stats.terms.items(), ("grad_norm", stats.grad_norm)]:
             self._interval[name] = self._interval.get(name, 0.0) + value
         self._interval_steps += 1
         self._interval_samples += stats.images
-        if not (state.step % self.log_every == 0 or state.step in (first_step, self.total)):
+        if not (state.step % self.log_every == 0 or state.step in (first_step, self.total) or held_out):
             self.progress("recover", state.step, self.total, None)
             return
         elapsed = time.perf_counter() - self._interval_start
@@ -153,13 +171,16 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 **{k: v / self._interval_steps for k, v in self._interval.items()},
                 "images_per_s": round(self._interval_samples / elapsed, 2) if elapsed > 0 else None,
-                "images": state.images_seen, "skipped": state.skipped, "seconds": round(state.seconds, 3)}
+                "images": state.images_seen, "skipped": state.skipped, "seconds": round(state.seconds, 3),
+                **(held_out or {})}
         self.history.append(line)
         if self.ctx.is_main:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(line) + "\n")
         status = " ".join(f"{k} {line[k]:.3g}" for k in self.distiller.terms) + (
             f" | {line['images_per_s']:.0f} {self.unit}/s" if line["images_per_s"] else "")
+        if self.best is not None and self.best.value is not None:
+            status += f" | {self.best.score.name} {self.best.value:.4g} (best)"
         self.progress("recover", state.step, self.total, status)
         self._interval, self._interval_steps, self._interval_samples = {}, 0, 0
         self._interval_start = time.perf_counter()

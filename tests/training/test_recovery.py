@@ -116,7 +116,7 @@ def recovered(student, teacher, digits, tmp_path_factory):
     The block outputs of this small model are small numbers, so the feature term gets a larger weight."""
     output = tmp_path_factory.mktemp("recovered") / "recovered.safetensors"
     return recover(str(student), str(teacher), digits, output=output, steps=250, batch_size=32, lr=3e-3, alpha=5.0,
-                   augment=False, weight_decay=0.0, save_every=100, **{**FAST, "log_every": 10})
+                   augment=False, weight_decay=0.0, save_every=100, eval_every=50, **{**FAST, "log_every": 10})
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
