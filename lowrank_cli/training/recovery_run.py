@@ -53,6 +53,11 @@ class _Data:
     augment_reason: str = ""
     why_no_accuracy: str = "no labelled val/ split"
 
+    @property
+    def labelled_val(self) -> bool:
+        """Held-out images with labels: scored by accuracy (the teacher's too)."""
+        return self.val is not None and self.modality.name == "images" and self.val.labelled
+
 
 class RecoveryRun:
     """One call of `recover`, in its phases: data, models, loss, optimizer and state, evaluation, training, output."""
@@ -114,7 +119,7 @@ class RecoveryRun:
         if state.skipped > SKIPPED_WARNING * (state.images_seen + state.skipped):
             self.warn(f"{state.skipped} of {state.images_seen + state.skipped} training samples were unreadable and "
                       "skipped (corrupt or truncated files): the run learnt from the rest; fix or remove those files")
-        if d.val is not None:
+        if d.labelled_val:
             accuracy["after"] = self._evaluate(raw, d.val, "eval after", tea)
         losses = self._losses(metrics if self.main else None, trainer.history, loss)
         record_recovery(raw, {**settings, "images_seen": state.images_seen, "skipped_images": state.skipped,
@@ -155,7 +160,7 @@ class RecoveryRun:
                              "`val_fraction`, or keep the last state")
         if d.val is None:
             return None
-        labelled = d.modality.name == "images" and d.val.labelled
+        labelled = d.labelled_val
         loader = None if labelled else d.modality.held_out_loader(d.val, tea, batch_size=o.eval_batch_size or
                                                                    o.batch_size, num_workers=self.workers)
         held = HeldOut(d.val, labelled_images=labelled, text=d.modality.name == "texts", loader=loader,
@@ -189,7 +194,7 @@ class RecoveryRun:
         if d.use_labels and (problem := check_classes(raw, d.train, "the student")):
             self.warn(f"labels not used ({problem}): distillation only")
             d.use_labels = False
-        if d.val is not None and (problem := check_classes(tea, d.val, "the teacher")):
+        if d.labelled_val and (problem := check_classes(tea, d.val, "the teacher")):
             self.warn(f"accuracy not measured: {problem}")
             d.val, d.why_no_accuracy = None, problem
         if not d.use_labels and not (weights.alpha or weights.gamma or weights.beta or weights.delta):
@@ -239,7 +244,7 @@ class RecoveryRun:
         """Accuracy of the teacher and of the student before training (a resumed run reuses the first run's)."""
         accuracy: dict[str, dict[str, Any] | None] = {"teacher": None, "before": None, "after": None}
         self.log(d.modality.describe(d.train, d.val, self._why_no_accuracy(d)))
-        if d.val is not None:
+        if d.labelled_val:
             accuracy["teacher"] = state.extra.get("teacher") or self._evaluate(tea, d.val, "eval teacher", tea)
             accuracy["before"] = state.extra.get("before") or self._evaluate(raw, d.val, "eval before", tea)
             state.extra.update(teacher=accuracy["teacher"], before=accuracy["before"])
@@ -282,7 +287,7 @@ class RecoveryRun:
         settings["augment"] = d.augment
         if d.modality.augments:
             settings["augment_reason"] = d.augment_reason
-        if d.val is None and d.modality.name == "images":
+        if not d.labelled_val and d.modality.name == "images":
             settings["accuracy_not_measured"] = self._why_no_accuracy(d)
         return settings
 

@@ -3,6 +3,7 @@ path or from an offline Hub cache, through every command: factorize, report, rec
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -353,6 +354,25 @@ def test_recover_on_text_lowers_the_hidden_state_loss_and_resumes(mlm_folder, co
     a, b = load_file(str(whole.output)), load_file(str(out))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_text_recovery_is_scored_on_held_out_texts(mlm_folder, corpus, tmp_path, one_thread):
+    """A quarter of the texts held out: the distillation loss and the pooled-output cosine before and after, every
+    4 steps in the metrics, and the best state kept."""
+    student = tmp_path / "mlm_lr.safetensors"
+    model = load_model(str(mlm_folder)).model
+    lowrank_cli.factorize(model, kappa=4, rank_multiple=1)
+    lowrank_cli.save(model, student)
+    result = _recover(student, mlm_folder, corpus, tmp_path / "r.safetensors", val_fraction=0.25, eval_every=4,
+                      delta=1.0)
+    held = result.settings["held_out"]
+    assert held["samples"] == 24 and held["metric"] == "val_cosine" and result.settings["train_images"] == 72
+    before, after = held["before"], held["after"]
+    assert after["val_loss"] < before["val_loss"] and after["val_cosine"] > before["val_cosine"]
+    assert 0 < before["val_cosine"] < 1
+    lines = [json.loads(line) for line in result.metrics.read_text().splitlines()]
+    assert [line["step"] for line in lines if "val_cosine" in line] == [4, 8]
+    assert result.settings["kept"]["metric"] == "val_cosine"
 
 
 def test_text_recovery_errors(mlm_folder, bert_folder, corpus, tmp_path, tiny_vit_folder, capsys):

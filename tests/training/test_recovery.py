@@ -515,3 +515,58 @@ def test_evaluate_counts_unreadable_images(teacher, small_digits, tmp_path) -> N
     model = lowrank_cli.load_model(str(teacher)).model
     result = evaluate(model, data, batch_size=7, num_workers=0)
     assert result["images"] == 20 and result["skipped"] == 1 and 0 <= result["top1"] <= result["top5"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------- held-out data
+
+
+def test_held_out_evaluation_keeps_the_best_state_and_resumes_exactly(student, teacher, small_digits, tmp_path):
+    """Accuracy on val/ every 2 steps, the best state kept; a run stopped at step 5 and resumed ends identical,
+    best state included (it travels in the training state)."""
+    kw = dict(evaluate_accuracy=True, eval_every=2, lr=3e-3)
+    whole = _run(student, teacher, small_digits, tmp_path / "whole.safetensors", **kw)
+    lines = [json.loads(line) for line in metrics_path(whole.output).read_text().splitlines()]
+    scored = {line["step"]: line["val_top1"] for line in lines if "val_top1" in line}
+    assert sorted(scored) == [2, 4, 6, 8, 10]
+    kept = whole.settings["kept"]
+    best_step = max(scored, key=lambda s: (scored[s], -s))
+    assert kept == {"which": "best", "step": best_step, "value": scored[best_step], "metric": "val_top1"}
+    assert whole.accuracy["after"]["top1"] == pytest.approx(scored[best_step])  # the kept state is the one scored
+    assert whole.settings["held_out"]["data"].endswith("val") and whole.settings["held_out"]["every"] == 2
+
+    out = tmp_path / "parts.safetensors"
+    with pytest.raises(Interrupted):
+        _run(student, teacher, small_digits, out, on_step=lambda step, model: step == 5, **kw)
+    resumed = _run(student, teacher, small_digits, out, resume=True, **kw)
+    assert resumed.settings["kept"] == kept
+    a, b = _weights(whole.output), _weights(out)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_defaults_fit_small_images_and_hold_out_data(student, teacher, digits_folder, tmp_path):
+    """Digits (16 px) for a 16 px model: no random crops; no val/ split: a tenth of the training images held out."""
+    flat = tmp_path / "classes"
+    (digits_folder(16, 40) / "train").rename(flat)  # a class tree without a val/ split: 300 images
+    result = recover(str(student), str(teacher), flat, output=tmp_path / "r.safetensors", steps=4, batch_size=16,
+                     **FAST)
+    s = result.settings
+    assert s["augment"] == "none" and "input" in s["augment_reason"]
+    assert s["train_images"] == 270 and s["held_out"]["samples"] == 30 and "seed 0" in s["held_out"]["data"]
+    assert s["kept"]["which"] == "best" and s["kept"]["metric"] == "val_top1"
+
+
+def test_held_out_bad_input(student, teacher, small_digits, tmp_path):
+    with pytest.raises(UsageError, match=r"val_fraction must be in \(0, 0.5\], got 0.6"):
+        _run(student, teacher, small_digits, tmp_path / "a.safetensors", val_fraction=0.6)
+    with pytest.raises(UsageError, match="eval_every must be at least 1"):
+        _run(student, teacher, small_digits, tmp_path / "b.safetensors", eval_every=0)
+    with pytest.raises(UsageError, match="keep best needs held-out data"):
+        _run(student, teacher, small_digits, tmp_path / "c.safetensors", keep="best")  # evaluate_accuracy=False
+    other = tmp_path / "other"
+    for digit in (1, 2, 3):
+        (other / str(digit)).mkdir(parents=True)
+        for p in list((small_digits / "val" / str(digit)).iterdir())[:2]:
+            (other / str(digit) / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(InputError, match=r"has the classes \[1, 2, 3\] and the training data .* \[0, 1, 2, 3, 4"):
+        _run(student, teacher, small_digits, tmp_path / "d.safetensors", evaluate_accuracy=True, val_data=other)
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.jsonl"))
