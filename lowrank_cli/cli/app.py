@@ -14,9 +14,12 @@ import typer
 
 from lowrank_cli._version import __version__
 from lowrank_cli.cli import bench_cmd, eval_cmd, factorize_cmd, recover_cmd, report_cmd
+from lowrank_cli.cli.command import LrcGroup
+from lowrank_cli.cli.options import CLICK_USAGE_ERROR
 
 app = typer.Typer(
     name="lrc",
+    cls=LrcGroup,
     help="Make pretrained transformers smaller and faster by low-rank factorization (PELA).",
     no_args_is_help=True,
     add_completion=False,
@@ -41,10 +44,6 @@ def _root(
 for _command in (factorize_cmd, report_cmd, recover_cmd, eval_cmd, bench_cmd):
     _command.register(app)
 
-# Recent typer vendors its own click, older typer uses click itself: take the class typer actually raises.
-_CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-
-
 _WRITE_FAILURES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
 
 
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="lrc", standalone_mode=False)
-    except _CLICK_USAGE_ERROR as e:
+    except CLICK_USAGE_ERROR as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # `lrc` alone: show the help, not an error
             print(e.ctx.get_help())
             sys.exit(0)

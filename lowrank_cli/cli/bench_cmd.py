@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from lowrank_cli.cli import console
+from lowrank_cli.cli.command import LrcCommand
 from lowrank_cli.cli.options import (
     Arch,
     Device,
@@ -17,6 +18,9 @@ from lowrank_cli.cli.options import (
     ModelArg,
     Revision,
     SeqLen,
+    choice,
+    dtype_choice,
+    number,
     parse_input_size,
 )
 
@@ -38,31 +42,68 @@ Examples:
 DEFAULT_BATCHES = {"cuda": "1,32,256", "cpu": "1,16"}
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TIMING_PANEL = "Timing"
+
+Against = Annotated[Optional[str], typer.Option(
+    "--against", metavar="MODEL", show_default=False,
+    help="The model to compare with (any MODEL source, e.g. the dense original); its row is the 1.00x reference.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Precision both models are cast to.", **dtype_choice())]
+BatchSizes = Annotated[Optional[str], typer.Option(
+    "--batch-size", metavar="N[,N...]", show_default=False,
+    help="Comma-separated batch sizes (default: 1,32,256 on cuda, 1,16 on cpu).")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile both models the same way (the first calls compile: slow).")]
+CompileMode = Annotated[Optional[str], typer.Option(
+    "--compile-mode", show_default=False, **choice(*COMPILE_MODES, metavar="MODE"),
+    help=f"torch.compile mode: {', '.join(COMPILE_MODES[:-1])} or {COMPILE_MODES[-1]} (implies --compile).")]
+CudaGraphs = Annotated[bool, typer.Option(
+    "--cuda-graphs", help="Replay both models from CUDA graphs (with --compile: mode reduce-overhead); CUDA only.")]
+Profile = Annotated[bool, typer.Option(
+    "--profile", help="Also split one forward pass at the largest batch into GEMMs, attention and the rest "
+    "(torch.profiler).")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, show_default=False, rich_help_panel=TIMING_PANEL,
+    help="CPU threads for torch (default: torch's choice).")]
+Warmup = Annotated[Optional[int], typer.Option(
+    "--warmup", min=1, show_default=False, rich_help_panel=TIMING_PANEL,
+    help="Warm-up calls per model and batch size (default: 3 on cuda, 1 on cpu; +2 compiled).")]
+Repeats = Annotated[Optional[int], typer.Option(
+    "--repeats", min=1, show_default=False, rich_help_panel=TIMING_PANEL,
+    help="Timed repeats per model and batch size (default: at least 5 (3 on cpu) and --min-time).")]
+MinTime = Annotated[Optional[float], typer.Option(
+    "--min-time", show_default=False, rich_help_panel=TIMING_PANEL, callback=number(low=0),
+    help="Seconds of timed repeats per model and batch size, >= 0 (default: 2 on cuda, 1 on cpu).")]
+
+
 def bench(
     model: Model,
-    against: Annotated[Optional[str], typer.Option("--against", help="The model to compare with (any MODEL source, e.g. the dense original); its row is the 1.00x reference.", show_default=False)] = None,
+    against: Against = None,
     device: Device = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16 (both models are cast to it).")] = "fp32",
-    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Comma-separated batch sizes (default: 1,32,256 on cuda, 1,16 on cpu).", show_default=False)] = None,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models the same way (the first calls compile: slow).")] = False,
-    compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs (implies --compile).", show_default=False)] = None,
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay both models from CUDA graphs (with --compile: mode reduce-overhead); CUDA only.")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", show_default=False)] = None,
-    warmup: Annotated[Optional[int], typer.Option("--warmup", help="Warm-up calls per model and batch size (default: 3 on cuda, 1 on cpu; +2 compiled).", show_default=False)] = None,
-    repeats: Annotated[Optional[int], typer.Option("--repeats", help="Timed repeats per model and batch size (default: at least 5 (3 on cpu) and --min-time).", show_default=False)] = None,
-    min_time: Annotated[Optional[float], typer.Option("--min-time", help="Seconds of timed repeats per model and batch size (default: 2 on cuda, 1 on cpu).", show_default=False)] = None,
-    profile: Annotated[bool, typer.Option("--profile", help="Also split one forward pass at the largest batch into GEMMs, attention and the rest (torch.profiler).")] = False,
+    dtype: Dtype = "fp32",
+    batch_size: BatchSizes = None,
+    compile_: Compile = False,
+    compile_mode: CompileMode = None,
+    cuda_graphs: CudaGraphs = False,
+    profile: Profile = False,
+    json_out: Json = False,
+    threads: Threads = None,
+    warmup: Warmup = None,
+    repeats: Repeats = None,
+    min_time: MinTime = None,
     input_size: InputSize = None,
     seq_len: SeqLen = None,
     library: Library = "auto",
     arch: Arch = None,
     model_arg: ModelArg = None,
     revision: Revision = None,
-    json_out: Json = False,
 ) -> None:
-    """Measure latency (median and spread), throughput and peak memory of MODEL, and of --against in the same run."""
-    dev, dt, sizes, size, compile_arg = _refuse_bad_options(device, dtype, batch_size, input_size, threads, repeats,
-                                                            warmup, cuda_graphs, compile_, compile_mode)
+    """Measure latency, throughput and peak memory of MODEL, and of --against in the same run.
+
+    Both models run interleaved at each batch size for at least --min-time; the median and its spread are shown.
+    """
+    dev, dt, sizes, size, compile_arg = _refuse_bad_options(device, dtype, batch_size, input_size, threads,
+                                                            cuda_graphs, compile_, compile_mode)
     models, reference, size = _load_models(model, against, size, seq_len, library, arch, model_arg, revision)
     rows, profiles = _measure(models, reference, size, dev, dt, sizes, compile_arg, cuda_graphs, warmup, repeats,
                               min_time, profile)
@@ -76,8 +117,8 @@ def bench(
 
 
 def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, input_size: str | None,
-                        threads: int | None, repeats: int | None, warmup: int | None, cuda_graphs: bool,
-                        compile_: bool, compile_mode: str | None) -> tuple[Any, ...]:
+                        threads: int | None, cuda_graphs: bool, compile_: bool,
+                        compile_mode: str | None) -> tuple[Any, ...]:
     """Everything that can be refused, refused before the (slow) loading: (device, dtype, batch sizes, input size
     or None, compile argument)."""
     import torch
@@ -87,17 +128,11 @@ def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, input_s
     from lowrank_cli.evaluation.bench_options import parse_batch_sizes, resolve_compile_mode
 
     if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, torch.float32)
     sizes = parse_batch_sizes(batch_size or DEFAULT_BATCHES["cuda" if dev.type == "cuda" else "cpu"])
     size = parse_input_size(input_size)
-    if repeats is not None and repeats < 1:
-        raise UsageError(f"--repeats must be >= 1, got {repeats}")
-    if warmup is not None and warmup < 1:
-        raise UsageError(f"--warmup must be >= 1, got {warmup}")
     if cuda_graphs and dev.type != "cuda":
         raise UsageError("--cuda-graphs needs a CUDA device: drop it, or use --device cuda")
     compile_arg: bool | str = compile_mode or compile_
@@ -276,4 +311,4 @@ def print_profiles(profiles: list, note: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command(epilog=EPILOG)(bench)
+    app.command(cls=LrcCommand, epilog=EPILOG)(bench)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from lowrank_cli.cli import console
-from lowrank_cli.cli.options import Arch, Device, Json, Model, ModelArg
+from lowrank_cli.cli.command import LrcCommand
+from lowrank_cli.cli.options import Arch, Device, Json, Model, ModelArg, Progress
 
 EVAL_EPILOG = """\
 Examples:
@@ -19,22 +20,35 @@ Examples:
 """
 
 
+Data = Annotated[Path, typer.Option(
+    "--data", metavar="DIR", show_default=False,
+    help="Labelled images: DIR/val/<class>/..., or a class tree DIR/<class>/....")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
+Workers = Annotated[Optional[int], typer.Option(
+    "--workers", min=0, show_default=False, help="Data-loading processes (default: the CPUs, at most 8).")]
+
+
 def eval_command(
     model: Model,
-    data: Annotated[Path, typer.Option("--data", help="Labelled images: DIR/val/<class>/..., or a class tree DIR/<class>/....", show_default=False)],
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 128,
+    data: Data,
+    batch_size: BatchSize = 128,
     device: Device = "auto",
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Data-loading processes (default: the CPUs, at most 8).", show_default=False)] = None,
+    workers: Workers = None,
+    json_out: Json = False,
+    progress: Progress = None,
     arch: Arch = None,
     model_arg: ModelArg = None,
-    json_out: Json = False,
 ) -> None:
-    """Top-1 / top-5 accuracy of any MODEL on DIR/val (or on DIR when it is a class tree)."""
+    """Measure the top-1 / top-5 accuracy of any MODEL on labelled images.
+
+    The images are DIR/val/<class>/..., or DIR/<class>/... when DIR is a class tree.
+    """
     from lowrank_cli.data.sampling import default_workers
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
     from lowrank_cli.models.sources import load_model, parse_model_args
 
+    console.show_progress(progress)
     image_set = val_split(data)  # a wrong folder fails before the model loads
     dev = resolve_device(device)
     loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg),
@@ -57,4 +71,4 @@ def eval_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval", epilog=EVAL_EPILOG)(eval_command)
+    app.command("eval", cls=LrcCommand, epilog=EVAL_EPILOG)(eval_command)

@@ -12,7 +12,19 @@ from typing import Annotated, Optional
 import typer
 
 from lowrank_cli.cli import console
-from lowrank_cli.cli.options import Arch, Device, Force, Json, Library, Model, ModelArg, Output
+from lowrank_cli.cli.command import LrcCommand
+from lowrank_cli.cli.options import (
+    Arch,
+    Device,
+    Force,
+    Json,
+    Library,
+    ModelArg,
+    Output,
+    Progress,
+    number,
+    rank_multiple_option,
+)
 
 RECOVER_EPILOG = """\
 Examples:
@@ -38,17 +50,104 @@ Every --save-every steps the training state is written to <output stem>.train.sa
 <output stem>.metrics.jsonl.
 """
 
-Data = Annotated[
-    Path,
-    typer.Option("--data", help="ImageFolder root (train/<class>/..., optional val/<class>/...), a class tree, a "
-                 "folder of unlabelled images, or for text models a .txt / .jsonl file or folder of them.",
-                 show_default=False),
-]
-Workers = Annotated[
-    Optional[int],
-    typer.Option("--workers", help="Data-loading processes per training process (default: its share of the CPUs, at "
-                 "most 8).", show_default=False),
-]
+LOSS_PANEL, TRAINING_PANEL, DATA_PANEL = "Loss (PELA Eq. 7)", "Training", "Data and accuracy"
+STUDENT_PANEL = "A dense STUDENT, factorized on the fly"
+DEFAULT_RANK_MULTIPLE = 8
+
+Student = Annotated[str, typer.Argument(
+    metavar="STUDENT", show_default=False,
+    help="The low-rank model to recover (an lrc checkpoint), or a dense MODEL to factorize first with --kappa.")]
+Teacher = Annotated[str, typer.Option(
+    "--teacher", metavar="MODEL", show_default=False,
+    help="The dense model the student was made from (any MODEL source).")]
+Data = Annotated[Path, typer.Option(
+    "--data", metavar="PATH", show_default=False,
+    help="ImageFolder root (train/<class>/..., optional val/<class>/...), a class tree, a folder of unlabelled "
+    "images, or for text models a .txt / .jsonl file or folder of them.")]
+Steps = Annotated[Optional[int], typer.Option(
+    "--steps", min=1, show_default=False, help="Optimizer steps (give this or --epochs).")]
+Epochs = Annotated[Optional[float], typer.Option(
+    "--epochs", show_default=False, callback=number(low=0, low_open=True),
+    help="Passes over the training data, > 0, fractions allowed (give this or --steps).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images (or texts) per micro-batch, per process.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from its training state.")]
+
+Alpha = Annotated[float, typer.Option(
+    "--alpha", rich_help_panel=LOSS_PANEL, callback=number(low=0),
+    help="Weight of the feature distillation (block outputs, MSE), >= 0.")]
+Beta = Annotated[float, typer.Option(
+    "--beta", rich_help_panel=LOSS_PANEL, callback=number(low=0),
+    help="Weight of the weight-perturbation regulariser (max|second@first - W| - eps)^2, >= 0.")]
+Gamma = Annotated[float, typer.Option(
+    "--gamma", rich_help_panel=LOSS_PANEL, callback=number(low=0),
+    help="Weight of the logit distillation (KL at --temperature), >= 0.")]
+Delta = Annotated[float, typer.Option(
+    "--delta", rich_help_panel=LOSS_PANEL, callback=number(low=0),
+    help="Text models: weight of the MSE on the final pooled output, >= 0.")]
+Eps = Annotated[float, typer.Option(
+    "--eps", rich_help_panel=LOSS_PANEL, callback=number(low=0),
+    help="The weight perturbation the regulariser aims at, >= 0.")]
+Temperature = Annotated[float, typer.Option(
+    "--temperature", rich_help_panel=LOSS_PANEL, callback=number(low=0, low_open=True),
+    help="Temperature of the logit distillation, > 0.")]
+LabelSmoothing = Annotated[float, typer.Option(
+    "--label-smoothing", rich_help_panel=LOSS_PANEL, callback=number(low=0, high=1, high_open=True),
+    help="Label smoothing of the cross-entropy (labelled data), in [0, 1).")]
+
+Lr = Annotated[float, typer.Option(
+    "--lr", rich_help_panel=TRAINING_PANEL, callback=number(low=0, low_open=True),
+    help="Peak learning rate of AdamW (linear warm-up, then cosine to 0), > 0.")]
+WarmupSteps = Annotated[Optional[int], typer.Option(
+    "--warmup-steps", min=0, show_default=False, rich_help_panel=TRAINING_PANEL,
+    help="Linear warm-up steps (default: 5% of the steps).")]
+WeightDecay = Annotated[float, typer.Option(
+    "--weight-decay", rich_help_panel=TRAINING_PANEL, callback=number(low=0),
+    help="AdamW weight decay (matrices only), >= 0.")]
+ClipGrad = Annotated[float, typer.Option(
+    "--clip-grad", rich_help_panel=TRAINING_PANEL, callback=number(low=0),
+    help="Clip the gradient norm to this (0: off).")]
+GradAccum = Annotated[int, typer.Option(
+    "--grad-accum", min=1, rich_help_panel=TRAINING_PANEL, help="Micro-batches per optimizer step.")]
+FreezeDense = Annotated[bool, typer.Option(
+    "--freeze-dense", rich_help_panel=TRAINING_PANEL,
+    help="Train only the factorized layers (norms, embeddings, head stay).")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", rich_help_panel=TRAINING_PANEL, help="torch.compile the student and the teacher.")]
+Seed = Annotated[int, typer.Option(
+    "--seed", rich_help_panel=TRAINING_PANEL, help="Seed of the data order, augmentations and dropout.")]
+SaveEvery = Annotated[int, typer.Option(
+    "--save-every", min=1, rich_help_panel=TRAINING_PANEL, help="Write the training state every N steps.")]
+LogEvery = Annotated[int, typer.Option(
+    "--log-every", min=1, rich_help_panel=TRAINING_PANEL, help="Log metrics every N steps.")]
+
+Augment = Annotated[bool, typer.Option(
+    "--augment/--no-augment", rich_help_panel=DATA_PANEL,
+    help="Random resized crops and flips (timm's training transform); --no-augment trains on the evaluation "
+    "preprocessing (for digits, text, centred objects).")]
+Workers = Annotated[Optional[int], typer.Option(
+    "--workers", min=0, show_default=False, rich_help_panel=DATA_PANEL,
+    help="Data-loading processes per training process (default: its share of the CPUs, at most 8).")]
+Tokenizer = Annotated[Optional[str], typer.Option(
+    "--tokenizer", metavar="DIR|REPO", show_default=False, rich_help_panel=DATA_PANEL,
+    help="Text data: folder or Hub repo of the tokenizer (default: the teacher's).")]
+MaxLength = Annotated[Optional[int], typer.Option(
+    "--max-length", min=1, show_default=False, rich_help_panel=DATA_PANEL,
+    help="Text data: tokens per text at most (default: the model's positions, at most 512).")]
+Eval = Annotated[bool, typer.Option(
+    "--eval/--no-eval", rich_help_panel=DATA_PANEL, help="Measure accuracy on the val split before and after.")]
+EvalBatchSize = Annotated[Optional[int], typer.Option(
+    "--eval-batch-size", min=1, show_default=False, rich_help_panel=DATA_PANEL,
+    help="Batch size of the accuracy runs (default: --batch-size).")]
+
+Kappa = Annotated[Optional[float], typer.Option(
+    "--kappa", show_default=False, rich_help_panel=STUDENT_PANEL,
+    callback=number(low=1, low_open=True, note=" (the compression ratio of each layer)"),
+    help="Factorize a dense STUDENT on the fly at this ratio (> 1).")]
+RankMultiple = Annotated[Optional[str], typer.Option(
+    "--rank-multiple", metavar="N|auto", show_default=False, rich_help_panel=STUDENT_PANEL,
+    callback=rank_multiple_option,
+    help=f"With --kappa: round ranks down to a multiple of this (default {DEFAULT_RANK_MULTIPLE}; auto: what the "
+    "device likes).")]
 
 
 def _resume_command() -> str:
@@ -106,68 +205,67 @@ def _quiet_on_other_ranks(fn):
 
 
 def recover(
-    student: Model,
+    student: Student,
     output: Output,
-    teacher: Annotated[str, typer.Option("--teacher", help="The dense model the student was made from (any MODEL source).", show_default=False)],
+    teacher: Teacher,
     data: Data,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (or give --epochs).", show_default=False)] = None,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training images (fractions allowed).", show_default=False)] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of AdamW (linear warm-up, then cosine to 0).")] = 1e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per micro-batch, per process.")] = 64,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
-    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="Linear warm-up steps (default: 5% of the steps).", show_default=False)] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (matrices only).")] = 0.05,
-    clip_grad: Annotated[float, typer.Option("--clip-grad", help="Clip the gradient norm to this (0: off).")] = 1.0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the feature distillation (block outputs, MSE).")] = 1.0,
-    beta: Annotated[float, typer.Option("--beta", help="Weight of the weight-perturbation regulariser (max|second@first - W| - eps)^2.")] = 0.0,
-    gamma: Annotated[float, typer.Option("--gamma", help="Weight of the logit distillation (KL at --temperature).")] = 0.0,
-    eps: Annotated[float, typer.Option("--eps", help="The weight perturbation the regulariser aims at.")] = 1e-3,
-    temperature: Annotated[float, typer.Option("--temperature", help="Temperature of the logit distillation.")] = 1.0,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the cross-entropy (labelled data).")] = 0.0,
-    delta: Annotated[float, typer.Option("--delta", help="Text models: weight of the MSE on the final pooled output.")] = 0.0,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Text data: folder or Hub repo of the tokenizer (default: the teacher's).", show_default=False)] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Text data: tokens per text at most (default: the model's positions, at most 512).", show_default=False)] = None,
-    library: Library = "auto",
-    freeze_dense: Annotated[bool, typer.Option("--freeze-dense", help="Train only the factorized layers (norms, embeddings, head stay).")] = False,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crops and flips (timm's training transform); --no-augment trains on the evaluation preprocessing (for digits, text, centred objects).")] = True,
-    kappa: Annotated[Optional[float], typer.Option("--kappa", help="Factorize a dense STUDENT on the fly at this ratio.", show_default=False)] = None,
-    rank_multiple: Annotated[int, typer.Option("--rank-multiple", help="With --kappa: round ranks down to a multiple of this.")] = 8,
-    save_every: Annotated[int, typer.Option("--save-every", help="Write the training state every N steps.")] = 500,
-    log_every: Annotated[int, typer.Option("--log-every", help="Log metrics every N steps.")] = 10,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from its training state.")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the student and the teacher.")] = False,
-    eval_: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure accuracy on the val split before and after.")] = True,
-    eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", help="Batch size of the accuracy runs (default: --batch-size).", show_default=False)] = None,
+    steps: Steps = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = 64,
     device: Device = "auto",
-    workers: Workers = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, augmentations and dropout.")] = 0,
-    arch: Arch = None,
-    model_arg: ModelArg = None,
+    resume: Resume = False,
     force: Force = False,
     json_out: Json = False,
+    progress: Progress = None,
+    alpha: Alpha = 1.0,
+    beta: Beta = 0.0,
+    gamma: Gamma = 0.0,
+    delta: Delta = 0.0,
+    eps: Eps = 1e-3,
+    temperature: Temperature = 1.0,
+    label_smoothing: LabelSmoothing = 0.0,
+    lr: Lr = 1e-4,
+    warmup_steps: WarmupSteps = None,
+    weight_decay: WeightDecay = 0.05,
+    clip_grad: ClipGrad = 1.0,
+    grad_accum: GradAccum = 1,
+    freeze_dense: FreezeDense = False,
+    compile: Compile = False,
+    seed: Seed = 0,
+    save_every: SaveEvery = 500,
+    log_every: LogEvery = 10,
+    augment: Augment = True,
+    workers: Workers = None,
+    tokenizer: Tokenizer = None,
+    max_length: MaxLength = None,
+    eval_: Eval = True,
+    eval_batch_size: EvalBatchSize = None,
+    kappa: Kappa = None,
+    rank_multiple: RankMultiple = None,
+    library: Library = "auto",
+    arch: Arch = None,
+    model_arg: ModelArg = None,
 ) -> None:
-    """Recover the accuracy of a low-rank model by distillation from its dense teacher (PELA Eq. 7)."""
+    """Recover the accuracy of a low-rank model by distillation from its dense teacher.
+
+    The loss is PELA's Eq. 7: feature distillation, optional logit distillation and weight-perturbation
+    regulariser, and cross-entropy when the data has labels.
+    """
     from lowrank_cli.models.sources import parse_model_args
-    from lowrank_cli.training.recovery import recover as run_recover
 
-    def go():
-        bars = _Bars()
-        try:
-            return run_recover(
-                student, teacher, data, output=output, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                grad_accum=grad_accum, alpha=alpha, beta=beta, gamma=gamma, eps=eps, temperature=temperature,
-                label_smoothing=label_smoothing, delta=delta, tokenizer=tokenizer, max_length=max_length,
-                library=library, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
-                model_args=parse_model_args(model_arg), save_every=save_every, log_every=log_every, resume=resume,
-                force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size,
-                device=device, num_workers=workers, seed=seed, progress=bars, log=console.info,
-                warn=console.warn, resume_command=_resume_command(),
-            )
-        finally:
-            bars.close()
-
-    result = _quiet_on_other_ranks(go)
+    console.show_progress(progress)
+    _refuse_conflicts(kappa, rank_multiple, eval_, eval_batch_size)
+    options = dict(
+        output=output, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, alpha=alpha,
+        beta=beta, gamma=gamma, eps=eps, temperature=temperature, label_smoothing=label_smoothing, delta=delta,
+        tokenizer=tokenizer, max_length=max_length, library=library, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa,
+        rank_multiple=DEFAULT_RANK_MULTIPLE if rank_multiple is None else rank_multiple, arch=arch,
+        model_args=parse_model_args(model_arg), save_every=save_every, log_every=log_every, resume=resume,
+        force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size, device=device,
+        num_workers=workers, seed=seed,
+    )
+    result = _quiet_on_other_ranks(lambda: _run(student, teacher, data, options))
     if not console.is_main_process():
         return
     summary = result.summary()
@@ -175,6 +273,29 @@ def recover(
         console.print_json(summary)
         return
     print_summary(summary)
+
+
+def _refuse_conflicts(kappa: float | None, rank_multiple: int | str | None, evaluate: bool,
+                      eval_batch_size: int | None) -> None:
+    """An option that the others make useless is a usage error (exit 2), not silently dropped."""
+    from lowrank_cli.errors import UsageError
+
+    if rank_multiple is not None and kappa is None:
+        raise UsageError("--rank-multiple rounds the ranks that --kappa gives a dense student: add --kappa, or drop it")
+    if eval_batch_size is not None and not evaluate:
+        raise UsageError("--eval-batch-size sizes the accuracy runs that --no-eval turns off: drop one of them")
+
+
+def _run(student: str, teacher: str, data: Path, options: dict):
+    """training.recovery.recover with the progress bars, on every rank."""
+    from lowrank_cli.training.recovery import recover as run_recover
+
+    bars = _Bars()
+    try:
+        return run_recover(student, teacher, data, **options, progress=bars, log=console.info, warn=console.warn,
+                           resume_command=_resume_command())
+    finally:
+        bars.close()
 
 
 def _percent(acc: dict | None, key: str) -> str:
@@ -212,4 +333,4 @@ def print_summary(s: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command(epilog=RECOVER_EPILOG)(recover)
+    app.command(cls=LrcCommand, epilog=RECOVER_EPILOG)(recover)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lowrank_cli.cli import console
+from lowrank_cli.cli.command import LrcCommand
 from lowrank_cli.cli.options import (
     Arch,
     InputSize,
@@ -46,16 +47,40 @@ image (FLOPs = 2 x MACs). The JSON keys are documented in docs/report_schema.md.
 """
 
 
+GATES_PANEL = "CI gates (exit 1 when one fails)"
+
+PerLayer = Annotated[bool, typer.Option(
+    "--per-layer", help="One row per linear: d_in, d_out, rank, params, MACs, kept energy.")]
+Compare = Annotated[Optional[str], typer.Option(
+    "--compare", metavar="MODEL", show_default=False,
+    help="Dense MODEL to measure the compression against (default: rebuilt from the lrc metadata).")]
+Markdown = Annotated[bool, typer.Option(
+    "--markdown", help="Print GitHub-flavoured markdown (e.g. >> $GITHUB_STEP_SUMMARY).")]
+Plot = Annotated[Optional[Path], typer.Option(
+    "--plot", metavar="FILE", show_default=False,
+    help="Draw spectra with the kept ranks and the kept energy per layer to this image (needs matplotlib: the plot "
+    "extra).")]
+MaxParams = Annotated[Optional[str], typer.Option(
+    "--max-params", metavar="N", show_default=False, rich_help_panel=GATES_PANEL,
+    help="Fail above this many parameters, e.g. 50M.")]
+MaxMacs = Annotated[Optional[str], typer.Option(
+    "--max-macs", metavar="N", show_default=False, rich_help_panel=GATES_PANEL,
+    help="Fail above this many MACs per image, e.g. 9G.")]
+MinCompression = Annotated[Optional[str], typer.Option(
+    "--min-compression", metavar="RATIO", show_default=False, rich_help_panel=GATES_PANEL,
+    help="Fail below this parameter compression vs the dense reference, e.g. 1.8.")]
+
+
 def report(
     model: Model,
-    per_layer: Annotated[bool, typer.Option("--per-layer", help="One row per linear: d_in, d_out, rank, params, MACs, kept energy.")] = False,
-    compare: Annotated[Optional[str], typer.Option("--compare", help="Dense MODEL to measure the compression against (default: rebuilt from the lrc metadata).", show_default=False)] = None,
+    per_layer: PerLayer = False,
+    compare: Compare = None,
     json_out: Json = False,
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub-flavoured markdown (e.g. >> $GITHUB_STEP_SUMMARY).")] = False,
-    max_params: Annotated[Optional[str], typer.Option("--max-params", help="Gate: fail (exit 1) above this many parameters, e.g. 50M.", show_default=False)] = None,
-    max_macs: Annotated[Optional[str], typer.Option("--max-macs", help="Gate: fail (exit 1) above this many MACs per image, e.g. 9G.", show_default=False)] = None,
-    min_compression: Annotated[Optional[str], typer.Option("--min-compression", help="Gate: fail (exit 1) below this parameter compression vs the dense reference, e.g. 1.8.", show_default=False)] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw spectra with the kept ranks and the kept energy per layer to this image (needs matplotlib: the plot extra).", show_default=False)] = None,
+    markdown: Markdown = False,
+    plot: Plot = None,
+    max_params: MaxParams = None,
+    max_macs: MaxMacs = None,
+    min_compression: MinCompression = None,
     input_size: InputSize = None,
     seq_len: SeqLen = None,
     library: Library = "auto",
@@ -63,7 +88,10 @@ def report(
     model_arg: ModelArg = None,
     revision: Revision = None,
 ) -> None:
-    """Count parameters and MACs, show the compression and where the model came from; optionally gate CI on them."""
+    """Count parameters and MACs, and show the compression and provenance of a model.
+
+    --max-params, --max-macs and --min-compression turn the report into a CI gate.
+    """
     from lowrank_cli.errors import GateFailed, UsageError
     from lowrank_cli.evaluation.gates import apply_gates, describe_gate
     from lowrank_cli.evaluation.report import build_report
@@ -111,10 +139,15 @@ def _gate_limits(max_params: str | None, max_macs: str | None, min_compression: 
     from lowrank_cli.evaluation.gates import parse_ratio
 
     def size_option(option: str, text: str | None) -> int | None:
+        if text is None:
+            return None
         try:
-            return parse_size(text) if text is not None else None
+            size = parse_size(text)
         except UsageError as e:
             raise UsageError(f"{option}: {e}") from None
+        if size < 1:
+            raise UsageError(f"{option} {text} is a gate no model passes: give a size of at least 1")
+        return size
 
     return {
         "max_params": size_option("--max-params", max_params),
@@ -159,4 +192,4 @@ def print_report(doc: dict, per_layer: bool) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command(epilog=EPILOG)(report)
+    app.command(cls=LrcCommand, epilog=EPILOG)(report)
