@@ -22,6 +22,7 @@ from lowrank_cli.cli.options import (
     ModelArg,
     Output,
     Progress,
+    choice,
     number,
     rank_multiple_option,
 )
@@ -120,10 +121,25 @@ SaveEvery = Annotated[int, typer.Option(
 LogEvery = Annotated[int, typer.Option(
     "--log-every", min=1, rich_help_panel=TRAINING_PANEL, help="Log metrics every N steps.")]
 
-Augment = Annotated[bool, typer.Option(
-    "--augment/--no-augment", rich_help_panel=DATA_PANEL,
-    help="Random resized crops and flips (timm's training transform); --no-augment trains on the evaluation "
-    "preprocessing (for digits, text, centred objects).")]
+Augment = Annotated[str, typer.Option(
+    "--augment", rich_help_panel=DATA_PANEL, **choice("auto", "none", "light", "strong"),
+    help="Training augmentation. auto: none for images about the model's input size or smaller, light (flips, "
+    "mild scale jitter) for short runs, strong (timm's random resized crops) for long runs on large images.")]
+NoAugment = Annotated[bool, typer.Option(
+    "--no-augment", rich_help_panel=DATA_PANEL, help="Same as --augment none (the evaluation preprocessing).")]
+ValData = Annotated[Optional[Path], typer.Option(
+    "--val-data", metavar="DIR|FILE", show_default=False, rich_help_panel=DATA_PANEL,
+    help="Held-out data to score the student on (default: DATA's val/ split, else --val-fraction of DATA).")]
+ValFraction = Annotated[Optional[float], typer.Option(
+    "--val-fraction", show_default=False, rich_help_panel=DATA_PANEL, callback=number(low=0, high=0.5, low_open=True),
+    help="Share of the training data held out, in (0, 0.5] (default: 0.1 when there are 200 samples or more and no "
+    "val/ split).")]
+EvalEvery = Annotated[Optional[int], typer.Option(
+    "--eval-every", min=1, show_default=False, rich_help_panel=DATA_PANEL,
+    help="Steps between held-out evaluations (default: a tenth of the run).")]
+Keep = Annotated[Optional[str], typer.Option(
+    "--keep", show_default=False, rich_help_panel=DATA_PANEL, **choice("best", "last"),
+    help="Which state to write: best held-out score (the default with held-out data) or the last step.")]
 Workers = Annotated[Optional[int], typer.Option(
     "--workers", min=0, show_default=False, rich_help_panel=DATA_PANEL,
     help="Data-loading processes per training process (default: its share of the CPUs, at most 8).")]
@@ -234,7 +250,12 @@ def recover(
     seed: Seed = 0,
     save_every: SaveEvery = 500,
     log_every: LogEvery = 10,
-    augment: Augment = True,
+    augment: Augment = "auto",
+    no_augment: NoAugment = False,
+    val_data: ValData = None,
+    val_fraction: ValFraction = None,
+    eval_every: EvalEvery = None,
+    keep: Keep = None,
     workers: Workers = None,
     tokenizer: Tokenizer = None,
     max_length: MaxLength = None,
@@ -255,6 +276,8 @@ def recover(
 
     console.show_progress(progress)
     _refuse_conflicts(kappa, rank_multiple, eval_, eval_batch_size)
+    augment = _augment_level(augment, no_augment)
+    _refuse_held_out_conflicts(eval_, val_data, val_fraction, eval_every, keep)
     options = dict(
         output=output, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, alpha=alpha,
         beta=beta, gamma=gamma, eps=eps, temperature=temperature, label_smoothing=label_smoothing, delta=delta,
@@ -263,7 +286,7 @@ def recover(
         rank_multiple=DEFAULT_RANK_MULTIPLE if rank_multiple is None else rank_multiple, arch=arch,
         model_args=parse_model_args(model_arg), save_every=save_every, log_every=log_every, resume=resume,
         force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size, device=device,
-        num_workers=workers, seed=seed,
+        num_workers=workers, seed=seed, val_data=val_data, val_fraction=val_fraction, eval_every=eval_every, keep=keep,
     )
     result = _quiet_on_other_ranks(lambda: _run(student, teacher, data, options))
     if not console.is_main_process():
@@ -284,6 +307,25 @@ def _refuse_conflicts(kappa: float | None, rank_multiple: int | str | None, eval
         raise UsageError("--rank-multiple rounds the ranks that --kappa gives a dense student: add --kappa, or drop it")
     if eval_batch_size is not None and not evaluate:
         raise UsageError("--eval-batch-size sizes the accuracy runs that --no-eval turns off: drop one of them")
+
+
+def _augment_level(augment: str, no_augment: bool) -> str:
+    from lowrank_cli.errors import UsageError
+
+    if no_augment and augment not in ("auto", "none"):
+        raise UsageError(f"--no-augment contradicts --augment {augment}: drop one of them")
+    return "none" if no_augment else augment
+
+
+def _refuse_held_out_conflicts(evaluate: bool, val_data, val_fraction, eval_every, keep) -> None:
+    from lowrank_cli.errors import UsageError
+
+    given = [name for name, value in (("--val-data", val_data), ("--val-fraction", val_fraction),
+                                      ("--eval-every", eval_every), ("--keep best", keep == "best")) if value]
+    if given and not evaluate:
+        raise UsageError(f"{given[0]} is for held-out evaluation, which --no-eval turns off: drop one of them")
+    if val_data is not None and val_fraction is not None:
+        raise UsageError("--val-data and --val-fraction both say where the held-out data comes from: give one")
 
 
 def _run(student: str, teacher: str, data: Path, options: dict):
@@ -328,8 +370,23 @@ def print_summary(s: dict) -> None:
         why = "text data: distillation only" if unit == "texts" else console.cli_text(
             settings.get("accuracy_not_measured", "no labelled val/ split"))
         table.add_row("accuracy", f"not measured ({why})")
+    _held_out_rows(table, settings)
     table.add_row("metrics", str(s["metrics"]))
     console.out.print(table)
+
+
+def _held_out_rows(table, settings: dict) -> None:
+    """Held-out scores before and after (texts, unlabelled images), where they came from, and the state kept."""
+    held, kept = settings.get("held_out"), settings.get("kept")
+    if held and held.get("before") and held.get("after"):
+        table.add_row(f"held-out ({held['samples']})", held["data"])
+        for name in sorted(held["after"]):
+            before = held["before"].get(name)
+            table.add_row(f"  {name}", f"{before:.4g} -> {held['after'][name]:.4g}" if before is not None else
+                          f"{held['after'][name]:.4g}")
+    if kept:
+        value = f", {kept['metric']} {kept['value']:.4g}" if kept.get("value") is not None else ""
+        table.add_row("kept", f"{kept['which']} state (step {kept['step']}{value})")
 
 
 def register(app: typer.Typer) -> None:
