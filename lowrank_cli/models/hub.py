@@ -19,6 +19,16 @@ class NotOnHub(InputError):
         self.reason = reason  # what to say about the repo in a combined message
 
 
+class NotCached(NotOnHub):
+    """A Hub file that is not in the local cache while the Hub cannot be reached (HF_HUB_OFFLINE, no network):
+    whether the repo has it is unknown."""
+
+
+def offline_reason() -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+
+
 def hub_download(repo: str, filename: str, revision: str | None) -> Path:
     """One file from the Hub through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply."""
     from huggingface_hub import errors as hf_errors
@@ -27,9 +37,8 @@ def hub_download(repo: str, filename: str, revision: str | None) -> Path:
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
-        raise NotOnHub(
+        why = offline_reason()
+        raise NotCached(
             f"{filename} of hf-hub:{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
             f"and {why}: run once with network access (or unset HF_HUB_OFFLINE), or point at a local folder",
             reason=f"it is not in the Hugging Face cache and {why}",
@@ -105,6 +114,22 @@ def hub_transformers_files(repo: str, revision: str | None) -> Path:
     return folder
 
 
+def hub_tokenizer_folder(repo: str, revision: str | None) -> Path | None:
+    """The snapshot folder of a Hub repo's tokenizer files, fetched through hub_download; None when the repo has
+    none (or, offline, none in the cache)."""
+    from huggingface_hub import errors as hf_errors
+
+    from lowrank_cli.models.transformers_models import TOKENIZER_FILES
+
+    found = None
+    for name in TOKENIZER_FILES:
+        try:
+            found = hub_download(repo, name, revision).parent
+        except (hf_errors.EntryNotFoundError, InputError):  # absent, or not cached while offline
+            continue
+    return found
+
+
 def tokenizer_folder(loaded: LoadedModel) -> Path:
     """The local folder with the tokenizer files of a transformers source (Hub files are fetched to the cache)."""
     from lowrank_cli.models.transformers_models import TOKENIZER_FILES
@@ -118,14 +143,7 @@ def tokenizer_folder(loaded: LoadedModel) -> Path:
             raise InputError(f"'{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...): leave out "
                              "`save_tokenizer`, or pass `tokenizer` DIR_OR_REPO")
         return folder
-    from huggingface_hub import errors as hf_errors
-
-    found = None
-    for name in TOKENIZER_FILES:
-        try:
-            found = hub_download(loaded.files, name, loaded.revision).parent
-        except (hf_errors.EntryNotFoundError, InputError):  # absent, or not cached while offline
-            continue
+    found = hub_tokenizer_folder(loaded.files, loaded.revision)
     if found is None:
         raise InputError(f"hf-hub:{loaded.files} has no tokenizer files (or, offline, none in the cache): leave out "
                          "`save_tokenizer`, or pass `tokenizer` DIR_OR_REPO")
