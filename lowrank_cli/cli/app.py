@@ -12,7 +12,7 @@ import sys
 import typer
 
 from lowrank_cli._version import __version__
-from lowrank_cli.cli import bench_cmd, eval_cmd, factorize_cmd, recover_cmd, report_cmd
+from lowrank_cli.cli import bench_cmd, card_cmd, eval_cmd, factorize_cmd, push_cmd, recover_cmd, report_cmd
 
 app = typer.Typer(
     name="lrc",
@@ -37,7 +37,7 @@ def _root(
     """Make pretrained transformers smaller and faster by low-rank factorization (PELA)."""
 
 
-for _command in (factorize_cmd, report_cmd, recover_cmd, eval_cmd, bench_cmd):
+for _command in (factorize_cmd, report_cmd, recover_cmd, eval_cmd, bench_cmd, card_cmd, push_cmd):
     _command.register(app)
 
 # Recent typer vendors its own click, older typer uses click itself: take the class typer actually raises.

@@ -25,6 +25,14 @@ ModelArg = Annotated[
     Optional[list[str]],
     typer.Option("--model-arg", help="KEY=VALUE constructor argument for --arch (repeatable), e.g. num_classes=10.", show_default=False),
 ]
+Checkpoint = Annotated[
+    str,
+    typer.Argument(help="An lrc checkpoint: a .safetensors file lrc wrote, an lrc folder (local-dir:PATH, as lrc push "
+                   "--dry-run writes it) or hf-hub:ORG/REPO[@REVISION].", show_default=False),
+]
+Bench = Annotated[Optional[Path], typer.Option("--bench", help="An `lrc bench CHECKPOINT --json` file: its speed goes into the card.", show_default=False)]
+Eval = Annotated[Optional[list[Path]], typer.Option("--eval", help="An `lrc eval CHECKPOINT --json` file: its accuracy goes into the card (repeatable).", show_default=False)]
+License = Annotated[Optional[str], typer.Option("--license", help="Hub license id for the card (default: the source model's, where known), e.g. apache-2.0.", show_default=False)]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) for hf-hub: sources.", show_default=False)]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (auto: cuda when available).")]
 InputSize = Annotated[
@@ -47,6 +55,8 @@ _OPTION_OF = {
     "plan_batch_size": "--plan-batch-size",
     "plan_kind": "--plan",
     "output": "-o/--output",
+    "evals": "--eval",
+    "tokenizer=False": "--no-tokenizer",
 }
 
 
