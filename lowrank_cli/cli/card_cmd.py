@@ -19,9 +19,11 @@ Examples:
 
   lrc card hf-hub:my-org/deit-base-lr2 > README.md
 
-The card is built from the checkpoint's own metadata and lrc report's counts: YAML front matter the Hub reads
-(library_name, tags, base_model, pipeline_tag, license, model-index) and a body with the method, the size
-table, measured accuracy and speed, the loading snippet and the citations.
+The card is built from the checkpoint's own metadata and lrc report's counts.
+
+Front matter the Hub reads: library_name, tags, base_model, pipeline_tag, license, model-index.
+
+Body: the method, the size table, measured accuracy and speed, the loading snippet, the citations.
 """
 
 

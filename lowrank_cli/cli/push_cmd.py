@@ -22,8 +22,9 @@ Examples:
 
   lrc report local-dir:out_dir/          (the folder loads like the repo will: hf-hub:my-org/deit-base-lr2)
 
-The token is huggingface_hub's: HF_TOKEN, else the one 'hf auth login' stored (it needs write access). The
-repo is created if it does not exist; the files go up in one commit.
+The token is huggingface_hub's: HF_TOKEN, else the one 'hf auth login' stored (it needs write access).
+
+The repo is created if it does not exist; the files go up in one commit.
 """
 
 
