@@ -5,6 +5,8 @@
     result = lowrank_cli.factorize(loaded.model, kappa=2)   # in place; result.layers has errors per layer
     lowrank_cli.save(loaded.model, "deit_lr.safetensors")
     model = lowrank_cli.load("deit_lr.safetensors")         # rebuilt from the file alone
+    lowrank_cli.push("deit_lr.safetensors", "org/deit-lr")  # with its model card, to the Hub
+    model = lowrank_cli.load("hf-hub:org/deit-lr")          # and back
 
     bert = lowrank_cli.load_model("./my-bert-folder").model  # transformers models too (the [transformers] extra)
 
@@ -38,6 +40,8 @@ _API = {
     "recover": "lowrank_cli.training.recovery",
     "RecoverResult": "lowrank_cli.training.result",
     "evaluate": "lowrank_cli.evaluation.accuracy",
+    "build_card": "lowrank_cli.publish.card",
+    "push": "lowrank_cli.publish.push",
 }
 
 __all__ = ["__version__", *_API]
@@ -53,6 +57,8 @@ if TYPE_CHECKING:
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
     from lowrank_cli.models.loaded import LoadedModel
     from lowrank_cli.models.sources import load_model
+    from lowrank_cli.publish.card import build_card
+    from lowrank_cli.publish.push import push
     from lowrank_cli.training.recovery import recover
     from lowrank_cli.training.result import RecoverResult
 

@@ -93,3 +93,36 @@ def bert_folder(tmp_path_factory) -> Path:
     from hf_fixtures import write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert", head="sequence-classification")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The Hub at its network boundary: HfApi.whoami / create_repo / create_branch / upload_folder record what
+    they would send (upload_folder: every file's bytes, at call time) instead of sending it. Online, signed in as
+    'alice' with HF_TOKEN (the token file lies in the session's temporary HF_HOME, so there is no other);
+    `fake_hub.fail[method] = exception` makes that call fail."""
+    from huggingface_hub import CommitInfo, HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    hub = type("FakeHub", (), {})()
+    hub.calls, hub.uploaded, hub.fail = [], {}, {}
+
+    def record(name):
+        def method(self, *args, **kwargs):
+            hub.calls.append((name, args, kwargs, self.token))
+            if name in hub.fail:
+                raise hub.fail[name]
+            if name == "whoami":
+                return {"name": "alice", "type": "user"}
+            if name == "upload_folder":
+                folder = Path(kwargs["folder_path"])
+                hub.uploaded.update({p.name: p.read_bytes() for p in folder.iterdir()})
+                return CommitInfo(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc1234",
+                                  commit_message=kwargs["commit_message"], commit_description="", oid="abc1234")
+            return None
+        return method
+
+    for name in ("whoami", "create_repo", "create_branch", "upload_folder"):
+        monkeypatch.setattr(HfApi, name, record(name))
+    return hub

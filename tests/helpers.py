@@ -36,3 +36,36 @@ def error_lines(err: str) -> list[str]:
 
 def read_json(text: str):
     return json.loads(text)
+
+
+def write_lowrank_vit(path, *, kappa: float = 2.0, seed: int = 0, **overrides):
+    """A tiny ViT factorized at `kappa` by `lowrank_cli.factorize` and saved as an lrc checkpoint at `path`."""
+    import lowrank_cli
+
+    model = make_tiny_vit(seed, **overrides)
+    lowrank_cli.factorize(model, kappa=kappa, device="cpu")
+    return lowrank_cli.save(model, path)
+
+
+def hub_http_error(cls, status: int, message: str = "refused"):
+    """A Hub error as huggingface_hub raises it (`cls`: HfHubHTTPError or a subclass), with a response of the HTTP
+    library this huggingface_hub uses."""
+    import importlib
+
+    from huggingface_hub import errors as hf_errors
+
+    response_cls = hf_errors.Response
+    lib = importlib.import_module(response_cls.__module__.split(".")[0])
+    request = lib.Request("POST", "https://huggingface.co/api/repos/create")
+    return cls(message, response=response_cls(status, request=request))
+
+
+def network_down():
+    """The connection error of huggingface_hub's HTTP library, as when the network is unreachable."""
+    import importlib
+
+    from huggingface_hub import errors as hf_errors
+
+    lib = importlib.import_module(hf_errors.Response.__module__.split(".")[0])
+    cls = getattr(lib, "ConnectError", None) or lib.ConnectionError
+    return cls("[Errno 101] Network is unreachable")

@@ -84,9 +84,15 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     return LoadedModel(model, info.spec, {"kind": "lrc", "id": str(path.resolve())}, info)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """`lowrank_cli.load(path)`: the low-rank model of an lrc checkpoint, in eval mode, ready to run."""
-    return read_checkpoint(path, device).model
+def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str | None = None) -> nn.Module:
+    """`lowrank_cli.load(path)`: the low-rank model of an lrc checkpoint, in eval mode, ready to run.
+
+    `path` is the checkpoint file, or an lrc folder or Hub repo as `lrc push` writes them (`hf-hub:ORG/REPO`,
+    `local-dir:PATH`, a folder); `revision` picks the Hub branch, tag or commit.
+    """
+    from lowrank_cli.models.lrc_folder import checkpoint_path
+
+    return read_checkpoint(checkpoint_path(path, revision), device).model
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -160,6 +160,14 @@ Device = Annotated[
     typer.Option("--device", metavar=DEVICE_FORMS, help="Where to run (auto: cuda when available).",
                  callback=device_option),
 ]
+Checkpoint = Annotated[
+    str,
+    typer.Argument(help="An lrc checkpoint: a .safetensors file lrc wrote, an lrc folder (local-dir:PATH, as lrc push "
+                   "--dry-run writes it) or hf-hub:ORG/REPO[@REVISION].", show_default=False),
+]
+Bench = Annotated[Optional[Path], typer.Option("--bench", help="An `lrc bench CHECKPOINT --json` file: its speed goes into the card.", show_default=False)]
+Eval = Annotated[Optional[list[Path]], typer.Option("--eval", help="An `lrc eval CHECKPOINT --json` file: its accuracy goes into the card (repeatable).", show_default=False)]
+License = Annotated[Optional[str], typer.Option("--license", help="Hub license id for the card (default: the source model's, where known), e.g. apache-2.0.", show_default=False)]
 InputSize = Annotated[
     Optional[str],
     typer.Option("--input-size", metavar="C,H,W", help="Input size of an image model (default: the model's "
@@ -182,6 +190,8 @@ _OPTION_OF = {
     "plan_batch_size": "--plan-batch-size",
     "plan_kind": "--plan",
     "output": "-o/--output",
+    "evals": "--eval",
+    "tokenizer=False": "--no-tokenizer",
 }
 
 

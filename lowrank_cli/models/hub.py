@@ -45,6 +45,15 @@ def hub_reachable() -> bool:
     return True
 
 
+class NotCached(NotOnHub):
+    """A Hub file that is not in the local cache while the Hub cannot be reached (HF_HUB_OFFLINE, no network):
+    whether the repo has it is unknown."""
+
+
+def offline_reason() -> str:
+    return "HF_HUB_OFFLINE is set" if _offline() else "the Hub cannot be reached"
+
+
 def hub_download(repo: str, filename: str, revision: str | None) -> Path:
     """One file from the Hub through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply; when the Hub
     cannot be reached, the cache alone answers (at once, without huggingface_hub's retries)."""
@@ -55,9 +64,9 @@ def hub_download(repo: str, filename: str, revision: str | None) -> Path:
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision, local_files_only=cache_only))
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
-        why = "HF_HUB_OFFLINE is set" if _offline() else "the Hub cannot be reached"
+        why = offline_reason()
         fix = "unset HF_HUB_OFFLINE and run once with network access" if _offline() else "run once with network access"
-        raise NotOnHub(
+        raise NotCached(
             f"{filename} of hf-hub:{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
             f"and {why}: {fix}, or point at a local folder",
             reason=f"it is not in the Hugging Face cache and {why}",
@@ -133,6 +142,22 @@ def hub_transformers_files(repo: str, revision: str | None) -> Path:
     return folder
 
 
+def hub_tokenizer_folder(repo: str, revision: str | None) -> Path | None:
+    """The snapshot folder of a Hub repo's tokenizer files, fetched through hub_download; None when the repo has
+    none (or, offline, none in the cache)."""
+    from huggingface_hub import errors as hf_errors
+
+    from lowrank_cli.models.transformers_models import TOKENIZER_FILES
+
+    found = None
+    for name in TOKENIZER_FILES:
+        try:
+            found = hub_download(repo, name, revision).parent
+        except (hf_errors.EntryNotFoundError, InputError):  # absent, or not cached while offline
+            continue
+    return found
+
+
 def tokenizer_folder(loaded: LoadedModel) -> Path:
     """The local folder with the tokenizer files of a transformers source (Hub files are fetched to the cache)."""
     from lowrank_cli.models.transformers_models import TOKENIZER_FILES
@@ -146,14 +171,7 @@ def tokenizer_folder(loaded: LoadedModel) -> Path:
             raise InputError(f"'{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...): leave out "
                              "`save_tokenizer`, or pass `tokenizer` DIR_OR_REPO")
         return folder
-    from huggingface_hub import errors as hf_errors
-
-    found = None
-    for name in TOKENIZER_FILES:
-        try:
-            found = hub_download(loaded.files, name, loaded.revision).parent
-        except (hf_errors.EntryNotFoundError, InputError):  # absent, or not cached while offline
-            continue
+    found = hub_tokenizer_folder(loaded.files, loaded.revision)
     if found is None:
         raise InputError(f"hf-hub:{loaded.files} has no tokenizer files (or, offline, none in the cache): leave out "
                          "`save_tokenizer`, or pass `tokenizer` DIR_OR_REPO")

@@ -4,6 +4,7 @@ Accepted sources (one string):
     deit_base, deit_base_patch16_224.fb_in1k   a timm name; weights from its Hub repo (cache, HF_HUB_OFFLINE honoured)
     hf-hub:org/repo                            a repo in timm's Hub layout (config.json + model.safetensors)
     local-dir:PATH, or an existing folder      the same layout on disk (timm's save_for_hf)
+    hf-hub:, local-dir:, a folder with lrc_config.json   an lrc checkpoint folder or repo (models.lrc_folder)
     file.safetensors|.pth|.pt|.bin + --arch    bare weights; pickles are never unpickled (weights_only=True)
     an lrc checkpoint (.safetensors with lrc metadata)
     bert-base-uncased, org/repo                a Hub repo (a name that is not a timm model, or has a slash)
@@ -24,6 +25,7 @@ from lowrank_cli.models.build import build
 from lowrank_cli.models.hub import NotOnHub, hub_download, hub_transformers_files, hub_weights, snapshot_revision
 from lowrank_cli.models.inputs import record_input_size
 from lowrank_cli.models.loaded import LoadedModel
+from lowrank_cli.models.lrc_folder import LrcFiles, folder_files, hub_files, is_lrc_folder, split_hub_source
 from lowrank_cli.models.spec import ModelSpec, json_safe
 from lowrank_cli.models.timm_names import UnknownName, default_pretrained_cfg, resolve_timm_name
 from lowrank_cli.models.weights import PICKLE_WEIGHTS, SAFE_WEIGHTS, WEIGHT_SUFFIXES, read_state_dict, sha256_later
@@ -74,8 +76,8 @@ def read_config_json(folder: Path) -> dict:
     if not cfg_path.is_file():
         raise InputError(
             f"folder '{folder}' has no {CONFIG_NAME}: expected timm's Hub layout (config.json + model.safetensors, "
-            "as written by timm.models.save_for_hf) or a transformers model folder (save_pretrained), or pass a "
-            "weights file with `arch`"
+            "as written by timm.models.save_for_hf), a transformers model folder (save_pretrained) or an lrc "
+            "checkpoint folder (lrc_config.json, as lrc push writes it), or pass a weights file with `arch`"
         )
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -152,9 +154,8 @@ def load_model(
     log = log or (lambda msg: None)
     library = check_library(library)
     if source.startswith("hf-hub:"):
-        repo = source[len("hf-hub:"):]
-        repo, _, at = repo.partition("@")
-        return _load_hub(repo, revision or at or None, arch, model_args, library)
+        repo, revision = split_hub_source(source, revision)
+        return _load_hub(repo, revision, arch, model_args, library)
     if source.startswith("local-dir:"):
         folder = Path(source[len("local-dir:"):]).expanduser()
         if not folder.is_dir():
@@ -190,6 +191,9 @@ def load_model(
 
 
 def _load_hub(repo: str, revision: str | None, arch: str | None, model_args: dict, library: str | None) -> LoadedModel:
+    lrc = hub_files(repo, revision)
+    if lrc is not None:
+        return _load_lrc(lrc)
     config = hub_download(repo, CONFIG_NAME, revision)
     if folder_library(config.parent, library) == "transformers":
         return _load_transformers(repo, config.parent, revision, arch, model_args, f"hf-hub:{repo}",
@@ -201,6 +205,8 @@ def _load_hub(repo: str, revision: str | None, arch: str | None, model_args: dic
 
 
 def _load_folder(folder: Path, model_args: dict, library: str | None = None, arch: str | None = None) -> LoadedModel:
+    if is_lrc_folder(folder):
+        return _load_lrc(folder_files(folder))
     if folder_library(folder, library) == "transformers":
         weights = next((folder / n for n in (SAFE_WEIGHTS, PICKLE_WEIGHTS) if (folder / n).is_file()), None)
         source = {"kind": "local-dir", "id": str(folder.resolve()), "library": "transformers",
@@ -209,6 +215,17 @@ def _load_folder(folder: Path, model_args: dict, library: str | None = None, arc
     loaded = _load_folder_files(folder, None, model_args, f"'{folder}'")
     weights = folder_weights(folder)
     loaded.source = {"kind": "local-dir", "id": str(folder.resolve()), "sha256": sha256_later(weights)}
+    return loaded
+
+
+def _load_lrc(files: LrcFiles) -> LoadedModel:
+    """An lrc checkpoint folder or Hub repo: the checkpoint, its source named as given, the tokenizer next to it."""
+    from lowrank_cli.checkpoint.io import read_checkpoint
+
+    loaded = read_checkpoint(files.checkpoint)
+    loaded.source = dict(files.source)
+    if files.tokenizer:
+        loaded.files, loaded.revision = str(files.folder), files.source.get("revision")
     return loaded
 
 
