@@ -38,7 +38,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype | None =
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"`device` '{device}' is not a device torch knows: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("`device=cuda` was asked for but no CUDA device is available here: use `device=cpu` or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -82,13 +82,13 @@ class FactorizeResult:
 def factorize(
     model: nn.Module,
     *,
-    kappa: float = 2.0,
+    kappa: float | None = None,
     rank_multiple: int | str = 8,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     rank_pattern: list[str] | None = None,
     plan: Plan | None = None,
-    svd: str = "exact",
+    svd: str | None = None,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     input_size: tuple[int, ...] | None = None,
@@ -121,13 +121,11 @@ def factorize(
     `result.model`) with per-layer errors and kept energies; the model carries its record
     (`checkpoint.format.info_of`) for `lowrank_cli.save`.
     """
-    if svd not in SVD_METHODS:
-        raise UsageError(f"`svd` '{svd}' is not one of {', '.join(SVD_METHODS)}")
+    kappa, svd = _check_options(kappa=kappa, svd=svd, budget=budget, target_macs=target_macs, calib=calib,
+                                rank_pattern=rank_pattern, plan_kind=plan_kind, plan_batch_size=plan_batch_size)
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))  # 3: the line of factorize that ran the step
     start = time.perf_counter()
     dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
-    if plan_kind not in ("pela", "speed"):
-        raise UsageError(f"`plan_kind` '{plan_kind}' is not one of pela, speed")
     runs_in = run_dtype(plan_dtype, out_dtype, dev, next(model.parameters()).dtype)
     multiple = rank_multiple if plan is not None else parse_rank_multiple(rank_multiple, dev, runs_in)
     plan = plan or make_plan(model, kappa=kappa, rank_multiple=multiple, include=include, exclude=exclude,
@@ -146,7 +144,8 @@ def factorize(
     timings = None
     if plan_kind == "speed":
         plan, timings = speed_plan(model, plan, device=dev, dtype=runs_in, input_size=input_size,
-                                   batch_size=plan_batch_size or (256 if dev.type == "cuda" else 16))
+                                   batch_size=plan_batch_size if plan_batch_size is not None else
+                                   (256 if dev.type == "cuda" else 16))
         extra["speed_plan"] = {k: v for k, v in timings.items() if k != "layers"}
     result = FactorizeResult(model, plan, params_before=count_params(model).total, dense=plan.dense, extra=extra)
     spectra = _swap_planned(model, plan, result.layers, factor_fn=factor_fn, svd=svd, device=dev, dtype=out_dtype,
@@ -184,6 +183,33 @@ def _calibration_step(model: nn.Module, plan: Plan, calib: str, samples: int, de
     first = next(iter(stats.values()), None)
     return stats, {"data": str(calib), "samples": first.samples if first else 0, "tokens": first.tokens if first else 0,
                    "seconds": round(time.perf_counter() - started, 2)}
+
+
+DEFAULT_KAPPA = 2.0
+
+
+def _check_options(*, kappa, svd, budget, target_macs, calib, rank_pattern, plan_kind,
+                   plan_batch_size) -> tuple[float, str]:
+    """Refuse values and combinations that cannot work (never drop one silently); return kappa and svd with
+    their defaults filled in."""
+    budgets = [name for name, value in (("budget", budget), ("target_macs", target_macs)) if value is not None]
+    conflicts = [
+        (budgets and kappa is not None, f"`{budgets[0] if budgets else ''}` allocates the ranks per layer and `kappa` "
+         "gives every layer one ratio: give one of them"),
+        (len(budgets) == 2, "`budget` and `target_macs` both set the size: give one of them"),
+        (budgets and rank_pattern, f"`{budgets[0] if budgets else ''}` allocates every rank, `rank_pattern` fixes "
+         "some: give one of them"),
+        (svd is not None and calib is not None, "`svd` picks the method of the plain SVD; with `calib` the "
+         "truncation is data-aware: drop `svd`"),
+        (svd is not None and svd not in SVD_METHODS, f"`svd` '{svd}' is not one of {', '.join(SVD_METHODS)}"),
+        (plan_kind not in ("pela", "speed"), f"`plan_kind` '{plan_kind}' is not one of pela, speed"),
+        (plan_batch_size is not None and plan_batch_size < 1,
+         f"`plan_batch_size` must be at least 1, got {plan_batch_size}"),
+    ]
+    for wrong, message in conflicts:
+        if wrong:
+            raise UsageError(message)
+    return (DEFAULT_KAPPA if kappa is None else kappa), (svd or "exact")
 
 
 def _swap_planned(model: nn.Module, plan: Plan, results: list[LayerResult], *, factor_fn: FactorFn | None, svd: str,

@@ -40,7 +40,7 @@ def factorize_file(
     from lowrank_cli.models.sources import load_model
 
     check_output(output, force=force)
-    if options.get("svd", "exact") not in SVD_METHODS:
+    if options.get("svd") not in (None, *SVD_METHODS):
         raise UsageError(f"`svd` '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
     resolve_dtype(options.get("dtype"))
     if options.get("plan_dtype") is not None:

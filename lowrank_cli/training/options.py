@@ -43,7 +43,7 @@ class RecoverOptions:
     freeze_dense: bool = False  # train only the factorized layers
     augment: str | bool = "auto"  # auto | none | light | strong (data/augment.py); True / False: strong / none
     kappa: float | None = None  # factorize a dense student on the fly
-    rank_multiple: int = 8
+    rank_multiple: int | str = 8  # or "auto"
     arch: str | None = None
     model_args: dict[str, Any] | None = None
     save_every: int = 500
@@ -95,6 +95,8 @@ class RecoverOptions:
             (self.num_workers is None or self.num_workers >= 0,
              f"`num_workers` must be 0 or more, got {self.num_workers}"),
             (self.kappa is None or self.kappa > 1, f"`kappa` must be a number > 1, got {self.kappa}"),
+            (self.rank_multiple == "auto" or (isinstance(self.rank_multiple, int) and self.rank_multiple >= 1),
+             f"`rank_multiple` must be a whole number >= 1 or auto, got {self.rank_multiple}"),
             (self.val_fraction is None or 0 < self.val_fraction <= 0.5,
              f"`val_fraction` must be in (0, 0.5], got {self.val_fraction}"),
             (self.eval_every is None or self.eval_every >= 1, f"`eval_every` must be at least 1, got {self.eval_every}"),

@@ -130,9 +130,11 @@ def test_factorize_passes_the_library_defaults_when_options_are_absent(fake_fact
     code, stdout, err = run_cli(["factorize", "m", "-o", tmp_path / "x.safetensors", "--json"], capsys)
     assert code == 0, err
     assert json.loads(stdout)["factorized"] == 1
-    assert fake_factorize["kappa"] == 2.0 and fake_factorize["calib_samples"] == 256
+    # kappa and svd absent: the library fills in its defaults (2.0, exact), so that it can refuse a kappa given
+    # together with a budget
+    assert fake_factorize["kappa"] is None and fake_factorize["calib_samples"] == 256
     assert fake_factorize["rank_multiple"] == 8 and fake_factorize["budget"] is None
-    assert fake_factorize["svd"] == "exact" and fake_factorize["plan_kind"] == "pela"
+    assert fake_factorize["svd"] is None and fake_factorize["plan_kind"] == "pela"
     assert fake_factorize["progress_bars"] is False  # stderr is not a terminal here
 
 
@@ -140,7 +142,7 @@ def test_factorize_passes_the_library_defaults_when_options_are_absent(fake_fact
     (["--kappa", "3", "--rank-multiple", "auto", "--plan-dtype", "bfloat16"],
      {"kappa": 3.0, "rank_multiple": "auto", "plan_dtype": "bf16"}),
     (["--budget", "0.5", "--calib", "{tmp}", "--calib-samples", "32", "--dtype", "float16"],
-     {"kappa": 2.0, "budget": 0.5, "calib_samples": 32, "dtype": "fp16"}),
+     {"kappa": None, "budget": 0.5, "calib_samples": 32, "dtype": "fp16"}),
     (["--target-macs", "9G", "--plan", "speed", "--plan-batch-size", "4", "--svd", "randomized"],
      {"target_macs": 9_000_000_000, "plan_kind": "speed", "plan_batch_size": 4, "svd": "randomized"}),
     (["--progress"], {"progress_bars": True}),

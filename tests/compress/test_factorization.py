@@ -157,3 +157,17 @@ def test_svd_on_cuda_matches_cpu():
     w = torch.randn(256, 128)
     cpu, gpu = truncated_svd(w, 32), truncated_svd(w, 32, device="cuda")
     torch.testing.assert_close((gpu.second @ gpu.first).cpu(), cpu.second @ cpu.first, rtol=1e-3, atol=1e-4)
+
+
+def test_options_that_contradict_each_other_are_refused_not_dropped():
+    from helpers import make_tiny_vit
+
+    for kwargs, message in [(dict(kappa=3, budget=0.5), "budget allocates the ranks per layer and kappa"),
+                            (dict(budget=0.5, target_macs=10**6), "budget and target_macs both set the size"),
+                            (dict(budget=0.5, rank_pattern=[".*=8"]), "rank_pattern fixes some"),
+                            (dict(svd="randomized", calib="x"), "drop svd"),
+                            (dict(plan_kind="speed", plan_batch_size=0), "plan_batch_size must be at least 1")]:
+        with pytest.raises(UsageError, match=message):
+            lowrank_cli.factorize(make_tiny_vit(), **kwargs)
+    with pytest.raises(UsageError, match="device 'tpu0' is not a device torch knows"):
+        lowrank_cli.factorize(make_tiny_vit(), device="tpu0")
