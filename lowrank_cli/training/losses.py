@@ -168,23 +168,24 @@ class RecoveryLoss:
         terms: dict[str, torch.Tensor] = {}
         if self.use_labels:
             terms["ce"] = classification(logits_of(student_out), labels, w.label_smoothing)
-        if w.alpha > 0:
-            terms["fd"] = feature_distillation(student_blocks, teacher_blocks, mask)
+        terms.update(self._distillation(student_out, teacher_out, student_blocks, teacher_blocks, mask))
         if w.beta > 0:
             device_type = self.pairs[0][0].first.weight.device.type
             with torch.autocast(device_type, enabled=False):  # the max of a difference needs float32 products
                 terms["rwp"] = weight_perturbation(self.pairs, w.eps)
-        if w.gamma > 0:
-            terms["kd"] = logit_distillation(logits_of(student_out), logits_of(teacher_out), w.temperature, mask)
-        if w.delta > 0:
-            s_last, t_last = (student_blocks[-1], teacher_blocks[-1]) if student_blocks else (None, None)
-            terms["pool"] = masked_mse(pooled_output(student_out, mask, s_last),
-                                       pooled_output(teacher_out, mask, t_last), None)
         return self._total(terms)
 
     def held_out(self, *, student_out: object, teacher_out: object, student_blocks: Sequence[torch.Tensor],
                  teacher_blocks: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The distillation terms on held-out data (no labels, no weight regulariser) and their weighted sum."""
+        terms = self._distillation(student_out, teacher_out, student_blocks, teacher_blocks, mask)
+        if not terms:
+            return {"loss": torch.tensor(0.0)}
+        return self._total(terms)
+
+    def _distillation(self, student_out: object, teacher_out: object, student_blocks: Sequence[torch.Tensor],
+                      teacher_blocks: Sequence[torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The terms that compare the student with the teacher: block features, logits, pooled output."""
         w = self.weights
         terms: dict[str, torch.Tensor] = {}
         if w.alpha > 0:
@@ -195,9 +196,7 @@ class RecoveryLoss:
             s_last, t_last = (student_blocks[-1], teacher_blocks[-1]) if student_blocks else (None, None)
             terms["pool"] = masked_mse(pooled_output(student_out, mask, s_last),
                                        pooled_output(teacher_out, mask, t_last), None)
-        total = sum(weight * terms[name] for name, weight in (("fd", w.alpha), ("kd", w.gamma), ("pool", w.delta))
-                    if name in terms)
-        return {"loss": total if isinstance(total, torch.Tensor) else torch.tensor(0.0), **terms}
+        return terms
 
     def _total(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         w = self.weights
