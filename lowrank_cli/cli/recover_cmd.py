@@ -28,6 +28,9 @@ Examples:
 
   lrc recover bert_lr.safetensors --teacher ./my-bert-folder --data corpus.txt --steps 500 -o rec.safetensors
 
+  lrc recover deit_base --method progressive --rank 32 --teacher deit_base --data imagenet/ --steps 5000 \\
+      -o deit_r32.safetensors        (PC-LoRA: the dense weights fade out while the factors learn)
+
   lrc recover ... --resume        (after a crash, a kill or Ctrl-C: continues where it stopped)
 
 Data: DIR/train/<class>/... (labels: cross-entropy + distillation), optional DIR/val/<class>/... (accuracy
@@ -36,6 +39,11 @@ before and after), or a folder of images without classes (distillation only). Fo
 tokenizer; distillation of every layer's hidden states on the real tokens. --batch-size is per process.
 Every --save-every steps the training state is written to <output stem>.train.safetensors; metrics go to
 <output stem>.metrics.jsonl.
+
+--method progressive (PC-LoRA, arXiv 2406.09117) factorizes the dense STUDENT on the fly (--kappa or --rank) and
+trains y = lambda(t) W_res x + second(first(x)) + b, lambda falling from 1 to 0 (--decay) at --decay-end of the
+steps; the output is an ordinary low-rank checkpoint. Memory: while it trains, the dense weights are held too
+(once, frozen, in the training precision, with no optimizer state).
 """
 
 Data = Annotated[
@@ -43,6 +51,28 @@ Data = Annotated[
     typer.Option("--data", help="ImageFolder root (train/<class>/..., optional val/<class>/...), a class tree, a "
                  "folder of unlabelled images, or for text models a .txt / .jsonl file or folder of them.",
                  show_default=False),
+]
+Method = Annotated[
+    str,
+    typer.Option("--method", help="pela: factorize, then distil; progressive: PC-LoRA, the dense weights fade out "
+                 "while the low-rank factors learn (needs a dense STUDENT with --kappa or --rank; holds the dense "
+                 "weights during training as well)."),
+]
+Init = Annotated[
+    Optional[str],
+    typer.Option("--init", help="--method progressive: svd (the truncated SVD + the dense remainder, exactly the "
+                 "dense model at the start; default) or lora (W_res = W, random first, zero second: the paper's).",
+                 show_default=False),
+]
+Decay = Annotated[
+    Optional[str],
+    typer.Option("--decay", help="--method progressive: how lambda falls from 1 to 0: linear (default), sine or "
+                 "cosine.", show_default=False),
+]
+DecayEnd = Annotated[
+    Optional[float],
+    typer.Option("--decay-end", help="--method progressive: lambda is 0 from this fraction of the steps on, in "
+                 "(0, 1] (default 0.8: the last 20% train the pure low-rank model).", show_default=False),
 ]
 Workers = Annotated[
     Optional[int],
@@ -108,8 +138,8 @@ def _quiet_on_other_ranks(fn):
 def recover(
     student: Model,
     output: Output,
-    teacher: Annotated[str, typer.Option("--teacher", help="The dense model the student was made from (any MODEL source).", show_default=False)],
     data: Data,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="The dense model the student was made from (any MODEL source); default: a dense STUDENT factorized on the fly (--kappa / --rank) is its own teacher.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (or give --epochs).", show_default=False)] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training images (fractions allowed).", show_default=False)] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of AdamW (linear warm-up, then cosine to 0).")] = 1e-4,
@@ -132,6 +162,14 @@ def recover(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crops and flips (timm's training transform); --no-augment trains on the evaluation preprocessing (for digits, text, centred objects).")] = True,
     kappa: Annotated[Optional[float], typer.Option("--kappa", help="Factorize a dense STUDENT on the fly at this ratio.", show_default=False)] = None,
     rank_multiple: Annotated[int, typer.Option("--rank-multiple", help="With --kappa: round ranks down to a multiple of this.")] = 8,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Factorize a dense STUDENT on the fly at this rank for every target layer (instead of --kappa).", show_default=False)] = None,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="With --kappa / --rank: data-aware truncation on these images or texts.", show_default=False)] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Images or texts of --calib to use.")] = 256,
+    method: Method = "pela",
+    init: Init = None,
+    decay: Decay = None,
+    decay_end: DecayEnd = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="--init lora: second is scaled by this / rank, folded in at the end (default: scale 1).", show_default=False)] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Write the training state every N steps.")] = 500,
     log_every: Annotated[int, typer.Option("--log-every", help="Log metrics every N steps.")] = 10,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from its training state.")] = False,
@@ -146,7 +184,8 @@ def recover(
     force: Force = False,
     json_out: Json = False,
 ) -> None:
-    """Recover the accuracy of a low-rank model by distillation from its dense teacher (PELA Eq. 7)."""
+    """Recover the accuracy of a low-rank model by distillation from its dense teacher (PELA Eq. 7), or compress
+    a dense one progressively (--method progressive, PC-LoRA)."""
     from lowrank_cli.models.sources import parse_model_args
     from lowrank_cli.training.recovery import recover as run_recover
 
@@ -159,6 +198,8 @@ def recover(
                 label_smoothing=label_smoothing, delta=delta, tokenizer=tokenizer, max_length=max_length,
                 library=library, warmup_steps=warmup_steps, weight_decay=weight_decay,
                 clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa, rank_multiple=rank_multiple, arch=arch,
+                rank=rank, calib=calib, calib_samples=calib_samples, method=method, init=init, decay=decay,
+                decay_end=decay_end, lora_alpha=lora_alpha,
                 model_args=parse_model_args(model_arg), save_every=save_every, log_every=log_every, resume=resume,
                 force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size,
                 device=device, num_workers=workers, seed=seed, progress=bars, log=console.info,
@@ -170,11 +211,8 @@ def recover(
     result = _quiet_on_other_ranks(go)
     if not console.is_main_process():
         return
-    summary = result.summary()
-    if json_out:
-        console.print_json(summary)
-        return
-    print_summary(summary)
+    show = console.print_json if json_out else print_summary  # only rank 0 prints
+    show(result.summary())
 
 
 def _percent(acc: dict | None, key: str) -> str:
@@ -191,6 +229,9 @@ def print_summary(s: dict) -> None:
     resumed = f" (resumed at step {s['resumed_from']})" if s["resumed_from"] else ""
     unit = "texts" if settings.get("data_kind") == "text" else "images"
     table.add_row("steps", f"{s['steps']} x {settings['images_per_step']} {unit}{resumed}")
+    if settings.get("method") == "progressive":
+        table.add_row("method", f"progressive (init {settings['init']}, {settings['decay']} decay; lambda 0 from step "
+                      f"{settings['decay_steps']})")
     table.add_row(f"{unit} seen", f"{s['images_seen']:,} ({s['images_per_second']:.0f} {unit}/s, {s['seconds']:.1f} s)")
     if s["skipped_images"]:
         table.add_row("unreadable images", f"{s['skipped_images']} skipped")
