@@ -7,7 +7,6 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
 
@@ -22,9 +21,6 @@ from lowrank_cli.cli.options import (
     ModelArg,
     Output,
     Progress,
-    choice,
-    number,
-    rank_multiple_option,
 )
 
 RECOVER_EPILOG = """\
@@ -41,6 +37,9 @@ Examples:
 
   lrc recover bert_lr.safetensors --teacher ./my-bert-folder --data corpus.txt --steps 500 -o rec.safetensors
 
+  lrc recover deit_base --method progressive --rank 32 --data imagenet/ --steps 5000 -o deit_r32.safetensors
+      (PC-LoRA: the dense weights fade out while the factors learn; the dense STUDENT is its own teacher)
+
   lrc recover ... --resume        (after a crash, a kill or Ctrl-C: continues where it stopped)
 
 Data: DIR/train/<class>/... (labels: cross-entropy + distillation), optional DIR/val/<class>/... (accuracy
@@ -49,121 +48,61 @@ before and after), or a folder of images without classes (distillation only). Fo
 tokenizer; distillation of every layer's hidden states on the real tokens. --batch-size is per process.
 Every --save-every steps the training state is written to <output stem>.train.safetensors; metrics go to
 <output stem>.metrics.jsonl.
+
+--method progressive (PC-LoRA, arXiv 2406.09117) factorizes the dense STUDENT on the fly (--kappa or --rank) and
+trains y = lambda(t) W_res x + second(first(x)) + b, lambda falling from 1 to 0 (--decay) at --decay-end of the
+steps; the output is an ordinary low-rank checkpoint. Memory: while it trains, the dense weights are held too
+(once, frozen, in the training precision, with no optimizer state).
 """
 
-LOSS_PANEL, TRAINING_PANEL, DATA_PANEL = "Loss (PELA Eq. 7)", "Training", "Data and accuracy"
-STUDENT_PANEL = "A dense STUDENT, factorized on the fly"
-DEFAULT_RANK_MULTIPLE = 8
-
-Student = Annotated[str, typer.Argument(
-    metavar="STUDENT", show_default=False,
-    help="The low-rank model to recover (an lrc checkpoint), or a dense MODEL to factorize first with --kappa.")]
-Teacher = Annotated[str, typer.Option(
-    "--teacher", metavar="MODEL", show_default=False,
-    help="The dense model the student was made from (any MODEL source).")]
-Data = Annotated[Path, typer.Option(
-    "--data", metavar="PATH", show_default=False,
-    help="ImageFolder root (train/<class>/..., optional val/<class>/...), a class tree, a folder of unlabelled "
-    "images, or for text models a .txt / .jsonl file or folder of them.")]
-Steps = Annotated[Optional[int], typer.Option(
-    "--steps", min=1, show_default=False, help="Optimizer steps (give this or --epochs).")]
-Epochs = Annotated[Optional[float], typer.Option(
-    "--epochs", show_default=False, callback=number(low=0, low_open=True),
-    help="Passes over the training data, > 0, fractions allowed (give this or --steps).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images (or texts) per micro-batch, per process.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from its training state.")]
-
-Alpha = Annotated[float, typer.Option(
-    "--alpha", rich_help_panel=LOSS_PANEL, callback=number(low=0),
-    help="Weight of the feature distillation (block outputs, MSE), >= 0.")]
-Beta = Annotated[float, typer.Option(
-    "--beta", rich_help_panel=LOSS_PANEL, callback=number(low=0),
-    help="Weight of the weight-perturbation regulariser (max|second@first - W| - eps)^2, >= 0.")]
-Gamma = Annotated[float, typer.Option(
-    "--gamma", rich_help_panel=LOSS_PANEL, callback=number(low=0),
-    help="Weight of the logit distillation (KL at --temperature), >= 0.")]
-Delta = Annotated[float, typer.Option(
-    "--delta", rich_help_panel=LOSS_PANEL, callback=number(low=0),
-    help="Text models: weight of the MSE on the final pooled output, >= 0.")]
-Eps = Annotated[float, typer.Option(
-    "--eps", rich_help_panel=LOSS_PANEL, callback=number(low=0),
-    help="The weight perturbation the regulariser aims at, >= 0.")]
-Temperature = Annotated[float, typer.Option(
-    "--temperature", rich_help_panel=LOSS_PANEL, callback=number(low=0, low_open=True),
-    help="Temperature of the logit distillation, > 0.")]
-LabelSmoothing = Annotated[float, typer.Option(
-    "--label-smoothing", rich_help_panel=LOSS_PANEL, callback=number(low=0, high=1, high_open=True),
-    help="Label smoothing of the cross-entropy (labelled data), in [0, 1).")]
-
-Lr = Annotated[float, typer.Option(
-    "--lr", rich_help_panel=TRAINING_PANEL, callback=number(low=0, low_open=True),
-    help="Peak learning rate of AdamW (linear warm-up, then cosine to 0), > 0.")]
-WarmupSteps = Annotated[Optional[int], typer.Option(
-    "--warmup-steps", min=0, show_default=False, rich_help_panel=TRAINING_PANEL,
-    help="Linear warm-up steps (default: 5% of the steps).")]
-WeightDecay = Annotated[float, typer.Option(
-    "--weight-decay", rich_help_panel=TRAINING_PANEL, callback=number(low=0),
-    help="AdamW weight decay (matrices only), >= 0.")]
-ClipGrad = Annotated[float, typer.Option(
-    "--clip-grad", rich_help_panel=TRAINING_PANEL, callback=number(low=0),
-    help="Clip the gradient norm to this (0: off).")]
-GradAccum = Annotated[int, typer.Option(
-    "--grad-accum", min=1, rich_help_panel=TRAINING_PANEL, help="Micro-batches per optimizer step.")]
-FreezeDense = Annotated[bool, typer.Option(
-    "--freeze-dense", rich_help_panel=TRAINING_PANEL,
-    help="Train only the factorized layers (norms, embeddings, head stay).")]
-Compile = Annotated[bool, typer.Option(
-    "--compile", rich_help_panel=TRAINING_PANEL, help="torch.compile the student and the teacher.")]
-Seed = Annotated[int, typer.Option(
-    "--seed", rich_help_panel=TRAINING_PANEL, help="Seed of the data order, augmentations and dropout.")]
-SaveEvery = Annotated[int, typer.Option(
-    "--save-every", min=1, rich_help_panel=TRAINING_PANEL, help="Write the training state every N steps.")]
-LogEvery = Annotated[int, typer.Option(
-    "--log-every", min=1, rich_help_panel=TRAINING_PANEL, help="Log metrics every N steps.")]
-
-Augment = Annotated[str, typer.Option(
-    "--augment", rich_help_panel=DATA_PANEL, **choice("auto", "none", "light", "strong"),
-    help="Training augmentation. auto: none for images about the model's input size or smaller, light (flips, "
-    "mild scale jitter) for short runs, strong (timm's random resized crops) for long runs on large images.")]
-NoAugment = Annotated[bool, typer.Option(
-    "--no-augment", rich_help_panel=DATA_PANEL, help="Same as --augment none (the evaluation preprocessing).")]
-ValData = Annotated[Optional[Path], typer.Option(
-    "--val-data", metavar="DIR|FILE", show_default=False, rich_help_panel=DATA_PANEL,
-    help="Held-out data to score the student on (default: DATA's val/ split, else --val-fraction of DATA).")]
-ValFraction = Annotated[Optional[float], typer.Option(
-    "--val-fraction", show_default=False, rich_help_panel=DATA_PANEL, callback=number(low=0, high=0.5, low_open=True),
-    help="Share of the training data held out, in (0, 0.5] (default: 0.1 when there are 200 samples or more and no "
-    "val/ split).")]
-EvalEvery = Annotated[Optional[int], typer.Option(
-    "--eval-every", min=1, show_default=False, rich_help_panel=DATA_PANEL,
-    help="Steps between held-out evaluations (default: a tenth of the run).")]
-Keep = Annotated[Optional[str], typer.Option(
-    "--keep", show_default=False, rich_help_panel=DATA_PANEL, **choice("best", "last"),
-    help="Which state to write: best held-out score (the default with held-out data) or the last step.")]
-Workers = Annotated[Optional[int], typer.Option(
-    "--workers", min=0, show_default=False, rich_help_panel=DATA_PANEL,
-    help="Data-loading processes per training process (default: its share of the CPUs, at most 8).")]
-Tokenizer = Annotated[Optional[str], typer.Option(
-    "--tokenizer", metavar="DIR|REPO", show_default=False, rich_help_panel=DATA_PANEL,
-    help="Text data: folder or Hub repo of the tokenizer (default: the teacher's).")]
-MaxLength = Annotated[Optional[int], typer.Option(
-    "--max-length", min=1, show_default=False, rich_help_panel=DATA_PANEL,
-    help="Text data: tokens per text at most (default: the model's positions, at most 512).")]
-Eval = Annotated[bool, typer.Option(
-    "--eval/--no-eval", rich_help_panel=DATA_PANEL, help="Measure accuracy on the val split before and after.")]
-EvalBatchSize = Annotated[Optional[int], typer.Option(
-    "--eval-batch-size", min=1, show_default=False, rich_help_panel=DATA_PANEL,
-    help="Batch size of the accuracy runs (default: --batch-size).")]
-
-Kappa = Annotated[Optional[float], typer.Option(
-    "--kappa", show_default=False, rich_help_panel=STUDENT_PANEL,
-    callback=number(low=1, low_open=True, note=" (the compression ratio of each layer)"),
-    help="Factorize a dense STUDENT on the fly at this ratio (> 1).")]
-RankMultiple = Annotated[Optional[str], typer.Option(
-    "--rank-multiple", metavar="N|auto", show_default=False, rich_help_panel=STUDENT_PANEL,
-    callback=rank_multiple_option,
-    help=f"With --kappa: round ranks down to a multiple of this (default {DEFAULT_RANK_MULTIPLE}; auto: what the "
-    "device likes).")]
+from lowrank_cli.cli.recover_options import (  # noqa: E402
+    DEFAULT_RANK_MULTIPLE,
+    Alpha,
+    Augment,
+    BatchSize,
+    Beta,
+    Calib,
+    CalibSamples,
+    ClipGrad,
+    Compile,
+    Data,
+    Decay,
+    DecayEnd,
+    Delta,
+    Epochs,
+    Eps,
+    Eval,
+    EvalBatchSize,
+    EvalEvery,
+    FreezeDense,
+    Gamma,
+    GradAccum,
+    Init,
+    Kappa,
+    Keep,
+    LabelSmoothing,
+    LogEvery,
+    LoraAlpha,
+    Lr,
+    MaxLength,
+    Method,
+    NoAugment,
+    Rank,
+    RankMultiple,
+    Resume,
+    SaveEvery,
+    Seed,
+    Steps,
+    Student,
+    Teacher,
+    Temperature,
+    Tokenizer,
+    ValData,
+    ValFraction,
+    WarmupSteps,
+    WeightDecay,
+    Workers,
+)
 
 
 def _resume_command() -> str:
@@ -223,8 +162,8 @@ def _quiet_on_other_ranks(fn):
 def recover(
     student: Student,
     output: Output,
-    teacher: Teacher,
     data: Data,
+    teacher: Teacher = None,
     steps: Steps = None,
     epochs: Epochs = None,
     batch_size: BatchSize = 64,
@@ -263,11 +202,20 @@ def recover(
     eval_batch_size: EvalBatchSize = None,
     kappa: Kappa = None,
     rank_multiple: RankMultiple = None,
+    rank: Rank = None,
+    calib: Calib = None,
+    calib_samples: CalibSamples = 256,
+    method: Method = "pela",
+    init: Init = None,
+    decay: Decay = None,
+    decay_end: DecayEnd = None,
+    lora_alpha: LoraAlpha = None,
     library: Library = "auto",
     arch: Arch = None,
     model_arg: ModelArg = None,
 ) -> None:
-    """Recover the accuracy of a low-rank model by distillation from its dense teacher.
+    """Recover the accuracy of a low-rank model by distillation from its dense teacher, or compress a dense one
+    progressively (--method progressive, PC-LoRA).
 
     The loss is PELA's Eq. 7: feature distillation, optional logit distillation and weight-perturbation
     regulariser, and cross-entropy when the data has labels.
@@ -286,7 +234,8 @@ def recover(
         rank_multiple=DEFAULT_RANK_MULTIPLE if rank_multiple is None else rank_multiple, arch=arch,
         model_args=parse_model_args(model_arg), save_every=save_every, log_every=log_every, resume=resume,
         force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size, device=device,
-        num_workers=workers, seed=seed, val_data=val_data, val_fraction=val_fraction, eval_every=eval_every, keep=keep,
+        rank=rank, calib=calib, calib_samples=calib_samples, method=method, init=init, decay=decay,
+        decay_end=decay_end, lora_alpha=lora_alpha, num_workers=workers, seed=seed, val_data=val_data, val_fraction=val_fraction, eval_every=eval_every, keep=keep,
     )
     result = _quiet_on_other_ranks(lambda: _run(student, teacher, data, options))
     if not console.is_main_process():
@@ -354,6 +303,9 @@ def print_summary(s: dict) -> None:
     resumed = f" (resumed at step {s['resumed_from']})" if s["resumed_from"] else ""
     unit = "texts" if settings.get("data_kind") == "text" else "images"
     table.add_row("steps", f"{s['steps']} x {settings['images_per_step']} {unit}{resumed}")
+    if settings.get("method") == "progressive":
+        table.add_row("method", f"progressive (init {settings['init']}, {settings['decay']} decay; lambda 0 from step "
+                      f"{settings['decay_steps']})")
     table.add_row(f"{unit} seen", f"{s['images_seen']:,} ({s['images_per_second']:.0f} {unit}/s, {s['seconds']:.1f} s)")
     if s["skipped_images"]:
         table.add_row("unreadable images", f"{s['skipped_images']} skipped")

@@ -79,10 +79,11 @@ def feature_distillation(student: Sequence[torch.Tensor], teacher: Sequence[torc
 
 
 def weight_perturbation(pairs: Iterable[tuple[LowRankLinear, torch.Tensor]], eps: float) -> torch.Tensor:
-    """L_rwp: mean over factorized layers of (max_ij |second@first - W|_ij - eps)^2, in float32."""
+    """L_rwp: mean over factorized layers of (max_ij |second@first - W|_ij - eps)^2, in float32. A layer is any
+    module with `first` and `second` (a ProgressiveLinear's product carries its LoRA scale)."""
     losses = []
     for layer, dense in pairs:
-        product = layer.second.weight.float() @ layer.first.weight.float()
+        product = layer.second.weight.float() @ layer.first.weight.float() * getattr(layer, "scale", 1.0)
         losses.append(((product - dense.float()).abs().amax() - eps) ** 2)
     if not losses:
         raise ValueError("weight perturbation needs at least one factorized layer")

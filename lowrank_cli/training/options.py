@@ -10,6 +10,7 @@ import torch
 
 from lowrank_cli.errors import UsageError
 from lowrank_cli.training.losses import LossWeights
+from lowrank_cli.training.progressive import DEFAULT_DECAY, DEFAULT_DECAY_END, DEFAULT_INIT, INITS, METHODS, SCHEDULES
 
 
 @dataclass
@@ -43,7 +44,15 @@ class RecoverOptions:
     freeze_dense: bool = False  # train only the factorized layers
     augment: str | bool = "auto"  # auto | none | light | strong (data/augment.py); True / False: strong / none
     kappa: float | None = None  # factorize a dense student on the fly
+    rank: int | None = None  # ... or at this rank for every target layer (PC-LoRA's extreme compression)
     rank_multiple: int | str = 8  # or "auto"
+    calib: str | None = None  # the on-the-fly factorization truncates data-aware on these images / texts
+    calib_samples: int = 256
+    method: str = "pela"  # pela: factorize, then distil; progressive: the dense weights fade out (training/progressive)
+    init: str | None = None  # progressive: svd (default) or lora
+    decay: str | None = None  # progressive: linear (default), sine or cosine
+    decay_end: float | None = None  # progressive: lambda is 0 from this fraction of the steps on (default 0.8)
+    lora_alpha: float | None = None  # progressive, init lora: second is scaled by lora_alpha / rank (default: scale 1)
     arch: str | None = None
     model_args: dict[str, Any] | None = None
     save_every: int = 500
@@ -106,24 +115,56 @@ class RecoverOptions:
             (self.max_length is None or self.max_length >= 1, f"`max_length` must be at least 1, got {self.max_length}"),
             (not (self.val_data is not None and self.val_fraction is not None),
              "`val_data` and `val_fraction` both say where the held-out data comes from: give one of them"),
+            (self.rank is None or self.rank >= 1, f"`rank` must be at least 1, got {self.rank}"),
+            (self.kappa is None or self.rank is None, "`kappa` and `rank` both set the ranks: give one of them"),
+            (self.calib_samples >= 1, f"`calib_samples` must be at least 1, got {self.calib_samples}"),
+            (self.calib is None or self.kappa is not None or self.rank is not None,
+             "`calib` makes the on-the-fly factorization of a dense student data-aware: give `kappa` or `rank` too"),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self._method_checks():
             if not ok:
                 raise UsageError(message)
+
+    def _method_checks(self) -> list[tuple[bool, str]]:
+        progressive_only = ("init", "decay", "decay_end", "lora_alpha")
+        given = [f"`{name}`" for name in progressive_only if getattr(self, name) is not None]
+        return [
+            (self.method in METHODS, f"`method` '{self.method}' is not one of {', '.join(METHODS)}"),
+            (self.method == "progressive" or not given,
+             f"{', '.join(given)} belong to `method` progressive (this run is {self.method}): add `method` "
+             "progressive, or leave them out"),
+            (self.init is None or self.init in INITS, f"`init` '{self.init}' is not one of {', '.join(INITS)}"),
+            (self.decay is None or self.decay in SCHEDULES,
+             f"`decay` '{self.decay}' is not one of {', '.join(SCHEDULES)}"),
+            (self.decay_end is None or 0 < self.decay_end <= 1,
+             f"`decay_end` must be in (0, 1] (the fraction of the steps over which the dense weights fade out), "
+             f"got {self.decay_end}"),
+            (self.init != "lora" or self.calib is None,
+             "`calib` makes the SVD data-aware, but `init` lora starts from random factors, not from an SVD: leave "
+             "out `calib`, or use `init` svd"),
+            (self.lora_alpha is None or (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)),
+             f"`lora_alpha` must be a number > 0, got {self.lora_alpha}"),
+            (self.lora_alpha is None or self.init == "lora",
+             "`lora_alpha` scales random LoRA factors: it goes with `init` lora (an SVD start needs no scale)"),
+        ]
 
     def fixed_for_resume(self, processes: int, samples: int) -> dict[str, Any]:
         """What a resumed run must share with the interrupted one: the data order and the batch shape depend on it."""
         return {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed,
                 "freeze_dense": self.freeze_dense, "val_fraction": self.val_fraction,
                 "val_data": None if self.val_data is None else str(self.val_data), "number of processes": processes,
-                "number of training images": samples}
+                "number of training images": samples, "method": self.method,
+                **({"init": self.init or DEFAULT_INIT, "lora_alpha": self.lora_alpha}
+                   if self.method == "progressive" else {})}
 
     def changeable_on_resume(self, *, total: int, warmup: int, teacher: str, data: str) -> dict[str, Any]:
         """What a resumed run may change, with a warning (the result then differs from an uninterrupted run)."""
         return {"steps": total, "lr": self.lr, "warmup_steps": warmup, "weight_decay": self.weight_decay,
                 "clip_grad": self.clip_grad, "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
                 "eps": self.eps, "temperature": self.temperature, "label_smoothing": self.label_smoothing,
-                "augment": self.augment, "teacher": teacher, "data": data}
+                "augment": self.augment, "teacher": teacher, "data": data,
+                **({"decay": self.decay or DEFAULT_DECAY, "decay_end": self.decay_end or DEFAULT_DECAY_END}
+                   if self.method == "progressive" else {})}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -40,12 +40,6 @@ from lowrank_cli.training.state import (
 )
 from lowrank_cli.training.trainer import NoUsableData, ProgressFn
 
-# ---------------------------------------------------------------------------------------------- results
-
-
-# ---------------------------------------------------------------------------------------------- the API
-
-
 # ---------------------------------------------------------------------------------------------- the API
 
 
@@ -63,7 +57,7 @@ def recover(
     on_step: Callable[[int, nn.Module], bool | None] | None = None,
     **option_values: Any,
 ) -> RecoverResult:
-    """Distil `student` (an lrc checkpoint, or a dense MODEL with `kappa`) towards `teacher` on `data`.
+    """Distil `student` (an lrc checkpoint, or a dense MODEL with `kappa` or `rank`) towards `teacher` on `data`.
 
     student / teacher: MODEL source strings (any that `lrc` accepts) or `LoadedModel`s. data: an ImageFolder
     root (train/<class>/..., optional val/<class>/...), a class tree, a flat folder of unlabelled images (then
@@ -75,7 +69,9 @@ def recover(
     val split, when there is one with labels). Training states go to `<output stem>.train.safetensors` every
     `save_every` steps and metrics to `<output stem>.metrics.jsonl` every `log_every` steps. `on_step(step,
     model)` is called after each step; returning True stops the run as SIGINT does (for tests and notebooks).
-    `resume_command` is the command printed on interruption.
+    `resume_command` is the command printed on interruption. `teacher` None: a dense student factorized on the fly
+    is its own teacher. `method="progressive"` (PC-LoRA, training/progressive.py) fades the dense student's weights
+    out while its factors learn (`init`, `decay`, `decay_end`, `lora_alpha`); the output is the same kind of file.
     """
     unknown = sorted(set(option_values) - RecoverOptions.names())
     if unknown:

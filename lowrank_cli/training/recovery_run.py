@@ -16,12 +16,12 @@ from lowrank_cli.data.augment import parse_level
 from lowrank_cli.data.modality import check_model, modality_for
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.evaluation.accuracy import check_classes, evaluate
-from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.structure import innermost_blocks
 from lowrank_cli.training.heldout import HeldOut, HeldOutPhase
 from lowrank_cli.training.losses import RecoveryLoss
 from lowrank_cli.training.metrics import metrics_lines, metrics_path, truncate_metrics
 from lowrank_cli.training.options import RecoverOptions
+from lowrank_cli.training.progressive import Progressive, factorized_layer_types
 from lowrank_cli.training.result import RecoverResult
 from lowrank_cli.training.schedule import param_groups
 from lowrank_cli.training.state import (
@@ -70,6 +70,7 @@ class RecoveryRun:
         self.warn = warn if self.main else (lambda msg: None)
         self.progress = progress if (progress is not None and self.main) else (lambda *a: None)
         self.resume_command, self.on_step = resume_command, on_step
+        self.method: Progressive | None = None  # the progressive method's state, when it is the method
 
     def run(self, student, teacher, data: Path, output: Path, state_path: Path) -> RecoverResult:
         opts, dev = self.opts, self.ctx.device
@@ -80,8 +81,12 @@ class RecoveryRun:
                                              val_fraction=opts.val_fraction)
         fixed = opts.fixed_for_resume(self.ctx.world_size, len(train))
         saved_state = self._saved_state(state_path, fixed)
-        s, t, pairs = load_pair(student, teacher, opts, device=dev, log=self.log, warn=self.warn)
+        s, t, pairs, dense = load_pair(student, teacher, opts, device=dev, log=self.log, warn=self.warn)
         raw, tea = s.model, t.model
+        self.method = Progressive.from_options(opts) if opts.method == "progressive" else None
+        if self.method is not None:  # the loss's pairs become the progressive layers; the dense linears go
+            layers = dict(self.method.swap_in(raw, dense))
+            pairs = [(name, layers[name], weight) for name, _, weight in pairs]
         check_model(modality, tea, name_of(t), data)
         save_dtype = next(raw.parameters()).dtype
         raw.to(device=dev, dtype=torch.float32).train()
@@ -94,6 +99,8 @@ class RecoveryRun:
         loader, sampler = self._loader(d, tea, total)
         warmup = opts.warmup_steps if opts.warmup_steps is not None else int(round(opts.warmup_fraction * total))
         warmup = min(warmup, max(total - 1, 0))
+        if self.method is not None:
+            self.method.start(total)
         named = self._trainable(raw, tea, loss, blocks, d.input_size)
         groups = param_groups(named, opts.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.999), fused=True if dev.type == "cuda" else None)
@@ -111,6 +118,8 @@ class RecoveryRun:
             if phase is not None:
                 phase.measure_before(trainer, state)
             trainer.run()
+            if self.method is not None:
+                self.method.finish(raw)  # W_res dropped: LowRankLinear layers from here on
             if phase is not None:
                 settings.update(phase.finish(trainer))
         finally:
@@ -206,7 +215,7 @@ class RecoveryRun:
         """The student's parameters that train: those the loss reaches (all but the factorized layers' with
         freeze_dense). The others get requires_grad=False, which DDP needs and which spares AdamW the work."""
         reached = params_reached(raw, tea, loss, blocks, input_size, self.ctx.device)
-        lowrank_prefixes = tuple(n + "." for n, m in raw.named_modules() if isinstance(m, LowRankLinear))
+        lowrank_prefixes = tuple(n + "." for n, m in raw.named_modules() if isinstance(m, factorized_layer_types()))
         named = []
         for name, p in raw.named_parameters():
             trains = name in reached and (not self.opts.freeze_dense or name.startswith(lowrank_prefixes))
@@ -282,6 +291,7 @@ class RecoveryRun:
             "weight_decay": o.weight_decay, "clip_grad": o.clip_grad, "freeze_dense": o.freeze_dense,
             "augment": o.augment, "trained_parameters": sum(p.numel() for _, p in named), "seed": o.seed,
             "precision": "bf16" if self.ctx.device.type == "cuda" else "fp32", "compile": o.compile,
+            **(self.method.settings() if self.method is not None else {"method": "pela"}),
         }
         settings.update(d.modality.settings(o.delta))
         settings["augment"] = d.augment
@@ -300,7 +310,9 @@ class RecoveryRun:
             from torch.nn.parallel import DistributedDataParallel
 
             dev = self.ctx.device
-            forward = DistributedDataParallel(forward, device_ids=[dev.index] if dev.type == "cuda" else None)
+            # The residuals never change and start equal on every rank: no buffer broadcast each step.
+            forward = DistributedDataParallel(forward, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                              broadcast_buffers=self.method is None)
         distiller = Distiller(raw, tea, loss, blocks, optimizer=optimizer, params=[p for _, p in named],
                               clip_grad=self.opts.clip_grad, device=self.ctx.device, input_size=d.input_size,
                               ctx=self.ctx, forward=forward, teacher_forward=teacher_forward)
@@ -310,6 +322,9 @@ class RecoveryRun:
                           grad_accum=o.grad_accum, lr=o.lr, warmup=warmup, save_every=o.save_every,
                           log_every=o.log_every, seed=o.seed, train_samples=len(d.train), unit=d.modality.unit,
                           progress=self.progress, resume_hint=self._resume_hint)
+        if self.method is not None:
+            trainer.before_step.append(self.method.before_step)
+            trainer.gauges["lambda"] = lambda: self.method.lam
         if self.on_step is not None:
             trainer.after_step.append(self.on_step)
         return trainer

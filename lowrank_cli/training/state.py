@@ -134,7 +134,7 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
     """Refuse a resume whose options cannot continue the same run (data order, batch shape), naming the option."""
     for option, then, now in changed_options(saved, current):
         raise UsageError(
-            f"cannot resume: {option} was {then} in the interrupted run and is {now} now, so the data position saved "
+            f"cannot resume: {option} was {then} in the interrupted run and is {now} now, so the training state saved "
             f"in '{path}' does not apply: resume with the same {option}, or start again without `resume=True` (pass `force=True` "
             "to replace the saved state)"
         )

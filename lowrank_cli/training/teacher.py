@@ -73,24 +73,45 @@ def name_of(loaded) -> str:
     return str(source.get("id") or loaded.spec.architecture)
 
 
-def load_pair(student: Any, teacher: Any, opts: Any, *, device: torch.device, log, warn):
-    """Load the student (factorizing a dense one when `opts.kappa` is set) and its dense teacher, and check that
-    they share the architecture. Returns (student, teacher, [(name, low-rank layer, teacher weight)])."""
-    from lowrank_cli.checkpoint.format import record_source
-    from lowrank_cli.compress.factorization import factorize
+def own_teacher(s, opts: Any):
+    """The teacher of a dense student factorized on the fly when none is given: a copy of the student, made before
+    it is factorized."""
+    import copy
 
+    from lowrank_cli.models.loaded import LoadedModel
+
+    if opts.kappa is None and opts.rank is None:
+        raise UsageError(f"no `teacher` given: only a dense student factorized on the fly (`kappa` or `rank`) is its "
+                         f"own teacher; give the dense model {name_of(s)} was factorized from as `teacher`")
+    return LoadedModel(model=copy.deepcopy(s.model), spec=s.spec, pending_source=dict(s.source), files=s.files,
+                       revision=s.revision)
+
+
+def load_pair(student: Any, teacher: Any, opts: Any, *, device: torch.device, log, warn):
+    """Load the student (factorizing a dense one when `opts.kappa` or `opts.rank` is set) and its dense teacher, and
+    check that they share the architecture. Returns (student, teacher, [(name, low-rank layer, teacher weight)],
+    {name: the student's dense nn.Linear before factorization}, empty when the student came factorized)."""
     s = load_participant(student, "student", opts.arch, opts.model_args, log, opts.library)
-    t = load_participant(teacher, "teacher", opts.arch, opts.model_args, log, opts.library)
-    if opts.kappa is not None:
+    if teacher is None:
+        t = own_teacher(s, opts)
+    else:
+        t = load_participant(teacher, "teacher", opts.arch, opts.model_args, log, opts.library)
+    dense: dict[str, nn.Linear] = {}
+    progressive = opts.method == "progressive"
+    if opts.kappa is not None or opts.rank is not None:
         if s.checkpoint is not None or is_lowrank(s.model):
-            raise UsageError(f"`kappa` factorizes a dense student, but {name_of(s)} is already low-rank: leave out "
-                             "`kappa`")
-        log(f"Factorizing the student at kappa {opts.kappa:g} (rank multiple {opts.rank_multiple})")
-        factorize(s.model, kappa=opts.kappa, rank_multiple=opts.rank_multiple, device=device, warn=warn)
-        record_source(s.model, s.source)
+            fix = ("`method` progressive fades out dense weights: give the dense model it was made from, with "
+                   "`kappa` or `rank`" if progressive else "leave out `kappa` and `rank`")
+            raise UsageError(f"`{'kappa' if opts.kappa is not None else 'rank'}` factorizes a dense student, but "
+                             f"{name_of(s)} is already low-rank: {fix}")
+        dense = factorize_student(s, t, opts, device=device, log=log, warn=warn)
+    elif progressive:
+        what = "is already low-rank, so it has no dense weights to fade" if is_lowrank(s.model) else "is dense"
+        raise UsageError(f"`method` progressive factorizes a dense student on the fly, and {name_of(s)} {what}: "
+                         "give the dense model with `kappa` (or `rank`)")
     elif not is_lowrank(s.model):
         raise UsageError(f"the student {name_of(s)} has no low-rank layers: pass an lrc checkpoint (lrc factorize), "
-                         "or factorize it on the fly with `kappa`")
+                         "or factorize it on the fly with `kappa` or `rank`")
     if t.checkpoint is not None or is_lowrank(t.model):
         raise InputError(f"the teacher {name_of(t)} is a low-rank model: the teacher is the dense model the student "
                          "was factorized from")
@@ -98,4 +119,50 @@ def load_pair(student: Any, teacher: Any, opts: Any, *, device: torch.device, lo
     if s.spec.architecture != t.spec.architecture:
         warn(f"the teacher is {t.spec.architecture} and the student was made from {s.spec.architecture}: "
              "the shapes agree, so distillation works, but check that this is the teacher you meant")
-    return s, t, pairs
+    return s, t, pairs, dense
+
+
+def factorize_student(s, t, opts: Any, *, device: torch.device, log, warn) -> dict[str, nn.Linear]:
+    """Factorize the dense student in place, at `opts.kappa` or at `opts.rank` for every target, data-aware on
+    `opts.calib`; for `method` progressive with init lora, random factors instead of an SVD. Returns the dense
+    linears the student had (they stay alive for the progressive method's residuals)."""
+    from lowrank_cli.checkpoint.format import info_of, record_source
+    from lowrank_cli.compress.factorization import factorize
+    from lowrank_cli.models.structure import select_targets
+    from lowrank_cli.models.transformers_models import is_text_model
+
+    model = s.model
+    options: dict[str, Any] = {"kappa": opts.kappa if opts.kappa is not None else 2.0}
+    if opts.rank is not None:
+        shapes = {n: model.get_submodule(n).weight.shape for n in select_targets(model)}
+        too_big = [n for n, shape in shapes.items() if opts.rank > min(shape)]
+        if too_big:
+            layer = model.get_submodule(too_big[0])
+            raise UsageError(f"`rank` {opts.rank} is above the full rank {min(layer.in_features, layer.out_features)} "
+                             f"of {too_big[0]} ({layer.out_features}x{layer.in_features}): lower it")
+        options["rank_pattern"] = [f".*={opts.rank}"]
+    if opts.calib is not None:
+        options.update(calib=opts.calib, calib_samples=opts.calib_samples)
+        if is_text_model(model):
+            from lowrank_cli.models.hub import tokenizer_folder
+
+            options["tokenizer"] = opts.tokenizer if opts.tokenizer is not None else tokenizer_folder(t)
+    lora = opts.method == "progressive" and opts.init == "lora"
+    if lora:
+        from lowrank_cli.training.progressive import lora_factor_fn
+
+        options["factor_fn"] = lora_factor_fn(opts.seed)
+    # PELA lets each dense weight go as soon as it is factorized; progressive keeps them for the residuals.
+    dense = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)} if opts.method == "progressive" else {}
+    how = f"kappa {opts.kappa:g}" if opts.kappa is not None else f"rank {opts.rank}"
+    log(f"Factorizing the student at {how} (rank multiple {opts.rank_multiple}"
+        f"{', data-aware on ' + str(opts.calib) if opts.calib is not None else ''}"
+        f"{', LoRA init: no SVD' if lora else ''})")
+    factorize(model, rank_multiple=opts.rank_multiple, device=device, warn=warn, **options)
+    record_source(model, s.source)
+    provenance = info_of(model).provenance
+    if opts.rank is not None:
+        provenance.update(kappa=None, rank=opts.rank)
+    if lora:
+        provenance["svd"] = "none (progressive init lora: random factors)"
+    return dense

@@ -6,7 +6,8 @@ the command that resumes; a non-finite loss stops before the optimizer step, so 
 The model's own randomness (dropout, drop path) is reseeded every step from (seed, step, rank).
 
 Methods that change the model or the loss as training goes (a schedule of their own) hook in with
-`before_step(step)` callbacks; `after_step(step, model)` callbacks may ask to stop (return True).
+`before_step(step)` callbacks; `after_step(step, model)` callbacks may ask to stop (return True). `gauges` are
+values such a method shows: each is logged in the metrics and in the progress line.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Trainer:
         self.eval_every = 0
         self.best: Any = None
         self.after_step: list[Callable[[int, nn.Module], bool | None]] = []
+        self.gauges: dict[str, Callable[[], float]] = {}  # name -> its value at the step just done
         self.history: list[dict[str, Any]] = []
         self.resumed_from = state.step  # 0 for a fresh run
         self.saved_at = state.step if state.step > 0 else -1
@@ -168,7 +170,7 @@ class Trainer:
             return
         elapsed = time.perf_counter() - self._interval_start
         line = {"step": state.step, "epoch": round(state.images_seen / self.train_samples, 4),
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": self.optimizer.param_groups[0]["lr"], **{name: read() for name, read in self.gauges.items()},
                 **{k: v / self._interval_steps for k, v in self._interval.items()},
                 "images_per_s": round(self._interval_samples / elapsed, 2) if elapsed > 0 else None,
                 "images": state.images_seen, "skipped": state.skipped, "seconds": round(state.seconds, 3),
@@ -177,7 +179,7 @@ class Trainer:
         if self.ctx.is_main:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(line) + "\n")
-        status = " ".join(f"{k} {line[k]:.3g}" for k in self.distiller.terms) + (
+        status = " ".join(f"{k} {line[k]:.3g}" for k in [*self.distiller.terms, *self.gauges]) + (
             f" | {line['images_per_s']:.0f} {self.unit}/s" if line["images_per_s"] else "")
         if self.best is not None and self.best.value is not None:
             status += f" | {self.best.score.name} {self.best.value:.4g} (best)"
