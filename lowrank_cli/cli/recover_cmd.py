@@ -214,29 +214,16 @@ def recover(
     arch: Arch = None,
     model_arg: ModelArg = None,
 ) -> None:
-    """Recover the accuracy of a low-rank model by distillation from its dense teacher, or compress a dense one
-    progressively (--method progressive, PC-LoRA).
+    """Recover a low-rank model's accuracy by distillation, or compress a dense one progressively.
 
     The loss is PELA's Eq. 7: feature distillation, optional logit distillation and weight-perturbation
-    regulariser, and cross-entropy when the data has labels.
+    regulariser, and cross-entropy when the data has labels. --method progressive is PC-LoRA.
     """
-    from lowrank_cli.models.sources import parse_model_args
-
+    given = dict(locals())
     console.show_progress(progress)
     _refuse_conflicts(kappa, rank_multiple, eval_, eval_batch_size)
-    augment = _augment_level(augment, no_augment)
     _refuse_held_out_conflicts(eval_, val_data, val_fraction, eval_every, keep)
-    options = dict(
-        output=output, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, alpha=alpha,
-        beta=beta, gamma=gamma, eps=eps, temperature=temperature, label_smoothing=label_smoothing, delta=delta,
-        tokenizer=tokenizer, max_length=max_length, library=library, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, clip_grad=clip_grad, freeze_dense=freeze_dense, augment=augment, kappa=kappa,
-        rank_multiple=DEFAULT_RANK_MULTIPLE if rank_multiple is None else rank_multiple, arch=arch,
-        model_args=parse_model_args(model_arg), save_every=save_every, log_every=log_every, resume=resume,
-        force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size, device=device,
-        rank=rank, calib=calib, calib_samples=calib_samples, method=method, init=init, decay=decay,
-        decay_end=decay_end, lora_alpha=lora_alpha, num_workers=workers, seed=seed, val_data=val_data, val_fraction=val_fraction, eval_every=eval_every, keep=keep,
-    )
+    options = _library_options(given)
     result = _quiet_on_other_ranks(lambda: _run(student, teacher, data, options))
     if not console.is_main_process():
         return
@@ -245,6 +232,23 @@ def recover(
         console.print_json(summary)
         return
     print_summary(summary)
+
+
+# CLI parameters whose library option has another name, and those that are not library options at all.
+_RENAMED = {"eval_": "evaluate_accuracy", "workers": "num_workers", "model_arg": "model_args"}
+_CLI_ONLY = {"student", "teacher", "data", "json_out", "progress", "no_augment"}
+
+
+def _library_options(given: dict) -> dict:
+    """The command's values as `recover` options (RecoverOptions): renamed, parsed, defaults filled in."""
+    from lowrank_cli.models.sources import parse_model_args
+
+    options = {_RENAMED.get(k, k): v for k, v in given.items() if k not in _CLI_ONLY}
+    options["model_args"] = parse_model_args(given["model_arg"])
+    options["augment"] = _augment_level(given["augment"], given["no_augment"])
+    if given["rank_multiple"] is None:
+        options["rank_multiple"] = DEFAULT_RANK_MULTIPLE
+    return options
 
 
 def _refuse_conflicts(kappa: float | None, rank_multiple: int | str | None, evaluate: bool,

@@ -118,10 +118,10 @@ class RecoveryRun:
             if phase is not None:
                 phase.measure_before(trainer, state)
             trainer.run()
+            if phase is not None:  # the best state, put back before the method's layers are converted
+                settings.update(phase.finish(trainer))
             if self.method is not None:
                 self.method.finish(raw)  # W_res dropped: LowRankLinear layers from here on
-            if phase is not None:
-                settings.update(phase.finish(trainer))
         finally:
             trainer.distiller.close()
         raw.eval()
@@ -324,6 +324,7 @@ class RecoveryRun:
                           progress=self.progress, resume_hint=self._resume_hint)
         if self.method is not None:
             trainer.before_step.append(self.method.before_step)
+            trainer.may_keep = lambda: self.method.lam == 0  # a state that still leans on W_res is no output
             trainer.gauges["lambda"] = lambda: self.method.lam
         if self.on_step is not None:
             trainer.after_step.append(self.on_step)

@@ -60,6 +60,7 @@ class Trainer:
         self.evaluate: Callable[[int], dict[str, float]] | None = None
         self.eval_every = 0
         self.best: Any = None
+        self.may_keep: Callable[[], bool] = lambda: True  # whether the state of this step could be the output
         self.after_step: list[Callable[[int, nn.Module], bool | None]] = []
         self.gauges: dict[str, Callable[[], float]] = {}  # name -> its value at the step just done
         self.history: list[dict[str, Any]] = []
@@ -104,7 +105,7 @@ class Trainer:
         if self.evaluate is None or not (step % self.eval_every == 0 or step == self.total):
             return None
         metrics = self.evaluate(step)
-        if self.best is not None:
+        if self.best is not None and self.may_keep():
             self.best.observe(step, metrics, self.model)
         return metrics
 

@@ -78,7 +78,7 @@ def test_required_options_come_first():
         required = [p.name for p in opts if p.required]
         assert [p.name for p in opts[: len(required)]] == required, name
     recover = [p.name for p in _command("recover").params]
-    assert recover[:6] == ["student", "output", "teacher", "data", "steps", "epochs"]
+    assert recover[:6] == ["student", "output", "data", "teacher", "steps", "epochs"]  # --teacher optional since --method progressive
 
 
 def test_each_command_has_a_one_sentence_summary(capsys, monkeypatch):

@@ -142,6 +142,8 @@ def test_output_is_an_ordinary_checkpoint_with_no_dense_residual(dense, data, tm
     assert (rec["method"], rec["init"], rec["decay"], rec["decay_end"], rec["decay_steps"], rec["lora_alpha"]) == (
         "progressive", "lora", "sine", 0.8, 8, 8.0)
     assert info.provenance["kappa"] == 4 and info.provenance["svd"].startswith("none")
+    # keep best only chooses among states that no longer lean on W_res (lambda 0 from step q on)
+    assert rec["kept"]["which"] == "best" and rec["kept"]["step"] >= rec["decay_steps"]
     model = lowrank_cli.load(out)
     assert {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == set(info.ranks)
     # the teacher was the dense model itself; accuracy before = the dense model's (lambda 1, second 0)
