@@ -92,20 +92,20 @@ def large_table(work: Path) -> None:
         print(f"  {passes:>2} passes over the images: {level:<6} ({why})")
 
 
-def text_table(work: Path, steps: int) -> None:
+def text_table(work: Path, steps: int, kappa: float) -> None:
     bert = write_tiny_bert(work / "bert", head="masked-lm", dropout=0.0)
     corpus = write_corpus(work / "corpus.txt", n=400)
     loaded = lowrank_cli.load_model(str(bert))
-    lowrank_cli.factorize(loaded.model, kappa=4, rank_multiple=1)
+    lowrank_cli.factorize(loaded.model, kappa=kappa, rank_multiple=1)
     lowrank_cli.save(loaded.model, work / "bert_lr.safetensors")
     r, seconds = run(work / "bert_lr.safetensors", bert, corpus, work / "bert_rec.safetensors", steps=steps,
                      batch_size=16, lr=5e-3, delta=1.0)
     held = r.settings["held_out"]
-    print(f"\n== tiny BERT (masked LM), kappa 4, {steps} steps x 16 texts, no held-out flag given ==")
+    print(f"\n== tiny BERT (masked LM), kappa {kappa:g}, {steps} steps x 16 texts, no held-out flag given ==")
     print(f"held out: {held['data']}; kept: {r.settings['kept']}")
     print(f"{'metric':<12} {'before':>10} {'after':>10}")
     for name in sorted(held["after"]):
-        print(f"{name:<12} {held['before'][name]:>10.4f} {held['after'][name]:>10.4f}")
+        print(f"{name:<12} {held["before"][name]:>10.4g} {held["after"][name]:>10.4g}")
     print(f"({seconds:.0f} s)")
 
 
@@ -113,13 +113,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--only-text", action="store_true", help="the text part alone")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lrc-defaults-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, work in {work}")
-    digits_table(work, args.steps)
-    large_table(work)
-    text_table(work, 60)
+    if not args.only_text:
+        digits_table(work, args.steps)
+        large_table(work)
+    text_table(work, 120, kappa=16)
 
 
 if __name__ == "__main__":
