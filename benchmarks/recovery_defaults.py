@@ -105,7 +105,7 @@ def text_table(work: Path, steps: int, kappa: float) -> None:
     print(f"held out: {held['data']}; kept: {r.settings['kept']}")
     print(f"{'metric':<12} {'before':>10} {'after':>10}")
     for name in sorted(held["after"]):
-        print(f"{name:<12} {held["before"][name]:>10.4g} {held["after"][name]:>10.4g}")
+        print(f"{name:<12} {held['before'][name]:>10.4g} {held['after'][name]:>10.4g}")
     print(f"({seconds:.0f} s)")
 
 
