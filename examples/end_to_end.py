@@ -8,8 +8,8 @@
        lrc factorize  (hard: kappa 6, so that accuracy drops)
        lrc report     (params / MACs, compression, per layer)
        lrc eval       (top-1 of the factorized model)
-       lrc recover    (PELA distillation from the dense model; --no-augment: random crops of 32-pixel
-                       digits destroy them)
+       lrc recover    (PELA distillation from the dense model; the defaults fit 32-pixel digits: no random
+                       crops, a held-out val/ split, the best state kept)
        lrc eval       (top-1 after recovery)
 A few minutes on 2 CPU cores.
 """
@@ -75,7 +75,7 @@ def main() -> None:
     lrc("report", work / "student.safetensors", "--compare", teacher)
     lrc("eval", work / "student.safetensors", "--data", data)
     lrc("recover", work / "student.safetensors", "--teacher", teacher, "--data", data, "--steps", args.recover_steps,
-        "--batch-size", 32, "--lr", "2e-3", "--no-augment", "--workers", 0, "-o", work / "recovered.safetensors", "--force")
+        "--batch-size", 32, "--lr", "2e-3", "--workers", 0, "-o", work / "recovered.safetensors", "--force")
     lrc("eval", work / "recovered.safetensors", "--data", data)
     print(f"\nfiles in {work}")
 
