@@ -22,9 +22,10 @@ class Factors:
     method: str
 
 
-# Below this many matrix elements a CPU SVD (or eigendecomposition) runs faster on one thread: OpenMP's fork and
-# barriers cost more than they save, and on a shared machine a busy second core stalls every barrier (10-50x).
-# Measured by benchmarks/svd_threads.py; the GPU is not affected.
+# Below this many matrix elements a CPU SVD (or eigendecomposition) runs on one thread. benchmarks/svd_threads.py,
+# 2 cores: on a quiet machine 2 threads pay from ~150k elements (1.3x) to 1.6x at 1M+; with the second core busy,
+# 2 threads lose at every size (0.02-0.6x: OpenMP barriers wait for the busy core). Below 1M elements the loss on
+# a quiet machine is at most 1.5x and the gain on a busy one up to 50x; above, the quiet machine's 1.6x wins.
 ONE_THREAD_BELOW = 1_000_000
 
 
