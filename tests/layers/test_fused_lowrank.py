@@ -213,17 +213,17 @@ def test_bad_arguments_are_refused():
 
 # ------------------------------------------------------------------------------------------------ GPU
 
-GPU_GRID = [  # (tokens, d_in, d_out, rank, groups, activation): the DeiT-B / BERT-base shapes, ragged token counts
-    (1, 768, 768, 192, 3, "none"), (197, 768, 2304, 256, 1, "none"), (197, 768, 3072, 256, 1, "gelu"),
-    (4001, 3072, 768, 256, 1, "none"), (128, 768, 768, 192, 3, "none"), (8192, 768, 768, 192, 1, "none"),
-    (77, 768, 3072, 304, 1, "gelu"), (33, 96, 40, 48, 2, "none"),
+GPU_GRID = [  # (tokens, d_in, d_out, rank, groups, activation, dtype): DeiT-B / BERT-base shapes, ragged token counts
+    (1, 768, 768, 192, 3, "none", torch.bfloat16), (197, 768, 2304, 256, 1, "none", torch.bfloat16),
+    (197, 768, 3072, 256, 1, "gelu", torch.bfloat16), (4001, 3072, 768, 256, 1, "none", torch.bfloat16),
+    (128, 768, 768, 192, 3, "none", torch.float16), (8192, 768, 768, 192, 1, "none", torch.bfloat16),
+    (77, 768, 3072, 304, 1, "gelu", torch.bfloat16), (33, 96, 40, 48, 2, "none", torch.float16),
 ]
 
 
 @needs_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens,d_in,d_out,rank,groups,activation", GPU_GRID)
+@pytest.mark.parametrize("tokens,d_in,d_out,rank,groups,activation,dtype", GPU_GRID)
 def test_gpu_kernel_matches_the_two_linears(tokens, d_in, d_out, rank, groups, activation, dtype):
     layers = [lowrank(d_in, d_out, rank, seed=i, dtype=dtype, device="cuda") for i in range(groups)]
     x = torch.randn(tokens, d_in, device="cuda", dtype=dtype)

@@ -35,7 +35,6 @@ TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 MAX_GROUPS = 3
 MAX_RANK = 512
 RANK_STEP = 16
-SPLIT_AUTO, SPLIT_NONE = 0, 1  # the `SPLIT` meta-parameter: fill the GPU with output splits, or never split
 
 
 def _fused_lowrank_kernel(
@@ -45,7 +44,7 @@ def _fused_lowrank_kernel(
     stride_xm, stride_xk, stride_ym, stride_yn, stride_w1r, stride_w1k, stride_w2n, stride_w2r,
     GROUPS: tl.constexpr, RANK: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     CHUNKS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     splits = tl.num_programs(1) // GROUPS
@@ -138,23 +137,22 @@ def interpreting() -> bool:
 
 def tuning_configs() -> list[triton.Config]:
     """What autotuning tries (before pruning): 8 warps, since with 4 ptxas spilled the accumulators of every tile
-    past 16 x 192 (sm_90, compiled and counted without a GPU); a 64-wide K step, 3 pipeline stages."""
-    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "SPLIT": split},
-                          num_warps=8, num_stages=3)
-            for block_m, block_n, split in itertools.product((16, 32, 64), (64, 128), (SPLIT_AUTO, SPLIT_NONE))]
+    past 16 x 192 (sm_90, compiled and counted without a GPU); a 64-wide K step, 3 pipeline stages. Few, since each
+    is one more compilation per rank and dtype the first time a model runs."""
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=8, num_stages=3)
+            for block_m, block_n in itertools.product((16, 32, 64), (64, 128))]
 
 
 def prune_configs(configs, named_args, **kwargs):
     """The configs worth timing for these arguments: accumulators within the registers (BLOCK_M x padded rank
     <= 64 x 256: sm_90 spilled little at 64 x 256 and kilobytes at 128 x 192); 16- and 32-token tiles for up to
-    256 tokens, 32 and 64 above; no unsplit grid below 1024 tokens (too few programs)."""
+    256 tokens, 32 and 64 above."""
     args = {**named_args, **kwargs}
     padded = args["C0"] + (args["C1"] if args["CHUNKS"] > 1 else 0) + (args["C2"] if args["CHUNKS"] > 2 else 0)
     m = args["M_BUCKET"]
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] * padded <= 64 * 256
-            and c.kwargs["BLOCK_M"] in ((16, 32) if m <= 256 else (32, 64))
-            and (c.kwargs["SPLIT"] == SPLIT_AUTO or m > 1024)]
+            and c.kwargs["BLOCK_M"] in ((16, 32) if m <= 256 else (32, 64))]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
@@ -162,7 +160,8 @@ def prune_configs(configs, named_args, **kwargs):
 def kernel(interpret: bool, tuned: bool = True):
     """The kernel, jitted in the mode Triton is in now: autotuned over block sizes on a GPU (`tuned`), as is
     (block sizes given by the caller) under the interpreter or with `tuned=False`."""
-    jitted = triton.jit(_fused_lowrank_kernel)
+    # M and what follows from it are not specialised on (M % 16 == 0 would compile every config twice).
+    jitted = triton.jit(_fused_lowrank_kernel, do_not_specialize=["M", "M_BUCKET", "MIN_PROGRAMS"])
     if interpret or not tuned:
         return jitted
     return triton.autotune(configs=tuning_configs(), key=["M_BUCKET", "N", "K", "RANK", "GROUPS", "GELU"],
@@ -175,18 +174,17 @@ def _sm_count(index: int) -> int:
 
 
 def _grid(M: int, N: int, groups: int, min_programs: int):
+    """(token tiles, layers x splits): the output columns are split only while the token tiles fill less than
+    `min_programs` programs (the GPU's SMs) by whole multiples, since each split recomputes its tile's h."""
     def grid(meta):
         m_tiles = triton.cdiv(M, meta["BLOCK_M"])
-        splits = 1
-        if meta["SPLIT"] == SPLIT_AUTO:
-            n_tiles = triton.cdiv(N, meta["BLOCK_N"])
-            splits = max(1, min(n_tiles, triton.cdiv(min_programs, m_tiles * groups)))
+        splits = max(1, min(triton.cdiv(N, meta["BLOCK_N"]), min_programs // (m_tiles * groups)))
         return (m_tiles, groups * splits)
 
     return grid
 
 
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT": SPLIT_AUTO}
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
 def fused_lowrank(x: torch.Tensor, first: list[torch.Tensor], second: list[torch.Tensor],
@@ -196,7 +194,7 @@ def fused_lowrank(x: torch.Tensor, first: list[torch.Tensor], second: list[torch
 
     Every layer has the same shapes (first: [r, K], second: [N, r], bias: [N] or all None); x: [..., K]. The caller
     (`layers.fused_lowrank`) checks what the kernel supports. `min_programs`: split the output columns until there
-    are this many programs (default: twice the GPU's SMs; 4 under the interpreter); `config`: block sizes instead of
+    are about this many programs (default: the GPU's SMs; 4 under the interpreter); `config`: block sizes instead of
     the autotuned ones (under the interpreter: INTERPRETER_CONFIG).
     """
     groups = len(first)
@@ -210,7 +208,7 @@ def fused_lowrank(x: torch.Tensor, first: list[torch.Tensor], second: list[torch
     interpret = interpreting()
     c0, c1, c2, chunks = rank_chunks(rank)
     if min_programs is None:
-        min_programs = 4 if interpret or x.device.type != "cuda" else 2 * _sm_count(x.device.index or 0)
+        min_programs = 4 if interpret or x.device.type != "cuda" else _sm_count(x.device.index or 0)
     pad = (MAX_GROUPS - groups)
     w1 = [t.contiguous() for t in first] + [first[0]] * pad
     w2 = [t.contiguous() for t in second] + [second[0]] * pad
