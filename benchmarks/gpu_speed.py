@@ -1,6 +1,6 @@
 """Compressed vs dense on a GPU with the fused low-rank kernel (issue 18): the issue's table in one run.
 
-    python benchmarks/gpu_speed.py --json OUT.json        # on a GPU, bf16 (about 6 minutes on an H100)
+    python benchmarks/gpu_speed.py --json OUT.json        # on a GPU, bf16 (estimated 5-7 minutes on an H100)
     python benchmarks/gpu_speed.py --smoke                # tiny models on the CPU: checks that the script runs
     bash benchmarks/gpu_session.sh speed                  # the same on a borrowed GPU, with the GPU tests first
 
@@ -148,8 +148,8 @@ def run_arch(arch: str, args, doc: dict, save) -> None:
     entry = doc["models"].setdefault(arch, {**info, "input_size": list(size), "rows": []})
     large = args.large[arch]
     plan = [(1, "eager"), (large, "eager")]
-    if args.device.type == "cuda":
-        plan += [(1, "graphs"), (large, "graphs"), (large, "compiled")]
+    if args.device.type == "cuda":  # the most telling first: a run cut short keeps them
+        plan += [(1, "graphs"), (large, "compiled"), (large, "graphs")]
         plan += [(1, "compiled")] if args.compile_batch_1 else []
     entry["agreement"] = [agreement(models, size, b, args) for b in (1, min(large, 8))]
     save()
@@ -222,6 +222,7 @@ def main() -> None:
 
     for arch in args.models.split(","):
         run_arch(arch, args, doc, save)
+        print(table(doc), flush=True)  # so far: the log keeps it if a later model runs out of time
     doc["table"] = table(doc)
     doc["seconds"] = round(time.perf_counter() - T0, 1)
     save()
