@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What issues #4 and #5 measure on a GPU, in two calls of the workplace's device tool (each well under its
-# 600 s limit; the second reuses the first's compile cache when the machine is still warm).
+# What issues #4, #5 and #18 measure on a GPU, each in one call of the workplace's device tool (each well under its
+# 600 s limit; a later call reuses an earlier one's compile cache when the machine is still warm).
 #
 # Here, once per checkout (the GPU image has torch, timm, transformers, typer, rich and safetensors but not
 # fvcore and what it needs; all four are pure Python, copied from this venv):
@@ -8,6 +8,8 @@
 # Then, with the device tool, carry [".gpu_site"], timeout_s 600:
 #     bash benchmarks/gpu_session.sh checks       # GPU tests, recover_throughput.py, a tiny inference smoke (<10 min)
 #     bash benchmarks/gpu_session.sh inference    # benchmarks/inference_speed.py --skip-cpu (~8 min)
+#     bash benchmarks/gpu_session.sh speed        # the fused kernel's GPU tests, then benchmarks/gpu_speed.py: the
+#                                                 # issue-18 table, DeiT-B and BERT-base (<10 min)
 # Every result lands in $OUT (logs and JSON), also when a step fails or runs out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,17 +25,20 @@ if [ "${1:-}" = "prepare" ]; then
     exit 0
 fi
 
-case "${1:-}" in checks|inference) ;; *) echo "usage: bash benchmarks/gpu_session.sh prepare|checks|inference" >&2; exit 2 ;; esac
+case "${1:-}" in checks|inference|speed) ;; *) echo "usage: bash benchmarks/gpu_session.sh prepare|checks|inference|speed" >&2; exit 2 ;; esac
 [ -d .gpu_site ] || { echo "Error: .gpu_site/ is missing: run 'bash benchmarks/gpu_session.sh prepare' here and carry it" >&2; exit 1; }
 export PYTHONPATH="$PWD/.gpu_site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/lrc-gpu}
 mkdir -p "$OUT"
 python3 -c 'import torch, timm, fvcore, lowrank_cli; print("torch", torch.__version__, "timm", timm.__version__,
 "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))' 2>&1 | tee "$OUT/env.log"
+python3 -c 'import triton; print("triton", triton.__version__)' 2>&1 | tee -a "$OUT/env.log"
 
 case "${1:-}" in
     checks)
-        timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+        # (the fused kernel's GPU tests run in `speed`)
+        timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --ignore=tests/layers \
+            --ignore=tests/models/test_fusion.py -k "not gpu_bench_fuses" 2>&1 | tee "$OUT/gpu_tests.log"
         timeout 240 python3 benchmarks/recover_throughput.py --json >"$OUT/recover_throughput.json" \
             2> >(tee "$OUT/recover_throughput.log" >&2)
         cat "$OUT/recover_throughput.json"
@@ -44,5 +49,15 @@ case "${1:-}" in
     inference)
         timeout 560 python3 benchmarks/inference_speed.py --skip-cpu --json "$OUT/inference_speed.json" 2>&1 \
             | tee "$OUT/inference_speed.log"
+        ;;
+    speed)
+        # The kernel against the two linears on the GPU (grid of shapes, bf16/fp16, compile + CUDA graphs), then
+        # the table; gpu_speed.py rewrites its JSON after every step, so a cut-short run keeps what it measured.
+        # The tests also fill Triton's kernel cache for the benchmark (same ranks and dtypes).
+        timeout 160 python3 -m pytest -q -m gpu -p no:cacheprovider tests/layers tests/models/test_fusion.py \
+            tests/evaluation/test_bench.py -k "gpu_bench_fuses or not test_bench" 2>&1 \
+            | tee "$OUT/fused_gpu_tests.log" | tail -25
+        timeout 400 python3 benchmarks/gpu_speed.py --min-time 0.5 --json "$OUT/gpu_speed.json" 2>&1 \
+            | tee "$OUT/gpu_speed.log"
         ;;
 esac

@@ -33,6 +33,8 @@ _API = {
     "load_model": "lowrank_cli.models.sources",
     "LoadedModel": "lowrank_cli.models.loaded",
     "LowRankLinear": "lowrank_cli.layers.lowrank_linear",
+    "fuse_lowrank": "lowrank_cli.models.fusion",
+    "unfuse_lowrank": "lowrank_cli.models.fusion",
     "make_plan": "lowrank_cli.compress.plan",
     "pela_rank": "lowrank_cli.compress.plan",
     "LrcError": "lowrank_cli.errors",
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     from lowrank_cli.evaluation.accuracy import evaluate
     from lowrank_cli.evaluation.report import build_report
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
+    from lowrank_cli.models.fusion import fuse_lowrank, unfuse_lowrank
     from lowrank_cli.models.loaded import LoadedModel
     from lowrank_cli.models.sources import load_model
     from lowrank_cli.publish.card import build_card

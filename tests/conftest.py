@@ -19,6 +19,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU, Triton runs kernels on CPU tensors in its interpreter, so that the fused low-rank kernel's tests
+# (tests/layers/kernels) run here too. Set before anything imports triton (timm does): the interpreter decides when
+# triton.language is imported. `import torch` alone does not import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, digits.py, hf_fixtures.py
 
 from helpers import make_tiny_vit  # noqa: E402

@@ -61,12 +61,15 @@ def with_ranks(model: nn.Module, ranks: dict[str, int], what: str) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the model from the file alone; returns a LoadedModel (model, spec, source, checkpoint info)."""
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fused: bool | None = False):
+    """Rebuild the model from the file alone; returns a LoadedModel (model, spec, source, checkpoint info).
+    `fused`: see `load` (default False here: the model is not fused)."""
     from safetensors.torch import load_file
 
+    from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
     from lowrank_cli.models.loaded import LoadedModel
 
+    fuse = resolve_fused(fused, device)  # `fused=True` where the kernel cannot run fails before the reading
     path = Path(path)
     info, shapes = read_info(path)
     what = f"'{path}'"
@@ -81,18 +84,24 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     model.to(device)
     model.eval()
     attach_info(model, info)
+    if fuse:
+        fuse_lowrank(model)
     return LoadedModel(model, info.spec, {"kind": "lrc", "id": str(path.resolve())}, info)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str | None = None) -> nn.Module:
+def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str | None = None,
+         fused: bool | None = None) -> nn.Module:
     """`lowrank_cli.load(path)`: the low-rank model of an lrc checkpoint, in eval mode, ready to run.
 
     `path` is the checkpoint file, or an lrc folder or Hub repo as `lrc push` writes them (`hf-hub:ORG/REPO`,
     `local-dir:PATH`, a folder); `revision` picks the Hub branch, tag or commit.
+    `fused`: run the low-rank layers through the fused CUDA kernel for inference (`models.fusion.fuse_lowrank`:
+    the same state dict, GELUs and layers that read one input folded in). None (default): on CUDA where Triton is
+    installed; False: never; True: always, an EnvironmentProblem (exit 6) without CUDA or Triton.
     """
     from lowrank_cli.models.lrc_folder import checkpoint_path
 
-    return read_checkpoint(checkpoint_path(path, revision), device).model
+    return read_checkpoint(checkpoint_path(path, revision), device, fused=fused).model
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -11,6 +11,7 @@ from lowrank_cli.cli.command import LrcCommand
 from lowrank_cli.cli.options import (
     Arch,
     Device,
+    Fused,
     InputSize,
     Json,
     Library,
@@ -31,6 +32,10 @@ EPILOG = """\
 Examples:
 
   lrc bench deit_lr.safetensors --against deit_base --device cuda --dtype bf16 --batch-size 1,32,256
+
+  (on CUDA: eager rows, then compiled + CUDA-graphs rows; the low-rank layers run the fused kernel)
+
+  lrc bench deit_lr.safetensors --against deit_base --device cuda --dtype bf16 --no-fused --eager-only
 
   lrc bench deit_lr.safetensors --against deit_base --device cuda --dtype bf16 --compile --cuda-graphs
 
@@ -59,6 +64,9 @@ CompileMode = Annotated[Optional[str], typer.Option(
     help=f"torch.compile mode: {', '.join(COMPILE_MODES[:-1])} or {COMPILE_MODES[-1]} (implies --compile).")]
 CudaGraphs = Annotated[bool, typer.Option(
     "--cuda-graphs", help="Replay both models from CUDA graphs (with --compile: mode reduce-overhead); CUDA only.")]
+EagerOnly = Annotated[bool, typer.Option(
+    "--eager-only", help="On CUDA, leave out the compiled + CUDA-graphs rows (torch.compile mode reduce-overhead) "
+    "that follow the eager ones by default.")]
 Profile = Annotated[bool, typer.Option(
     "--profile", help="Also split one forward pass at the largest batch into GEMMs, attention and the rest "
     "(torch.profiler).")]
@@ -85,6 +93,8 @@ def bench(
     compile_: Compile = False,
     compile_mode: CompileMode = None,
     cuda_graphs: CudaGraphs = False,
+    eager_only: EagerOnly = False,
+    fused: Fused = None,
     profile: Profile = False,
     json_out: Json = False,
     threads: Threads = None,
@@ -101,11 +111,17 @@ def bench(
     """Measure latency, throughput and peak memory of MODEL, and of --against in the same run.
 
     Both models run interleaved at each batch size for at least --min-time; the median and its spread are shown.
+    On CUDA the eager rows are followed by compiled + CUDA-graphs rows (as deployed), unless a --compile /
+    --cuda-graphs option picks one treatment or --eager-only; the low-rank layers run the fused Triton kernel
+    there (--no-fused: the two linears).
     """
     dev, dt, sizes, size, compile_arg = _refuse_bad_options(device, dtype, batch_size, input_size, threads,
-                                                            cuda_graphs, compile_, compile_mode)
+                                                            cuda_graphs, compile_, compile_mode, fused)
     models, reference, size = _load_models(model, against, size, seq_len, library, arch, model_arg, revision)
-    rows, profiles = _measure(models, reference, size, dev, dt, sizes, compile_arg, cuda_graphs, warmup, repeats,
+    treatments = [(compile_arg, cuda_graphs)]
+    if dev.type == "cuda" and not (eager_only or compile_arg or cuda_graphs):
+        treatments.append(("reduce-overhead", False))  # torch.compile + its CUDA graphs: what a deployment runs
+    rows, profiles = _measure(models, reference, size, dev, dt, sizes, treatments, fused, warmup, repeats,
                               min_time, profile)
     document = _document(models, [model, against], reference, size, dev, dt, rows, profiles, cuda_graphs)
     if json_out:
@@ -118,7 +134,7 @@ def bench(
 
 def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, input_size: str | None,
                         threads: int | None, cuda_graphs: bool, compile_: bool,
-                        compile_mode: str | None) -> tuple[Any, ...]:
+                        compile_mode: str | None, fused: bool | None) -> tuple[Any, ...]:
     """Everything that can be refused, refused before the (slow) loading: (device, dtype, batch sizes, input size
     or None, compile argument)."""
     import torch
@@ -137,6 +153,9 @@ def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, input_s
         raise UsageError("--cuda-graphs needs a CUDA device: drop it, or use --device cuda")
     compile_arg: bool | str = compile_mode or compile_
     resolve_compile_mode(compile_arg, cuda_graphs)  # an unknown mode fails here, before the models are loaded
+    from lowrank_cli.models.fusion import resolve_fused
+
+    resolve_fused(fused, dev)  # --fused without CUDA or Triton: exit 6 before the loading
     return dev, dt, sizes, size, compile_arg
 
 
@@ -168,10 +187,11 @@ def _load_models(model: str, against: str | None, size: tuple[int, ...] | None, 
 
 
 def _measure(models: dict[str, Any], reference: str | None, size: tuple[int, ...] | None, dev: torch.device,
-             dt: torch.dtype, sizes: list[int], compile_arg: bool | str, cuda_graphs: bool, warmup: int | None,
-             repeats: int | None, min_time: float | None, profile: bool) -> tuple[list, list | None]:
-    """The bench rows and, with --profile, one profile per model at the largest batch (else None), under a
-    spinner."""
+             dt: torch.dtype, sizes: list[int], treatments: list[tuple[bool | str, bool]], fused: bool | None,
+             warmup: int | None, repeats: int | None, min_time: float | None,
+             profile: bool) -> tuple[list, list | None]:
+    """The bench rows of every (compile, cuda_graphs) treatment, one after the other, and, with --profile, one
+    eager profile per model at the largest batch (else None), under a spinner."""
     import torch
 
     from lowrank_cli.evaluation.bench import bench as run_bench
@@ -180,11 +200,14 @@ def _measure(models: dict[str, Any], reference: str | None, size: tuple[int, ...
     if status:
         status.start()
     try:
-        rows = run_bench(
-            models, device=dev, dtype=dt, batch_sizes=sizes, input_size=size, reference=reference,
-            compile=compile_arg, cuda_graphs=cuda_graphs, warmup=warmup, repeats=repeats, min_time=min_time,
-            progress=(lambda msg: status.update(f"benchmarking: {msg}")) if status else None, warn=console.warn,
-        )
+        rows = []
+        for compile_arg, cuda_graphs in treatments:
+            rows += run_bench(
+                models, device=dev, dtype=dt, batch_sizes=sizes, input_size=size, reference=reference,
+                compile=compile_arg, cuda_graphs=cuda_graphs, fused=fused, warmup=warmup, repeats=repeats,
+                min_time=min_time, warn=console.warn,
+                progress=(lambda msg: status.update(f"benchmarking: {msg}")) if status else None,
+            )
         profiles = None
         if profile:
             from lowrank_cli.evaluation.profiling import profile as run_profile
@@ -220,6 +243,8 @@ def _document(models: dict[str, Any], sources: list[str | None], reference: str 
         "dtype": SHORT_DTYPE[dt],
         "compile": rows[0].compile if rows else None,
         "cuda_graphs": rows[0].cuda_graphs if rows else cuda_graphs,  # also true for modes that graph on their own
+        "modes": list(dict.fromkeys(mode_label(r) for r in rows)),  # the treatments, in the order of the rows
+        "fused": any(r.fused for r in rows),
         "threads": torch.get_num_threads(),
         "input_size": list(size or _input_size(models, reference)),
         "reference": reference,
@@ -257,35 +282,48 @@ def _memory_note(device_type: str) -> str:
     return PEAK_MEMORY_NOTE["cuda" if device_type == "cuda" else "cpu"]
 
 
+def mode_label(row: Any) -> str:
+    """How a row's models ran: eager, compiled, and whether from CUDA graphs."""
+    graphs = " + CUDA graphs" if row.cuda_graphs else ""
+    if not row.compile:
+        return "eager" + graphs
+    return ("compiled" if row.compile in ("default", "reduce-overhead") else row.compile) + graphs
+
+
 def print_table(doc: dict, rows: list) -> None:
     from rich import box
     from rich.table import Table
 
     from lowrank_cli.evaluation.counting import format_size
 
-    title = (f"lrc bench on {doc['device_name']}, {doc['dtype']}"
-             f"{', compiled (' + doc['compile'] + ')' if doc['compile'] else ', eager'}"
-             f"{', CUDA graphs' if doc['cuda_graphs'] else ''}, input {'x'.join(map(str, doc['input_size']))}")
+    modes = doc.get("modes") or ["eager"]
+    title = (f"lrc bench on {doc['device_name']}, {doc['dtype']}{', ' + modes[0] if len(modes) == 1 else ''}"
+             f", input {'x'.join(map(str, doc['input_size']))}")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     memory = any(r.peak_memory_bytes is not None for r in rows)  # never on the CPU: see the note below
     table.add_column("model", overflow="fold", min_width=16)
+    if len(modes) > 1:
+        table.add_column("mode", no_wrap=True)
     for col in ("batch", "median ms", "p10-p90 ms", "img/s", "speed-up", "MAC ratio", *(["peak mem"] if memory else [])):
         table.add_column(col, justify="right", no_wrap=True)
-    last_batch = None
+    last = None
     for r in rows:
-        if last_batch is not None and r.batch_size != last_batch:
+        if last is not None and (r.batch_size, mode_label(r)) != last:
             table.add_section()
-        last_batch = r.batch_size
+        last = (r.batch_size, mode_label(r))
         speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         macs = "-" if r.mac_ratio is None else f"{r.mac_ratio:.2f}x"
         mem = "n/a" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:,.0f} MiB"
-        table.add_row(r.model + (" (ref)" if r.model == r.reference else ""), str(r.batch_size),
+        name = r.model + (" (ref)" if r.model == r.reference else "") + (" (fused)" if r.fused else "")
+        table.add_row(name, *([mode_label(r)] if len(modes) > 1 else []), str(r.batch_size),
                       f"{r.median_ms:,.2f}", f"{r.p10_ms:,.2f}-{r.p90_ms:,.2f}", f"{r.throughput:,.1f}", speed, macs,
                       *([mem] if memory else []))
     console.out.print(table)
     rss = doc["process_peak_rss_bytes"]
-    notes = ["speed-up: reference median / model median; MAC ratio: reference MACs / model MACs"
+    notes = ["speed-up: reference median / model median (same mode); MAC ratio: reference MACs / model MACs"
              if doc["reference"] else "one model: pass --against MODEL for speed-up and MAC ratio"]
+    if doc.get("fused"):
+        notes.append("(fused): the low-rank layers ran the fused Triton kernel (--no-fused: the two linears)")
     notes.append(f"peak memory: {doc['peak_memory_note']}"
                  + (f"; process peak RSS {format_size(rss)}B" if rss and doc["device"] == "cpu" else ""))
     for n in notes:

@@ -9,7 +9,7 @@ import typer
 
 from lowrank_cli.cli import console
 from lowrank_cli.cli.command import LrcCommand
-from lowrank_cli.cli.options import Arch, Device, Json, Model, ModelArg, Progress
+from lowrank_cli.cli.options import Arch, Device, Fused, Json, Model, ModelArg, Progress
 
 EVAL_EPILOG = """\
 Examples:
@@ -17,6 +17,8 @@ Examples:
   lrc eval deit_lr_rec.safetensors --data imagenet/          (imagenet/val/<class>/...)
 
   lrc eval deit_base --data imagenet/val --json
+
+  lrc eval deit_lr_rec.safetensors --data imagenet/ --device cuda --no-fused     (the two linears per layer)
 """
 
 
@@ -34,6 +36,7 @@ def eval_command(
     batch_size: BatchSize = 128,
     device: Device = "auto",
     workers: Workers = None,
+    fused: Fused = None,
     json_out: Json = False,
     progress: Progress = None,
     arch: Arch = None,
@@ -41,25 +44,31 @@ def eval_command(
 ) -> None:
     """Measure the top-1 / top-5 accuracy of any MODEL on labelled images.
 
-    The images are DIR/val/<class>/..., or DIR/<class>/... when DIR is a class tree.
+    The images are DIR/val/<class>/..., or DIR/<class>/... when DIR is a class tree. On CUDA the low-rank layers
+    run the fused Triton kernel (--no-fused: the two linears).
     """
     from lowrank_cli.data.sampling import default_workers
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
+    from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
     from lowrank_cli.models.sources import load_model, parse_model_args
 
     console.show_progress(progress)
     image_set = val_split(data)  # a wrong folder fails before the model loads
     dev = resolve_device(device)
+    fuse = resolve_fused(fused, dev)  # --fused without CUDA or Triton: exit 6 before the loading
     loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg),
                         log=lambda msg: console.info(f"Model: {msg}"))
     loaded.model.to(dev).float()
+    summary = fuse_lowrank(loaded.model) if fuse else None
+    if summary is not None and summary.layers:
+        console.info(f"Model: {summary.describe()}")
     with console.progress() as bar:
         task = bar.add_task("accuracy", total=None, status="")
         result = evaluate(loaded.model, image_set, batch_size=batch_size, device=dev,
                           num_workers=default_workers() if workers is None else workers,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
-    result = {"model": model, "data": str(image_set.root), **result}
+    result = {"model": model, "data": str(image_set.root), **result, "fused": bool(summary and summary.layers)}
     if json_out:
         console.print_json(result)
         return

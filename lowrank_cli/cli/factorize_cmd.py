@@ -107,6 +107,10 @@ PlanDtype = Annotated[Optional[str], typer.Option(
     "--plan-dtype", show_default=False, rich_help_panel=SPEED_PANEL, **dtype_choice(),
     help="Precision the model will run in, for --plan speed and --rank-multiple auto (default: --dtype, else bf16 "
     "on CUDA and the source's on CPU).")]
+PlanFused = Annotated[Optional[bool], typer.Option(
+    "--plan-fused/--no-plan-fused", show_default=False, rich_help_panel=SPEED_PANEL,
+    help="Time the factorized layers of --plan speed as the fused Triton kernel runs them (default: on CUDA in "
+    "bf16/fp16 where Triton is installed, as lrc bench and lowrank_cli.load run them).")]
 
 
 def factorize(
@@ -132,6 +136,7 @@ def factorize(
     plan: Plan = "pela",
     plan_batch_size: PlanBatchSize = None,
     plan_dtype: PlanDtype = None,
+    plan_fused: PlanFused = None,
     arch: Arch = None,
     model_arg: ModelArg = None,
     revision: Revision = None,
@@ -149,7 +154,7 @@ def factorize(
 
     console.show_progress(progress)
     macs = _refuse_conflicts(kappa, budget, target_macs, rank_pattern, plan, plan_batch_size, plan_dtype,
-                             rank_multiple, calib, calib_samples, tokenizer, svd)
+                             rank_multiple, calib, calib_samples, tokenizer, svd, plan_fused)
     size = parse_input_size(input_size)
     with console.progress() as bar:
         tasks: dict[str, int] = {}
@@ -172,7 +177,7 @@ def factorize(
             kappa=kappa, rank_multiple=rank_multiple, include=include,
             exclude=exclude, rank_pattern=rank_pattern, svd=svd, device=device, dtype=dtype,
             input_size=size, plan_kind=plan, plan_batch_size=plan_batch_size, plan_dtype=plan_dtype,
-            calib=str(calib) if calib else None, tokenizer=tokenizer,
+            plan_fused=plan_fused, calib=str(calib) if calib else None, tokenizer=tokenizer,
             calib_samples=DEFAULT_CALIB_SAMPLES if calib_samples is None else calib_samples,
             budget=budget, target_macs=macs, progress=advance, calib_progress=calibrated, warn=console.warn,
         )
@@ -189,7 +194,7 @@ def factorize(
 def _refuse_conflicts(kappa: float | None, budget: float | None, target_macs: str | None,
                       rank_pattern: list[str] | None, plan: str, plan_batch_size: int | None, plan_dtype: str | None,
                       rank_multiple: int | str, calib: Path | None, calib_samples: int | None,
-                      tokenizer: str | None, svd: str | None) -> int | None:
+                      tokenizer: str | None, svd: str | None, plan_fused: bool | None = None) -> int | None:
     """Options that contradict each other, or that would be ignored, are a usage error (exit 2) before any
     loading; returns --target-macs as a number."""
     from lowrank_cli.errors import UsageError
@@ -205,6 +210,9 @@ def _refuse_conflicts(kappa: float | None, budget: float | None, target_macs: st
         raise UsageError(f"{budgets[0]} allocates the ranks that --rank-pattern would set: give one of them")
     if plan_batch_size is not None and plan != "speed":
         raise UsageError("--plan-batch-size is the batch that --plan speed times: add --plan speed, or drop it")
+    if plan_fused is not None and plan != "speed":
+        raise UsageError("--plan-fused / --no-plan-fused say how --plan speed times the layers: add --plan speed, or "
+                         "drop it")
     if plan_dtype is not None and plan != "speed" and rank_multiple != "auto":
         raise UsageError("--plan-dtype is the precision that --plan speed and --rank-multiple auto time in: add one "
                          "of them, or drop it")

@@ -168,6 +168,12 @@ Checkpoint = Annotated[
 Bench = Annotated[Optional[Path], typer.Option("--bench", help="An `lrc bench CHECKPOINT --json` file: its speed goes into the card.", show_default=False)]
 Eval = Annotated[Optional[list[Path]], typer.Option("--eval", help="An `lrc eval CHECKPOINT --json` file: its accuracy goes into the card (repeatable).", show_default=False)]
 License = Annotated[Optional[str], typer.Option("--license", help="Hub license id for the card (default: the source model's, where known), e.g. apache-2.0.", show_default=False)]
+Fused = Annotated[
+    Optional[bool],
+    typer.Option("--fused/--no-fused", show_default=False, help="Run the low-rank layers through the fused Triton "
+                 "kernel, one launch per layer (default: on CUDA where Triton is installed; --fused elsewhere is an "
+                 "error)."),
+]
 InputSize = Annotated[
     Optional[str],
     typer.Option("--input-size", metavar="C,H,W", help="Input size of an image model (default: the model's "
@@ -192,6 +198,8 @@ _OPTION_OF = {
     "output": "-o/--output",
     "evals": "--eval",
     "tokenizer=False": "--no-tokenizer",
+    "fused=False": "--no-fused",
+    "plan_fused=False": "--no-plan-fused",
 }
 
 

@@ -28,6 +28,7 @@ from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.evaluation.counting import count_params
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.build import spec_of
+from lowrank_cli.models.fusion import resolve_fused
 from lowrank_cli.models.spec import ModelSpec
 from lowrank_cli.models.structure import swap_in, uncalled_linears
 
@@ -102,6 +103,7 @@ def factorize(
     plan_kind: str = "pela",
     plan_batch_size: int | None = None,
     plan_dtype: str | torch.dtype | None = None,
+    plan_fused: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     calib_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
@@ -117,16 +119,20 @@ def factorize(
     parameters to keep) or `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa.
     `rank_multiple="auto"` picks the multiple the device likes; `plan_kind="speed"` times every layer shape dense vs
     factorized on the device (batch `plan_batch_size`, precision `plan_dtype`: default the stored dtype, else bf16
-    on CUDA) and keeps dense the layers whose factorized form is not faster. Returns the model (also
+    on CUDA; `plan_fused`: with the fused CUDA kernel, by default where it runs, see `speed_plan`'s `fused`) and
+    keeps dense the layers whose factorized form is not faster. Returns the model (also
     `result.model`) with per-layer errors and kept energies; the model carries its record
     (`checkpoint.format.info_of`) for `lowrank_cli.save`.
     """
     kappa, svd = _check_options(kappa=kappa, svd=svd, budget=budget, target_macs=target_macs, calib=calib,
-                                rank_pattern=rank_pattern, plan_kind=plan_kind, plan_batch_size=plan_batch_size)
+                                rank_pattern=rank_pattern, plan_kind=plan_kind, plan_batch_size=plan_batch_size,
+                                plan_fused=plan_fused)
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))  # 3: the line of factorize that ran the step
     start = time.perf_counter()
     dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
     runs_in = run_dtype(plan_dtype, out_dtype, dev, next(model.parameters()).dtype)
+    if plan_kind == "speed":
+        resolve_fused(plan_fused, dev, parameter="plan_fused")  # `plan_fused=True` without CUDA: before the SVDs
     multiple = rank_multiple if plan is not None else parse_rank_multiple(rank_multiple, dev, runs_in)
     plan = plan or make_plan(model, kappa=kappa, rank_multiple=multiple, include=include, exclude=exclude,
                              rank_pattern=rank_pattern)
@@ -143,10 +149,8 @@ def factorize(
                                             rank_multiple=multiple, stats=stats, input_size=input_size)
     timings = None
     if plan_kind == "speed":
-        plan, timings = speed_plan(model, plan, device=dev, dtype=runs_in, input_size=input_size,
-                                   batch_size=plan_batch_size if plan_batch_size is not None else
-                                   (256 if dev.type == "cuda" else 16))
-        extra["speed_plan"] = {k: v for k, v in timings.items() if k != "layers"}
+        plan, timings, extra["speed_plan"] = _speed_step(model, plan, dev, runs_in, input_size, plan_batch_size,
+                                                         plan_fused)
     result = FactorizeResult(model, plan, params_before=count_params(model).total, dense=plan.dense, extra=extra)
     spectra = _swap_planned(model, plan, result.layers, factor_fn=factor_fn, svd=svd, device=dev, dtype=out_dtype,
                             progress=progress)
@@ -156,6 +160,15 @@ def factorize(
             asked_multiple=rank_multiple, plan_kind=plan_kind, svd="data-aware" if stats is not None else svd,
             dtype=out_dtype)
     return result
+
+
+def _speed_step(model: nn.Module, plan: Plan, dev: torch.device, runs_in: torch.dtype,
+                input_size: tuple[int, ...] | None, batch_size: int | None,
+                fused: bool | None) -> tuple[Plan, dict[str, Any], dict[str, Any]]:
+    """The speed plan (default batch 256 on CUDA, 16 on the CPU): the plan, its timings, and their summary."""
+    plan, timings = speed_plan(model, plan, device=dev, dtype=runs_in, input_size=input_size, fused=fused,
+                               batch_size=batch_size if batch_size is not None else (256 if dev.type == "cuda" else 16))
+    return plan, timings, {k: v for k, v in timings.items() if k != "layers"}
 
 
 def _keep_uncalled_dense(model: nn.Module, plan: Plan, input_size: tuple[int, ...] | None,
@@ -189,7 +202,7 @@ DEFAULT_KAPPA = 2.0
 
 
 def _check_options(*, kappa, svd, budget, target_macs, calib, rank_pattern, plan_kind,
-                   plan_batch_size) -> tuple[float, str]:
+                   plan_batch_size, plan_fused=None) -> tuple[float, str]:
     """Refuse values and combinations that cannot work (never drop one silently); return kappa and svd with
     their defaults filled in."""
     budgets = [name for name, value in (("budget", budget), ("target_macs", target_macs)) if value is not None]
@@ -203,6 +216,8 @@ def _check_options(*, kappa, svd, budget, target_macs, calib, rank_pattern, plan
          "truncation is data-aware: drop `svd`"),
         (svd is not None and svd not in SVD_METHODS, f"`svd` '{svd}' is not one of {', '.join(SVD_METHODS)}"),
         (plan_kind not in ("pela", "speed"), f"`plan_kind` '{plan_kind}' is not one of pela, speed"),
+        (plan_fused is not None and plan_kind != "speed", "`plan_fused` says how `plan_kind=speed` times the layers: "
+         "add `plan_kind=speed`, or drop it"),
         (plan_batch_size is not None and plan_batch_size < 1,
          f"`plan_batch_size` must be at least 1, got {plan_batch_size}"),
     ]

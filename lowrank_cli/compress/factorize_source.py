@@ -45,7 +45,12 @@ def factorize_file(
     resolve_dtype(options.get("dtype"))
     if options.get("plan_dtype") is not None:
         resolve_dtype(options["plan_dtype"], parameter="plan_dtype")  # refused before the loading
-    resolve_device(options.get("device", "auto"))
+    device = resolve_device(options.get("device", "auto"))
+    if options.get("plan_kind") == "speed":
+        from lowrank_cli.models.fusion import resolve_fused
+
+        # `plan_fused=True` without CUDA or Triton: refused before the loading
+        resolve_fused(options.get("plan_fused"), device, parameter="plan_fused")
     from lowrank_cli.models.inputs import check_input_size, default_input_size
     from lowrank_cli.models.transformers_models import is_text_model
 

@@ -158,7 +158,7 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], *, input_size: Se
 
 def time_layer(shape: LayerShape, *, device: torch.device, dtype: torch.dtype, repeats: int = 5,
                warmup: int = 2, min_sample_s: float | None = None, cuda_graphs: bool = False,
-               seed: int = 0) -> tuple[float, float]:
+               fused: bool = False, seed: int = 0) -> tuple[float, float]:
     """Milliseconds of (dense nn.Linear, LowRankLinear) forward on a random input of `shape`: each one's fastest
     repeat. Other work on a shared machine only ever adds time, and a keep-or-factorize decision taken on
     medians of a few repeats flipped on a noisy 2-core host (a 768x768 layer "0.95x" against 1.64x measured a
@@ -167,14 +167,18 @@ def time_layer(shape: LayerShape, *, device: torch.device, dtype: torch.dtype, r
     The two are interleaved (dense, low-rank, low-rank, dense, ...) so that drift hits both. Weights are
     nn.Linear's usual random init (no denormals on the CPU); the timing does not depend on them. With
     `cuda_graphs` (CUDA only) each layer is replayed from a CUDA graph, as a model deployed with CUDA graphs
-    runs: the launch of the second GEMM then costs (almost) nothing, which matters at small batches.
+    runs: the launch of the second GEMM then costs (almost) nothing, which matters at small batches. With `fused`
+    the low-rank layer runs as it will on CUDA: the fused kernel (`layers.fused_lowrank`), one launch.
     """
+    from lowrank_cli.layers.fused_lowrank import FusedLowRankLinear
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
     from lowrank_cli.timing import cuda_graphed, synchronize
 
     gen = torch.Generator().manual_seed(seed)
     dense = nn.Linear(shape.d_in, shape.d_out, bias=shape.bias)
     low = LowRankLinear(shape.d_in, shape.d_out, shape.rank, bias=shape.bias)
+    if fused:
+        low = FusedLowRankLinear(low)
     dense.to(device=device, dtype=dtype).eval()
     low.to(device=device, dtype=dtype).eval()
     x = torch.randn(shape.input_shape, generator=gen).to(device, dtype)
@@ -229,6 +233,7 @@ def speed_plan(
     warmup: int = 2,
     min_gain: float = 1.0,
     cuda_graphs: bool = False,
+    fused: bool | None = None,
     timer: Timer | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
@@ -246,17 +251,21 @@ def speed_plan(
     cuda_graphs: time each layer replayed from a CUDA graph (CUDA only; for models deployed with CUDA graphs or
         torch.compile mode="reduce-overhead": at batch 1 eager timing charges the factorized layer a second
         kernel launch that graphs remove).
+    fused: time the factorized layers as the fused kernel runs them (`layers.fused_lowrank`): None (default) on
+        CUDA in bf16 / fp16 where Triton is installed, as `lowrank_cli.load` and `lrc bench` run them there; True
+        always (an EnvironmentProblem without CUDA or Triton); False: the two linears.
     timer: `timer(LayerShape) -> (dense_ms, lowrank_ms)`, called once per unique shape; default `time_layer` on
-        `device` / `dtype` with `repeats`, `warmup` and `cuda_graphs`.
+        `device` / `dtype` with `repeats`, `warmup`, `cuda_graphs` and `fused`.
 
     Returns (plan, timings) where timings is
         {"kind": "speed", "device", "dtype", "batch_size", "repeats", "min_gain", "torch",
          "layers": {name: {"d_in", "d_out", "rank", "input_shape", "dense_ms", "lowrank_ms", "gain",
                            "factorized"}},
-         "kept_dense": [names], "estimated_gain": sum of dense_ms / sum of the chosen forms' ms}
+         "kept_dense": [names], "estimated_gain": sum of dense_ms / sum of the chosen forms' ms, "fused"}
     for `CheckpointInfo.plan` (`lrc.plan` in the checkpoint).
     """
     from lowrank_cli.devices import SHORT_DTYPE, device_name, resolve_device, resolve_dtype
+    from lowrank_cli.models.fusion import resolve_fused
 
     if batch_size < 1:
         raise UsageError(f"`batch_size` must be >= 1, got {batch_size}")
@@ -268,32 +277,26 @@ def speed_plan(
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dt = resolve_dtype(dtype, torch.float32)
+    fuse = resolve_fused(fused, dev, dtype=dt)
     shapes, uncalled = _planned_shapes(model, base_plan, batch_size=batch_size, tokens=tokens, input_size=input_size)
     if timer is None:
         def timer(shape: LayerShape) -> tuple[float, float]:
             return time_layer(shape, device=dev, dtype=dt, repeats=repeats, warmup=warmup,
-                              cuda_graphs=cuda_graphs and dev.type == "cuda")
+                              cuda_graphs=cuda_graphs and dev.type == "cuda", fused=fuse)
 
     measured = _measure(list(dict.fromkeys(shapes.values())), timer, progress)
-    where = f"{dev.type} {SHORT_DTYPE[dt]}, batch {batch_size}"
+    where = f"{dev.type} {SHORT_DTYPE[dt]}{' fused' if fuse else ''}, batch {batch_size}"
     layers_json, slower, (total_dense, total_chosen) = _decide(base_plan, shapes, measured, min_gain, where)
     plan = _speed_annotated(base_plan.without(uncalled, LayerStatus.DENSE_UNCALLED)
                             .without(slower, LayerStatus.DENSE_SLOWER), layers_json, where)
     info = {
-        "kind": "speed",
-        "device": device_name(dev),
-        "device_type": dev.type,
-        "dtype": SHORT_DTYPE[dt],
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "min_gain": min_gain,
-        "cuda_graphs": bool(cuda_graphs and dev.type == "cuda"),
-        "torch": torch.__version__.split("+")[0],
-        "unique_shapes": len(measured),
-        "layers": layers_json,
+        "kind": "speed", "device": device_name(dev), "device_type": dev.type, "dtype": SHORT_DTYPE[dt],
+        "batch_size": batch_size, "repeats": repeats, "min_gain": min_gain,
+        "cuda_graphs": bool(cuda_graphs and dev.type == "cuda"), "fused": fuse,
+        "torch": torch.__version__.split("+")[0], "unique_shapes": len(measured), "layers": layers_json,
         "kept_dense": [*uncalled, *slower],
         "estimated_gain": round(total_dense / total_chosen, 4) if total_chosen > 0 else None,
-    }
+    }  # fmt: skip
     return plan, info
 
 

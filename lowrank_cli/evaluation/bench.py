@@ -90,6 +90,7 @@ class BenchRow:
     dtype: str = "fp32"
     compile: str | None = None  # None, or the torch.compile mode ("default", "reduce-overhead", ...)
     cuda_graphs: bool = False
+    fused: bool = False  # its low-rank layers ran through the fused kernel (models.fusion)
     samples_ms: list[float] = field(default_factory=list)
 
     @property
@@ -139,6 +140,7 @@ def bench(
     reference: str | None = None,
     compile: bool | str = False,
     cuda_graphs: bool = False,
+    fused: bool | None = None,
     warmup: int | None = None,
     repeats: int | None = None,
     min_time: float | None = None,
@@ -152,12 +154,16 @@ def bench(
 ) -> list[BenchRow]:
     """Time every model at every batch size on one device; returns one BenchRow per (batch size, model).
 
-    models: name -> module. The modules are moved to `device` and `dtype` and put in eval mode, in place.
+    models: name -> module. The modules are moved to `device` and `dtype`, put in eval mode and (see `fused`)
+        fused, in place.
     reference: the model the others are compared with (speedup, mac_ratio); default the first one.
     compile: False, True (torch.compile default mode) or a mode name; the same for every model.
         `dynamic=False`: each batch size gets its own specialised graph.
     cuda_graphs: replay each model from a CUDA graph (CUDA only): with compile, torch.compile's
         "reduce-overhead" mode; without, a graph captured with torch.cuda.graph.
+    fused: run the low-rank layers through the fused kernel (models.fusion.fuse_lowrank): None (default) where it
+        can run (CUDA with Triton, bf16 / fp16), True always (an EnvironmentProblem where it cannot), False: the
+        models as given.
     warmup: calls before timing (default 3 on CUDA, 1 on the CPU; compiled models get 2 more).
     repeats: exactly this many timed repeats per model; default: at least 5 (3 on the CPU) and until each model
         has run `min_time` seconds (default 2 s on CUDA, 1 s on the CPU) or `max_repeats` repeats.
@@ -176,7 +182,12 @@ def bench(
     if setup.dtype in (torch.bfloat16, torch.float16) and not setup.cuda:
         warn(f"{SHORT_DTYPE[setup.dtype]} on the CPU is slow on most processors (no native matrix units): the "
              "timings say little about a GPU")
+    from lowrank_cli.models.fusion import resolve_fused
+
+    fuse = resolve_fused(fused, setup.device, dtype=setup.dtype)  # `fused=True` where it cannot run: refused here
     size = _prepare_models(models, setup, input_size)
+    if fuse:
+        _fuse(models, progress)
     per_image_macs = _macs_per_image(models, setup, size, seed, warn) if count_macs else {}
     fns = _compiled(models, setup)
     rows: list[BenchRow] = []
@@ -210,6 +221,22 @@ def _prepare_models(models: Mapping[str, nn.Module], setup: BenchSetup,
         model.eval()
         check_input_size(model, size, setup.device, setup.dtype)
     return size
+
+
+def _fuse(models: Mapping[str, nn.Module], progress: Callable[[str], None]) -> None:
+    """The fused kernel swapped into every model with low-rank layers (see `bench`'s `fused`)."""
+    from lowrank_cli.models.fusion import fuse_lowrank
+
+    for name, model in models.items():
+        summary = fuse_lowrank(model)
+        if summary.layers:
+            progress(f"{name}: {summary.describe()}")
+
+
+def is_fused(model: nn.Module) -> bool:
+    from lowrank_cli.layers.fused_lowrank import FusedLowRankLinear
+
+    return any(isinstance(m, FusedLowRankLinear) for m in model.modules())
 
 
 def _macs_per_image(models: Mapping[str, nn.Module], setup: BenchSetup, size: tuple[int, ...], seed: int,
@@ -288,6 +315,7 @@ def _rows(setup: BenchSetup, runners: list[Runner], bs: int, per_image_macs: dic
             dtype=SHORT_DTYPE[setup.dtype],
             compile=setup.mode,
             cuda_graphs=setup.graphed,
+            fused=is_fused(r.model),
             samples_ms=list(r.samples),
         ))
     return rows

@@ -20,7 +20,7 @@ from lowrank_cli.timing import synchronize
 _ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|attention|sdpa|\bbmm\b|baddbmm", re.IGNORECASE)
 _GEMM = re.compile(
     r"addmm|\bmm\b|aten::mm|matmul|linear|gemm|nvjet|xmma|cublas|cutlass|tensorop|s16816|h16816|mkl|"
-    r"triton_tem_fused_.*mm",
+    r"triton_tem_fused_.*mm|lowrank",
     re.IGNORECASE,
 )
 # Wrappers whose self time is bookkeeping, not work (and would be counted twice under their children).

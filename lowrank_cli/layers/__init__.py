@@ -1,1 +1,2 @@
-"""nn.Modules only (like timm.layers): the low-rank linear, and the layers later methods add."""
+"""The layers (like timm.layers): the low-rank linear, its fused execution on CUDA (`fused_lowrank`, the Triton
+kernel in `kernels/`), and the layers later methods add."""

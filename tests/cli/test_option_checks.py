@@ -15,6 +15,7 @@ BAD = [
     ("factorize", ["--plan", "speed", "--plan-batch-size", "0"], "--plan-batch-size"),
     ("factorize", ["--plan-batch-size", "2"], "--plan-batch-size is the batch that --plan speed times"),
     ("factorize", ["--plan-dtype", "bf16"], "--plan-dtype is the precision"),
+    ("factorize", ["--no-plan-fused"], "--plan-fused / --no-plan-fused say how --plan speed times"),
     ("factorize", ["--calib", "{data}", "--calib-samples", "0"], "--calib-samples"),
     ("factorize", ["--calib-samples", "8"], "--calib-samples applies to the --calib data"),
     ("factorize", ["--tokenizer", "{data}"], "--tokenizer applies to the --calib data"),

@@ -15,7 +15,13 @@ from helpers import error_lines, make_tiny_vit, run_cli
 
 import lowrank_cli
 from lowrank_cli.compress.plan import make_plan
-from lowrank_cli.compress.speed_plan import LayerShape, auto_rank_multiple, parse_rank_multiple, speed_plan
+from lowrank_cli.compress.speed_plan import (
+    LayerShape,
+    auto_rank_multiple,
+    parse_rank_multiple,
+    speed_plan,
+    time_layer,
+)
 from lowrank_cli.devices import resolve_dtype
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
 from lowrank_cli.evaluation.bench import BenchRow, bench, noise_warning
@@ -140,6 +146,17 @@ def test_noisy_timings_are_named_with_what_to_do():
     message = noise_warning([steady, shaky])
     assert "lr at batch 16" in message and "dense" not in message and "1.42x" in message and "`repeats`" in message
     assert not _row("two", [50.0, 90.0]).noisy  # two repeats say nothing about the spread
+
+def test_the_fused_kernel_is_cudas_only(rows, pair):
+    assert all(r.fused is False for r in rows)  # on the CPU the low-rank layers stay the two linears
+    with pytest.raises(EnvironmentProblem, match="^fused=True asks for the fused low-rank kernel"):
+        bench({"lrc": pair[1]}, device="cpu", fused=True)
+    with pytest.raises(EnvironmentProblem, match="^fused=True"):
+        speed_plan(make_tiny_vit(), make_plan(make_tiny_vit(), kappa=2), device="cpu", fused=True)
+    dense_ms, low_ms = time_layer(LayerShape(32, 48, 16, (4, 32), True), device=torch.device("cpu"),
+                                  dtype=torch.float32, repeats=1, warmup=1, fused=True)  # the reference path here
+    assert dense_ms > 0 and low_ms > 0
+
 
 # ------------------------------------------------------------------------------------------------ speed plan
 
@@ -269,6 +286,21 @@ def test_bench_and_speed_plan_on_cuda(pair):
     assert p.where == "cuda kernels" and p.gemm_ms > 0
 
 
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_bench_fuses_and_shows_compiled_rows(checkpoints, capsys):
+    lr, dense = checkpoints
+    code, out, err = run_cli(["bench", lr, "--against", dense, "--device", "cuda", "--dtype", "bf16", "--batch-size",
+                              "2", "--repeats", "2", "--min-time", "0", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["modes"] == ["eager", "compiled + CUDA graphs"] and doc["fused"] is True
+    assert {r["fused"] for r in doc["rows"] if r["model"] == "lr.safetensors"} == {True}
+    plan, info = speed_plan(make_tiny_vit().cuda(), make_plan(make_tiny_vit(), kappa=2, rank_multiple=16),
+                            device="cuda", dtype="bf16", batch_size=8, repeats=3)
+    assert info["fused"] is True
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -298,6 +330,7 @@ def test_cli_json_has_the_documented_keys(checkpoints, capsys):
     assert {"device", "device_name", "dtype", "compile", "cuda_graphs", "threads", "input_size", "reference",
             "models", "rows", "peak_memory_note", "process_peak_rss_bytes"} <= set(doc)
     assert doc["device"] == "cpu" and doc["dtype"] == "fp32" and doc["input_size"] == [3, 32, 32]
+    assert doc["modes"] == ["eager"] and doc["fused"] is False  # on the CPU: no compiled rows by default, no kernel
     assert doc["reference"] == "dense.safetensors" and doc["threads"] == 1
     assert set(doc["models"]) == {"lr.safetensors", "dense.safetensors"}
     assert len(doc["rows"]) == 4
@@ -318,6 +351,27 @@ def test_cli_table_and_profile(checkpoints, capsys):
     assert code == 0, err
     assert "speed-up" in out and "MAC ratio" in out and "(ref)" in out and "1.00x" in out
     assert "where the time goes" in out and "GEMM" in out
+
+
+def test_cli_table_has_a_mode_column_when_the_rows_ran_two_ways(capsys, monkeypatch):
+    from lowrank_cli.cli import console
+    from lowrank_cli.cli.bench_cmd import mode_label, print_table
+
+    def row(model, compile_, graphs, fused=False):
+        return BenchRow(model=model, batch_size=1, median_ms=2.0, p10_ms=1.9, p90_ms=2.1, min_ms=1.9, repeats=5,
+                        calls_per_repeat=1, throughput=500.0, macs=None, peak_memory_bytes=2**20, speedup=1.0,
+                        reference="dense", compile=compile_, cuda_graphs=graphs, fused=fused)
+
+    rows = [row("dense", None, False), row("lr", None, False, True), row("dense", "reduce-overhead", True),
+            row("lr", "reduce-overhead", True, True)]
+    assert [mode_label(r) for r in rows[1:3]] == ["eager", "compiled + CUDA graphs"]
+    doc = {"device_name": "cuda:0 (a GPU)", "dtype": "bf16", "input_size": [3, 32, 32], "reference": "dense",
+           "modes": ["eager", "compiled + CUDA graphs"], "fused": True, "peak_memory_note": "weights",
+           "process_peak_rss_bytes": None, "device": "cuda"}
+    monkeypatch.setattr(console.out, "width", 200)
+    print_table(doc, rows)
+    out = capsys.readouterr().out
+    assert " mode " in out and "compiled + CUDA graphs" in out and "lr (fused)" in out and "(fused): the low-rank" in out
 
 
 def test_cli_refuses_bad_options_with_one_error_line(checkpoints, capsys):
