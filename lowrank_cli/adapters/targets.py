@@ -24,7 +24,8 @@ def adapter_targets(model: nn.Module, patterns: list[str] | None = None, head: l
     """
     head = head or []
     modules = dict(model.named_modules())
-    candidates = [n for n, m in modules.items() if isinstance(m, (nn.Linear, LowRankLinear)) and n and _outside(n, head)]
+    candidates = [n for n, m in modules.items()
+                  if n and isinstance(m, (nn.Linear, LowRankLinear)) and _outside(n, head)]
     if not patterns:
         chosen = [n for n in block_linear_names(model) if _outside(n, head)]
         if not chosen:
@@ -34,8 +35,8 @@ def adapter_targets(model: nn.Module, patterns: list[str] | None = None, head: l
     compiled = compile_patterns(patterns, "targets")
     for pattern in compiled:
         if not any(pattern.fullmatch(n) for n in candidates):
-            example = next((n for n in block_linear_names(model) if _outside(n, head)), candidates[0] if candidates
-                           else "(none)")
+            example = next((n.removesuffix(".first") for n in block_linear_names(model) if _outside(n, head)),
+                           candidates[0] if candidates else "(none)")
             raise UsageError(f"`targets` '{pattern.pattern}' matches no linear layer of the model outside the head "
                              f"(patterns match whole module names, e.g. '{example}'): fix the pattern; "
                              "'lrc report MODEL --per-layer' lists the names")

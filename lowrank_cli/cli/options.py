@@ -192,6 +192,7 @@ _OPTION_OF = {
     "output": "-o/--output",
     "evals": "--eval",
     "tokenizer=False": "--no-tokenizer",
+    "merge=False": "--no-merge",
 }
 
 

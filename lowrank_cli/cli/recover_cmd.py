@@ -166,7 +166,7 @@ RankMultiple = Annotated[Optional[str], typer.Option(
     "device likes).")]
 
 
-def _resume_command() -> str:
+def resume_command() -> str:
     """The command that continues this run (shown when it is interrupted)."""
     args = [a for a in sys.argv[1:] if a != "--resume"]
     prog = Path(sys.argv[0]).name if sys.argv else "lrc"
@@ -178,11 +178,11 @@ def _resume_command() -> str:
     if prog == "__main__.py":
         return f"python -m lowrank_cli {shlex.join(args)} --resume"
     if prog not in ("lrc", "lrc.exe"):  # called from Python (tests): the arguments are not in sys.argv
-        return "the same lrc recover command with --resume"
+        return "the same lrc command with --resume"
     return f"lrc {shlex.join(args)} --resume"
 
 
-class _Bars:
+class Bars:
     """The progress bars of a recovery, one per phase (accuracy, training), on stderr and on rank 0 only. The
     display starts with the first bar, so that an early error is not preceded by an empty one."""
 
@@ -203,7 +203,7 @@ class _Bars:
             self.bar.stop()
 
 
-def _quiet_on_other_ranks(fn):
+def quiet_on_other_ranks(fn):
     """Under torchrun only rank 0 reports an error; the other ranks exit with the same code silently.
 
     After an interruption the process only reports and exits: a late copy of the Ctrl-C (a terminal signals the
@@ -276,8 +276,8 @@ def recover(
 
     console.show_progress(progress)
     _refuse_conflicts(kappa, rank_multiple, eval_, eval_batch_size)
-    augment = _augment_level(augment, no_augment)
-    _refuse_held_out_conflicts(eval_, val_data, val_fraction, eval_every, keep)
+    augment = augment_level(augment, no_augment)
+    refuse_held_out_conflicts(eval_, val_data, val_fraction, eval_every, keep)
     options = dict(
         output=output, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, alpha=alpha,
         beta=beta, gamma=gamma, eps=eps, temperature=temperature, label_smoothing=label_smoothing, delta=delta,
@@ -288,7 +288,7 @@ def recover(
         force=force, compile=compile, evaluate_accuracy=eval_, eval_batch_size=eval_batch_size, device=device,
         num_workers=workers, seed=seed, val_data=val_data, val_fraction=val_fraction, eval_every=eval_every, keep=keep,
     )
-    result = _quiet_on_other_ranks(lambda: _run(student, teacher, data, options))
+    result = quiet_on_other_ranks(lambda: _run(student, teacher, data, options))
     if not console.is_main_process():
         return
     summary = result.summary()
@@ -309,7 +309,7 @@ def _refuse_conflicts(kappa: float | None, rank_multiple: int | str | None, eval
         raise UsageError("--eval-batch-size sizes the accuracy runs that --no-eval turns off: drop one of them")
 
 
-def _augment_level(augment: str, no_augment: bool) -> str:
+def augment_level(augment: str, no_augment: bool) -> str:
     from lowrank_cli.errors import UsageError
 
     if no_augment and augment not in ("auto", "none"):
@@ -317,7 +317,7 @@ def _augment_level(augment: str, no_augment: bool) -> str:
     return "none" if no_augment else augment
 
 
-def _refuse_held_out_conflicts(evaluate: bool, val_data, val_fraction, eval_every, keep) -> None:
+def refuse_held_out_conflicts(evaluate: bool, val_data, val_fraction, eval_every, keep) -> None:
     from lowrank_cli.errors import UsageError
 
     given = [name for name, value in (("--val-data", val_data), ("--val-fraction", val_fraction),
@@ -332,10 +332,10 @@ def _run(student: str, teacher: str, data: Path, options: dict):
     """training.recovery.recover with the progress bars, on every rank."""
     from lowrank_cli.training.recovery import recover as run_recover
 
-    bars = _Bars()
+    bars = Bars()
     try:
         return run_recover(student, teacher, data, **options, progress=bars, log=console.info, warn=console.warn,
-                           resume_command=_resume_command())
+                           resume_command=resume_command())
     finally:
         bars.close()
 
