@@ -152,6 +152,7 @@ def report_model(
     if checkpoint is not None:
         document["provenance"] = _provenance(checkpoint)
         document["recovery"] = checkpoint.recovery
+        document["finetune"] = checkpoint.finetune
     _set_reference(document, reference if reference is not None else _rebuilt_reference(document))
     return Report(document, checkpoint)
 
@@ -214,6 +215,7 @@ def _skeleton(source: dict[str, Any]) -> dict[str, Any]:
         "compression": None,
         "provenance": None,
         "recovery": None,
+        "finetune": None,
         "layers": [],
         "gates": [],
     }

@@ -93,7 +93,7 @@ class FinetuneRun(RecoveryRun):
         finally:
             trainer.distiller.close()
         scores = self._scores_after(trainer, held, d, method)
-        settings = self._settings_of(d, task, loaded, teacher, method, head, named, raw, total, warmup, base)
+        settings = self._settings_of(d, task, loaded, teacher, method, head, total, warmup, base)
         settings.update(scores=scores, samples_seen=state.images_seen, seconds=round(state.seconds, 3),
                         final_losses={k: v["last"] for k, v in self._losses(metrics if self.main else None,
                                                                              trainer.history, loss).items()})
@@ -159,6 +159,7 @@ class FinetuneRun(RecoveryRun):
         for name, p in raw.named_parameters():
             p.requires_grad_(name in chosen)
         trained, total = sum(p.numel() for _, p in named), sum(p.numel() for p in raw.parameters())
+        self.counts = (trained, total)  # while training, adapters included (they are merged away at the end)
         where = (f"adapters on {len(targets)} linear(s){f' and {len(config.norms)} norm(s)' if config.norms else ''}"
                  f", the new head ({', '.join(head.modules)})" if targets else
                  "every parameter" if o.method == "full" else f"the new head ({', '.join(head.modules)})")
@@ -220,12 +221,11 @@ class FinetuneRun(RecoveryRun):
         return {"data": d.val_from, "samples": len(d.val), "metric": held.metric, "every": held.every,
                 "before": held.before, "after": after, "kept": kept}
 
-    def _settings_of(self, d: RunData, task: Task, loaded: Any, teacher: Any, method: Method, head: Head, named,
-                     raw: nn.Module, total: int, warmup: int, base: str) -> dict[str, Any]:
+    def _settings_of(self, d: RunData, task: Task, loaded: Any, teacher: Any, method: Method, head: Head,
+                     total: int, warmup: int, base: str) -> dict[str, Any]:
         """What the output records of this fine-tuning (`lrc.finetune`) and `--json` prints."""
         o = self.opts
-        trained = sum(p.numel() for _, p in named)
-        parameters = trained + sum(p.numel() for p in raw.parameters() if not p.requires_grad)
+        trained, parameters = self.counts
         settings = {
             "method": o.method, "adapters": method.config.record(), "merged": o.merge, "head": head.record(),
             **task.record(), "data": str(task.data.resolve()), "train_samples": len(d.train), "steps": total,

@@ -47,7 +47,11 @@ def test_finetune_then_eval_and_report(vit_lr, parity, tmp_path, capsys):
     code, stdout, err = run_cli(["report", out, "--json"], capsys)
     assert code == 0, err
     before = sum(p.numel() for p in lowrank_cli.load(vit_lr).parameters())
-    assert json.loads(stdout)["params"]["total"] == before - (32 * 10 + 10) + (32 * 2 + 2)
+    report = json.loads(stdout)
+    assert report["params"]["total"] == before - (32 * 10 + 10) + (32 * 2 + 2)
+    assert report["finetune"]["method"] == "lora" and report["finetune"]["classes"] == ["even", "odd"]
+    code, stdout, err = run_cli(["report", out], capsys)
+    assert code == 0 and "lora, 2 classes ([even, odd])" in stdout, err
 
 
 def test_json_summary_and_no_merge(vit_lr, parity, tmp_path, capsys):

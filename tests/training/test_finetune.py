@@ -191,6 +191,25 @@ def test_text_pairs_with_scores(berts, sentences, tmp_path):
     assert back.config.num_labels == 1 and back.config.problem_type == "regression"
     assert set(result.losses) == {"loss", "mse"}
     assert set(result.scores["after"]) == {"val_pearson", "val_spearman"} and result.scores["samples"] == 12
+    from lowrank_cli.data.texts import load_tokenizer
+    from lowrank_cli.evaluation.task_scores import evaluate_texts
+
+    scored = evaluate_texts(back, sentences["sts"], load_tokenizer(berts["dense"]))
+    assert set(scored) == {"pearson", "spearman", "texts", "precision"} and scored["texts"] == 48
+    with pytest.raises(InputError, match="holds class labels; the model regresses a score"):
+        evaluate_texts(back, sentences["dev"], load_tokenizer(berts["dense"]))
+
+
+def test_text_adapters_alone(berts, sentences, tmp_path):
+    """A transformers base takes its task class and adapters back from an adapter file."""
+    result = finetune(berts["dense"], sentences["train"], output=tmp_path / "adapters.safetensors", method="rlrr",
+                      merge=False, steps=2, **FAST)
+    model = lowrank_cli.load(berts["dense"], adapters=result.output)
+    ids, mask = torch.tensor([[2, 10, 11, 12, 3]]), torch.ones(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.allclose(model(ids, attention_mask=mask).logits, result.model(ids, attention_mask=mask).logits,
+                              atol=1e-5)
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 2
 
 
 def test_bad_text_data(berts, tmp_path):
