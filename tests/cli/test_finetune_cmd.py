@@ -142,3 +142,22 @@ def test_text_classifier_then_eval(bert_folder, tmp_path, capsys):
     assert code == 0, err
     result = json.loads(stdout)
     assert result["texts"] == 16 and 0 <= result["accuracy"] <= 1
+
+
+def test_two_gloo_processes_write_one_output(vit_lr, parity, tmp_path):
+    """Under torchrun: peft's adapters in DDP, the data sharded, one output and one JSON document."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lowrank_cli",
+           "finetune", str(vit_lr), "--data", str(parity), "--method", "dora", *FAST, "--batch-size", "4",
+           "-o", str(out), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["settings"]["processes"] == 2 and summary["samples_seen"] == 3 * 8
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == ["ddp.safetensors"]
+    assert lowrank_cli.load(out).num_classes == 2

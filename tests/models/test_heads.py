@@ -47,3 +47,14 @@ def test_transformers_regression_head(tmp_path):
     loaded = lowrank_cli.load_model(str(write_tiny_bert(tmp_path / "bert", head=None)))
     replace_head(loaded, 1, regression=True)
     assert loaded.model.config.problem_type == "regression" and loaded.model.config.num_labels == 1
+
+
+def test_transformers_vision_head(tmp_path):
+    from hf_fixtures import write_tiny_vit
+
+    loaded = lowrank_cli.load_model(str(write_tiny_vit(tmp_path / "vit", head=False)))
+    size = loaded.model.pretrained_cfg["input_size"]
+    head = replace_head(loaded, 2, classes=["even", "odd"])
+    assert type(loaded.model).__name__ == "ViTForImageClassification" and head.modules == ["classifier"]
+    assert loaded.model.pretrained_cfg["input_size"] == size  # the image settings travel with the encoder
+    assert loaded.model(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 2)
