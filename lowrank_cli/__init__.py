@@ -7,6 +7,7 @@
     model = lowrank_cli.load("deit_lr.safetensors")         # rebuilt from the file alone
     lowrank_cli.push("deit_lr.safetensors", "org/deit-lr")  # with its model card, to the Hub
     model = lowrank_cli.load("hf-hub:org/deit-lr")          # and back
+    lowrank_cli.finetune("deit_lr.safetensors", "flowers/", output="flowers.safetensors", method="lora", epochs=3)
 
     bert = lowrank_cli.load_model("./my-bert-folder").model  # transformers models too (the [transformers] extra)
 
@@ -26,7 +27,7 @@ _legacy.install()  # the 0.x import paths (lowrank_cli.lowrank_linear, ...) keep
 _API = {
     "factorize": "lowrank_cli.compress.factorization",
     "FactorizeResult": "lowrank_cli.compress.factorization",
-    "load": "lowrank_cli.checkpoint.io",
+    "load": "lowrank_cli.adapters.loading",
     "save": "lowrank_cli.checkpoint.io",
     "read_info": "lowrank_cli.checkpoint.format",
     "CheckpointInfo": "lowrank_cli.checkpoint.format",
@@ -40,6 +41,8 @@ _API = {
     "LrcError": "lowrank_cli.errors",
     "build_report": "lowrank_cli.evaluation.report",
     "recover": "lowrank_cli.training.recovery",
+    "finetune": "lowrank_cli.training.finetune",
+    "FinetuneResult": "lowrank_cli.training.result",
     "RecoverResult": "lowrank_cli.training.result",
     "evaluate": "lowrank_cli.evaluation.accuracy",
     "build_card": "lowrank_cli.publish.card",
@@ -49,8 +52,9 @@ _API = {
 __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:
+    from lowrank_cli.adapters.loading import load
     from lowrank_cli.checkpoint.format import CheckpointInfo, read_info
-    from lowrank_cli.checkpoint.io import load, save
+    from lowrank_cli.checkpoint.io import save
     from lowrank_cli.compress.factorization import FactorizeResult, factorize
     from lowrank_cli.compress.plan import make_plan, pela_rank
     from lowrank_cli.errors import LrcError
@@ -62,8 +66,9 @@ if TYPE_CHECKING:
     from lowrank_cli.models.sources import load_model
     from lowrank_cli.publish.card import build_card
     from lowrank_cli.publish.push import push
+    from lowrank_cli.training.finetune import finetune
     from lowrank_cli.training.recovery import recover
-    from lowrank_cli.training.result import RecoverResult
+    from lowrank_cli.training.result import FinetuneResult, RecoverResult
 
 
 def __getattr__(name: str):

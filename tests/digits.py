@@ -97,3 +97,18 @@ def train_classifier(model, loader, epochs: int, *, lr: float = 2e-3, on_epoch=N
         if on_epoch is not None:
             on_epoch(epoch, loss.item())
     return model.eval()
+
+
+def relabel_imagefolder(source: str | Path, root: str | Path, label_of) -> Path:
+    """Copy an ImageFolder (train/ and val/) into `root` with each class folder renamed by `label_of(name)`, so that
+    several old classes can become one new class (digits -> parity: a new task for the same images); return root."""
+    import shutil
+
+    source, root = Path(source), Path(root)
+    for split in ("train", "val"):
+        for folder in sorted((source / split).iterdir()):
+            target = root / split / label_of(folder.name)
+            target.mkdir(parents=True, exist_ok=True)
+            for image in sorted(folder.iterdir()):
+                shutil.copyfile(image, target / f"{folder.name}_{image.name}")
+    return root

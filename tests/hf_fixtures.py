@@ -176,3 +176,29 @@ def write_corpus(path: str | Path, n: int = 64, seed: int = 0, jsonl: bool = Fal
         lines = [json.dumps({"text": line}) for line in lines]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def write_labelled_texts(path: str | Path, n: int = 96, seed: int = 0, *, task: str = "length") -> Path:
+    """n sentences of `corpus_sentences` with a label a small model can learn: `length` labels them "long" (more
+    than 12 words) or "short"; `score` gives each pair of sentences the ratio of their lengths as a `score`. .jsonl,
+    or .csv when `path` ends so."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sentences = corpus_sentences(2 * n, seed)
+    if task == "length":
+        rows = [{"text": s, "label": "long" if len(s.split()) > 12 else "short"} for s in sentences[:n]]
+    elif task == "score":
+        rows = [{"text": a, "text_pair": b, "score": round(len(a.split()) / len(b.split()), 3)}
+                for a, b in zip(sentences[:n], sentences[n:])]
+    else:
+        raise ValueError(f"task must be 'length' or 'score', got {task!r}")
+    if path.suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path

@@ -33,6 +33,7 @@ class CheckpointInfo:
     spectra: dict[str, list[float]] = field(default_factory=dict)
     recovery: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = None
     schema: int = SCHEMA
     lrc_version: str = __version__
     path: Path | None = None
@@ -74,6 +75,29 @@ def record_recovery(model: nn.Module, recovery: dict[str, Any], *, spec: ModelSp
     info = info_of(model) or attach_info(model, CheckpointInfo(
         spec=spec, ranks=lowrank_ranks(model), provenance={"source": source} if source is not None else {}))
     info.recovery = recovery
+
+
+def record_finetune(model: nn.Module, finetune: dict[str, Any], *, spec: ModelSpec,
+                    source: dict[str, Any] | None = None) -> None:
+    """Record a fine-tuning run (method, head, classes or task, settings, scores) on a model, and the spec that
+    rebuilds it with its new head; a model lrc did not describe yet (a dense source) is described first."""
+    info = info_of(model) or attach_info(model, CheckpointInfo(
+        spec=spec, ranks=lowrank_ranks(model), provenance={"source": source} if source is not None else {}))
+    info.spec = spec
+    info.finetune = finetune
+
+
+def move_record(old: nn.Module, new: nn.Module, renamed: dict[str, str]) -> None:
+    """Give `new` the record of `old` (a transformers encoder put inside a task class), following the modules that
+    moved (`encoder.layer.0...` becomes `bert.encoder.layer.0...`): the per-layer records are keyed by name."""
+    info = info_of(old)
+    if info is None:
+        return
+    attach_info(new, info)
+    for table in (info.layers, info.dense, info.spectra):
+        moved = {renamed.get(k, k): v for k, v in table.items()}
+        table.clear()
+        table.update(moved)
 
 
 def lowrank_ranks(model: nn.Module) -> dict[str, int]:
@@ -120,7 +144,7 @@ def _json(meta: dict[str, str], key: str, default: Any, path: Path) -> Any:
 
 # What each JSON value must be: a mapping, and what its values must be (None: anything JSON).
 SHAPES: dict[str, Any] = {
-    "model_args": None, "pretrained_cfg": None, "provenance": None, "recovery": None, "plan": None,
+    "model_args": None, "pretrained_cfg": None, "provenance": None, "recovery": None, "plan": None, "finetune": None,
     "ranks": "rank", "layers": dict, "dense": str, "spectra": list,
 }
 MAX_RANK = 1 << 20
@@ -173,6 +197,7 @@ def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[int, ..
         spectra=_json(meta, "spectra", {}, path),
         recovery=_json(meta, "recovery", None, path),
         plan=_json(meta, "plan", None, path),
+        finetune=_json(meta, "finetune", None, path),
         schema=schema,
         lrc_version=meta.get(PREFIX + "version", "?"),
         path=path,
@@ -205,4 +230,6 @@ def metadata_of(model: nn.Module, info: CheckpointInfo) -> dict[str, str]:
         meta[PREFIX + "recovery"] = json.dumps(json_safe(info.recovery))
     if info.plan is not None:
         meta[PREFIX + "plan"] = json.dumps(json_safe(info.plan))
+    if info.finetune is not None:
+        meta[PREFIX + "finetune"] = json.dumps(json_safe(info.finetune))
     return meta

@@ -17,6 +17,7 @@
     lrc.spectra       JSON: {module name: singular values / the largest}, 4 significant digits
     lrc.recovery      JSON, after `lrc recover`: settings and measured accuracy
     lrc.plan          JSON, after `--plan speed`: measured per-layer timings
+    lrc.finetune      JSON, after `lrc finetune`: method, adapters, head, classes or task, settings, scores
 
 Loading never runs an SVD and never unpickles: the architecture is built on the meta device, the ranks are
 swapped in, names and shapes are checked against the file's header, then the tensors are assigned.

@@ -13,7 +13,16 @@ import sys
 import typer
 
 from lowrank_cli._version import __version__
-from lowrank_cli.cli import bench_cmd, card_cmd, eval_cmd, factorize_cmd, push_cmd, recover_cmd, report_cmd
+from lowrank_cli.cli import (
+    bench_cmd,
+    card_cmd,
+    eval_cmd,
+    factorize_cmd,
+    finetune_cmd,
+    push_cmd,
+    recover_cmd,
+    report_cmd,
+)
 from lowrank_cli.cli.command import LrcGroup
 from lowrank_cli.cli.options import CLICK_USAGE_ERROR
 
@@ -41,7 +50,7 @@ def _root(
     """Make pretrained transformers smaller and faster by low-rank factorization (PELA)."""
 
 
-for _command in (factorize_cmd, report_cmd, recover_cmd, eval_cmd, bench_cmd, card_cmd, push_cmd):
+for _command in (factorize_cmd, report_cmd, recover_cmd, finetune_cmd, eval_cmd, bench_cmd, card_cmd, push_cmd):
     _command.register(app)
 
 _WRITE_FAILURES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}

@@ -19,12 +19,20 @@ Examples:
   lrc eval deit_base --data imagenet/val --json
 
   lrc eval deit_lr_rec.safetensors --data imagenet/ --device cuda --no-fused     (the two linears per layer)
+
+  lrc eval sst_lr.safetensors --data sst_dev.jsonl       (a fine-tuned text model: accuracy, or Pearson / Spearman)
 """
 
 
 Data = Annotated[Path, typer.Option(
-    "--data", metavar="DIR", show_default=False,
-    help="Labelled images: DIR/val/<class>/..., or a class tree DIR/<class>/....")]
+    "--data", metavar="DIR|FILE", show_default=False,
+    help="Labelled images: DIR/val/<class>/..., or a class tree DIR/<class>/...; for a fine-tuned text model a "
+    ".jsonl / .csv file of text[, text_pair] and label or score.")]
+Tokenizer = Annotated[Optional[str], typer.Option(
+    "--tokenizer", metavar="DIR|REPO", show_default=False,
+    help="Text data: the model's tokenizer (default: the one its checkpoint names).")]
+MaxLength = Annotated[Optional[int], typer.Option(
+    "--max-length", min=1, show_default=False, help="Text data: tokens per text at most (default: the model's).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
 Workers = Annotated[Optional[int], typer.Option(
     "--workers", min=0, show_default=False, help="Data-loading processes (default: the CPUs, at most 8).")]
@@ -39,21 +47,29 @@ def eval_command(
     fused: Fused = None,
     json_out: Json = False,
     progress: Progress = None,
+    tokenizer: Tokenizer = None,
+    max_length: MaxLength = None,
     arch: Arch = None,
     model_arg: ModelArg = None,
 ) -> None:
-    """Measure the top-1 / top-5 accuracy of any MODEL on labelled images.
+    """Measure the accuracy of any MODEL on labelled images (or a fine-tuned model on labelled texts).
 
-    The images are DIR/val/<class>/..., or DIR/<class>/... when DIR is a class tree. On CUDA the low-rank layers
-    run the fused Triton kernel (--no-fused: the two linears).
+    The images are DIR/val/<class>/..., or DIR/<class>/... when DIR is a class tree; texts a .jsonl / .csv file.
+    On CUDA the low-rank layers run the fused Triton kernel (--no-fused: the two linears).
     """
+    from lowrank_cli.data.labelled_texts import is_labelled_text_file
     from lowrank_cli.data.sampling import default_workers
     from lowrank_cli.devices import resolve_device
+    from lowrank_cli.errors import UsageError
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
     from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
     from lowrank_cli.models.sources import load_model, parse_model_args
 
     console.show_progress(progress)
+    if is_labelled_text_file(data):
+        return _eval_texts(model, data, batch_size, device, json_out, tokenizer, max_length, arch)
+    if tokenizer is not None or max_length is not None:
+        raise UsageError("--tokenizer and --max-length are for text data; --data here is images")
     image_set = val_split(data)  # a wrong folder fails before the model loads
     dev = resolve_device(device)
     fuse = resolve_fused(fused, dev)  # --fused without CUDA or Triton: exit 6 before the loading
@@ -77,6 +93,38 @@ def eval_command(
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
         f"({result['images']} images of {result['data']}{skipped})"
     )
+
+
+def _eval_texts(model: str, data: Path, batch_size: int, device: str, json_out: bool, tokenizer: str | None,
+                max_length: int | None, arch: str | None) -> None:
+    """A fine-tuned text classifier (or regressor) on a labelled .jsonl / .csv file."""
+    from lowrank_cli.data.labelled_texts import read_labelled_texts
+    from lowrank_cli.data.task_data import recorded_tokenizer
+    from lowrank_cli.data.texts import load_tokenizer
+    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.errors import UsageError
+    from lowrank_cli.evaluation.task_scores import evaluate_texts
+    from lowrank_cli.models.sources import load_model
+    from lowrank_cli.models.transformers_models import is_text_model
+
+    read_labelled_texts(data)  # a wrong file fails before the model loads
+    dev = resolve_device(device)
+    loaded = load_model(model, arch=arch, log=lambda msg: console.info(f"Model: {msg}"))
+    if not is_text_model(loaded.model) or getattr(loaded.model.config, "num_labels", 0) < 1:
+        raise UsageError(f"--data '{data}' holds labelled texts: give a text classifier (an lrc finetune output)")
+    source = tokenizer or loaded.files or recorded_tokenizer(loaded.checkpoint)
+    if source is None:
+        raise UsageError("the model names no tokenizer: pass --tokenizer DIR_OR_REPO")
+    loaded.model.to(dev).float()
+    result = evaluate_texts(loaded.model, data, load_tokenizer(source), max_length=max_length,
+                            batch_size=batch_size, device=dev)
+    result = {"model": model, "data": str(data), **result}
+    if json_out:
+        console.print_json(result)
+        return
+    scores = (f"accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else
+              f"Pearson {result['pearson']:.4f}  Spearman {result['spearman']:.4f}")
+    console.out.print(f"{scores}  ({result['texts']} texts of {result['data']})")
 
 
 def register(app: typer.Typer) -> None:

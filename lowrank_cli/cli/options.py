@@ -200,6 +200,7 @@ _OPTION_OF = {
     "tokenizer=False": "--no-tokenizer",
     "fused=False": "--no-fused",
     "plan_fused=False": "--no-plan-fused",
+    "merge=False": "--no-merge",
 }
 
 

@@ -105,7 +105,7 @@ from lowrank_cli.cli.recover_options import (  # noqa: E402
 )
 
 
-def _resume_command() -> str:
+def resume_command() -> str:
     """The command that continues this run (shown when it is interrupted)."""
     args = [a for a in sys.argv[1:] if a != "--resume"]
     prog = Path(sys.argv[0]).name if sys.argv else "lrc"
@@ -117,11 +117,11 @@ def _resume_command() -> str:
     if prog == "__main__.py":
         return f"python -m lowrank_cli {shlex.join(args)} --resume"
     if prog not in ("lrc", "lrc.exe"):  # called from Python (tests): the arguments are not in sys.argv
-        return "the same lrc recover command with --resume"
+        return "the same lrc command with --resume"
     return f"lrc {shlex.join(args)} --resume"
 
 
-class _Bars:
+class Bars:
     """The progress bars of a recovery, one per phase (accuracy, training), on stderr and on rank 0 only. The
     display starts with the first bar, so that an early error is not preceded by an empty one."""
 
@@ -142,7 +142,7 @@ class _Bars:
             self.bar.stop()
 
 
-def _quiet_on_other_ranks(fn):
+def quiet_on_other_ranks(fn):
     """Under torchrun only rank 0 reports an error; the other ranks exit with the same code silently.
 
     After an interruption the process only reports and exits: a late copy of the Ctrl-C (a terminal signals the
@@ -222,9 +222,9 @@ def recover(
     given = dict(locals())
     console.show_progress(progress)
     _refuse_conflicts(kappa, rank_multiple, eval_, eval_batch_size)
-    _refuse_held_out_conflicts(eval_, val_data, val_fraction, eval_every, keep)
+    refuse_held_out_conflicts(eval_, val_data, val_fraction, eval_every, keep)
     options = _library_options(given)
-    result = _quiet_on_other_ranks(lambda: _run(student, teacher, data, options))
+    result = quiet_on_other_ranks(lambda: _run(student, teacher, data, options))
     if not console.is_main_process():
         return
     summary = result.summary()
@@ -245,7 +245,7 @@ def _library_options(given: dict) -> dict:
 
     options = {_RENAMED.get(k, k): v for k, v in given.items() if k not in _CLI_ONLY}
     options["model_args"] = parse_model_args(given["model_arg"])
-    options["augment"] = _augment_level(given["augment"], given["no_augment"])
+    options["augment"] = augment_level(given["augment"], given["no_augment"])
     if given["rank_multiple"] is None:
         options["rank_multiple"] = DEFAULT_RANK_MULTIPLE
     return options
@@ -262,7 +262,7 @@ def _refuse_conflicts(kappa: float | None, rank_multiple: int | str | None, eval
         raise UsageError("--eval-batch-size sizes the accuracy runs that --no-eval turns off: drop one of them")
 
 
-def _augment_level(augment: str, no_augment: bool) -> str:
+def augment_level(augment: str, no_augment: bool) -> str:
     from lowrank_cli.errors import UsageError
 
     if no_augment and augment not in ("auto", "none"):
@@ -270,7 +270,7 @@ def _augment_level(augment: str, no_augment: bool) -> str:
     return "none" if no_augment else augment
 
 
-def _refuse_held_out_conflicts(evaluate: bool, val_data, val_fraction, eval_every, keep) -> None:
+def refuse_held_out_conflicts(evaluate: bool, val_data, val_fraction, eval_every, keep) -> None:
     from lowrank_cli.errors import UsageError
 
     given = [name for name, value in (("--val-data", val_data), ("--val-fraction", val_fraction),
@@ -285,10 +285,10 @@ def _run(student: str, teacher: str, data: Path, options: dict):
     """training.recovery.recover with the progress bars, on every rank."""
     from lowrank_cli.training.recovery import recover as run_recover
 
-    bars = _Bars()
+    bars = Bars()
     try:
         return run_recover(student, teacher, data, **options, progress=bars, log=console.info, warn=console.warn,
-                           resume_command=_resume_command())
+                           resume_command=resume_command())
     finally:
         bars.close()
 

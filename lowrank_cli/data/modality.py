@@ -216,12 +216,13 @@ def modality_for(data: Path) -> ImageData | TextData:
     return ImageData()
 
 
-def check_model(modality: ImageData | TextData, teacher: nn.Module, teacher_name: str, data: Path) -> None:
+def check_model(modality: ImageData | TextData, teacher: nn.Module, teacher_name: str, data: Path,
+                role: str = "the teacher") -> None:
     """Texts need a text model and images an image model: say which data the model needs."""
     from lowrank_cli.models.transformers_models import is_text_model
 
     text_model = is_text_model(teacher)
     if (modality.name == "texts") != text_model:
-        raise UsageError(f"`data` '{data}' holds {modality.name} but the teacher {teacher_name} is "
+        raise UsageError(f"`data` '{data}' holds {modality.name} but {role} {teacher_name} is "
                          f"{'a text' if text_model else 'an image'} model: give it "
                          f"{'a .txt / .jsonl file or folder' if text_model else 'an image folder'}")

@@ -75,7 +75,18 @@ def check_classes(model: nn.Module, image_set: ImageSet, what: str = "the model"
     if image_set.num_classes != n:
         return (f"the data has {image_set.num_classes} classes ({image_set.root}), {what} outputs {n}: labels would "
                 "not match the outputs")
+    from lowrank_cli.checkpoint.format import info_of
+
+    info = info_of(model)
+    recorded = (info.finetune or {}).get("classes") if info is not None else None
+    if recorded and list(recorded) != list(image_set.classes):
+        return (f"the class folders of {image_set.root} ({_some(image_set.classes)}) are not the classes {what} was "
+                f"fine-tuned on ({_some(recorded)}, in this order): labels would not match the outputs")
     return None
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

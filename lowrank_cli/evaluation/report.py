@@ -152,6 +152,8 @@ def report_model(
     if checkpoint is not None:
         document["provenance"] = _provenance(checkpoint)
         document["recovery"] = checkpoint.recovery
+        if checkpoint.finetune is not None:  # optional: reports of other checkpoints stay as they were
+            document["finetune"] = checkpoint.finetune
     _set_reference(document, reference if reference is not None else _rebuilt_reference(document))
     return Report(document, checkpoint)
 

@@ -17,9 +17,24 @@ def summary_rows(doc: dict[str, Any]) -> Rows:
     rows += _provenance_rows(doc)
     if doc["recovery"] is not None:
         rows.append(("recovery", flat_text(doc["recovery"])))
+    if doc.get("finetune"):
+        rows.append(("fine-tuned", _finetune_text(doc["finetune"])))
     for gate in doc["gates"]:
         rows.append((f"gate {gate['option']}", ("passed: " if gate["passed"] else "FAILED: ") + describe_gate(gate)))
     return rows
+
+
+def _finetune_text(record: dict[str, Any]) -> str:
+    """Method, task, trainable share and the held-out score of an `lrc finetune` output, on one line."""
+    task = (f"{len(record['classes'])} classes ({flat_text(record['classes'])})" if record.get("classes") else
+            "a regression score")
+    text = f"{record.get('method')}{'' if record.get('merged', True) else ' (not merged)'}, {task}"
+    if record.get("trainable_share") is not None:
+        text += f", {100 * record['trainable_share']:.2f} % of the parameters trained"
+    scores = record.get("scores") or {}
+    if scores.get("after") and scores.get("metric") in scores["after"]:
+        text += f", held-out {scores['metric']} {scores['after'][scores['metric']]:.4g}"
+    return text
 
 
 def format_params(n: int | None) -> str:

@@ -14,10 +14,10 @@ from lowrank_cli.training.progressive import DEFAULT_DECAY, DEFAULT_DECAY_END, D
 
 
 @dataclass
-class RecoverOptions:
-    """Everything `recover` can be told besides what to train (student, teacher, data, output).
+class TrainingOptions:
+    """What every training run (`recover`, `finetune`) can be told besides what to train, on what, and where to
+    write it: length, optimizer, data, held-out evaluation, saving and resuming, devices.
 
-    Loss weights (PELA Eq. 7, see training.losses): alpha, beta, gamma, eps, temperature, label_smoothing, delta.
     Exactly one of `steps` (optimizer steps) and `epochs` (passes over the training data; fractions allowed).
     `batch_size` is per process; a step uses batch_size x grad_accum x processes samples.
     """
@@ -27,32 +27,16 @@ class RecoverOptions:
     lr: float = 1e-4
     batch_size: int = 64
     grad_accum: int = 1
-    alpha: float = 1.0
-    beta: float = 0.0
-    gamma: float = 0.0
-    eps: float = 1e-3
     temperature: float = 1.0
     label_smoothing: float = 0.0
-    delta: float = 0.0
-    tokenizer: Any = None  # text data: a tokenizer, or the folder / Hub repo that has one (default: the teacher's)
+    tokenizer: Any = None  # text data: a tokenizer, or the folder / Hub repo that has one (default: the model's)
     max_length: int | None = None  # text data: tokens per text at most (default: the model's positions, <= 512)
     library: str | None = None
     warmup_steps: int | None = None  # default: warmup_fraction of the steps
     warmup_fraction: float = 0.05
     weight_decay: float = 0.05
     clip_grad: float = 1.0  # 0: off
-    freeze_dense: bool = False  # train only the factorized layers
     augment: str | bool = "auto"  # auto | none | light | strong (data/augment.py); True / False: strong / none
-    kappa: float | None = None  # factorize a dense student on the fly
-    rank: int | None = None  # ... or at this rank for every target layer (PC-LoRA's extreme compression)
-    rank_multiple: int | str = 8  # or "auto"
-    calib: str | None = None  # the on-the-fly factorization truncates data-aware on these images / texts
-    calib_samples: int = 256
-    method: str = "pela"  # pela: factorize, then distil; progressive: the dense weights fade out (training/progressive)
-    init: str | None = None  # progressive: svd (default) or lora
-    decay: str | None = None  # progressive: linear (default), sine or cosine
-    decay_end: float | None = None  # progressive: lambda is 0 from this fraction of the steps on (default 0.8)
-    lora_alpha: float | None = None  # progressive, init lora: second is scaled by lora_alpha / rank (default: scale 1)
     arch: str | None = None
     model_args: dict[str, Any] | None = None
     save_every: int = 500
@@ -74,24 +58,18 @@ class RecoverOptions:
     def names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
 
-    @property
-    def weights(self) -> LossWeights:
-        return LossWeights(self.alpha, self.beta, self.gamma, self.eps, self.temperature, self.label_smoothing,
-                           self.delta)
-
-    def check(self) -> None:
-        """Refuse values that cannot work, naming the parameter, before anything is loaded."""
-        self.weights.check()
+    def check_training(self) -> None:
+        """Refuse values of the shared options that cannot work, naming the parameter, before anything loads."""
         from lowrank_cli.data.augment import parse_level
 
         parse_level(self.augment)
         if (self.steps is None) == (self.epochs is None):
-            raise UsageError("give the length of the recovery as `steps` N or as `epochs` E (one of them)")
+            raise UsageError("give the length of the run as `steps` N or as `epochs` E (one of them)")
         checks = [
             (self.steps is None or self.steps >= 1, f"`steps` must be at least 1, got {self.steps}"),
             (self.epochs is None or (self.epochs > 0 and math.isfinite(self.epochs)),
              f"`epochs` must be a number > 0, got {self.epochs}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"`lr` must be a number > 0, got {self.lr}"),
+            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"`lr` must be a number > 0, got {self.lr}"),
             (self.batch_size >= 1, f"`batch_size` must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"`grad_accum` must be at least 1, got {self.grad_accum}"),
             (self.warmup_steps is None or self.warmup_steps >= 0,
@@ -103,25 +81,72 @@ class RecoverOptions:
             (self.log_every >= 1, f"`log_every` must be at least 1, got {self.log_every}"),
             (self.num_workers is None or self.num_workers >= 0,
              f"`num_workers` must be 0 or more, got {self.num_workers}"),
-            (self.kappa is None or self.kappa > 1, f"`kappa` must be a number > 1, got {self.kappa}"),
-            (self.rank_multiple == "auto" or (isinstance(self.rank_multiple, int) and self.rank_multiple >= 1),
-             f"`rank_multiple` must be a whole number >= 1 or auto, got {self.rank_multiple}"),
             (self.val_fraction is None or 0 < self.val_fraction <= 0.5,
              f"`val_fraction` must be in (0, 0.5], got {self.val_fraction}"),
-            (self.eval_every is None or self.eval_every >= 1, f"`eval_every` must be at least 1, got {self.eval_every}"),
+            (self.eval_every is None or self.eval_every >= 1,
+             f"`eval_every` must be at least 1, got {self.eval_every}"),
             (self.keep in (None, "best", "last"), f"`keep` '{self.keep}' is not one of best, last"),
             (self.eval_batch_size is None or self.eval_batch_size >= 1,
              f"`eval_batch_size` must be at least 1, got {self.eval_batch_size}"),
-            (self.max_length is None or self.max_length >= 1, f"`max_length` must be at least 1, got {self.max_length}"),
+            (self.max_length is None or self.max_length >= 1,
+             f"`max_length` must be at least 1, got {self.max_length}"),
             (not (self.val_data is not None and self.val_fraction is not None),
              "`val_data` and `val_fraction` both say where the held-out data comes from: give one of them"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RecoverOptions(TrainingOptions):
+    """Everything `recover` can be told besides what to train (student, teacher, data, output): the shared
+    TrainingOptions, and the loss weights (PELA Eq. 7, see training.losses): alpha, beta, gamma, eps, delta (and
+    temperature, label_smoothing); a dense student factorized on the fly (kappa, rank_multiple); freeze_dense.
+    """
+
+    alpha: float = 1.0
+    beta: float = 0.0
+    gamma: float = 0.0
+    eps: float = 1e-3
+    delta: float = 0.0
+    freeze_dense: bool = False  # train only the factorized layers
+    kappa: float | None = None  # factorize a dense student on the fly
+    rank: int | None = None  # ... or at this rank for every target layer (PC-LoRA's extreme compression)
+    rank_multiple: int | str = 8  # or "auto"
+    calib: str | None = None  # the on-the-fly factorization truncates data-aware on these images / texts
+    calib_samples: int = 256
+    method: str = "pela"  # pela: factorize, then distil; progressive: the dense weights fade out (training/progressive)
+    init: str | None = None  # progressive: svd (default) or lora
+    decay: str | None = None  # progressive: linear (default), sine or cosine
+    decay_end: float | None = None  # progressive: lambda is 0 from this fraction of the steps on (default 0.8)
+    lora_alpha: float | None = None  # progressive, init lora: second is scaled by lora_alpha / rank (default: scale 1)
+
+    @property
+    def weights(self) -> LossWeights:
+        return LossWeights(self.alpha, self.beta, self.gamma, self.eps, self.temperature, self.label_smoothing,
+                           self.delta)
+
+    def check(self) -> None:
+        """Refuse values that cannot work, naming the parameter, before anything is loaded."""
+        self.weights.check()
+        if self.lr is None:
+            raise UsageError("`lr` must be a number > 0, got None")
+        self.check_training()
+        for ok, message in [
+            (self.kappa is None or self.kappa > 1, f"`kappa` must be a number > 1, got {self.kappa}"),
+            (self.rank_multiple == "auto" or (isinstance(self.rank_multiple, int) and self.rank_multiple >= 1),
+             f"`rank_multiple` must be a whole number >= 1 or auto, got {self.rank_multiple}"),
             (self.rank is None or self.rank >= 1, f"`rank` must be at least 1, got {self.rank}"),
             (self.kappa is None or self.rank is None, "`kappa` and `rank` both set the ranks: give one of them"),
             (self.calib_samples >= 1, f"`calib_samples` must be at least 1, got {self.calib_samples}"),
             (self.calib is None or self.kappa is not None or self.rank is not None,
              "`calib` makes the on-the-fly factorization of a dense student data-aware: give `kappa` or `rank` too"),
-        ]
-        for ok, message in checks + self._method_checks():
+            *self._method_checks(),
+        ]:
             if not ok:
                 raise UsageError(message)
 
@@ -166,5 +191,72 @@ class RecoverOptions:
                 **({"decay": self.decay or DEFAULT_DECAY, "decay_end": self.decay_end or DEFAULT_DECAY_END}
                    if self.method == "progressive" else {})}
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+# The peak learning rate of each method when `lr` is not given: a new head or a few scales take large steps, every
+# weight of a pretrained model small ones.
+METHOD_LR = {"head": 1e-3, "full": 1e-4, "lora": 5e-4, "dora": 5e-4, "rlrr": 1e-3}
+
+
+@dataclass
+class FinetuneOptions(TrainingOptions):
+    """Everything `finetune` can be told besides the model, the data and the output: the shared TrainingOptions
+    (`lr` defaults to the method's, METHOD_LR), the method and its adapters (adapters/), whether to merge them,
+    and an optional `teacher` MODEL (already fine-tuned on the task) for logit distillation with weight `gamma`
+    (default 1 with a teacher) at `temperature`.
+    """
+
+    method: str = "lora"  # head | full | lora | dora | rlrr
+    adapter_rank: int | None = None  # lora, dora: default adapters.methods.DEFAULT_RANK
+    adapter_alpha: float | None = None  # lora, dora: default the rank (scaling 1)
+    adapter_dropout: float = 0.0  # lora, dora
+    targets: list[str] | None = None  # regexes over module names (default: every linear of the blocks)
+    merge: bool = True  # False: write the adapters (and the head) alone, for load(base, adapters=...)
+    teacher: Any = None  # a fine-tuned MODEL for logit distillation
+    gamma: float | None = None  # weight of the logit distillation (default 1 with a teacher)
+    lr: float | None = None
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else METHOD_LR.get(self.method, 1e-4)
+
+    @property
+    def kd_weight(self) -> float:
+        return 0.0 if self.teacher is None else (1.0 if self.gamma is None else self.gamma)
+
+    def check(self) -> None:
+        """Refuse values that cannot work, naming the parameter, before anything is loaded (also a LoRA / DoRA
+        without peft installed)."""
+        from lowrank_cli.adapters.methods import check_method
+
+        check_method(self.method, self.adapter_rank, self.adapter_alpha, self.adapter_dropout)
+        if self.targets is not None and self.method in ("head", "full"):
+            raise UsageError(f"`targets` says where adapters go; `method` {self.method} has none: leave it out, or "
+                             "use lora, dora or rlrr")
+        if not self.merge and self.method == "full":
+            raise UsageError("`merge=False` writes the adapters alone, and `method` full has none (every weight "
+                             "changes): keep the merge, or use lora, dora or rlrr")
+        if self.gamma is not None and self.teacher is None:
+            raise UsageError("`gamma` weighs the logit distillation from a `teacher`: give the teacher, or leave "
+                             "out `gamma`")
+        LossWeights(alpha=0.0, gamma=self.gamma or 0.0, temperature=self.temperature,
+                    label_smoothing=self.label_smoothing).check()
+        self.check_training()
+
+    def fixed_for_resume(self, processes: int, samples: int) -> dict[str, Any]:
+        """What a resumed run must share with the interrupted one: the data order, the batch shape and the
+        adapters' shapes depend on it."""
+        return {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed,
+                "method": self.method, "adapter_rank": self.adapter_rank, "adapter_alpha": self.adapter_alpha,
+                "targets": self.targets, "val_fraction": self.val_fraction,
+                "val_data": None if self.val_data is None else str(self.val_data), "number of processes": processes,
+                "number of training samples": samples}
+
+    def changeable_on_resume(self, *, total: int, warmup: int, data: str) -> dict[str, Any]:
+        """What a resumed run may change, with a warning (the result then differs from an uninterrupted run)."""
+        return {"steps": total, "lr": self.peak_lr, "warmup_steps": warmup, "weight_decay": self.weight_decay,
+                "clip_grad": self.clip_grad, "gamma": self.kd_weight, "temperature": self.temperature,
+                "label_smoothing": self.label_smoothing, "adapter_dropout": self.adapter_dropout,
+                "augment": self.augment, "teacher": None if self.teacher is None else str(self.teacher), "data": data}

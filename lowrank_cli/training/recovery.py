@@ -35,9 +35,7 @@ from lowrank_cli.training.metrics import metrics_path
 from lowrank_cli.training.options import RecoverOptions
 from lowrank_cli.training.recovery_run import RecoveryRun
 from lowrank_cli.training.result import RecoverResult
-from lowrank_cli.training.state import (
-    train_state_path,
-)
+from lowrank_cli.training.state import train_state_path
 from lowrank_cli.training.trainer import NoUsableData, ProgressFn
 
 # ---------------------------------------------------------------------------------------------- the API
@@ -82,14 +80,22 @@ def recover(
     opts.check()
     log = log or (lambda msg: None)
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+    return guarded_run(opts, output, lambda ctx, workers, state_path: RecoveryRun(
+        ctx, opts, workers, log, warn, progress, resume_command, on_step).run(
+        student, teacher, Path(data).expanduser(), Path(output), state_path))
+
+
+def guarded_run(opts: Any, output: str | os.PathLike, body: Callable[..., Any]) -> Any:
+    """Run one training (`body(ctx, workers, state_path)`) with what every training needs around it: the outputs
+    checked before anything loads, torch.distributed set up and torn down, out-of-memory as an environment
+    problem, and a fresh run that fails leaving nothing behind (an interrupted one keeps its state to resume)."""
     output = Path(output)
     state_path = train_state_path(output)
     _check_outputs(output, state_path, opts)
     ctx = distributed.setup(opts.device)
     workers = default_workers(ctx.local_world_size) if opts.num_workers is None else opts.num_workers
     try:
-        return RecoveryRun(ctx, opts, workers, log, warn, progress, resume_command, on_step).run(
-            student, teacher, Path(data).expanduser(), output, state_path)
+        return body(ctx, workers, state_path)
     except torch.cuda.OutOfMemoryError:
         _forget_failed_run(output, state_path, opts, ctx)
         raise EnvironmentProblem(

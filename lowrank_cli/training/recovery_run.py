@@ -40,7 +40,7 @@ SKIPPED_WARNING = 0.01  # the share of unreadable training samples above which a
 
 
 @dataclass
-class _Data:
+class RunData:
     """The training data of a run and what was decided about it."""
 
     modality: Any
@@ -92,7 +92,7 @@ class RecoveryRun:
         raw.to(device=dev, dtype=torch.float32).train()
         tea.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
         modality.prepare(t, tokenizer=opts.tokenizer, max_length=opts.max_length)
-        d = _Data(modality, train, val, input_size=modality.input_size(tea), val_from=val_from)
+        d = RunData(modality, train, val, input_size=modality.input_size(tea), val_from=val_from)
         blocks = innermost_blocks(raw)
         loss = self._loss(d, raw, tea, blocks, pairs, name_of(s))
         total = self._total_steps(len(train))
@@ -150,7 +150,7 @@ class RecoveryRun:
         per_epoch = max(1, samples // (self.opts.batch_size * self.ctx.world_size))  # whole global batches only
         return max(1, math.ceil(self.opts.epochs * per_epoch / self.opts.grad_accum))
 
-    def _loader(self, d: _Data, tea: nn.Module, total: int):
+    def _loader(self, d: RunData, tea: nn.Module, total: int):
         """The training batches, with the augmentation that fits the data (`auto`: from the images and the run)."""
         o = self.opts
         passes = total * o.batch_size * o.grad_accum * self.ctx.world_size / max(len(d.train), 1)
@@ -161,7 +161,7 @@ class RecoveryRun:
                                  world_size=self.ctx.world_size, num_workers=self.workers,
                                  pin_memory=self.ctx.device.type == "cuda", augment=d.augment)
 
-    def _held_out_phase(self, d: _Data, tea, trainer: Trainer, state: TrainState, state_path: Path, total: int):
+    def _held_out_phase(self, d: RunData, tea, trainer: Trainer, state: TrainState, state_path: Path, total: int):
         """Held-out evaluation in the loop, when there is held-out data; None otherwise."""
         o = self.opts
         if o.keep == "best" and d.val is None:
@@ -192,7 +192,7 @@ class RecoveryRun:
         check_fingerprint(saved.fingerprint, fixed, state_path)
         return saved
 
-    def _loss(self, d: _Data, raw: nn.Module, tea: nn.Module, blocks: list[str], pairs, student_name: str):
+    def _loss(self, d: RunData, raw: nn.Module, tea: nn.Module, blocks: list[str], pairs, student_name: str):
         """Eq. 7 with the terms the data allows: labels only when they fit the student, accuracy only when the
         val split fits the teacher."""
         weights = self.opts.weights
@@ -249,7 +249,7 @@ class RecoveryRun:
             self.log(f"Resuming at step {state.step}/{total} (epoch {state.epoch}, batch {state.batch})")
         return state
 
-    def _accuracy_before(self, d: _Data, raw, tea, state: TrainState) -> dict[str, dict[str, Any] | None]:
+    def _accuracy_before(self, d: RunData, raw, tea, state: TrainState) -> dict[str, dict[str, Any] | None]:
         """Accuracy of the teacher and of the student before training (a resumed run reuses the first run's)."""
         accuracy: dict[str, dict[str, Any] | None] = {"teacher": None, "before": None, "after": None}
         self.log(d.modality.describe(d.train, d.val, self._why_no_accuracy(d)))
@@ -259,7 +259,7 @@ class RecoveryRun:
             state.extra.update(teacher=accuracy["teacher"], before=accuracy["before"])
         return accuracy
 
-    def _why_no_accuracy(self, d: _Data) -> str:
+    def _why_no_accuracy(self, d: RunData) -> str:
         return "`evaluate_accuracy=False`" if not self.opts.evaluate_accuracy else d.why_no_accuracy
 
     def _evaluate(self, model, image_set, phase, transform_from):
@@ -279,7 +279,7 @@ class RecoveryRun:
                 write_text(metrics, "")
         return metrics
 
-    def _settings(self, d: _Data, t, data: Path, total: int, warmup: int, named) -> dict[str, Any]:
+    def _settings(self, d: RunData, t, data: Path, total: int, warmup: int, named) -> dict[str, Any]:
         """What the checkpoint records of this recovery (`lrc.recovery`) and `--json` prints."""
         o = self.opts
         settings = {
@@ -301,11 +301,12 @@ class RecoveryRun:
             settings["accuracy_not_measured"] = self._why_no_accuracy(d)
         return settings
 
-    def _trainer(self, d: _Data, raw, tea, loss, blocks, loader, sampler, state, optimizer, named, state_path,
+    def _trainer(self, d: RunData, raw, tea, loss, blocks, loader, sampler, state, optimizer, named, state_path,
                  metrics, total, warmup) -> Trainer:
         forward, teacher_forward = raw, tea
         if self.opts.compile:
-            forward, teacher_forward = compile_hooked(raw), compile_hooked(tea)
+            forward = compile_hooked(raw)
+            teacher_forward = compile_hooked(tea) if tea is not None else None
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
 

@@ -43,3 +43,34 @@ class RecoverResult:
             "metrics": str(self.metrics) if self.metrics else None,
             "settings": self.settings,
         }
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module  # the fine-tuned model (adapters merged unless merge=False), eval mode
+    output: Path  # the checkpoint, or the adapter file with merge=False
+    steps: int
+    resumed_from: int
+    samples_seen: int
+    seconds: float
+    trainable: int  # parameters that trained
+    parameters: int  # all parameters while training (adapters included)
+    scores: dict[str, Any] = field(default_factory=dict)  # held-out scores before / after, and the state kept
+    losses: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: Path | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable / self.parameters if self.parameters else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary (the `--json` output of `lrc finetune`)."""
+        return {
+            "output": str(self.output), "steps": self.steps, "resumed_from": self.resumed_from,
+            "samples_seen": self.samples_seen, "seconds": round(self.seconds, 3),
+            "trainable_parameters": self.trainable, "parameters": self.parameters,
+            "trainable_share": self.trainable_share, "scores": self.scores, "losses": self.losses,
+            "metrics": str(self.metrics) if self.metrics else None, "settings": self.settings,
+        }

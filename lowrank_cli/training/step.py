@@ -47,11 +47,13 @@ class Distiller:
     """One recovery step: forward both models on each micro-batch, Eq. 7, backward, clip, AdamW step.
 
     `student` is the plain model (hooks go on its blocks); `forward` calls it, possibly through DDP and
-    torch.compile. The step's loss terms, gradient norm and image counts are summed over ranks in one
-    collective and checked for finiteness before the optimizer step, so every rank takes the same decision.
+    torch.compile. Without a `teacher` (supervised fine-tuning, training.task_loss) only the student runs: the
+    loss then uses no block outputs and gets `teacher_out` None. The step's loss terms, gradient norm and image
+    counts are summed over ranks in one collective and checked for finiteness before the optimizer step, so every
+    rank takes the same decision.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss: RecoveryLoss, blocks: list[str], *,
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss: RecoveryLoss, blocks: list[str], *,
                  optimizer: torch.optim.Optimizer, params: list[nn.Parameter], clip_grad: float,
                  device: torch.device, input_size: tuple[int, ...], ctx: distributed.DistContext | None = None,
                  forward: Callable[[torch.Tensor], Any] | None = None,
@@ -65,8 +67,10 @@ class Distiller:
         # Block outputs feed L_fd, and L_pool of a model whose output has no last hidden state.
         # L_fd reads every block; L_pool alone only the last one (its fallback for a model without a pooled output).
         self.blocks = blocks if loss.weights.alpha > 0 else blocks[-1:] if loss.weights.delta > 0 else []
+        if teacher is None and self.blocks:
+            raise ValueError("feature or pooled-output distillation needs a teacher")
         self.student_blocks = BlockOutputs(student, self.blocks)
-        self.teacher_blocks = BlockOutputs(teacher, self.blocks)
+        self.teacher_blocks = BlockOutputs(teacher, self.blocks) if teacher is not None else BlockOutputs(student, [])
         self.terms = loss.active
 
     def close(self) -> None:
@@ -78,10 +82,12 @@ class Distiller:
         """Forward both models on one micro-batch, backward its loss times `scale`; return the detached terms.
         `images` are token ids for a text model, with their attention `mask`."""
         kwargs = {"attention_mask": mask} if mask is not None else {}
+        teacher_out, teacher_blocks = None, []
         with autocast_for(self.device):
-            with torch.no_grad():
-                teacher_out = self.teacher_forward(images, **kwargs)
-            teacher_blocks = self.teacher_blocks.take() if self.blocks else []
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_out = self.teacher_forward(images, **kwargs)
+                teacher_blocks = self.teacher_blocks.take() if self.blocks else []
             student_out = self.forward(images, **kwargs)
             student_blocks = self.student_blocks.take() if self.blocks else []
             terms = self.loss(

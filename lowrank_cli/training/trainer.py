@@ -54,6 +54,7 @@ class Trainer:
         self.state_path, self.metrics, self.total, self.grad_accum = state_path, metrics, total, grad_accum
         self.lr, self.warmup, self.save_every, self.log_every, self.seed = lr, warmup, save_every, log_every, seed
         self.train_samples, self.unit, self.progress, self.resume_hint = train_samples, unit, progress, resume_hint
+        self.phase = "recover"  # the progress bar's name for the training steps
         self.before_step: list[Callable[[int], None]] = [self._set_lr, self._reseed]
         # Held-out evaluation: `evaluate(step)` returns the held-out metrics, every `eval_every` steps and at the
         # end; `best` (training.heldout.KeepBest) remembers the best state and travels with the training state.
@@ -111,7 +112,7 @@ class Trainer:
 
     def run(self) -> None:
         state = self.state
-        self.progress("recover", state.step, self.total, "")
+        self.progress(self.phase, state.step, self.total, "")
         first_step = state.step + 1
         stream = self._batches()
         with StopRequest() as stop:
@@ -167,7 +168,7 @@ class Trainer:
         self._interval_steps += 1
         self._interval_samples += stats.images
         if not (state.step % self.log_every == 0 or state.step in (first_step, self.total) or held_out):
-            self.progress("recover", state.step, self.total, None)
+            self.progress(self.phase, state.step, self.total, None)
             return
         elapsed = time.perf_counter() - self._interval_start
         line = {"step": state.step, "epoch": round(state.images_seen / self.train_samples, 4),
@@ -184,6 +185,6 @@ class Trainer:
             f" | {line['images_per_s']:.0f} {self.unit}/s" if line["images_per_s"] else "")
         if self.best is not None and self.best.value is not None:
             status += f" | {self.best.score.name} {self.best.value:.4g} (best)"
-        self.progress("recover", state.step, self.total, status)
+        self.progress(self.phase, state.step, self.total, status)
         self._interval, self._interval_steps, self._interval_samples = {}, 0, 0
         self._interval_start = time.perf_counter()

@@ -11,7 +11,7 @@ from lowrank_cli.cli import options
 from lowrank_cli.cli.app import app
 from lowrank_cli.cli.bench_cmd import COMPILE_MODES
 
-COMMANDS = ["factorize", "report", "recover", "eval", "bench"]
+COMMANDS = ["factorize", "report", "recover", "finetune", "eval", "bench"]
 
 
 def _help(args: list[str], capsys, monkeypatch) -> str:
@@ -44,7 +44,9 @@ def test_no_type_labels_for_switches_lists_or_arguments(args, capsys, monkeypatc
     ("bench", ["fp32|bf16|fp16|fp64", "MODE", "default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs",
                "N[,N...]", "[x>=1]"]),
     ("report", ["auto|timm|transformers", "KEY=VALUE", "RATIO"]),
-    ("eval", ["auto|cpu|cuda[:N]", "DIR", "[x>=0]"]),
+    ("eval", ["auto|cpu|cuda[:N]", "DIR|FILE", "[x>=0]"]),
+    ("finetune", ["head|full|lora|dora|rlrr", "REGEX", "--no-merge", "auto|none|light|strong", "best|last",
+                  "[x>=1]", "MODEL"]),
 ])
 def test_placeholders_and_choices_are_listed(command, placeholders, capsys, monkeypatch):
     out = _help([command], capsys, monkeypatch)

@@ -1,0 +1,8 @@
+"""Adapters: train a few parameters on top of a (low-rank or dense) model, then merge them back at zero cost.
+
+One small object per method (`methods.py`), chosen by name: `head` and `full` add nothing; `lora` and `dora`
+are Hugging Face peft's layers (a LowRankLinear is two plain nn.Linear, so peft targets `first` and `second`
+by name and each merges into its own factor at the same rank); `rlrr` is lrc's own (`rlrr.py`). Which linears
+are adapted is `targets.py`'s; the adapter file that `finetune(..., merge=False)` writes and `load(base,
+adapters=...)` applies is `files.py`'s.
+"""

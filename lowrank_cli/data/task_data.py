@@ -1,0 +1,114 @@
+"""Labelled data for fine-tuning, one object per kind (as data.modality is for recovery): an ImageFolder (its
+class folders are the classes) or a .jsonl / .csv file of labelled texts (data.labelled_texts).
+
+    modality = task_modality_for(data)         # ImageData (images) or LabelledTextData (texts)
+    train, val, val_from = modality.find(data, evaluate=True)
+    task_of(train)                             # (class names, or None for a regression score)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lowrank_cli.data.modality import ImageData, TextData, carve
+from lowrank_cli.errors import InputError, UsageError
+
+
+class LabelledTextData(TextData):
+    """Texts with a class label or a score: read, split, tokenized in batches with their labels."""
+
+    def find(self, data: Path, *, evaluate: bool, val_data: Path | None = None, val_fraction: float | None = None,
+             seed: int = 0) -> tuple[Any, Any, str]:
+        from lowrank_cli.data.labelled_texts import read_labelled_texts
+
+        train = read_labelled_texts(data)
+        if not evaluate:
+            return train, None, ""
+        if val_data is not None:
+            return train, read_labelled_texts(val_data, like=train), str(val_data)
+        return carve(train, "records", val_fraction, seed)
+
+    def prepare(self, teacher: Any, *, tokenizer: Any, max_length: int | None) -> None:
+        """The model's tokenizer: `tokenizer`, else the source's (a transformers folder or Hub repo), else the one
+        the checkpoint's record names (the folder or repo it was factorized or fine-tuned from)."""
+        if tokenizer is None and teacher.files is None:
+            tokenizer = recorded_tokenizer(teacher.checkpoint)
+            if tokenizer is None:
+                raise UsageError("no tokenizer for the text data: the model is an lrc checkpoint that names no "
+                                 "transformers folder or Hub repo to take it from; pass `tokenizer` DIR_OR_REPO")
+        super().prepare(teacher, tokenizer=tokenizer, max_length=max_length)
+
+    def labelled(self, train_set: Any) -> bool:
+        return True
+
+    def loader(self, train_set: Any, teacher: nn.Module, *, batch_size: int, seed: int, rank: int, world_size: int,
+               num_workers: int, pin_memory: bool, augment: str):
+        from lowrank_cli.data.labelled_texts import labelled_text_loader
+
+        return labelled_text_loader(train_set, self.tokenizer, batch_size=batch_size, max_length=self.max_length,
+                                    shuffle=True, seed=seed, rank=rank, world_size=world_size, drop_last=True)
+
+    def held_out_loader(self, held_out: Any, teacher: nn.Module, *, batch_size: int, num_workers: int):
+        from lowrank_cli.data.labelled_texts import labelled_text_loader
+
+        loader, _ = labelled_text_loader(held_out, self.tokenizer, batch_size=batch_size, max_length=self.max_length,
+                                         shuffle=False, drop_last=False)
+        return loader
+
+    def describe(self, train_set: Any, val_set: Any, why_no_accuracy: str) -> str:
+        task = "scores" if train_set.regression else f"{len(train_set.classes)} classes"
+        pairs = " pairs" if train_set.pairs else ""
+        skipped = f", {train_set.skipped} unusable line(s) skipped" if train_set.skipped else ""
+        held = f", {len(val_set)} held out" if val_set is not None else f"; nothing held out ({why_no_accuracy})"
+        return (f"Data: {len(train_set)} training text{pairs or 's'} ({task}){skipped}, at most {self.max_length} "
+                f"tokens each{held}")
+
+    def settings(self, delta: float) -> dict[str, Any]:
+        settings = super().settings(delta)
+        settings.pop("delta", None)
+        return settings
+
+
+def recorded_tokenizer(info: Any) -> str | None:
+    """The tokenizer a checkpoint's record points to: that of an earlier fine-tuning, else the transformers folder
+    or Hub repo its weights came from (None when it names neither)."""
+    if info is None:
+        return None
+    if info.finetune and info.finetune.get("tokenizer"):
+        return str(info.finetune["tokenizer"])
+    source = (info.provenance or {}).get("source") or {}
+    if source.get("kind") == "local-dir" and Path(str(source.get("id", ""))).is_dir():
+        return str(source["id"])
+    if source.get("kind") == "hf-hub" and source.get("id"):
+        return str(source["id"])
+    return None
+
+
+def task_modality_for(data: Path) -> ImageData | LabelledTextData:
+    """Labelled texts (a .jsonl / .csv file) or labelled images (an ImageFolder or class tree)."""
+    from lowrank_cli.data.labelled_texts import is_labelled_text_file
+    from lowrank_cli.data.texts import looks_like_text_data
+
+    if is_labelled_text_file(data):
+        return LabelledTextData()
+    if data.is_file() or looks_like_text_data(data):
+        raise InputError(f"`data` '{data}' is not labelled data for fine-tuning: texts go in one .jsonl file "
+                         '({"text": ..., "label": ...} or "score" per line) or a .csv with those columns, images '
+                         "in an ImageFolder (train/<class>/..., optional val/<class>/...)")
+    return ImageData()
+
+
+def task_of(train_set: Any) -> tuple[list[str] | None, bool]:
+    """(class names or None, regression) of a training set; images must have class folders."""
+    if getattr(train_set, "regression", False):
+        return None, True
+    if not train_set.classes:
+        raise InputError(f"the images in '{train_set.root}' have no class folders, so no labels to fine-tune on: use "
+                         "an ImageFolder (train/<class>/image.jpg, optional val/<class>/...)")
+    if len(train_set.classes) < 2:
+        raise InputError(f"'{train_set.root}' has a single class ({train_set.classes[0]}): a classifier needs at "
+                         "least two")
+    return list(train_set.classes), False
