@@ -7,6 +7,8 @@ import os
 import torch
 from torch import nn
 
+from lowrank_cli.errors import UsageError
+
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
          adapters: str | os.PathLike | None = None, merge: bool = True, fused: bool | None = None) -> nn.Module:
@@ -26,7 +28,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, revisio
     from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
     from lowrank_cli.models.sources import load_model
 
-    fuse = resolve_fused(fused, torch.device(device)) and merge
+    if fused and not merge:
+        raise UsageError("`fused` runs merged low-rank layers; with `merge=False` the adapters stay apart: merge them, "
+                         "or leave out `fused`")
+    fuse = merge and resolve_fused(fused, torch.device(device))
     loaded = load_model(str(path), revision=revision)
     model = apply_adapter_file(loaded, adapters, merge=merge).to(device)
     if fuse:

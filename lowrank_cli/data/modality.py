@@ -47,6 +47,8 @@ class ImageData:
             return train, val, f"{val.root}"
         if val_fraction is None:
             val = val_split(data, required=False, class_tree=False)
+            if val is None:  # a val/ split of unlabelled images still holds data out: scored by distillation
+                val = find_images(data, "val", required=False, labelled=False)
             if val is not None:
                 return train, val, f"{val.root}"
         return carve(train, "samples", val_fraction, seed)
@@ -192,6 +194,9 @@ def carve(train: Any, field: str, fraction: float | None, seed: int) -> tuple[An
             return train, None, ""
         fraction = AUTO_VAL_FRACTION
     count = max(1, round(fraction * len(items)))
+    if count >= len(items):
+        raise UsageError(f"`val_fraction` {fraction:g} of {len(items)} training samples would leave none to train on: "
+                         "add data, or lower it")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(derive_seed(seed, "val") % 2**63))
     held = set(order[:count].tolist())
     kept = [x for i, x in enumerate(items) if i not in held]

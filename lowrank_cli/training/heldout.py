@@ -137,8 +137,8 @@ class HeldOutPhase:
             trainer.model, trainer.distiller.teacher, trainer.distiller, self.device)
         state.extra["held_out_before"] = self.before
 
-    def finish(self, trainer: Any) -> dict[str, Any]:
-        """Put the best weights back (keep=best), score the kept state, and say what was kept."""
+    def restore_best(self, trainer: Any) -> dict[str, Any]:
+        """Put the best weights back (keep=best); returns what was kept."""
         best, total = trainer.best, trainer.total
         kept: dict[str, Any] = {"which": "last", "step": total}
         if best is not None and best.step is not None:
@@ -147,6 +147,10 @@ class HeldOutPhase:
                 best.restore(trainer.model)
                 self.log(f"Keeping the state of step {best.step} ({best.score.name} {best.value:.4g}), the best "
                          f"held-out score; the last step {total} scored less")
+        return kept
+
+    def finish(self, trainer: Any, kept: dict[str, Any]) -> dict[str, Any]:
+        """Score the state that is written (after any conversion of its layers) and say what was kept."""
         if not self.held.labelled_images:
             self.after = self.held(trainer.model, trainer.distiller.teacher, trainer.distiller, self.device)
         return {"held_out": {"data": self.source, "samples": len(self.held.samples), "metric": self.held.score.name,

@@ -53,8 +53,13 @@ def decay_factor(kind: str, step: int, q: int) -> float:
 
 
 def decay_steps(decay_end: float, total: int) -> int:
-    """q: the first step at which lambda is 0 (at least 1: the first step always sees the dense weights)."""
-    return max(1, round(decay_end * total))
+    """q: the first step at which lambda is 0 (at least 1: the first step always sees the dense weights; at most
+    total - 1: the last step always trains the pure low-rank model that is written)."""
+    from lowrank_cli.errors import UsageError
+
+    if total < 2:
+        raise UsageError("`method` progressive fades the dense weights out over the run: give it at least 2 `steps`")
+    return min(max(1, round(decay_end * total)), total - 1)
 
 
 def lora_factor_fn(seed: int):

@@ -52,11 +52,13 @@ class RunData:
     augment: str = "none"
     augment_reason: str = ""
     why_no_accuracy: str = "no labelled val/ split"
+    val_labels_fit: bool = True  # False: the held-out images are scored by distillation, not accuracy
 
     @property
     def labelled_val(self) -> bool:
         """Held-out images with labels: scored by accuracy (the teacher's too)."""
-        return self.val is not None and self.modality.name == "images" and self.val.labelled
+        return (self.val is not None and self.modality.name == "images" and self.val.labelled
+                and self.val_labels_fit)
 
 
 class RecoveryRun:
@@ -108,6 +110,8 @@ class RecoveryRun:
                                                data=str(data.resolve()))
         state = self._state(state_path, saved_state, raw, optimizer, groups, [n for n, _ in named], fixed,
                             changeable, total, warmup)
+        if self.method is not None:  # the lambda of the saved step (a resumed run may have no step left to set it)
+            self.method.before_step(state.step)
         accuracy = self._accuracy_before(d, raw, tea, state)
         metrics = self._start_metrics(output, state)
         settings = self._settings(d, t, data, total, warmup, named)
@@ -118,10 +122,11 @@ class RecoveryRun:
             if phase is not None:
                 phase.measure_before(trainer, state)
             trainer.run()
-            if phase is not None:  # the best state, put back before the method's layers are converted
-                settings.update(phase.finish(trainer))
+            kept = phase.restore_best(trainer) if phase is not None else None  # before the layers are converted
             if self.method is not None:
                 self.method.finish(raw)  # W_res dropped: LowRankLinear layers from here on
+            if phase is not None:  # scored as written
+                settings.update(phase.finish(trainer, kept))
         finally:
             trainer.distiller.close()
         raw.eval()
@@ -205,7 +210,7 @@ class RecoveryRun:
             d.use_labels = False
         if d.labelled_val and (problem := check_classes(tea, d.val, "the teacher")):
             self.warn(f"accuracy not measured: {problem}")
-            d.val, d.why_no_accuracy = None, problem
+            d.val_labels_fit, d.why_no_accuracy = False, problem  # still held out: scored by distillation
         if not d.use_labels and not (weights.alpha or weights.gamma or weights.beta or weights.delta):
             raise UsageError("the data has no labels (or none that fit the model) and alpha, beta, gamma and delta "
                              "are 0: nothing to learn from; keep `alpha` 1")

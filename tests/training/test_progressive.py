@@ -87,7 +87,8 @@ def test_lambda_follows_each_schedule(kind, expected) -> None:
     for t in range(q):
         assert values[t] == pytest.approx(expected(t, q))
     assert all(a > b for a, b in zip(values[:q], values[1:q + 1]))  # strictly falling until q
-    assert decay_steps(0.8, 10) == 8 and decay_steps(1.0, 10) == 10 and decay_steps(0.01, 10) == 1
+    # q <= total - 1: the last step trains the low-rank model that is written
+    assert decay_steps(0.8, 10) == 8 and decay_steps(1.0, 10) == 9 and decay_steps(0.01, 10) == 1
     with pytest.raises(ValueError, match="unknown decay"):
         decay_factor("exp", 1, 2)
 
@@ -298,3 +299,13 @@ def test_text_model_with_data_aware_svd_start(bert_folder, tmp_path, capsys) -> 
     assert not any("residual" in k for k in shapes)
     model = lowrank_cli.load(out)
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == len(info.ranks) == 12
+
+
+def test_the_last_step_always_trains_the_pure_low_rank_model():
+    from lowrank_cli.errors import UsageError
+    from lowrank_cli.training.progressive import decay_steps
+
+    assert [decay_steps(end, 10) for end in (0.05, 0.5, 0.8, 0.95, 1.0)] == [1, 5, 8, 9, 9]
+    assert decay_steps(0.8, 2) == 1
+    with pytest.raises(UsageError, match="at least 2 steps"):
+        decay_steps(0.8, 1)
