@@ -23,7 +23,7 @@ from lowrank_cli.data.task_data import task_modality_for, task_of
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.evaluation.task_scores import score_loader
 from lowrank_cli.models.heads import Head, replace_head
-from lowrank_cli.training.heldout import KeepBest, Score
+from lowrank_cli.training.heldout import KeepBest, Score, restore_best
 from lowrank_cli.training.recovery_run import RecoveryRun, RunData
 from lowrank_cli.training.result import FinetuneResult
 from lowrank_cli.training.schedule import param_groups
@@ -204,14 +204,7 @@ class FinetuneRun(RecoveryRun):
 
     def _scores_after(self, trainer: Any, held: HeldOutScores | None, d: RunData, method: Method) -> dict[str, Any]:
         """Put the best state back (keep best), merge the adapters (unless `merge` is False), score what is written."""
-        best, total = trainer.best, trainer.total
-        kept: dict[str, Any] = {"which": "last", "step": total}
-        if best is not None and best.step is not None:
-            kept = {"which": "best", **best.record()}
-            if best.step != total:
-                best.restore(trainer.model)
-                self.log(f"Keeping the state of step {best.step} ({best.score.name} {best.value:.4g}), the best "
-                         f"held-out score")
+        kept = restore_best(trainer, self.log)
         trainer.model.eval()
         if self.opts.merge:
             method.merge(trainer.model)

@@ -110,6 +110,19 @@ class KeepBest:
                 model.load_state_dict(self.weights, strict=True)
 
 
+def restore_best(trainer: Any, log) -> dict[str, Any]:
+    """Put the best weights back into `trainer.model` (keep best); returns what was kept (which, step, score)."""
+    best, total = trainer.best, trainer.total
+    kept: dict[str, Any] = {"which": "last", "step": total}
+    if best is not None and best.step is not None:
+        kept = {"which": "best", **best.record()}
+        if best.step != total:
+            best.restore(trainer.model)
+            log(f"Keeping the state of step {best.step} ({best.score.name} {best.value:.4g}), the best held-out "
+                f"score; the last step {total} scored less")
+    return kept
+
+
 class HeldOutPhase:
     """Held-out evaluation wired into one recovery: scores before, during (every `eval_every` steps) and after
     training, and the state kept (`keep`: best or last)."""
@@ -138,16 +151,7 @@ class HeldOutPhase:
         state.extra["held_out_before"] = self.before
 
     def restore_best(self, trainer: Any) -> dict[str, Any]:
-        """Put the best weights back (keep=best); returns what was kept."""
-        best, total = trainer.best, trainer.total
-        kept: dict[str, Any] = {"which": "last", "step": total}
-        if best is not None and best.step is not None:
-            kept = {"which": "best", **best.record()}
-            if best.step != total:
-                best.restore(trainer.model)
-                self.log(f"Keeping the state of step {best.step} ({best.score.name} {best.value:.4g}), the best "
-                         f"held-out score; the last step {total} scored less")
-        return kept
+        return restore_best(trainer, self.log)
 
     def finish(self, trainer: Any, kept: dict[str, Any]) -> dict[str, Any]:
         """Score the state that is written (after any conversion of its layers) and say what was kept."""
