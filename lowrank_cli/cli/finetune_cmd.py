@@ -28,7 +28,6 @@ from lowrank_cli.cli.recover_cmd import (
     ClipGrad,
     Compile,
     EvalBatchSize,
-    EvalEvery,
     GradAccum,
     Keep,
     LabelSmoothing,
@@ -40,7 +39,6 @@ from lowrank_cli.cli.recover_cmd import (
     Seed,
     Steps,
     Temperature,
-    Tokenizer,
     ValFraction,
     WarmupSteps,
     Workers,
@@ -118,6 +116,16 @@ WeightDecay = Annotated[float, typer.Option(
 ValData = Annotated[Optional[Path], typer.Option(
     "--val-data", metavar="DIR|FILE", show_default=False, rich_help_panel=DATA_PANEL,
     help="Held-out data (default: DATA's val/ split, else --val-fraction of DATA).")]
+
+
+
+# Like recover's, but what finetune does by default differs.
+EvalEvery = Annotated[Optional[int], typer.Option(
+    "--eval-every", min=1, show_default=False, rich_help_panel=DATA_PANEL,
+    help="Steps between held-out evaluations (default: once an epoch).")]
+Tokenizer = Annotated[Optional[str], typer.Option(
+    "--tokenizer", metavar="DIR|REPO", show_default=False, rich_help_panel=DATA_PANEL,
+    help="Text data: folder or Hub repo of the tokenizer (default: the model's, or the one its checkpoint records).")]
 
 
 def finetune(
