@@ -187,7 +187,8 @@ class RecoverOptions(TrainingOptions):
         return {"steps": total, "lr": self.lr, "warmup_steps": warmup, "weight_decay": self.weight_decay,
                 "clip_grad": self.clip_grad, "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
                 "eps": self.eps, "temperature": self.temperature, "label_smoothing": self.label_smoothing,
-                "augment": self.augment, "teacher": teacher, "data": data,
+                "augment": self.augment, "teacher": teacher, "data": data, "eval_every": self.eval_every,
+                "keep": self.keep,
                 **({"decay": self.decay or DEFAULT_DECAY, "decay_end": self.decay_end or DEFAULT_DECAY_END}
                    if self.method == "progressive" else {})}
 
@@ -259,4 +260,5 @@ class FinetuneOptions(TrainingOptions):
         return {"steps": total, "lr": self.peak_lr, "warmup_steps": warmup, "weight_decay": self.weight_decay,
                 "clip_grad": self.clip_grad, "gamma": self.kd_weight, "temperature": self.temperature,
                 "label_smoothing": self.label_smoothing, "adapter_dropout": self.adapter_dropout,
-                "augment": self.augment, "teacher": None if self.teacher is None else str(self.teacher), "data": data}
+                "augment": self.augment, "teacher": None if self.teacher is None else str(self.teacher), "data": data,
+                "eval_every": self.eval_every, "keep": self.keep}

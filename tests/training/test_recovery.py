@@ -537,8 +537,9 @@ def test_held_out_evaluation_keeps_the_best_state_and_resumes_exactly(student, t
     out = tmp_path / "parts.safetensors"
     with pytest.raises(Interrupted):
         _run(student, teacher, small_digits, out, on_step=lambda step, model: step == 5, **kw)
-    resumed = _run(student, teacher, small_digits, out, resume=True, **kw)
-    assert resumed.settings["kept"] == kept
+    messages = []
+    resumed = _run(student, teacher, small_digits, out, resume=True, warn=messages.append, **kw)
+    assert resumed.settings["kept"] == kept and not messages  # same options: nothing to warn about
     a, b = _weights(whole.output), _weights(out)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
@@ -570,3 +571,14 @@ def test_held_out_bad_input(student, teacher, small_digits, tmp_path):
     with pytest.raises(InputError, match=r"has the classes \[1, 2, 3\] and the training data .* \[0, 1, 2, 3, 4"):
         _run(student, teacher, small_digits, tmp_path / "d.safetensors", evaluate_accuracy=True, val_data=other)
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.jsonl"))
+
+
+def test_changing_how_the_kept_state_is_chosen_on_resume_is_said():
+    from lowrank_cli.training.options import RecoverOptions
+    from lowrank_cli.training.state import changed_options
+
+    then = RecoverOptions(steps=10, eval_every=2).changeable_on_resume(total=10, warmup=0, teacher="t", data="d")
+    now = RecoverOptions(steps=10, eval_every=5, keep="last").changeable_on_resume(total=10, warmup=0, teacher="t",
+                                                                                  data="d")
+    assert [(name, a, b) for name, a, b in changed_options(then, now)] == [("`eval_every`", 2, 5),
+                                                                          ("`keep`", None, "last")]
