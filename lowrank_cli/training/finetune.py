@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from lowrank_cli.training.finetune_run import FinetuneRun
-from lowrank_cli.training.options import FinetuneOptions
+from lowrank_cli.training.options import FinetuneOptions, options_of
 from lowrank_cli.training.recovery import guarded_run
 from lowrank_cli.training.result import FinetuneResult
 from lowrank_cli.training.trainer import ProgressFn
@@ -54,13 +54,7 @@ def finetune(
     `options` object; exactly one of `steps` and `epochs`. `on_step(step, model)` returning True stops the run as
     SIGINT does; `resume_command` is the command printed on interruption.
     """
-    unknown = sorted(set(option_values) - FinetuneOptions.names())
-    if unknown:
-        raise TypeError(f"finetune() got unexpected keyword argument(s): {', '.join(unknown)}")
-    if options is not None and option_values:
-        raise TypeError("give the options as keywords or as one FinetuneOptions, not both")
-    opts = options if options is not None else FinetuneOptions(**option_values)
-    opts.check()
+    opts = options_of(FinetuneOptions, options, option_values, "finetune")
     opts = dataclasses.replace(opts, lr=opts.peak_lr)
     log = log or (lambda msg: None)
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))

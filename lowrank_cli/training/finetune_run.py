@@ -57,6 +57,8 @@ class HeldOutScores:
 class FinetuneRun(RecoveryRun):
     """One call of `finetune` (its options: training.options.FinetuneOptions, `lr` already resolved)."""
 
+    api = "finetune"  # what the resume hint calls
+
     def run(self, model: Any, data: Path, output: Path, state_path: Path) -> FinetuneResult:
         opts = self.opts
         d, task = self._task_data(data)  # a wrong data file fails before any model is loaded
@@ -252,7 +254,4 @@ class FinetuneRun(RecoveryRun):
         distributed.on_main(self.ctx, write)
         self.log(f"Wrote {output} (adapters and head; apply them with load(base, adapters=...))")
 
-    def _resume_hint(self, lr: float | None = None) -> str:
-        if self.resume_command:
-            return self.resume_command + (f" --lr {lr:g}" if lr is not None else "")
-        return f"finetune(..., resume=True{f', lr={lr:g}' if lr is not None else ''})"
+

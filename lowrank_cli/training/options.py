@@ -13,6 +13,19 @@ from lowrank_cli.training.losses import LossWeights
 from lowrank_cli.training.progressive import DEFAULT_DECAY, DEFAULT_DECAY_END, DEFAULT_INIT, INITS, METHODS, SCHEDULES
 
 
+def options_of(cls: type, options: Any, values: dict[str, Any], api: str) -> Any:
+    """The options of a training call (`recover`, `finetune`): one `cls` object, or keywords that are its fields
+    (never both); checked."""
+    unknown = sorted(set(values) - cls.names())
+    if unknown:
+        raise TypeError(f"{api}() got unexpected keyword argument(s): {', '.join(unknown)}")
+    if options is not None and values:
+        raise TypeError(f"give the options as keywords or as one {cls.__name__}, not both")
+    opts = options if options is not None else cls(**values)
+    opts.check()
+    return opts
+
+
 @dataclass
 class TrainingOptions:
     """What every training run (`recover`, `finetune`) can be told besides what to train, on what, and where to

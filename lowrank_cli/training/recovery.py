@@ -32,7 +32,7 @@ from lowrank_cli import distributed
 from lowrank_cli.data.sampling import default_workers
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError
 from lowrank_cli.training.metrics import metrics_path
-from lowrank_cli.training.options import RecoverOptions
+from lowrank_cli.training.options import RecoverOptions, options_of
 from lowrank_cli.training.recovery_run import RecoveryRun
 from lowrank_cli.training.result import RecoverResult
 from lowrank_cli.training.state import train_state_path
@@ -71,13 +71,7 @@ def recover(
     is its own teacher. `method="progressive"` (PC-LoRA, training/progressive.py) fades the dense student's weights
     out while its factors learn (`init`, `decay`, `decay_end`, `lora_alpha`); the output is the same kind of file.
     """
-    unknown = sorted(set(option_values) - RecoverOptions.names())
-    if unknown:
-        raise TypeError(f"recover() got unexpected keyword argument(s): {', '.join(unknown)}")
-    opts = options if options is not None else RecoverOptions(**option_values)
-    if options is not None and option_values:
-        raise TypeError("give the options as keywords or as one RecoverOptions, not both")
-    opts.check()
+    opts = options_of(RecoverOptions, options, option_values, "recover")
     log = log or (lambda msg: None)
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     return guarded_run(opts, output, lambda ctx, workers, state_path: RecoveryRun(

@@ -34,7 +34,7 @@ from lowrank_cli.training.state import (
 )
 from lowrank_cli.training.step import Distiller, compile_hooked, params_reached
 from lowrank_cli.training.teacher import load_pair, name_of
-from lowrank_cli.training.trainer import ProgressFn, Trainer
+from lowrank_cli.training.trainer import ProgressFn, Trainer, resume_hint
 
 SKIPPED_WARNING = 0.01  # the share of unreadable training samples above which a run warns (once, at the end)
 
@@ -63,6 +63,8 @@ class RunData:
 
 class RecoveryRun:
     """One call of `recover`, in its phases: data, models, loss, optimizer and state, evaluation, training, output."""
+
+    api = "recover"  # what the resume hint calls
 
     def __init__(self, ctx: distributed.DistContext, opts: RecoverOptions, workers: int, log, warn,
                  progress: ProgressFn | None, resume_command: str | None, on_step) -> None:
@@ -359,6 +361,4 @@ class RecoveryRun:
         self.log(f"Wrote {output}")
 
     def _resume_hint(self, lr: float | None = None) -> str:
-        if self.resume_command:
-            return self.resume_command + (f" --lr {lr:g}" if lr is not None else "")
-        return f"recover(..., resume=True{f', lr={lr:g}' if lr is not None else ''})"
+        return resume_hint(self.resume_command, self.api, lr)

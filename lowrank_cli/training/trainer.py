@@ -40,6 +40,13 @@ class NoUsableData(InputError):
 ProgressFn = Callable[[str, int, int, "str | None"], None]  # (phase, done, total, status)
 
 
+def resume_hint(command: str | None, api: str, lr: float | None = None) -> str:
+    """How to continue an interrupted run: the CLI command given (with a lower --lr after a failure), else the call."""
+    if command:
+        return command + (f" --lr {lr:g}" if lr is not None else "")
+    return f"{api}(..., resume=True{f', lr={lr:g}' if lr is not None else ''})"
+
+
 class Trainer:
     """Runs `distiller` from `state` to `total` steps. `metrics` (a JSONL file) gets a line every `log_every`
     steps on the main process; `history` collects the same lines on every process."""
