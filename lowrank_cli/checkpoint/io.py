@@ -97,8 +97,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str 
     `path` is the checkpoint file, or an lrc folder or Hub repo as `lrc push` writes them (`hf-hub:ORG/REPO`,
     `local-dir:PATH`, a folder); `revision` picks the Hub branch, tag or commit.
     `fused`: run the low-rank layers through the fused CUDA kernel for inference (`models.fusion.fuse_lowrank`:
-    the same state dict, GELUs and layers that read one input folded in). None (default): on CUDA where Triton is
-    installed; False: never; True: always, an EnvironmentProblem (exit 6) without CUDA or Triton.
+    the same state dict, GELUs and layers that read one input folded in). None (default) and False: not
+    fused (on an H200 the kernel was slower than the two cuBLAS GEMMs, see models.fusion.FUSED_BY_DEFAULT); True: always, an EnvironmentProblem (exit 6) without CUDA or Triton.
     """
     from lowrank_cli.models.lrc_folder import checkpoint_path
 

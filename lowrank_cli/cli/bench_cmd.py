@@ -112,8 +112,8 @@ def bench(
 
     Both models run interleaved at each batch size for at least --min-time; the median and its spread are shown.
     On CUDA the eager rows are followed by compiled + CUDA-graphs rows (as deployed), unless a --compile /
-    --cuda-graphs option picks one treatment or --eager-only; the low-rank layers run the fused Triton kernel
-    there (--no-fused: the two linears).
+    --cuda-graphs option picks one treatment or --eager-only; --fused runs the low-rank layers through the fused
+    Triton kernel there (default: the two linears, which were faster on an H200).
     """
     dev, dt, sizes, size, compile_arg = _refuse_bad_options(device, dtype, batch_size, input_size, threads,
                                                             cuda_graphs, compile_, compile_mode, fused)

@@ -55,7 +55,7 @@ def eval_command(
     """Measure the accuracy of any MODEL on labelled images (or a fine-tuned model on labelled texts).
 
     The images are DIR/val/<class>/..., or DIR/<class>/... when DIR is a class tree; texts a .jsonl / .csv file.
-    On CUDA the low-rank layers run the fused Triton kernel (--no-fused: the two linears).
+    --fused runs the low-rank layers through the fused Triton kernel on CUDA (default: the two linears).
     """
     from lowrank_cli.data.labelled_texts import is_labelled_text_file
     from lowrank_cli.data.sampling import default_workers

@@ -109,8 +109,8 @@ PlanDtype = Annotated[Optional[str], typer.Option(
     "on CUDA and the source's on CPU).")]
 PlanFused = Annotated[Optional[bool], typer.Option(
     "--plan-fused/--no-plan-fused", show_default=False, rich_help_panel=SPEED_PANEL,
-    help="Time the factorized layers of --plan speed as the fused Triton kernel runs them (default: on CUDA in "
-    "bf16/fp16 where Triton is installed, as lrc bench and lowrank_cli.load run them).")]
+    help="Time the factorized layers of --plan speed as the fused Triton kernel runs them (CUDA with Triton only; "
+    "default off, as lrc bench and lowrank_cli.load run them).")]
 
 
 def factorize(

@@ -171,8 +171,8 @@ License = Annotated[Optional[str], typer.Option("--license", help="Hub license i
 Fused = Annotated[
     Optional[bool],
     typer.Option("--fused/--no-fused", show_default=False, help="Run the low-rank layers through the fused Triton "
-                 "kernel, one launch per layer (default: on CUDA where Triton is installed; --fused elsewhere is an "
-                 "error)."),
+                 "kernel, one launch per layer (CUDA with Triton only; default off: on an H200 it was slower than the two "
+                 "cuBLAS GEMMs)."),
 ]
 InputSize = Annotated[
     Optional[str],

@@ -119,7 +119,7 @@ def factorize(
     parameters to keep) or `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa.
     `rank_multiple="auto"` picks the multiple the device likes; `plan_kind="speed"` times every layer shape dense vs
     factorized on the device (batch `plan_batch_size`, precision `plan_dtype`: default the stored dtype, else bf16
-    on CUDA; `plan_fused`: with the fused CUDA kernel, by default where it runs, see `speed_plan`'s `fused`) and
+    on CUDA; `plan_fused`: with the fused CUDA kernel, see `speed_plan`'s `fused`) and
     keeps dense the layers whose factorized form is not faster. Returns the model (also
     `result.model`) with per-layer errors and kept energies; the model carries its record
     (`checkpoint.format.info_of`) for `lowrank_cli.save`.

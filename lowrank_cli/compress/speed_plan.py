@@ -251,9 +251,9 @@ def speed_plan(
     cuda_graphs: time each layer replayed from a CUDA graph (CUDA only; for models deployed with CUDA graphs or
         torch.compile mode="reduce-overhead": at batch 1 eager timing charges the factorized layer a second
         kernel launch that graphs remove).
-    fused: time the factorized layers as the fused kernel runs them (`layers.fused_lowrank`): None (default) on
-        CUDA in bf16 / fp16 where Triton is installed, as `lowrank_cli.load` and `lrc bench` run them there; True
-        always (an EnvironmentProblem without CUDA or Triton); False: the two linears.
+    fused: time the factorized layers as the fused kernel runs them (`layers.fused_lowrank`): True (an
+        EnvironmentProblem without CUDA or Triton); None (default) as `lowrank_cli.load` and `lrc bench` run them
+        (models.fusion.FUSED_BY_DEFAULT: not fused) and False: the two linears.
     timer: `timer(LayerShape) -> (dense_ms, lowrank_ms)`, called once per unique shape; default `time_layer` on
         `device` / `dtype` with `repeats`, `warmup`, `cuda_graphs` and `fused`.
 

@@ -161,9 +161,9 @@ def bench(
         `dynamic=False`: each batch size gets its own specialised graph.
     cuda_graphs: replay each model from a CUDA graph (CUDA only): with compile, torch.compile's
         "reduce-overhead" mode; without, a graph captured with torch.cuda.graph.
-    fused: run the low-rank layers through the fused kernel (models.fusion.fuse_lowrank): None (default) where it
-        can run (CUDA with Triton, bf16 / fp16), True always (an EnvironmentProblem where it cannot), False: the
-        models as given.
+    fused: run the low-rank layers through the fused kernel (models.fusion.fuse_lowrank): True (CUDA with Triton,
+        bf16 / fp16; an EnvironmentProblem where it cannot); None (default, models.fusion.FUSED_BY_DEFAULT) and
+        False: the models as given.
     warmup: calls before timing (default 3 on CUDA, 1 on the CPU; compiled models get 2 more).
     repeats: exactly this many timed repeats per model; default: at least 5 (3 on the CPU) and until each model
         has run `min_time` seconds (default 2 s on CUDA, 1 s on the CPU) or `max_repeats` repeats.

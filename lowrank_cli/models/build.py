@@ -127,6 +127,8 @@ def spec_of(model: nn.Module) -> ModelSpec:
         )
     for key in ("hf_hub_id", "url", "file", "source", "state_dict"):
         cfg.pop(key, None)
-    spec = ModelSpec(arch, json_safe(dict(getattr(model, "_model_args", {}) or {})), json_safe(cfg))
+    from lowrank_cli.models.timm_args import timm_model_args
+
+    spec = ModelSpec(arch, json_safe(timm_model_args(model, arch, cfg)), json_safe(cfg))
     record_input_size(model, spec)
     return spec

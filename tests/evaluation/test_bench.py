@@ -291,13 +291,16 @@ def test_bench_and_speed_plan_on_cuda(pair):
 def test_gpu_bench_fuses_and_shows_compiled_rows(checkpoints, capsys):
     lr, dense = checkpoints
     code, out, err = run_cli(["bench", lr, "--against", dense, "--device", "cuda", "--dtype", "bf16", "--batch-size",
-                              "2", "--repeats", "2", "--min-time", "0", "--json"], capsys)
+                              "2", "--repeats", "2", "--min-time", "0", "--json", "--fused"], capsys)
     assert code == 0, err
     doc = json.loads(out)
     assert doc["modes"] == ["eager", "compiled + CUDA graphs"] and doc["fused"] is True
     assert {r["fused"] for r in doc["rows"] if r["model"] == "lr.safetensors"} == {True}
+    code, out, err = run_cli(["bench", lr, "--device", "cuda", "--dtype", "bf16", "--batch-size", "2", "--repeats",
+                              "2", "--min-time", "0", "--json", "--eager-only"], capsys)
+    assert code == 0 and json.loads(out)["fused"] is False  # not by default: it lost to cuBLAS on an H200
     plan, info = speed_plan(make_tiny_vit().cuda(), make_plan(make_tiny_vit(), kappa=2, rank_multiple=16),
-                            device="cuda", dtype="bf16", batch_size=8, repeats=3)
+                            device="cuda", dtype="bf16", batch_size=8, repeats=3, fused=True)
     assert info["fused"] is True
 
 

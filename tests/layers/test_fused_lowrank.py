@@ -217,7 +217,7 @@ GPU_GRID = [  # (tokens, d_in, d_out, rank, groups, activation, dtype): DeiT-B /
     (1, 768, 768, 192, 3, "none", torch.bfloat16), (197, 768, 2304, 256, 1, "none", torch.bfloat16),
     (197, 768, 3072, 256, 1, "gelu", torch.bfloat16), (4001, 3072, 768, 256, 1, "none", torch.bfloat16),
     (128, 768, 768, 192, 3, "none", torch.float16), (8192, 768, 768, 192, 1, "none", torch.bfloat16),
-    (77, 768, 3072, 304, 1, "gelu", torch.bfloat16), (33, 96, 40, 48, 2, "none", torch.float16),
+    (77, 768, 3072, 304, 1, "gelu", torch.bfloat16), (33, 96, 64, 48, 2, "none", torch.float16),
 ]
 
 

@@ -154,6 +154,7 @@ def test_load_fuses_only_where_the_kernel_runs(tmp_path):
     model = lowrank_cli.load(path)  # the CPU: plain layers
     assert not any(isinstance(m, FusedLowRankLinear) for m in model.modules())
     assert resolve_fused(None, "cpu") is False and resolve_fused(False, "cpu") is False
+    assert resolve_fused(None, "cuda", dtype=torch.bfloat16) is False  # off by default, CUDA or not
 
 
 def test_fused_true_without_cuda_is_an_environment_problem(tmp_path, capsys):
@@ -180,8 +181,9 @@ def test_eval_with_fused_on_the_cpu_exits_6(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_load_fuses_and_agrees_with_the_two_linears(tmp_path):
     path = write_lowrank_vit(tmp_path / "lr.safetensors")
-    fused = lowrank_cli.load(path, device="cuda").to(torch.bfloat16)
-    plain = lowrank_cli.load(path, device="cuda", fused=False).to(torch.bfloat16)
+    fused = lowrank_cli.load(path, device="cuda", fused=True).to(torch.bfloat16)
+    plain = lowrank_cli.load(path, device="cuda").to(torch.bfloat16)
+    assert not any(isinstance(m, FusedLowRankLinear) for m in plain.modules())  # not by default: slower than cuBLAS
     assert any(isinstance(m, FusedLowRankLinear) for m in fused.modules())
     x = torch.randn(4, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
