@@ -103,3 +103,24 @@ def evaluate_texts(model: nn.Module, data: str | os.PathLike, tokenizer: Any, *,
     result = score_loader(model, loader, dev, regression)
     texts_scored = result.pop("samples")
     return {**result, "texts": texts_scored, "precision": "bf16" if dev.type == "cuda" else "fp32"}
+
+
+def task_score(scores: dict[str, float]) -> tuple[str, float]:
+    """(metric, value in [0, 1]) of one task's scores, as the multi-task overall counts it: the accuracy (top-1 for
+    images), or (r + 1) / 2 of the Spearman correlation (else Pearson) of a regression. Keys may carry a `val_`
+    prefix (the held-out scores of a run)."""
+    plain = {k.removeprefix("val_"): v for k, v in scores.items()}
+    for key in ("accuracy", "top1"):
+        if key in plain:
+            return key, float(plain[key])
+    for key in ("spearman", "pearson"):
+        if key in plain:
+            return key, (float(plain[key]) + 1) / 2
+    raise ValueError(f"no accuracy or correlation among the scores {sorted(scores)}")
+
+
+def overall_score(per_task: dict[str, dict[str, float]]) -> float:
+    """The multi-task overall score (the CS224N multi-task BERT paper's): the mean over tasks of `task_score`."""
+    if not per_task:
+        raise ValueError("no task to average")
+    return sum(task_score(s)[1] for s in per_task.values()) / len(per_task)
