@@ -17,7 +17,7 @@ from pathlib import Path
 from lowrank_cli.errors import InputError, UsageError
 
 TARGETS = ("label", "score")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # no dots: a name is a module key
 _FORM = "give NAME=PATH, optionally with :label or :score after the path (sts=stsb.jsonl:score)"
 
 
@@ -38,8 +38,8 @@ def parse_task(text: str, *, parameter: str = "tasks") -> TaskSpec:
     if not sep or not rest.strip():
         raise UsageError(f"`{parameter}` '{text}' has no path: {_FORM}")
     if not _NAME.fullmatch(name):
-        raise UsageError(f"`{parameter}` '{text}': task name '{name}' must be a word of letters, digits, '_', '-' "
-                         f"or '.' (at most 64, starting with a letter or digit): {_FORM}")
+        raise UsageError(f"`{parameter}` '{text}': task name '{name}' must be a word of letters, digits, '_' or "
+                         f"'-' (at most 64, starting with a letter or digit): {_FORM}")
     target = None
     path, colon, suffix = rest.rpartition(":")
     if colon and suffix in TARGETS:

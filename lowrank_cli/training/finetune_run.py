@@ -58,6 +58,7 @@ class FinetuneRun(RecoveryRun):
     """One call of `finetune` (its options: training.options.FinetuneOptions, `lr` already resolved)."""
 
     api = "finetune"  # what the resume hint calls
+    phase = "finetune"  # what the progress bar calls the training steps
 
     def run(self, model: Any, data: Path, output: Path, state_path: Path) -> FinetuneResult:
         opts = self.opts
@@ -88,7 +89,7 @@ class FinetuneRun(RecoveryRun):
         metrics = self._start_metrics(output, state)
         trainer = self._trainer(d, raw, teacher, loss, [], loader, sampler, state, optimizer, named, state_path,
                                 metrics, total, warmup)
-        trainer.phase = "finetune"
+        trainer.phase = self.phase
         held = self._held_out(d, task, trainer, state, state_path, total)
         try:
             trainer.run()
@@ -144,15 +145,20 @@ class FinetuneRun(RecoveryRun):
         self.log(f"Teacher: {name_of(t)} (logit distillation, gamma {self.opts.kd_weight:g})")
         return t.model.to(device=self.ctx.device, dtype=torch.float32).eval().requires_grad_(False)
 
-    def _adapt(self, raw: nn.Module, head: Head) -> tuple[Method, list[tuple[str, nn.Parameter]]]:
-        """Put the method's adapters on the model; freeze everything that does not train."""
+    def _adapter_config(self, raw: nn.Module, head: Head) -> AdapterConfig:
+        """The method's adapters and where they go (`targets`: adapters.targets; RLRR's norms)."""
         o = self.opts
         low = o.method in LOW_RANK_ADAPTERS
         targets = adapter_targets(raw, o.targets, head.modules) if o.method in ("lora", "dora", "rlrr") else []
         rank = (o.adapter_rank or DEFAULT_RANK) if low else None
-        config = AdapterConfig(o.method, rank, (o.adapter_alpha or float(rank)) if low else None,
-                               o.adapter_dropout, tuple(targets),
-                               tuple(norm_names(raw, head.modules)) if o.method == "rlrr" else ())
+        return AdapterConfig(o.method, rank, (o.adapter_alpha or float(rank)) if low else None, o.adapter_dropout,
+                             tuple(targets), tuple(norm_names(raw, head.modules)) if o.method == "rlrr" else ())
+
+    def _adapt(self, raw: nn.Module, head: Head) -> tuple[Method, list[tuple[str, nn.Parameter]]]:
+        """Put the method's adapters on the model; freeze everything that does not train."""
+        o = self.opts
+        config = self._adapter_config(raw, head)
+        targets = config.targets
         method = method_for(config)
         with seeded(derive_seed(o.seed, "adapters")):
             method.apply(raw)

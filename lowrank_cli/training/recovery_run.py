@@ -65,6 +65,7 @@ class RecoveryRun:
     """One call of `recover`, in its phases: data, models, loss, optimizer and state, evaluation, training, output."""
 
     api = "recover"  # what the resume hint calls
+    unused_parameters = False  # DDP: True when a step may leave parameters without a gradient (a head per task)
 
     def __init__(self, ctx: distributed.DistContext, opts: RecoverOptions, workers: int, log, warn,
                  progress: ProgressFn | None, resume_command: str | None, on_step) -> None:
@@ -320,7 +321,8 @@ class RecoveryRun:
             dev = self.ctx.device
             # The residuals never change and start equal on every rank: no buffer broadcast each step.
             forward = DistributedDataParallel(forward, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                              broadcast_buffers=self.method is None)
+                                              broadcast_buffers=self.method is None,
+                                              find_unused_parameters=self.unused_parameters)
         distiller = Distiller(raw, tea, loss, blocks, optimizer=optimizer, params=[p for _, p in named],
                               clip_grad=self.opts.clip_grad, device=self.ctx.device, input_size=d.input_size,
                               ctx=self.ctx, forward=forward, teacher_forward=teacher_forward)

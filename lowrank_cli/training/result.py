@@ -74,3 +74,24 @@ class FinetuneResult:
             "trainable_share": self.trainable_share, "scores": self.scores, "losses": self.losses,
             "metrics": str(self.metrics) if self.metrics else None, "settings": self.settings,
         }
+
+
+@dataclass
+class MultitaskResult:
+    model: nn.Module | None  # the backbone with the first task's head (None on the other processes of torchrun)
+    output: Path  # the multi-task checkpoint
+    mode: str  # shared | experts | merge | orthogonal
+    scores: dict[str, Any]  # task name -> its held-out scores after (val_accuracy, val_top1, val_spearman, ...)
+    before: dict[str, Any]  # task name -> its held-out scores before training (the new head)
+    record: dict[str, Any]  # what the checkpoint records (`lrc.multitask`)
+    results: list[Any] = field(default_factory=list)  # the tasks' own runs (modes that train them apart)
+
+    @property
+    def overall(self) -> float | None:
+        return (self.record.get("overall") or {}).get("after")
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary (the `--json` output of `lrc finetune --task ...`)."""
+        return {"output": str(self.output), "mode": self.mode, "scores": self.scores, "before": self.before,
+                "overall": self.record.get("overall"), "tasks": self.record.get("tasks"),
+                "settings": {k: v for k, v in self.record.items() if k not in ("tasks", "overall")}}

@@ -72,6 +72,8 @@ class Distiller:
         self.student_blocks = BlockOutputs(student, self.blocks)
         self.teacher_blocks = BlockOutputs(teacher, self.blocks) if teacher is not None else BlockOutputs(student, [])
         self.terms = loss.active
+        # Called with each micro-batch before its forward: a multi-task run switches to the batch's task's head.
+        self.on_batch: Callable[[Batch], None] | None = None
 
     def close(self) -> None:
         self.student_blocks.remove()
@@ -104,6 +106,8 @@ class Distiller:
         sums = torch.zeros(len(self.terms), device=self.device)
         weight = images_seen = skipped = 0
         for i, batch in enumerate(batches):
+            if self.on_batch is not None:
+                self.on_batch(batch)
             images, labels, mask = batch.parts()
             w = 1.0
             if mask is not None:

@@ -38,3 +38,24 @@ class TaskLoss:
                            logit_distillation(logits, teacher, self.weights.temperature))
             total = total + self.weights.gamma * terms["kd"]
         return {"loss": total, **terms}
+
+
+class MultiTaskLoss:
+    """Each task's TaskLoss on its own batches (the task whose head runs, `state.current`): the total and one
+    term per task (`loss_NAME`, zero on the other tasks' batches), so the metrics show each task's loss."""
+
+    use_labels = True
+
+    def __init__(self, losses: dict[str, TaskLoss], state):
+        self.losses, self.state = losses, state
+        self.weights = next(iter(losses.values())).weights  # the Distiller reads alpha and delta: both 0 here
+
+    @property
+    def active(self) -> list[str]:
+        return ["loss", *(f"loss_{name}" for name in self.losses)]
+
+    def __call__(self, **kwargs) -> dict[str, torch.Tensor]:
+        task = self.state.current
+        total = self.losses[task](**kwargs)["loss"]
+        zero = total.detach() * 0
+        return {"loss": total, **{f"loss_{name}": (total if name == task else zero) for name in self.losses}}

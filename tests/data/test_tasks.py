@@ -21,7 +21,7 @@ def test_names_paths_and_targets(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("sst", "has no path"), ("sst=", "has no path"), ("s t=x.jsonl", "must be a word"),
-    ("=x.jsonl", "must be a word"), ("sts=x.jsonl:scores", "':scores' is not a target")])
+    ("=x.jsonl", "must be a word"), ("a.b=x.jsonl", "must be a word"), ("sts=x.jsonl:scores", "':scores' is not a target")])
 def test_malformed_tasks_are_usage_errors(text, message):
     with pytest.raises(UsageError, match=message):
         parse_task(text)
