@@ -21,8 +21,10 @@ METHODS = ("head", "full", "lora", "dora", "rlrr")
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """A method and where it goes. `rank`, `alpha` and `dropout` are LoRA's and DoRA's; `targets` are the
-    adapted nn.Linear modules (adapters.targets); `norms` the LayerNorms that RLRR scales and shifts."""
+    """A method and where it goes. `rank`, `alpha` and `dropout` are LoRA's, DoRA's and orthogonal adaptation's;
+    `targets` are the adapted nn.Linear modules (adapters.targets); `norms` the LayerNorms that RLRR scales and
+    shifts; `block` (this task's index) and `blocks` (the number of tasks) pick orthogonal adaptation's share of
+    each layer's output space. Records without the newer fields load with their defaults."""
 
     method: str
     rank: int | None = None
@@ -30,6 +32,8 @@ class AdapterConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ()
     norms: tuple[str, ...] = ()
+    block: int | None = None
+    blocks: int | None = None
 
     def record(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
