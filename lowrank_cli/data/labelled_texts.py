@@ -10,6 +10,12 @@ whose cells are all whole numbers holds numbered classes. Blank lines are skippe
 object with a non-empty string `text` is counted and skipped (as texts.find_texts does); a record without a label
 or score, labels of mixed types, a record with both a label and a score, or a score that is not a number are
 errors that name the line.
+
+`target` says what to learn when the file alone does not (a `--task` suffix, data.tasks): "score" regresses on each
+record's `score`, else its `label` read as a number (STS-B files keep the similarity in `label`); "label" takes
+classes from `label`. Either one settles a record that has both.
+
+    sts = read_labelled_texts("stsb.jsonl", target="score")
 """
 
 from __future__ import annotations
@@ -103,18 +109,22 @@ def _kind(value: Any, csv_cell: bool) -> str:
     return type(value).__name__
 
 
-def _score(value: Any, where: str) -> float:
+def _score(value: Any, where: str, column: str = "score", asked: bool = False) -> float:
     try:
         score = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         score = math.nan
     if not math.isfinite(score):
+        if asked:
+            raise InputError(f"{where}: '{column}' {json.dumps(value)} is not a finite number, and the task was "
+                             "asked as :score (a number to regress on): fix the value, or drop :score")
         raise InputError(f"{where}: 'score' {json.dumps(value)} is not a finite number: fix the record")
     return score
 
 
-def _collect(path: Path) -> tuple[list[tuple[int, str, str | None, str, Any]], int]:
-    """(line, text, pair, 'label' or 'score', value) per usable record, and the count of skipped lines."""
+def _collect(path: Path, target: str | None) -> tuple[list[tuple[int, str, str | None, str, Any]], int]:
+    """(line, text, pair, 'label' or 'score', value) per usable record, and the count of skipped lines. With a
+    `target`, every record is of that kind and a score is already a float."""
     found, skipped = [], 0
     for number, row in _rows(path):
         text = row.get("text") if row is not None else None
@@ -126,6 +136,9 @@ def _collect(path: Path) -> tuple[list[tuple[int, str, str | None, str, Any]], i
         if pair is not None and not isinstance(pair, str):
             raise InputError(f"{where}: 'text_pair' is not a string: fix the record")
         has = [k for k in ("label", "score") if row.get(k) is not None]
+        if target is not None and has:
+            found.append((number, text, pair, target, _target_value(row, has, target, where, path, found)))
+            continue
         if len(has) != 1:
             what = "both a 'label' and a 'score'" if has else "no 'label' (a class) or 'score' (a number)"
             raise InputError(f"{where} has {what}: give every record one of them; {_FORMAT}")
@@ -133,16 +146,33 @@ def _collect(path: Path) -> tuple[list[tuple[int, str, str | None, str, Any]], i
     return found, skipped
 
 
-def read_labelled_texts(path: str | Path, *, like: LabelledTexts | None = None,
-                        classes: list[str] | None = None) -> LabelledTexts:
+def _target_value(row: dict[str, Any], has: list[str], target: str, where: str, path: Path, found: list) -> Any:
+    """The value a record gives the task asked as :label or :score."""
+    if target == "score":
+        column = "score" if "score" in has else "label"
+        return _score(row[column], where, column, asked=True)
+    if "label" not in has:
+        if not any(kind == "label" for _, _, _, kind, _ in found):
+            raise InputError(f"task asked for classes (:label) but '{path}' holds scores ({where} has only a "
+                             "'score'): ask for :score, or give the records a 'label'")
+        raise InputError(f"{where} has a 'score' but no 'label', and the task was asked as :label (classes): give "
+                         "it a 'label'")
+    return row["label"]
+
+
+def read_labelled_texts(path: str | Path, *, like: LabelledTexts | None = None, classes: list[str] | None = None,
+                        target: str | None = None) -> LabelledTexts:
     """Read a .jsonl / .csv file of labelled texts. `like` (the training set) or `classes` (a model's class names)
-    fixes the classes a label may name, so that an index means the same class everywhere."""
+    fixes the classes a label may name, so that an index means the same class everywhere. `target` "label" or
+    "score" says what to learn (None: what the file holds)."""
+    if target not in (None, "label", "score"):
+        raise UsageError(f"`target` {target!r} is not one of 'label', 'score': give one of them, or None")
     root = Path(path).expanduser()
     if not root.exists():
         raise InputError(f"labelled text file '{root}' does not exist: check the path")
     if not root.is_file() or not is_labelled_text_file(root):
         raise InputError(f"'{root}' is not a .jsonl or .csv file of labelled texts: {_FORMAT}")
-    found, skipped = _collect(root)
+    found, skipped = _collect(root, target)
     if not found:
         raise InputError(f"'{root}' has no usable record ({skipped} line(s) without a non-empty string 'text'): "
                          f"{_FORMAT}")
@@ -175,7 +205,8 @@ def _class_names(root: Path, found: list, known: list[str] | None) -> list[str]:
         kind = _kind(value, csv_file)
         if kind not in ("int", "str"):
             raise InputError(f"'{root}' line {number}: 'label' {json.dumps(value)} is a {kind}, not a class name (a "
-                             "string or a whole number); a number to regress on is a 'score'")
+                             "string or a whole number); a number to regress on is a 'score' (or ask the task as "
+                             ":score)")
         seen.setdefault(kind, (number, value))
     if len(seen) > 1:
         (n1, v1), (n2, v2) = seen["int"], seen["str"]

@@ -4,16 +4,23 @@ class folders are the classes) or a .jsonl / .csv file of labelled texts (data.l
     modality = task_modality_for(data)         # ImageData (images) or LabelledTextData (texts)
     train, val, val_from = modality.find(data, evaluate=True)
     task_of(train)                             # (class names, or None for a regression score)
+
+One task of several (`--task NAME=PATH[:label|:score]`, data.tasks), its errors named by the task:
+
+    modality, train, val, val_from = task_sets(spec, evaluate=True, seed=0, val_fraction=None)
+    check_same_modality(specs, modalities)     # one model reads every task: all texts or all images
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lowrank_cli.data.modality import ImageData, TextData, carve
+from lowrank_cli.data.tasks import TaskSpec
 from lowrank_cli.errors import InputError, UsageError
 
 
@@ -21,14 +28,15 @@ class LabelledTextData(TextData):
     """Texts with a class label or a score: read, split, tokenized in batches with their labels."""
 
     def find(self, data: Path, *, evaluate: bool, val_data: Path | None = None, val_fraction: float | None = None,
-             seed: int = 0) -> tuple[Any, Any, str]:
+             seed: int = 0, target: str | None = None) -> tuple[Any, Any, str]:
+        """`target` "label" or "score": what to learn from the files (labelled_texts.read_labelled_texts)."""
         from lowrank_cli.data.labelled_texts import read_labelled_texts
 
-        train = read_labelled_texts(data)
+        train = read_labelled_texts(data, target=target)
         if not evaluate:
             return train, None, ""
         if val_data is not None:
-            return train, read_labelled_texts(val_data, like=train), str(val_data)
+            return train, read_labelled_texts(val_data, like=train, target=target), str(val_data)
         return carve(train, "records", val_fraction, seed)
 
     def prepare(self, teacher: Any, *, tokenizer: Any, max_length: int | None) -> None:
@@ -112,3 +120,37 @@ def task_of(train_set: Any) -> tuple[list[str] | None, bool]:
         raise InputError(f"'{train_set.root}' has a single class ({train_set.classes[0]}): a classifier needs at "
                          "least two")
     return list(train_set.classes), False
+
+
+def task_sets(spec: TaskSpec, *, evaluate: bool, seed: int, val_fraction: float | None,
+              val_data: Path | None = None) -> tuple[ImageData | LabelledTextData, Any, Any, str]:
+    """(modality, training set, held-out set or None, where the held-out set comes from) of one task, read as
+    `FinetuneRun` reads its data and checked as `task_of` checks it; an error names the task."""
+    try:
+        modality = task_modality_for(spec.path)
+        if isinstance(modality, LabelledTextData):
+            found = modality.find(spec.path, evaluate=evaluate, val_data=val_data, val_fraction=val_fraction,
+                                  seed=seed, target=spec.target)
+        elif spec.target == "score":
+            raise UsageError(f"'{spec.path}' is an image folder, whose images carry classes (their folders), not "
+                             "scores: drop :score, or give a .jsonl / .csv file of scored texts")
+        else:
+            found = modality.find(spec.path, evaluate=evaluate, val_data=val_data, val_fraction=val_fraction,
+                                  seed=seed)
+        task_of(found[0])
+    except (InputError, UsageError) as e:
+        raise type(e)(f"task '{spec.name}': {e.args[0]}") from None
+    return (modality, *found)
+
+
+def check_same_modality(specs: Sequence[TaskSpec], modalities: Sequence[ImageData | TextData]) -> None:
+    """One model reads every task, so the tasks are all texts or all images; else a UsageError naming two tasks
+    of different kinds."""
+    if not specs:
+        raise UsageError("`tasks` is empty: give at least one task, NAME=PATH")
+    first = specs[0], modalities[0]
+    for spec, modality in zip(specs, modalities):
+        if modality.name != first[1].name:
+            raise UsageError(f"`tasks`: task '{first[0].name}' holds {first[1].name} and task '{spec.name}' "
+                             f"{modality.name}, but one model reads every task: give every task texts or every task "
+                             "images")

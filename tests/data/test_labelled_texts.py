@@ -10,7 +10,7 @@ import pytest
 
 from lowrank_cli.data.labelled_texts import LabelledCollate, read_labelled_texts
 from lowrank_cli.data.task_data import LabelledTextData, task_modality_for, task_of
-from lowrank_cli.errors import InputError
+from lowrank_cli.errors import InputError, UsageError
 
 
 def _jsonl(path, rows):
@@ -92,3 +92,39 @@ def test_collate_pairs_and_scores():
     ids, labels, mask = batch.parts()
     assert labels.tolist() == [0.5, 2.0] and ids.shape == mask.shape and ids.shape[1] <= 8
     assert (ids == tokenizer.sep_token_id).sum(1).tolist() == [2, 2]  # text [SEP] pair [SEP]
+
+
+def test_score_target_reads_the_score_else_the_label_as_a_number(tmp_path):
+    rows = [{"text": "a", "text_pair": "b", "label": 3.8}, {"text": "c", "text_pair": "d", "label": "1"},
+            {"text": "e", "text_pair": "f", "label": "x", "score": 0.25}]
+    texts = read_labelled_texts(_jsonl(tmp_path / "stsb.jsonl", rows), target="score")
+    assert texts.regression and [r[2] for r in texts.records] == [3.8, 1.0, 0.25]
+    (tmp_path / "stsb.csv").write_text("text,text_pair,label\na,b,4.2\nc,d,0\n")
+    assert [r[2] for r in read_labelled_texts(tmp_path / "stsb.csv", target="score").records] == [4.2, 0.0]
+    with pytest.raises(InputError, match="holds class labels"):  # without the target, as before: classes
+        read_labelled_texts(tmp_path / "stsb.csv", like=texts)
+    assert read_labelled_texts(tmp_path / "stsb.csv", like=texts, target="score").records[0][2] == 4.2
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([{"text": "x", "label": 1}, {"text": "y", "label": "pos"}],
+     r"line 2: 'label' \"pos\" is not a finite number, and the task was asked as :score .*drop :score"),
+    ([{"text": "x", "score": "nan"}], r"line 1: 'score' \"nan\" is not a finite number.*asked as :score"),
+    ([{"text": "x", "label": True}], r"'label' true is not a finite number"),
+])
+def test_score_target_refuses_what_is_not_a_number(rows, match, tmp_path):
+    with pytest.raises(InputError, match=match):
+        read_labelled_texts(_jsonl(tmp_path / "bad.jsonl", rows), target="score")
+
+
+def test_label_target_takes_classes_and_refuses_a_file_of_scores(tmp_path):
+    both = [{"text": "x", "label": "a", "score": 1}, {"text": "y", "label": "b", "score": 2}]
+    assert read_labelled_texts(_jsonl(tmp_path / "both.jsonl", both), target="label").classes == ["a", "b"]
+    with pytest.raises(InputError, match=r"task asked for classes \(:label\) but '.*scores.jsonl' holds scores"):
+        read_labelled_texts(_jsonl(tmp_path / "scores.jsonl", [{"text": "x", "score": 1}]), target="label")
+    with pytest.raises(InputError, match="line 2 has a 'score' but no 'label'"):
+        read_labelled_texts(_jsonl(tmp_path / "mixed.jsonl", [both[0], {"text": "y", "score": 2}]), target="label")
+    with pytest.raises(InputError, match=r"is a float, not a class name.*or ask the task as :score"):
+        read_labelled_texts(_jsonl(tmp_path / "sts.jsonl", [{"text": "x", "label": 3.5}]), target="label")
+    with pytest.raises(UsageError, match="target 'scores' is not one of"):
+        read_labelled_texts(tmp_path / "both.jsonl", target="scores")

@@ -44,3 +44,47 @@ def test_overall_score_is_the_mean_of_accuracies_and_shifted_correlations():
         (0.8 + 0.4 + 0.5) / 3)
     with pytest.raises(ValueError, match="no accuracy or correlation"):
         task_score({"loss": 1.0})
+
+
+def test_task_sets_read_each_task_as_asked(tmp_path, digits_folder):
+    import json
+
+    from hf_fixtures import write_labelled_texts
+
+    from lowrank_cli.data.task_data import LabelledTextData, check_same_modality, task_sets
+
+    sst = write_labelled_texts(tmp_path / "sst.jsonl", 40)
+    rows = [json.loads(line) for line in write_labelled_texts(tmp_path / "s.jsonl", 40, task="score").open()]
+    stsb = tmp_path / "stsb.jsonl"  # as STS-B keeps it: the similarity in `label`
+    stsb.write_text("".join(json.dumps({"text": r["text"], "text_pair": r["text_pair"], "label": r["score"]}) + "\n"
+                            for r in rows))
+    modality, train, val, val_from = task_sets(TaskSpec("sts", stsb, "score"), evaluate=True, seed=0,
+                                               val_fraction=0.25)
+    assert isinstance(modality, LabelledTextData) and train.regression and val.regression
+    assert (len(train), len(val)) == (30, 10) and "10 of the 40 training samples" in val_from
+    assert sorted(r[2] for r in train.records + val.records) == sorted(r["score"] for r in rows)
+    _, train, val, _ = task_sets(TaskSpec("sst", sst), evaluate=False, seed=0, val_fraction=None)
+    assert train.classes == ["long", "short"] and val is None
+    digits = digits_folder(8, 5)
+    images, train, val, val_from = task_sets(TaskSpec("digits", digits, "label"), evaluate=True, seed=0,
+                                             val_fraction=None)
+    assert train.classes == [str(d) for d in range(10)] and val_from == str(digits / "val")
+    check_same_modality([TaskSpec("sst", sst), TaskSpec("sts", stsb)], [LabelledTextData(), modality])
+    with pytest.raises(UsageError, match="task 'sst' holds texts and task 'digits' images.*every task texts"):
+        check_same_modality([TaskSpec("sst", sst), TaskSpec("sts", stsb), TaskSpec("digits", digits)],
+                            [LabelledTextData(), modality, images])
+
+
+def test_task_sets_name_the_task_in_their_errors(tmp_path, digits_folder):
+    from hf_fixtures import write_labelled_texts
+
+    from lowrank_cli.data.task_data import task_sets
+
+    sst = write_labelled_texts(tmp_path / "sst.jsonl", 8)
+    with pytest.raises(InputError, match=r"task 'sst': '.*sst.jsonl' line 1: 'label' \"(long|short)\" is not a "
+                                         r"finite number, and the task was asked as :score"):
+        task_sets(TaskSpec("sst", sst, "score"), evaluate=True, seed=0, val_fraction=None)
+    with pytest.raises(UsageError, match="task 'digits': '.*' is an image folder, whose images carry classes"):
+        task_sets(TaskSpec("digits", digits_folder(8, 5), "score"), evaluate=True, seed=0, val_fraction=None)
+    with pytest.raises(UsageError, match="task 'sst': val_fraction 1 of 8 training samples would leave none"):
+        task_sets(TaskSpec("sst", sst), evaluate=True, seed=0, val_fraction=1.0)
