@@ -19,6 +19,11 @@ SCHEMA = 1
 
 
 PREFIX = "lrc."
+# A multi-task checkpoint (checkpoint.tasks): its tasks' own tensors are stored under this prefix, outside the
+# model's state dict, and `lrc.multitask` describes them.
+TASKS_PREFIX = "tasks/"
+MULTITASK_SCHEMA = 1
+MULTITASK_MODES = ("shared", "experts", "merge", "orthogonal")
 
 
 @dataclass
@@ -34,6 +39,7 @@ class CheckpointInfo:
     recovery: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
+    multitask: dict[str, Any] | None = None  # a multi-task checkpoint's tasks (checkpoint.tasks)
     schema: int = SCHEMA
     lrc_version: str = __version__
     path: Path | None = None
@@ -145,6 +151,7 @@ def _json(meta: dict[str, str], key: str, default: Any, path: Path) -> Any:
 # What each JSON value must be: a mapping, and what its values must be (None: anything JSON).
 SHAPES: dict[str, Any] = {
     "model_args": None, "pretrained_cfg": None, "provenance": None, "recovery": None, "plan": None, "finetune": None,
+    "multitask": None,
     "ranks": "rank", "layers": dict, "dense": str, "spectra": list,
 }
 MAX_RANK = 1 << 20
@@ -198,11 +205,63 @@ def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[int, ..
         recovery=_json(meta, "recovery", None, path),
         plan=_json(meta, "plan", None, path),
         finetune=_json(meta, "finetune", None, path),
+        multitask=_multitask(meta, shapes, path),
         schema=schema,
         lrc_version=meta.get(PREFIX + "version", "?"),
         path=path,
     )
     return info, shapes
+
+
+def multitask_problem(value: Any) -> str | None:
+    """What is wrong with an `lrc.multitask` record (None when it is one this lrc reads): a known mode, a non-empty
+    list of tasks with unique names, each with its head (modules, outputs) and, in `experts` mode, its adapters."""
+    if not isinstance(value, dict):
+        return f"is a {type(value).__name__}, not a JSON object"
+    if not (isinstance(value.get("schema"), int) and value["schema"] >= 1):
+        return "has no schema number"
+    if value.get("mode") not in MULTITASK_MODES:
+        return f"has the mode {json.dumps(value.get('mode'))}, not one of {', '.join(MULTITASK_MODES)}"
+    tasks = value.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
+        return "has no tasks (a non-empty list of objects)"
+    names = [t.get("name") for t in tasks]
+    if not all(isinstance(n, str) and n and "/" not in n for n in names):
+        return f"names a task {json.dumps(next(n for n in names if not (isinstance(n, str) and n and '/' not in n)))}"
+    if len(set(names)) != len(names):
+        return f"names the task '{next(n for n in names if names.count(n) > 1)}' twice"
+    for t in tasks:
+        head = t.get("head")
+        if not (isinstance(head, dict) and isinstance(head.get("outputs"), int) and head["outputs"] > 0
+                and isinstance(head.get("modules"), list) and head["modules"]
+                and all(isinstance(m, str) for m in head["modules"])):
+            return f"gives the task '{t['name']}' no head (modules and outputs)"
+        if t.get("task") not in ("classification", "regression"):
+            return f"gives the task '{t['name']}' the kind {json.dumps(t.get('task'))}, not classification or regression"
+        if value["mode"] == "experts" and not isinstance(t.get("adapters"), dict):
+            return f"gives the task '{t['name']}' no adapters, which `experts` mode needs"
+    return None
+
+
+def _multitask(meta: dict[str, str], shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any] | None:
+    """The `lrc.multitask` record, checked: a newer layout is refused with "upgrade lrc", and every task it names
+    must have its head's tensors in the file."""
+    value = _json(meta, "multitask", None, path)
+    if value is None:
+        return None
+    what = f"'{path}': metadata '{PREFIX}multitask'"
+    schema = value.get("schema") if isinstance(value, dict) else None
+    if isinstance(schema, int) and schema > MULTITASK_SCHEMA:
+        raise InputError(f"'{path}' was written by lrc {meta.get(PREFIX + 'version', '?')} (multi-task schema "
+                         f"{schema}); this lrc {__version__} reads schema <= {MULTITASK_SCHEMA}: upgrade lrc")
+    problem = multitask_problem(value)
+    if problem:
+        raise InputError(f"{what} {problem}: the file is corrupt; write it again")
+    for task in value["tasks"]:
+        if not any(k.startswith(f"{TASKS_PREFIX}{task['name']}/head/") for k in shapes):
+            raise InputError(f"{what} names the task '{task['name']}', whose head has no tensors in the file: the file "
+                             "is corrupt; write it again")
+    return value
 
 
 def _compact(values: list[float]) -> list[float]:
@@ -232,4 +291,6 @@ def metadata_of(model: nn.Module, info: CheckpointInfo) -> dict[str, str]:
         meta[PREFIX + "plan"] = json.dumps(json_safe(info.plan))
     if info.finetune is not None:
         meta[PREFIX + "finetune"] = json.dumps(json_safe(info.finetune))
+    if info.multitask is not None:
+        meta[PREFIX + "multitask"] = json.dumps(json_safe(info.multitask))
     return meta

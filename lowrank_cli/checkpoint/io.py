@@ -18,6 +18,8 @@
     lrc.recovery      JSON, after `lrc recover`: settings and measured accuracy
     lrc.plan          JSON, after `--plan speed`: measured per-layer timings
     lrc.finetune      JSON, after `lrc finetune`: method, adapters, head, classes or task, settings, scores
+    lrc.multitask     JSON, a multi-task checkpoint: its tasks, whose own tensors (heads, expert adapters) are
+                      stored as `tasks/<name>/...` beside the model's (checkpoint.tasks); reading the model skips them
 
 Loading never runs an SVD and never unpickles: the architecture is built on the meta device, the ranks are
 swapped in, names and shapes are checked against the file's header, then the tensors are assigned.
@@ -25,6 +27,7 @@ swapped in, names and shapes are checked against the file's header, then the ten
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -33,8 +36,15 @@ import torch
 from torch import nn
 
 from lowrank_cli.atomic import check_output, utf8_path, write_safetensors
-from lowrank_cli.checkpoint.format import attach_info, info_for_saving, metadata_of, read_info
-from lowrank_cli.errors import InputError
+from lowrank_cli.checkpoint.format import (
+    TASKS_PREFIX,
+    CheckpointInfo,
+    attach_info,
+    info_for_saving,
+    metadata_of,
+    read_info,
+)
+from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.build import build_empty, check_fits
 from lowrank_cli.models.structure import swap_in
@@ -73,13 +83,14 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fus
     fuse = resolve_fused(fused, device)  # `fused=True` where the kernel cannot run fails before the reading
     path = Path(path)
     info, shapes = read_info(path)
+    shapes = {k: v for k, v in shapes.items() if not k.startswith(TASKS_PREFIX)}  # a multi-task file's own tensors
     what = f"'{path}'"
     stored = sum(math.prod(shape) for shape in shapes.values())
     model = with_ranks(build_empty(info.spec, what=what, fix="its lrc.model_args are corrupt; write the file again",
                                    max_params=100 * stored + 10**6), info.ranks, what)
     check_fits(model, shapes, what)
     with utf8_path(path) as name:
-        state_dict = load_file(name, device=str(device))
+        state_dict = load_file(name, device=str(device)) if info.multitask is None else _model_tensors(name, device)
     model.load_state_dict(state_dict, strict=True, assign=True)
     finish(model)  # transformers: re-tie the tensors the file holds twice
     model.to(device)
@@ -88,6 +99,14 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fus
     if fuse:
         fuse_lowrank(model)
     return LoadedModel(model, info.spec, {"kind": "lrc", "id": str(path.resolve())}, info)
+
+
+def _model_tensors(name: str, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The model's tensors of a multi-task checkpoint (not its tasks' own)."""
+    from safetensors import safe_open
+
+    with safe_open(name, framework="pt", device=str(device)) as f:
+        return {k: f.get_tensor(k) for k in f.keys() if not k.startswith(TASKS_PREFIX)}
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str | None = None,
@@ -108,17 +127,34 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str 
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch.dtype | None = None) -> Path:
+def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch.dtype | None = None,
+         extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """`lowrank_cli.save(model, path)`: write the model as an lrc checkpoint, atomically.
 
-    `dtype` casts floating tensors on the way out. With force=False an existing file is refused.
+    `dtype` casts floating tensors on the way out. With force=False an existing file is refused. `extra_tensors`
+    are written beside the state dict under their own names (a multi-task checkpoint's `tasks/...`, see
+    checkpoint.tasks); reading the model ignores only those under `tasks/`. A model read from a multi-task
+    checkpoint is written as the one model it is: its record's tasks go only with their tensors (write_multitask).
     """
-    path = check_output(path, force=force)
     info = info_for_saving(model)
+    if info.multitask is not None and not any(k.startswith(TASKS_PREFIX) for k in extra_tensors or {}):
+        info = dataclasses.replace(info, multitask=None)
+    return write_checkpoint(model, path, info, force=force, dtype=dtype, extra_tensors=extra_tensors)
+
+
+def write_checkpoint(model: nn.Module, path: str | Path, info: CheckpointInfo, *, force: bool = True,
+                     dtype: torch.dtype | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """`save` with the record to write given (`info`, e.g. the model's with a multi-task record added)."""
+    path = check_output(path, force=force)
     info.provenance.setdefault("saved", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     tensors = {}
     seen: dict[int, str] = {}
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    clash = sorted(set(state) & set(extra_tensors or {}))
+    if clash:
+        raise UsageError(f"`extra_tensors` names '{clash[0]}', a tensor of the model itself: give extra tensors "
+                         "names of their own (tasks/<name>/...)")
+    for name, t in [*state.items(), *(extra_tensors or {}).items()]:
         t = t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)

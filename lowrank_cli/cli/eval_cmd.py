@@ -1,4 +1,5 @@
-"""`lrc eval`: top-1 / top-5 accuracy of any MODEL on labelled images."""
+"""`lrc eval`: top-1 / top-5 accuracy of any MODEL on labelled images (or scores on labelled texts); each task of
+a multi-task checkpoint on its own data with --task NAME=PATH, and the overall score."""
 
 from __future__ import annotations
 
@@ -21,13 +22,20 @@ Examples:
   lrc eval deit_lr_rec.safetensors --data imagenet/ --device cuda --no-fused     (the two linears per layer)
 
   lrc eval sst_lr.safetensors --data sst_dev.jsonl       (a fine-tuned text model: accuracy, or Pearson / Spearman)
+
+  lrc eval glue_lr.safetensors --task sst=sst_dev.jsonl --task sts=stsb_dev.jsonl:score --json
+                                                         (a multi-task checkpoint: each task, then the overall score)
 """
 
 
-Data = Annotated[Path, typer.Option(
+Data = Annotated[Optional[Path], typer.Option(
     "--data", metavar="DIR|FILE", show_default=False,
     help="Labelled images: DIR/val/<class>/..., or a class tree DIR/<class>/...; for a fine-tuned text model a "
-    ".jsonl / .csv file of text[, text_pair] and label or score.")]
+    ".jsonl / .csv file of text[, text_pair] and label or score. A multi-task checkpoint: its first task.")]
+Task = Annotated[Optional[list[str]], typer.Option(
+    "--task", metavar="NAME=PATH[:label|:score]", show_default=False,
+    help="A multi-task checkpoint: score task NAME on the labelled data PATH (repeatable, instead of --data); "
+    "then the overall score.")]
 Tokenizer = Annotated[Optional[str], typer.Option(
     "--tokenizer", metavar="DIR|REPO", show_default=False,
     help="Text data: the model's tokenizer (default: the one its checkpoint names).")]
@@ -40,7 +48,8 @@ Workers = Annotated[Optional[int], typer.Option(
 
 def eval_command(
     model: Model,
-    data: Data,
+    data: Data = None,
+    task: Task = None,
     batch_size: BatchSize = 128,
     device: Device = "auto",
     workers: Workers = None,
@@ -55,6 +64,7 @@ def eval_command(
     """Measure the accuracy of any MODEL on labelled images (or a fine-tuned model on labelled texts).
 
     The images are DIR/val/<class>/..., or DIR/<class>/... when DIR is a class tree; texts a .jsonl / .csv file.
+    A multi-task checkpoint takes one --task NAME=PATH per task to score instead (or --data for its first task).
     --fused runs the low-rank layers through the fused Triton kernel on CUDA (default: the two linears).
     """
     from lowrank_cli.data.labelled_texts import is_labelled_text_file
@@ -66,6 +76,17 @@ def eval_command(
     from lowrank_cli.models.sources import load_model, parse_model_args
 
     console.show_progress(progress)
+    if task:
+        if data is not None:
+            raise UsageError("--data and --task both say what to score: give --data for a model, or one --task "
+                             "NAME=PATH per task of a multi-task checkpoint")
+        if arch is not None or model_arg:
+            raise UsageError("--arch and --model-arg build a model from a bare weights file; a multi-task checkpoint "
+                             "rebuilds itself: leave them out")
+        return _eval_tasks(model, task, batch_size, device, workers, fused, json_out, tokenizer, max_length)
+    if data is None:
+        raise UsageError("say what to score the model on: --data DIR|FILE (labelled images or texts), or for a "
+                         "multi-task checkpoint one --task NAME=PATH per task")
     if is_labelled_text_file(data):
         return _eval_texts(model, data, batch_size, device, json_out, tokenizer, max_length, arch)
     if tokenizer is not None or max_length is not None:
@@ -75,6 +96,7 @@ def eval_command(
     fuse = resolve_fused(fused, dev)  # --fused without CUDA or Triton: exit 6 before the loading
     loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg),
                         log=lambda msg: console.info(f"Model: {msg}"))
+    _first_task(loaded)
     loaded.model.to(dev).float()
     summary = fuse_lowrank(loaded.model) if fuse else None
     if summary is not None and summary.layers:
@@ -110,6 +132,7 @@ def _eval_texts(model: str, data: Path, batch_size: int, device: str, json_out: 
     read_labelled_texts(data)  # a wrong file fails before the model loads
     dev = resolve_device(device)
     loaded = load_model(model, arch=arch, log=lambda msg: console.info(f"Model: {msg}"))
+    _first_task(loaded)
     if not is_text_model(loaded.model) or getattr(loaded.model.config, "num_labels", 0) < 1:
         raise UsageError(f"--data '{data}' holds labelled texts: give a text classifier (an lrc finetune output)")
     source = tokenizer or loaded.files or recorded_tokenizer(loaded.checkpoint)
@@ -125,6 +148,46 @@ def _eval_texts(model: str, data: Path, batch_size: int, device: str, json_out: 
     scores = (f"accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else
               f"Pearson {result['pearson']:.4f}  Spearman {result['spearman']:.4f}")
     console.out.print(f"{scores}  ({result['texts']} texts of {result['data']})")
+
+
+def _first_task(loaded) -> None:
+    """A multi-task checkpoint scored with --data: the model of its first task (its adapters merged in experts mode)."""
+    from lowrank_cli.checkpoint.tasks import model_for_task, task_names
+
+    if getattr(loaded.checkpoint, "multitask", None) is not None:
+        names = task_names(loaded.checkpoint)
+        console.info(f"Model: a multi-task checkpoint; scoring its first task '{names[0]}' (its tasks: "
+                     f"{', '.join(names)}; score each with --task NAME=PATH)")
+        model_for_task(loaded, None)
+
+
+def _eval_tasks(model: str, tasks: list[str], batch_size: int, device: str, workers: int | None, fused: bool | None,
+                json_out: bool, tokenizer: str | None, max_length: int | None) -> None:
+    """Each named task of a multi-task checkpoint on its own data, then the overall score."""
+    from lowrank_cli.data.sampling import default_workers
+    from lowrank_cli.data.tasks import parse_tasks
+    from lowrank_cli.evaluation.multitask import evaluate_tasks
+    from lowrank_cli.evaluation.task_scores import task_score
+
+    specs = parse_tasks(tasks, parameter="tasks")  # a malformed --task or a missing file fails before any loading
+    result = evaluate_tasks(model, specs, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+                            device=device, num_workers=default_workers() if workers is None else workers,
+                            fused=fused, log=lambda msg: console.info(msg if msg.startswith("Task") else f"Model: {msg}"))
+    if json_out:
+        console.print_json({"model": model, **result})
+        return
+    width = max(len(name) for name in [*result["tasks"], "overall"])
+    for name, scores in result["tasks"].items():
+        if "top1" in scores:
+            text = f"top-1 {100 * scores['top1']:.2f}%  top-5 {100 * scores['top5']:.2f}%  ({scores['images']} images"
+        elif "accuracy" in scores:
+            text = f"accuracy {100 * scores['accuracy']:.2f}%  ({scores['texts']} texts"
+        else:
+            text = f"Spearman {scores['spearman']:.4f}  Pearson {scores['pearson']:.4f}  ({scores['texts']} texts"
+        console.out.print(f"{name:<{width}}  {text} of {scores['data']})", highlight=False)
+    metrics = ", ".join(f"{name} {task_score(s)[0]}" for name, s in result["tasks"].items())
+    console.out.print(f"{'overall':<{width}}  {result['overall']:.4f}  (mean over tasks of the accuracy, or "
+                      f"(Spearman + 1) / 2 of a score: {metrics})", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -201,6 +201,7 @@ _OPTION_OF = {
     "fused=False": "--no-fused",
     "plan_fused=False": "--no-plan-fused",
     "merge=False": "--no-merge",
+    "tasks": "--task",  # repeatable: --task NAME=PATH once per task
 }
 
 

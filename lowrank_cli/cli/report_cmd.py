@@ -176,6 +176,15 @@ def print_report(doc: dict, per_layer: bool) -> None:
         style = "red" if value.startswith("FAILED") or label.strip() == "NOT counted" else None
         table.add_row(escape(label), escape(value), style=style)
     out.print(table)
+    if doc.get("tasks"):
+        from lowrank_cli.evaluation.report_format import TASK_COLUMNS, task_cells
+
+        tasks = Table(title="tasks", title_justify="left")
+        for i, col in enumerate(TASK_COLUMNS):
+            tasks.add_column(col, justify="right" if col in ("held-out", "trainable") else "left", no_wrap=i == 0)
+        for row in doc["tasks"]:
+            tasks.add_row(*(escape(c) for c in task_cells(row)))
+        out.print(tasks)
     if doc["macs"]["uncounted"]:
         console.warn("some ops were not counted (listed under 'NOT counted'): the MAC figure is a lower bound")
     if per_layer:

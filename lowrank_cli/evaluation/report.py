@@ -154,8 +154,36 @@ def report_model(
         document["recovery"] = checkpoint.recovery
         if checkpoint.finetune is not None:  # optional: reports of other checkpoints stay as they were
             document["finetune"] = checkpoint.finetune
+        if getattr(checkpoint, "multitask", None) is not None:  # optional too: a multi-task checkpoint's tasks
+            document["multitask"], document["tasks"] = _multitask_doc(checkpoint.multitask)
     _set_reference(document, reference if reference is not None else _rebuilt_reference(document))
     return Report(document, checkpoint)
+
+
+def _multitask_doc(record: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the multi-task settings: mode, method, overall, ...; one row per task) of an `lrc.multitask` record."""
+    rows = []
+    for task in record["tasks"]:
+        metric = task.get("metric")
+        rows.append({
+            "name": task["name"], "task": task["task"], "classes": task.get("classes"), "pairs": bool(task.get("pairs")),
+            "metric": metric, "held_out": held_out_score(task.get("scores"), metric),
+            "trainable_parameters": task.get("trainable_parameters"), "data": task.get("data"),
+        })
+    return {k: v for k, v in record.items() if k != "tasks"}, rows
+
+
+def held_out_score(scores: Any, metric: str | None) -> float | None:
+    """A task's held-out `metric` after training, from its recorded scores ({"val_top1": ...}, {"top1": ...}, or a
+    fine-tuning's {"after": {...}}); None when they do not say."""
+    if not isinstance(scores, dict) or not metric:
+        return None
+    if isinstance(scores.get("after"), dict):
+        scores = scores["after"]
+    for key in (metric, f"val_{metric}"):
+        if isinstance(scores.get(key), (int, float)) and not isinstance(scores.get(key), bool):
+            return float(scores[key])
+    return None
 
 
 def _rebuilt_reference(document: dict[str, Any]) -> dict[str, Any]:

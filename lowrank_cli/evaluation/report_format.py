@@ -19,6 +19,8 @@ def summary_rows(doc: dict[str, Any]) -> Rows:
         rows.append(("recovery", flat_text(doc["recovery"])))
     if doc.get("finetune"):
         rows.append(("fine-tuned", _finetune_text(doc["finetune"])))
+    if doc.get("multitask"):
+        rows.append(("multi-task", _multitask_text(doc["multitask"], doc["tasks"])))
     for gate in doc["gates"]:
         rows.append((f"gate {gate['option']}", ("passed: " if gate["passed"] else "FAILED: ") + describe_gate(gate)))
     return rows
@@ -35,6 +37,34 @@ def _finetune_text(record: dict[str, Any]) -> str:
     if scores.get("after") and scores.get("metric") in scores["after"]:
         text += f", held-out {scores['metric']} {scores['after'][scores['metric']]:.4g}"
     return text
+
+
+def _multitask_text(settings: dict[str, Any], tasks: list[dict[str, Any]]) -> str:
+    """How many tasks, the mode (and method), the overall score: the table `task_cells` lists the tasks."""
+    text = f"{len(tasks)} tasks ({', '.join(t['name'] for t in tasks)}), {settings.get('mode')} mode"
+    if settings.get("method"):
+        text += f" ({settings['method']})"
+    overall = settings.get("overall")
+    if isinstance(overall, dict) and isinstance(overall.get("score"), (int, float)):
+        text += f", overall {overall['score']:.4g}"
+    elif isinstance(overall, (int, float)) and not isinstance(overall, bool):
+        text += f", overall {overall:.4g}"
+    return text
+
+
+TASK_COLUMNS = ["task", "kind", "metric", "held-out", "trainable"]
+
+
+def task_cells(row: dict[str, Any]) -> list[str]:
+    """One task of a multi-task checkpoint: name, kind (classes N / score, pairs), metric, held-out value after
+    training, trainable parameters of its head and adapters."""
+    kind = f"classes {len(row['classes'])}" if row.get("classes") else "score"
+    if row.get("pairs"):
+        kind += ", pairs"
+    held_out = row.get("held_out")
+    trainable = row.get("trainable_parameters")
+    return [row["name"], kind, str(row.get("metric") or "-"), "-" if held_out is None else f"{held_out:.4g}",
+            format_params(trainable) if isinstance(trainable, int) else "-"]
 
 
 def format_params(n: int | None) -> str:
@@ -180,6 +210,10 @@ def to_markdown(doc: dict[str, Any], per_layer: bool = False) -> str:
         if label.startswith("gate "):
             value = ("✅ " if value.startswith("passed") else "❌ ") + value
         lines.append(f"| {cell(label)} | {cell(value)} |")
+    if doc.get("tasks"):
+        lines += ["", "| " + " | ".join(TASK_COLUMNS) + " |", "|" + "|".join(["---"] * len(TASK_COLUMNS)) + "|"]
+        for row in doc["tasks"]:
+            lines.append("| " + " | ".join(cell(c) for c in task_cells(row)) + " |")
     if per_layer and doc["layers"]:
         cols = layer_columns(doc)
         align = "|".join("---" if i == 0 else "---:" for i in range(len(cols)))  # numbers right-aligned

@@ -1,0 +1,224 @@
+"""The multi-task checkpoint: one backbone, several tasks, each with its own head (and in `experts` mode its own
+adapters), in one lrc checkpoint.
+
+The file is an ordinary lrc checkpoint whose model is the shared backbone with the FIRST task's head in place, so
+its spec rebuilds it and every tool that reads a checkpoint (report, bench, card) reads it as it is. Beside the
+model's state dict it holds each task's own tensors, and `lrc.multitask` describes the tasks:
+
+    tasks/<name>/head/<key>        every task's head (the first task's too), keyed as in the model's state dict
+                                   with that task's head in place
+    tasks/<name>/adapters/<key>    `experts` mode: that task's adapters, over the UNmerged backbone
+    lrc.multitask                  {"schema": 1, "mode": "shared" | "experts" | "merge" | "orthogonal", "method",
+                                    "tasks": [{"name", "data", "task", "classes", "pairs", "metric",
+                                               "head": {"modules", "outputs"}, "adapters" (experts, else null),
+                                               "scores", "trainable_parameters"}, ...],
+                                    "overall": {...}, and the mode's own settings (schedule, merge rule, ...)}
+
+    write_multitask("multi.safetensors", model, record, {"digits": {...}, "parity": {...}})
+    model = lowrank_cli.load("multi.safetensors", task="parity")   # its head, its adapters merged: plain layers
+
+The model for a task is the backbone with that task's head put in (`models.heads.replace_head`, then its tensors)
+and, in `experts` mode, that task's adapters applied and merged: no adapter module is left, no overhead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_cli.checkpoint.format import (
+    MULTITASK_SCHEMA,
+    TASKS_PREFIX,
+    CheckpointInfo,
+    info_for_saving,
+    multitask_problem,
+    read_info,
+)
+from lowrank_cli.errors import InputError, UsageError
+
+__all__ = ["model_for_task", "task_entry", "task_names", "write_multitask"]
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def write_multitask(path: str | Path, model: nn.Module, record: dict[str, Any],
+                    task_tensors: dict[str, dict[str, torch.Tensor]], *, dtype: torch.dtype | None = None,
+                    force: bool = True) -> Path:
+    """Write a multi-task checkpoint, atomically, in one file.
+
+    `model`: the backbone with the first task's head in place (in `experts` mode the UNmerged backbone), with its
+    lrc record. `record`: the `lrc.multitask` record (`schema` is filled in; tasks in order, the first one the
+    model's). `task_tensors`: per task name, its own tensors by state-dict name: its head's
+    (`adapters.files.head_tensors`) and, in `experts` mode, its adapters' (`Method.adapter_tensors`); a key inside
+    the task's head modules is stored under `head/`, any other under `adapters/`. The model's record is not
+    changed. `dtype` casts floating tensors on the way out.
+    """
+    from lowrank_cli.adapters.base import in_head
+    from lowrank_cli.checkpoint.io import write_checkpoint
+
+    record = {"schema": MULTITASK_SCHEMA, **record}
+    problem = multitask_problem(record)
+    if problem:
+        raise UsageError(f"the multi-task `record` {problem}: fix it before writing")
+    tasks = record["tasks"]
+    names = [t["name"] for t in tasks]
+    unknown = sorted(set(task_tensors) - set(names))
+    if unknown:
+        raise UsageError(f"`task_tensors` has tensors for '{unknown[0]}', which is not a task of the record (its tasks "
+                         f"are {', '.join(names)}): give tensors for the record's tasks only")
+    extra: dict[str, torch.Tensor] = {}
+    for task in tasks:
+        name, head = task["name"], task["head"]["modules"]
+        tensors = task_tensors.get(name) or {}
+        heads = {k: v for k, v in tensors.items() if in_head(k, head)}
+        adapters = {k: v for k, v in tensors.items() if not in_head(k, head)}
+        if not heads:
+            raise UsageError(f"`task_tensors` has no tensor of the head of task '{name}' (modules "
+                             f"{', '.join(head)}): give every task its head's tensors (adapters.files.head_tensors)")
+        if adapters and record["mode"] != "experts":
+            raise UsageError(f"`task_tensors` of task '{name}' has tensors outside its head ('{next(iter(adapters))}'):"
+                             f" only `experts` mode keeps adapters per task; in {record['mode']} mode they are part "
+                             "of the backbone")
+        extra.update({f"{TASKS_PREFIX}{name}/head/{k}": v for k, v in heads.items()})
+        extra.update({f"{TASKS_PREFIX}{name}/adapters/{k}": v for k, v in adapters.items()})
+    info = dataclasses.replace(info_for_saving(model), multitask=record)
+    return write_checkpoint(model, path, info, force=force, dtype=dtype, extra_tensors=extra)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def task_names(info_or_path: CheckpointInfo | str | Path) -> list[str]:
+    """The tasks of a multi-task checkpoint, in order (the first is the one its model has); [] for a checkpoint
+    that is not multi-task. A path may be a file, an lrc folder or an `hf-hub:` repo."""
+    info = info_or_path
+    if not isinstance(info, CheckpointInfo):
+        from lowrank_cli.models.lrc_folder import checkpoint_path
+
+        info, _ = read_info(checkpoint_path(info_or_path))
+    return [t["name"] for t in (info.multitask or {}).get("tasks", [])]
+
+
+def task_entry(info: CheckpointInfo, task: str | None) -> dict[str, Any]:
+    """The `lrc.multitask` entry of `task` (None: the first); a name the checkpoint lacks is a UsageError that
+    lists the ones it has."""
+    where = info.path if info.path is not None else "the checkpoint"
+    if info.multitask is None:
+        raise UsageError(f"'{where}' holds one task (it is not a multi-task checkpoint): leave `task` out")
+    tasks = info.multitask["tasks"]
+    if task is None:
+        return tasks[0]
+    for entry in tasks:
+        if entry["name"] == task:
+            return entry
+    raise UsageError(f"'{task}' is not a task of '{where}': its tasks are {', '.join(t['name'] for t in tasks)}")
+
+
+def model_for_task(loaded: Any, task: str | None = None) -> nn.Module:
+    """The model of one task of a multi-task checkpoint, in eval mode: `loaded` (a LoadedModel from
+    `read_checkpoint`, changed in place) with that task's head, and in `experts` mode its adapters merged.
+
+    `task` None: the first task. A checkpoint that is not multi-task gives its model as it is (with `task` None)
+    or a UsageError. The model's record names the task (`task_name`, its classes or score), so class checks and
+    `lrc eval` see the task's classes. Returns `loaded.model`.
+    """
+    from lowrank_cli.checkpoint.format import attach_info, info_of, move_record, record_finetune
+    from lowrank_cli.models.heads import replace_head
+
+    info = loaded.checkpoint
+    if getattr(info, "multitask", None) is None:
+        if task is None:
+            return loaded.model
+        where = getattr(info, "path", None) or loaded.source.get("id") or "the model"
+        raise UsageError(f"'{where}' holds one task (it is not a multi-task checkpoint): leave `task` out")
+    entry = task_entry(info, task)
+    if info_of(loaded.model) is not info:  # model_for_task gives the model a record of its own
+        done = (getattr(info_of(loaded.model), "finetune", None) or {}).get("task_name", "?")
+        raise UsageError(f"this LoadedModel already holds the model of task '{done}': read the checkpoint again "
+                         "(read_checkpoint) for another task")
+    multitask, first = info.multitask, entry is info.multitask["tasks"][0]
+    parts = {"head"} if not first else set()  # the first task's head is the model's own
+    parts |= {"adapters"} if multitask["mode"] == "experts" else set()
+    tensors = _task_tensors(info.path, entry["name"], parts, device=next(loaded.model.parameters()).device)
+    if not first:
+        base = loaded.model
+        head = replace_head(loaded, int(entry["head"]["outputs"]), classes=entry.get("classes"),
+                            regression=entry["task"] == "regression")
+        if loaded.model is not base:
+            move_record(base, loaded.model, head.renamed)
+        _put(loaded.model, tensors["head"], _head_keys(loaded.model, head.modules), f"the head of task "
+             f"'{entry['name']}'", info.path)
+    if multitask["mode"] == "experts":
+        _merge_adapters(loaded.model, entry, tensors["adapters"], info.path)
+    # The model is now one task's: its record keeps the file's, without the other tasks (a save writes one model).
+    attach_info(loaded.model, dataclasses.replace(info_of(loaded.model) or info, multitask=None))
+    record = {**(info.finetune or {}), "method": multitask.get("method"), "multitask": multitask["mode"],
+              "task_name": entry["name"], "task": entry["task"], "classes": entry.get("classes"),
+              "pairs": bool(entry.get("pairs")), "metric": entry.get("metric"), "head": entry["head"],
+              "adapters": entry.get("adapters"), "scores": entry.get("scores"), "data": entry.get("data"),
+              "merged": True}
+    record_finetune(loaded.model, record, spec=loaded.spec, source=loaded.source)
+    return loaded.model.eval()
+
+
+def _task_tensors(path: Path | None, name: str, parts: set[str], device: torch.device
+                  ) -> dict[str, dict[str, torch.Tensor]]:
+    """{"head": {key: tensor}, "adapters": {key: tensor}} of one task, only the `parts` asked for read from the
+    file."""
+    from safetensors import safe_open
+
+    from lowrank_cli.atomic import utf8_path
+
+    if path is None:
+        raise UsageError("the model was not read from a multi-task checkpoint file (no path): read it with "
+                         "`read_checkpoint`")
+    found: dict[str, dict[str, torch.Tensor]] = {"head": {}, "adapters": {}}
+    prefix = f"{TASKS_PREFIX}{name}/"
+    with utf8_path(path) as file, safe_open(file, framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            if key.startswith(prefix):
+                part, _, rest = key[len(prefix):].partition("/")
+                if part not in found or not rest:
+                    raise InputError(f"'{path}' holds the tensor '{key}', which is neither a head's nor adapters' of "
+                                     "a task: the file is damaged or from a newer lrc; write it again or upgrade lrc")
+                if part in parts:
+                    found[part][rest] = f.get_tensor(key)
+    return found
+
+
+def _head_keys(model: nn.Module, head: list[str]) -> set[str]:
+    from lowrank_cli.adapters.files import head_tensors
+
+    return set(head_tensors(model, head))
+
+
+def _put(model: nn.Module, tensors: dict[str, torch.Tensor], expected: set[str], what: str, path: Path) -> None:
+    """Load `tensors` into `model`; they must be exactly the `expected` names, in the model's shapes."""
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        raise InputError(f"{what} in '{path}' does not fit the model: {len(missing)} missing tensor(s) "
+                         f"({', '.join(missing[:2])}), {len(extra)} unexpected ({', '.join(extra[:2])}): the file is "
+                         "damaged or from another lrc; write it again")
+    state = model.state_dict()
+    wrong = next((k for k, v in tensors.items() if tuple(v.shape) != tuple(state[k].shape)), None)
+    if wrong is not None:
+        raise InputError(f"{what} in '{path}': '{wrong}' is {tuple(tensors[wrong].shape)} in the file, "
+                         f"{tuple(state[wrong].shape)} in the model: the file is damaged; write it again")
+    with torch.no_grad():
+        model.load_state_dict(tensors, strict=False)
+
+
+def _merge_adapters(model: nn.Module, entry: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Apply the task's adapters (experts mode) with the file's tensors, and merge them into plain layers."""
+    from lowrank_cli.adapters.base import AdapterConfig
+    from lowrank_cli.adapters.methods import method_for
+
+    method = method_for(AdapterConfig.from_record(entry["adapters"]))
+    method.apply(model)
+    _put(model, tensors, set(method.adapter_tensors(model)), f"the adapters of task '{entry['name']}'", path)
+    method.merge(model)
