@@ -27,7 +27,7 @@ The rules (`MERGE_RULES`), with w_t a task's weight and T the number of tasks:
 
 A task that did not change a parameter (other targets, another method) contributes a zero update to it; `average`
 and `weighted` still count that task. Weights are finite and > 0, one per task. Error messages name the parameters
-of the multi-task API that passes these on (`merge_rule`, `merge_weights`, `merge_rank`).
+of the multi-task API that passes these on (`merge_rule`, `task_weights`, `merge_rank`).
 """
 
 from __future__ import annotations
@@ -98,20 +98,20 @@ def _task_weights(tasks: list[str], rule: str, weights: dict[str, float] | None,
                          "out, or use svd")
     if rule == "average":
         if weights is not None:
-            raise UsageError("`merge_weights` are for `merge_rule` weighted, concat or svd; average weighs every task "
+            raise UsageError("`task_weights` are for `merge_rule` weighted, concat or svd; average weighs every task "
                              "the same: leave them out, or use weighted")
         return {t: 1.0 / len(tasks) for t in tasks}
     if weights is None:
         if rule == "weighted":
-            raise UsageError("`merge_rule` weighted needs `merge_weights` (one number > 0 per task): give them, or use "
+            raise UsageError("`merge_rule` weighted needs `task_weights` (one number > 0 per task): give them, or use "
                              "average for equal weights")
         return {t: 1.0 for t in tasks}
     if set(weights) != set(tasks):
-        raise UsageError(f"`merge_weights` name the tasks {', '.join(sorted(weights))} and the updates are of "
+        raise UsageError(f"`task_weights` name the tasks {', '.join(sorted(weights))} and the updates are of "
                          f"{', '.join(tasks)}: give one weight per task")
     bad = [t for t in tasks if not (math.isfinite(weights[t]) and weights[t] > 0)]
     if bad:
-        raise UsageError(f"`merge_weights` must be finite numbers > 0, got {weights[bad[0]]} for task '{bad[0]}': "
+        raise UsageError(f"`task_weights` must be finite numbers > 0, got {weights[bad[0]]} for task '{bad[0]}': "
                          "fix it, or leave the task out")
     total = sum(weights.values()) if rule == "weighted" else 1.0
     return {t: float(weights[t]) / total for t in tasks}

@@ -18,6 +18,7 @@ from lowrank_cli.cli.options import (
     Model,
     ModelArg,
     Output,
+    option_name,
     Progress,
     choice,
     number,
@@ -74,8 +75,13 @@ columns. Held-out scores (top-1, accuracy, or Spearman for scores) once per epoc
 """
 
 METHOD_PANEL, TRAINING_PANEL, DATA_PANEL = "Method and adapters", "Training", "Data and held-out scores"
+MULTITASK_PANEL = "Multi-task"
+# The library's vocabularies, written out because those modules import torch and --help must not (test_help).
+MODES = ("shared", "experts", "merge", "orthogonal")
+SCHEDULES = ("sequential", "interleaved", "proportional")
+MERGE_RULES = ("average", "weighted", "concat", "svd")
 
-Data = Annotated[Path, typer.Option(
+Data = Annotated[Optional[Path], typer.Option(
     "--data", metavar="PATH", show_default=False,
     help="An ImageFolder (train/<class>/..., optional val/<class>/...), or a .jsonl / .csv file of labelled texts.")]
 Method = Annotated[str, typer.Option(
@@ -94,9 +100,33 @@ Targets = Annotated[Optional[list[str]], typer.Option(
     "--targets", metavar="REGEX", show_default=False, rich_help_panel=METHOD_PANEL,
     help="Linears to adapt, full match on module names; a low-rank layer's name stands for both factors "
     "(repeatable; default: every linear of the transformer blocks).")]
-Merge = Annotated[bool, typer.Option(
-    "--merge/--no-merge", rich_help_panel=METHOD_PANEL,
-    help="Merge the adapters into the model (default), or write them alone with the head.")]
+NoMerge = Annotated[bool, typer.Option(
+    "--no-merge", rich_help_panel=METHOD_PANEL,
+    help="Write the adapters alone with the head, not merged into the model (one task).")]
+Tasks = Annotated[Optional[list[str]], typer.Option(
+    "--task", metavar="NAME=PATH[:label|:score]", show_default=False, rich_help_panel=MULTITASK_PANEL,
+    help="A task of a multi-task run (repeatable, two or more, instead of --data): its data, and :score to regress "
+    "on a number or :label for classes (default: what the file holds).")]
+Mode = Annotated[Optional[str], typer.Option(
+    "--multitask", rich_help_panel=MULTITASK_PANEL, show_default=False, **choice(*MODES),
+    help="How the tasks share the backbone: shared (one set of adapters, a head per task), experts (one set per "
+    "task, merged at load(task=)), merge (per-task adapters merged into one backbone), orthogonal (LoRA on "
+    "disjoint orthogonal blocks, merged exactly). Default experts.")]
+Schedule = Annotated[Optional[str], typer.Option(
+    "--schedule", rich_help_panel=MULTITASK_PANEL, show_default=False, **choice(*SCHEDULES),
+    help="--multitask shared: the order of the tasks' batches (default proportional: each task's share of the "
+    "data).")]
+MergeRule = Annotated[Optional[str], typer.Option(
+    "--merge", rich_help_panel=MULTITASK_PANEL, show_default=False, **choice(*MERGE_RULES),
+    help="--multitask merge: how the tasks' updates combine (default concat: their exact sum; svd re-truncates it "
+    "to --merge-rank).")]
+MergeRank = Annotated[Optional[int], typer.Option(
+    "--merge-rank", min=1, rich_help_panel=MULTITASK_PANEL, show_default=False,
+    help="--merge svd: the rank of the merged update.")]
+TaskWeights = Annotated[Optional[list[str]], typer.Option(
+    "--task-weight", metavar="NAME=W", rich_help_panel=MULTITASK_PANEL, show_default=False,
+    help="--merge weighted / concat / svd: a task's weight, > 0 (repeatable; weighted defaults to the tasks' "
+    "training samples).")]
 Teacher = Annotated[Optional[str], typer.Option(
     "--teacher", metavar="MODEL", show_default=False, rich_help_panel=METHOD_PANEL,
     help="A model already fine-tuned on this task: adds logit distillation.")]
@@ -131,7 +161,8 @@ Tokenizer = Annotated[Optional[str], typer.Option(
 def finetune(
     model: Model,
     output: Output,
-    data: Data,
+    data: Data = None,
+    tasks: Tasks = None,
     method: Method = "lora",
     steps: Steps = None,
     epochs: Epochs = None,
@@ -145,7 +176,12 @@ def finetune(
     adapter_alpha: AdapterAlpha = None,
     adapter_dropout: AdapterDropout = None,
     targets: Targets = None,
-    merge: Merge = True,
+    no_merge: NoMerge = False,
+    mode: Mode = None,
+    schedule: Schedule = None,
+    merge_rule: MergeRule = None,
+    merge_rank: MergeRank = None,
+    task_weight: TaskWeights = None,
     teacher: Teacher = None,
     gamma: Gamma = None,
     temperature: Temperature = 1.0,
@@ -182,10 +218,12 @@ def finetune(
 
     console.show_progress(progress)
     refuse_held_out_conflicts(True, val_data, val_fraction, eval_every, keep)
+    multitask = multitask_options(data, tasks, dict(mode=mode, schedule=schedule, merge_rule=merge_rule,
+                                                    merge_rank=merge_rank, task_weights=parse_weights(task_weight)))
     options = dict(
         output=output, method=method, steps=steps, epochs=epochs, batch_size=batch_size, device=device,
         resume=resume, force=force, adapter_rank=adapter_rank, adapter_alpha=adapter_alpha,
-        adapter_dropout=adapter_dropout or 0.0, targets=targets, merge=merge, teacher=teacher, gamma=gamma,
+        adapter_dropout=adapter_dropout or 0.0, targets=targets, merge=not no_merge, teacher=teacher, gamma=gamma,
         temperature=temperature, label_smoothing=label_smoothing, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, clip_grad=clip_grad, grad_accum=grad_accum, compile=compile, seed=seed,
         save_every=save_every, log_every=log_every, augment=augment_level(augment, no_augment), val_data=val_data,
@@ -193,23 +231,64 @@ def finetune(
         num_workers=workers, tokenizer=tokenizer, max_length=max_length, library=library, arch=arch,
         model_args=parse_model_args(model_arg),
     )
-    result = quiet_on_other_ranks(lambda: _run(model, data, options))
-    if not console.is_main_process():
-        return
-    summary = result.summary()
+    result = quiet_on_other_ranks(lambda: _run(model, data, tasks, {**options, **multitask}))
+    if console.is_main_process():
+        _show(result.summary(), bool(tasks), json_out)
+
+
+def _show(summary: dict, multitask: bool, json_out: bool) -> None:
     if json_out:
         console.print_json(summary)
-        return
-    print_summary(summary)
+    elif multitask:
+        from lowrank_cli.cli.multitask_view import print_multitask_summary
+
+        print_multitask_summary(summary)
+    else:
+        print_summary(summary)
 
 
-def _run(model: str, data: Path, options: dict):
+def parse_weights(items: list[str] | None) -> dict[str, float] | None:
+    """--task-weight NAME=W, repeated."""
+    from lowrank_cli.errors import UsageError
+    if not items:
+        return None
+    weights = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            weights[name.strip()] = float("nan")
+        if not sep or not name.strip() or not weights[name.strip()] > 0 or weights[name.strip()] == float("inf"):
+            raise UsageError(f"--task-weight '{item}' is not NAME=W with a weight W > 0")
+    return weights
+
+
+def multitask_options(data: Path | None, tasks: list[str] | None, given: dict) -> dict:
+    """--data (one task) or --task (several); the multi-task options (those given) need --task."""
+    from lowrank_cli.errors import UsageError
+
+    if data is not None and tasks:
+        raise UsageError("--data is one task and --task one of several: give --data, or every task as --task")
+    if data is None and not tasks:
+        raise UsageError("no training data: give --data PATH (one task), or --task NAME=PATH twice or more")
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not tasks:
+        raise UsageError(f"{option_name(next(iter(given)))} belongs to a multi-task run: give the tasks as --task "
+                         "NAME=PATH, or leave it out")
+    return given
+
+
+def _run(model: str, data: Path | None, tasks: list[str] | None, options: dict):
     from lowrank_cli.training.finetune import finetune as run_finetune
+    from lowrank_cli.training.multitask import finetune_tasks
 
     bars = Bars()
+    hooks = dict(progress=bars, log=console.info, warn=console.warn, resume_command=resume_command())
     try:
-        return run_finetune(model, data, **options, progress=bars, log=console.info, warn=console.warn,
-                            resume_command=resume_command())
+        if tasks:
+            return finetune_tasks(model, tasks, **options, **hooks)
+        return run_finetune(model, data, **options, **hooks)
     finally:
         bars.close()
 

@@ -202,6 +202,9 @@ _OPTION_OF = {
     "plan_fused=False": "--no-plan-fused",
     "merge=False": "--no-merge",
     "tasks": "--task",  # repeatable: --task NAME=PATH once per task
+    "mode": "--multitask",
+    "merge_rule": "--merge",
+    "task_weights": "--task-weight",
 }
 
 

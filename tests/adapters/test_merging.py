@@ -151,8 +151,8 @@ def test_svd_keeps_the_exact_sum_where_the_cut_would_not_be_smaller():
 
 @pytest.mark.parametrize(("rule", "weights", "rank", "message"), [
     ("mean", None, None, r"merge_rule 'mean' is not one of average, weighted, concat, svd"),
-    ("average", {"a": 1.0, "b": 1.0}, None, r"merge_weights are for merge_rule weighted, concat or svd"),
-    ("weighted", None, None, r"merge_rule weighted needs merge_weights"),
+    ("average", {"a": 1.0, "b": 1.0}, None, r"task_weights are for merge_rule weighted, concat or svd"),
+    ("weighted", None, None, r"merge_rule weighted needs task_weights"),
     ("weighted", {"a": 1.0}, None, r"name the tasks a and the updates are of a, b: give one weight per task"),
     ("concat", {"a": 1.0, "b": 0.0}, None, r"finite numbers > 0, got 0.0 for task 'b'"),
     ("weighted", {"a": float("nan"), "b": 1.0}, None, r"got nan for task 'a'"),
