@@ -95,32 +95,40 @@ class ApartRuns:
         self.work = work_folder(output)
 
     def run(self) -> MultitaskResult:
-        from lowrank_cli.atomic import check_output
+        self.prepare()
+        results = self.train_tasks()
+        if os.environ.get("RANK", "0") != "0":  # under torchrun the main process combines and writes
+            return MultitaskResult(None, self.output, self.opts.mode, {}, {}, {}, results=results)
+        from lowrank_cli.training.task_combine import combine
 
+        result = combine(self.model, self.specs, self.output, self.opts, self.work, results, self.log)
+        self._write_metrics()
+        shutil.rmtree(self.work, ignore_errors=True)
+        return result
+
+    def prepare(self) -> None:
+        """Check the output, every task's data and the work folder of an earlier call, before any training."""
+        from lowrank_cli.atomic import check_output
         from lowrank_cli.data.task_data import check_same_modality
-        from lowrank_cli.errors import Interrupted, TrainingError
         from lowrank_cli.training.task_run import read_task
 
         check_output(self.output, force=self.opts.force)
-        read = [read_task(spec, self.opts)[0] for spec in self.specs]  # every task's data, before any training
+        read = [read_task(spec, self.opts)[0] for spec in self.specs]
         check_same_modality(self.specs, [d.modality for d in read])
         self._check_work()
+
+    def train_tasks(self) -> list[Any]:
+        """Every task's fine-tuning into the work folder (a task finished by an earlier call is kept: None)."""
+        from lowrank_cli.errors import Interrupted, TrainingError
+
         try:
-            results = [self._train(i, spec) for i, spec in enumerate(self.specs)]
+            return [self._train(i, spec) for i, spec in enumerate(self.specs)]
         except (Interrupted, TrainingError):
             raise  # the finished tasks and the current one's state are what a resume continues from
         except BaseException:
             if not self.opts.resume:  # a fresh run that fails leaves nothing behind
                 shutil.rmtree(self.work, ignore_errors=True)
             raise
-        if os.environ.get("RANK", "0") != "0":  # under torchrun the main process combines and writes
-            return MultitaskResult(None, self.output, self.opts.mode, {}, {}, {}, results=results)
-        from lowrank_cli.training.task_combine import combine
-
-        result = combine(self.model, self.specs, self.output, self.opts, self.work, results, self.log)
-        self._write_metrics(results)
-        shutil.rmtree(self.work, ignore_errors=True)
-        return result
 
     def _check_work(self) -> None:
         o = self.opts
@@ -175,7 +183,7 @@ class ApartRuns:
                              f"'{found[1]}'; now {wanted[0]} on '{wanted[1]}': resume with the same tasks and "
                              "options, or start again with `force=True`")
 
-    def _write_metrics(self, results: list[Any]) -> None:
+    def _write_metrics(self) -> None:
         """One metrics log for the run, next to the output: every task's lines, each with its task."""
         from lowrank_cli.atomic import write_text
         from lowrank_cli.training.metrics import metrics_path
