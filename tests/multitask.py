@@ -69,7 +69,7 @@ def write_vit_tasks(path: str | Path, *, mode: str = "shared", factorize: bool =
                              adapters=config.record() if config else None,
                              trainable=sum(t.numel() for t in tensors[name].values())))
     record = {"mode": mode, "method": "lora" if config else "full", "tasks": entries,
-              "overall": {"score": 0.8}, "schedule": "round-robin"}
+              "overall": {"before": 0.5, "after": 0.8}, "schedule": "round-robin"}
     write_multitask(path, backbone, record, tensors)
     return models
 

@@ -139,6 +139,8 @@ def model_for_task(loaded: Any, task: str | None = None) -> nn.Module:
     entry = task_entry(info, task)
     if info_of(loaded.model) is not info:  # model_for_task gives the model a record of its own
         done = (getattr(info_of(loaded.model), "finetune", None) or {}).get("task_name", "?")
+        if done == entry["name"]:
+            return loaded.model.eval()  # asked again for the task it holds
         raise UsageError(f"this LoadedModel already holds the model of task '{done}': read the checkpoint again "
                          "(read_checkpoint) for another task")
     multitask, first = info.multitask, entry is info.multitask["tasks"][0]

@@ -48,7 +48,7 @@ def evaluate_tasks(model: str | os.PathLike, tasks: list[str | TaskSpec], *, rev
         raise UsageError(f"`batch_size` must be at least 1, got {batch_size}")
     dev = resolve_device(device)
     fuse = resolve_fused(fused, dev)  # `fused=True` where the kernel cannot run fails before any loading
-    loaded = load_model(str(model), revision=revision, log=log)
+    loaded = load_model(str(model), revision=revision, log=log, first_task=False)
     info = loaded.checkpoint
     if getattr(info, "multitask", None) is None:
         raise UsageError(f"'{model}' holds one task (it is not a multi-task checkpoint): `tasks` picks the tasks of a "
@@ -58,7 +58,7 @@ def evaluate_tasks(model: str | os.PathLike, tasks: list[str | TaskSpec], *, rev
     results: dict[str, dict[str, Any]] = {}
     for i, spec in enumerate(specs):
         if i:
-            loaded = load_model(str(model), revision=revision)  # a fresh backbone: the last one took a task's head
+            loaded = load_model(str(model), revision=revision, first_task=False)  # a fresh backbone: the last one took a task's head
         task_model = _task_model(loaded, spec.name, dev, fuse)
         log(f"Task '{spec.name}': {spec.path}")
         results[spec.name] = {**_score(task_model, loaded, spec, tokenizer, max_length, batch_size, dev, num_workers),

@@ -45,8 +45,8 @@ def _multitask_text(settings: dict[str, Any], tasks: list[dict[str, Any]]) -> st
     if settings.get("method"):
         text += f" ({settings['method']})"
     overall = settings.get("overall")
-    if isinstance(overall, dict) and isinstance(overall.get("score"), (int, float)):
-        text += f", overall {overall['score']:.4g}"
+    if isinstance(overall, dict) and isinstance(overall.get("after"), (int, float)):
+        text += f", overall held-out score {overall['after']:.4g} (mean of accuracies and (r + 1) / 2)"
     elif isinstance(overall, (int, float)) and not isinstance(overall, bool):
         text += f", overall {overall:.4g}"
     return text

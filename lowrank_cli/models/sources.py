@@ -139,17 +139,20 @@ def folder_weights(folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def load_model(
-    source: str,
-    *,
-    arch: str | None = None,
-    model_args: dict[str, Any] | None = None,
-    revision: str | None = None,
-    library: str | None = None,
-    log=None,
-) -> LoadedModel:
+def load_model(source: str, *, arch: str | None = None, model_args: dict[str, Any] | None = None,
+               revision: str | None = None, library: str | None = None, log=None, first_task: bool = True
+               ) -> LoadedModel:
     """Load any MODEL source (see the module docstring). `log(msg)` receives what was chosen. `library`
-    ("timm" / "transformers" / None for auto) forces how a folder or Hub repo is read."""
+    ("timm" / "transformers" / None for auto) forces how a folder or Hub repo is read. A multi-task checkpoint
+    is its first task's model (`as_first_task`), unless `first_task` is False (then the file as stored, for
+    `checkpoint.tasks.model_for_task` to pick a task)."""
+    loaded = read_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
+    return as_first_task(loaded) if first_task else loaded
+
+
+def read_model(source: str, *, arch: str | None = None, model_args: dict[str, Any] | None = None,
+               revision: str | None = None, library: str | None = None, log=None) -> LoadedModel:
+    """`load_model` without the choice of a multi-task checkpoint's task."""
     model_args = dict(model_args or {})
     log = log or (lambda msg: None)
     library = check_library(library)
@@ -215,6 +218,16 @@ def _load_folder(folder: Path, model_args: dict, library: str | None = None, arc
     loaded = _load_folder_files(folder, None, model_args, f"'{folder}'")
     weights = folder_weights(folder)
     loaded.source = {"kind": "local-dir", "id": str(folder.resolve()), "sha256": sha256_later(weights)}
+    return loaded
+
+
+def as_first_task(loaded: LoadedModel) -> LoadedModel:
+    """A multi-task checkpoint read as a MODEL is its first task's model (`load(path)`): in experts mode the
+    stored backbone lacks that task's adapters, which every command that reads a MODEL should see merged."""
+    if getattr(loaded.checkpoint, "multitask", None) is not None:
+        from lowrank_cli.checkpoint.tasks import model_for_task
+
+        model_for_task(loaded)
     return loaded
 
 

@@ -158,7 +158,7 @@ class ApartRuns:
         out = self.task_output(spec)
         if out.exists():
             self._check_done(spec, out)
-            self.log(f"[{spec.name}] trained earlier in this run: kept")
+            self.log(f"{spec.name}: trained earlier in this run: kept")
             return None
         o = self.opts
         opts = task_options(o, merge=o.method == "full", resume=train_state_path(out).exists(), force=True)

@@ -84,7 +84,7 @@ class SharedRun(FinetuneRun):
         state = self._state(state_path, saved_state, raw, optimizer, groups, [n for n, _ in named], fixed,
                             changeable, total, warmup)
         for spec, d in zip(self.specs, datas):
-            self.log(f"[{spec.name}] " + d.modality.describe(d.train, d.val, self._why_no_accuracy(d)))
+            self.log(f"{spec.name}: " + d.modality.describe(d.train, d.val, self._why_no_accuracy(d)))
         metrics = self._start_metrics(output, state)
         trainer = self._trainer(whole, raw, None, loss, [], stream, stream, state, optimizer, named, state_path,
                                 metrics, total, warmup)

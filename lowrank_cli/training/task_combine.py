@@ -94,7 +94,9 @@ def combine(source: Any, specs: list[TaskSpec], output: Path, opts: MultitaskOpt
         merge_info = _merge_into(final, base, paths, records, names, opts, log)
         after = rescore(final, specs, records, [t[0] for t in tensors], opts, log)
     first = records[0]["finetune"]
-    record_finetune(final.model, {**first, "task_name": names[0]}, spec=final.spec, source=final.source)
+    # The record of the model `load(output)` gives: the first task's, adapters merged (experts: at load time).
+    record_finetune(final.model, {**first, "task_name": names[0], "merged": True}, spec=final.spec,
+                    source=final.source)
     record = multitask_record(specs, records, opts, before, after, merge_info)
     write_multitask(output, final.model, record, stored, dtype=save_dtype)
     log(f"Wrote {output} ({opts.mode}: {len(specs)} tasks, {', '.join(names)})")
@@ -138,7 +140,7 @@ def rescore(final: Any, specs: list[TaskSpec], records: list[dict[str, Any]], he
         twin = with_task_head(final, record, head)
         d.modality.prepare(twin, tokenizer=opts.tokenizer, max_length=opts.max_length)
         found[spec.name] = score_held_out(twin.model.to(device), d, task.regression, opts, device)
-        log(f"[{spec.name}] on the merged backbone: " + ", ".join(f"{k} {v:.4g}" for k, v in found[spec.name].items()))
+        log(f"{spec.name}: on the merged backbone: " + ", ".join(f"{k} {v:.4g}" for k, v in found[spec.name].items()))
     return found
 
 

@@ -60,5 +60,14 @@ class TaskRun(FinetuneRun):
         return settings
 
 
+    def _output(self, *args: Any) -> None:
+        log, self.log = self.log, (lambda message: None)  # not "Wrote FILE": the work folder is lrc's own
+        try:
+            super()._output(*args)
+        finally:
+            self.log = log
+        self.log("trained (kept in the run's work folder until every task is)")
+
+
 def _prefixed(log: Any, name: str):
-    return lambda message: log(f"[{name}] {message}")
+    return lambda message: log(f"{name}: {message}")

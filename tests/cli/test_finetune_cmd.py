@@ -161,3 +161,66 @@ def test_two_gloo_processes_write_one_output(vit_lr, parity, tmp_path):
     assert summary["settings"]["processes"] == 2 and summary["samples_seen"] == 3 * 8
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == ["ddp.safetensors"]
     assert lowrank_cli.load(out).num_classes == 2
+
+
+# ------------------------------------------------------------------------------------------------ several tasks
+
+
+@pytest.fixture(scope="module")
+def two_tasks(digits_folder, parity):
+    return ["--task", f"digit={digits_folder(16, 8)}", "--task", f"parity={parity}"]
+
+
+def test_multitask_finetune_then_eval_report_and_load(vit_lr, two_tasks, tmp_path, capsys):
+    out = tmp_path / "multi.safetensors"
+    code, stdout, err = run_cli(["finetune", vit_lr, *two_tasks, "--multitask", "merge", "--merge", "svd",
+                                 "--merge-rank", "2", "--adapter-rank", "4", *FAST, "-o", out], capsys)
+    assert code == 0, err
+    assert "parity: Method lora:" in err and "overall" in stdout and "merge" in stdout
+    code, stdout, err = run_cli(["eval", out, *two_tasks, "--workers", "0", "--json"], capsys)
+    assert code == 0, err
+    scores = json.loads(stdout)
+    recorded = lowrank_cli.checkpoint.format.read_info(out)[0].multitask
+    assert scores["overall"] == pytest.approx(recorded["overall"]["after"])  # the record says what eval measures
+    code, stdout, err = run_cli(["report", out], capsys)
+    assert code == 0 and "parity" in stdout and "merge" in stdout, err
+    assert lowrank_cli.load(out, task="parity").num_classes == 2
+
+
+def test_multitask_json_summary(vit_lr, two_tasks, tmp_path, capsys):
+    out = tmp_path / "shared.safetensors"
+    code, stdout, err = run_cli(["finetune", vit_lr, *two_tasks, "--multitask", "shared", "--schedule", "sequential",
+                                 "--method", "head", *FAST, "--json", "-o", out], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["mode"] == "shared" and summary["settings"]["schedule"] == "sequential"
+    assert [t["name"] for t in summary["tasks"]] == ["digit", "parity"]
+    assert set(summary["scores"]) == {"digit", "parity"} and 0 <= summary["overall"]["after"] <= 1
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--task", "a=x", "--task", "a=y"], 3, "x' does not exist"),
+    (["--task", "d={d}", "--task", "d={d}"], 2, "names task 'd' twice"),
+    (["--task", "d={d}", "--data", "{d}"], 2, "--data is one task and --task one of several"),
+    (["--data", "{d}", "--merge", "svd"], 2, "--merge belongs to a multi-task run"),
+    (["--task", "d={d}", "--task", "e={d}", "--schedule", "sequential"], 2,
+     "--schedule orders the tasks' batches of --multitask shared"),
+    (["--task", "d={d}", "--task", "e={d}", "--multitask", "orthogonal", "--method", "rlrr"], 2,
+     "--method rlrr does not go with --multitask orthogonal"),
+    (["--task", "d={d}", "--task", "e={d}", "--multitask", "merge", "--task-weight", "d"], 2,
+     "--task-weight 'd' is not NAME=W"),
+    (["--task", "d={d}", "--task", "e={d}:score"], 2, "task 'e'.*images carry classes"),
+    (["--task", "d={d}", "--task", "e={d}", "--no-merge"], 2, "leave out --no-merge"),
+    (["--task", "d={d}"], 2, "two tasks or more"),
+    ([], 2, "no training data: give --data PATH"),
+])
+def test_multitask_bad_input_is_one_error_line(vit_lr, parity, args, code, message, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    args = [a.replace("{d}", str(parity)) for a in args]
+    found, stdout, err = run_cli(["finetune", vit_lr, *args, *FAST, "-o", out], capsys)
+    lines = error_lines(err)
+    assert found == code and len(lines) == 1, err
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    assert not out.exists() and not any(p.name.startswith(".x.safetensors") for p in tmp_path.iterdir())

@@ -26,7 +26,8 @@ def test_json_lists_the_tasks_and_the_mode(experts, capsys):
     code, out, err = run_cli(["report", experts, "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["multitask"] == {"schema": 1, "mode": "experts", "method": "lora", "overall": {"score": 0.8},
+    assert doc["multitask"] == {"schema": 1, "mode": "experts", "method": "lora", "overall": {"before": 0.5,
+                                                                                             "after": 0.8},
                                 "schedule": "round-robin"}
     digits, parity = doc["tasks"]
     assert (digits["name"], digits["classes"], digits["metric"], digits["held_out"]) == ("digits", DIGITS, "top1", 0.9)
@@ -45,7 +46,7 @@ def test_json_lists_the_tasks_and_the_mode(experts, capsys):
 def test_table_and_markdown(experts, capsys):
     code, out, err = run_cli(["report", experts], capsys)
     assert code == 0, err
-    assert "2 tasks (digits, parity), experts mode (lora), overall 0.8" in out
+    assert "2 tasks (digits, parity), experts mode (lora), overall held-out score 0.8" in out
     rows = [line for line in out.splitlines() if line.strip("│ ").startswith(("digits", "parity"))]
     assert len(rows) == 2 and "classes 10" in rows[0] and "0.9" in rows[0] and "classes 2" in rows[1]
     code, out, err = run_cli(["report", experts, "--markdown"], capsys)

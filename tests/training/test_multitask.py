@@ -93,6 +93,9 @@ def test_experts_keep_each_tasks_adapters_apart(vit_lr, digit_tasks, tmp_path):
                                      for m in (base, digit, parity))
     assert not torch.allclose(f_digit, f_base, atol=1e-4) and not torch.allclose(f_parity, f_digit, atol=1e-4)
     assert lowrank_cli.load(out).num_classes == 10  # no task: the first
+    as_model = lowrank_cli.load_model(str(out)).model  # what every command reads: the first task, adapters merged
+    with torch.no_grad():
+        assert torch.allclose(as_model(x), digit(x), atol=1e-6)
 
 
 def test_an_interrupted_run_resumes_to_the_same_checkpoint(vit_lr, digit_tasks, tmp_path):
