@@ -93,21 +93,37 @@ class ApartRuns:
         self.model, self.specs, self.output, self.opts, self.hooks = model, specs, output, opts, hooks
         self.log = hooks["log"]
         self.work = work_folder(output)
+        from lowrank_cli.distributed import DistContext
+        from lowrank_cli.devices import resolve_device
+
+        self.ctx = DistContext(device=resolve_device(opts.device))  # one process until `run` joins torchrun's group
 
     def run(self) -> MultitaskResult:
-        self.prepare()
-        results = self.train_tasks()
-        if os.environ.get("RANK", "0") != "0":  # under torchrun the main process combines and writes
-            return MultitaskResult(None, self.output, self.opts.mode, {}, {}, {}, results=results)
-        from lowrank_cli.training.task_combine import combine
+        from lowrank_cli import distributed
 
-        result = combine(self.model, self.specs, self.output, self.opts, self.work, results, self.log)
-        self._write_metrics()
-        shutil.rmtree(self.work, ignore_errors=True)
-        return result
+        # One process group for the whole run (each task's training joins it): the work folder is checked and
+        # cleaned on the main process while the others wait, and they all wait for its checkpoint.
+        self.ctx = distributed.setup(self.opts.device)
+        try:
+            self.prepare()
+            results = self.train_tasks()
+            result = None
+            try:
+                if self.ctx.is_main:
+                    from lowrank_cli.training.task_combine import combine
+
+                    result = combine(self.model, self.specs, self.output, self.opts, self.work, results, self.log)
+                    self._write_metrics()
+                    shutil.rmtree(self.work, ignore_errors=True)
+            finally:
+                distributed.barrier(self.ctx)
+            return result or MultitaskResult(None, self.output, self.opts.mode, {}, {}, {}, results=results)
+        finally:
+            distributed.teardown(self.ctx)
 
     def prepare(self) -> None:
         """Check the output, every task's data and the work folder of an earlier call, before any training."""
+        from lowrank_cli import distributed
         from lowrank_cli.atomic import check_output
         from lowrank_cli.data.task_data import check_same_modality
         from lowrank_cli.training.task_run import read_task
@@ -115,7 +131,14 @@ class ApartRuns:
         check_output(self.output, force=self.opts.force)
         read = [read_task(spec, self.opts)[0] for spec in self.specs]
         check_same_modality(self.specs, [d.modality for d in read])
-        self._check_work()
+        problem = None
+        if self.ctx.is_main:
+            try:
+                self._check_work()
+            except Exception as e:  # noqa: BLE001 - raised below, once every process knows
+                problem = e
+        if distributed.any_rank(self.ctx, problem is not None):
+            raise problem or OutputError(f"the main process refused the work folder '{self.work}' (see its error)")
 
     def train_tasks(self) -> list[Any]:
         """Every task's fine-tuning into the work folder (a task finished by an earlier call is kept: None)."""
@@ -126,7 +149,7 @@ class ApartRuns:
         except (Interrupted, TrainingError):
             raise  # the finished tasks and the current one's state are what a resume continues from
         except BaseException:
-            if not self.opts.resume:  # a fresh run that fails leaves nothing behind
+            if not self.opts.resume and self.ctx.is_main:  # a fresh run that fails leaves nothing behind
                 shutil.rmtree(self.work, ignore_errors=True)
             raise
 

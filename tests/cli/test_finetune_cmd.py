@@ -224,3 +224,24 @@ def test_multitask_bad_input_is_one_error_line(vit_lr, parity, args, code, messa
 
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists() and not any(p.name.startswith(".x.safetensors") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mode", ["shared", "experts"])
+def test_multitask_under_two_gloo_processes(mode, vit_lr, two_tasks, tmp_path):
+    """shared: every task's head in DDP (a step uses one); experts: one process group per task, one after the
+    other. One checkpoint, one JSON document, the work folder gone."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lowrank_cli",
+           "finetune", str(vit_lr), *two_tasks, "--multitask", mode, *FAST, "--batch-size", "4", "-o", str(out),
+           "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["mode"] == mode and set(summary["scores"]) == {"digit", "parity"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.metrics.jsonl", "ddp.safetensors"]
+    assert lowrank_cli.load(out, task="parity").num_classes == 2
