@@ -8,6 +8,10 @@
     lowrank_cli.push("deit_lr.safetensors", "org/deit-lr")  # with its model card, to the Hub
     model = lowrank_cli.load("hf-hub:org/deit-lr")          # and back
     lowrank_cli.finetune("deit_lr.safetensors", "flowers/", output="flowers.safetensors", method="lora", epochs=3)
+    lowrank_cli.finetune_tasks("bert_lr.safetensors", ["sst=sst.jsonl", "sts=stsb.jsonl:score"], mode="experts",
+                               output="multi.safetensors", epochs=3)
+    model = lowrank_cli.load("multi.safetensors", task="sts")        # one task's model
+    lowrank_cli.evaluate_tasks("multi.safetensors", ["sst=dev.jsonl", "sts=sts_dev.jsonl"])
 
     bert = lowrank_cli.load_model("./my-bert-folder").model  # transformers models too (the [transformers] extra)
 
@@ -43,6 +47,9 @@ _API = {
     "recover": "lowrank_cli.training.recovery",
     "finetune": "lowrank_cli.training.finetune",
     "FinetuneResult": "lowrank_cli.training.result",
+    "finetune_tasks": "lowrank_cli.training.multitask",
+    "MultitaskResult": "lowrank_cli.training.result",
+    "evaluate_tasks": "lowrank_cli.evaluation.multitask",
     "RecoverResult": "lowrank_cli.training.result",
     "evaluate": "lowrank_cli.evaluation.accuracy",
     "build_card": "lowrank_cli.publish.card",
@@ -59,6 +66,7 @@ if TYPE_CHECKING:
     from lowrank_cli.compress.plan import make_plan, pela_rank
     from lowrank_cli.errors import LrcError
     from lowrank_cli.evaluation.accuracy import evaluate
+    from lowrank_cli.evaluation.multitask import evaluate_tasks
     from lowrank_cli.evaluation.report import build_report
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
     from lowrank_cli.models.fusion import fuse_lowrank, unfuse_lowrank
@@ -67,8 +75,9 @@ if TYPE_CHECKING:
     from lowrank_cli.publish.card import build_card
     from lowrank_cli.publish.push import push
     from lowrank_cli.training.finetune import finetune
+    from lowrank_cli.training.multitask import finetune_tasks
     from lowrank_cli.training.recovery import recover
-    from lowrank_cli.training.result import FinetuneResult, RecoverResult
+    from lowrank_cli.training.result import FinetuneResult, MultitaskResult, RecoverResult
 
 
 def __getattr__(name: str):
