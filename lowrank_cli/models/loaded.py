@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,3 +34,8 @@ class LoadedModel:
     @source.setter
     def source(self, value: dict[str, Any]) -> None:
         self.pending_source = value
+
+    def twin(self) -> LoadedModel:
+        """An independent copy: the model and its spec deep-copied (a head can be replaced in one and not the other),
+        the rest shared."""
+        return dataclasses.replace(self, model=copy.deepcopy(self.model), spec=copy.deepcopy(self.spec))

@@ -9,7 +9,6 @@ orthogonal   the same with the exact sum (the orthogonal blocks keep the tasks' 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +53,6 @@ def _tensors(path: Path, record: dict[str, Any]) -> tuple[dict[str, torch.Tensor
     return head_tensors(read_checkpoint(path).model, modules), {}
 
 
-def _twin(loaded: Any) -> Any:
-    twin = copy.copy(loaded)
-    twin.model, twin.spec = copy.deepcopy(loaded.model), copy.deepcopy(loaded.spec)
-    return twin
-
 
 def _tuned(base: Any, path: Path) -> nn.Module:
     """A finished task's whole model: the backbone with its adapters merged (or its full fine-tuning)."""
@@ -66,7 +60,7 @@ def _tuned(base: Any, path: Path) -> nn.Module:
     from lowrank_cli.checkpoint.format import open_header
 
     if KEY in open_header(path)[0]:
-        return apply_adapter_file(_twin(base), path, merge=True)
+        return apply_adapter_file(base.twin(), path, merge=True)
     from lowrank_cli.checkpoint.io import read_checkpoint
 
     return read_checkpoint(path).model
@@ -185,8 +179,7 @@ def with_task_head(loaded: Any, record: dict[str, Any], head: dict[str, torch.Te
     from lowrank_cli.checkpoint.format import move_record, record_finetune
     from lowrank_cli.models.heads import replace_head
 
-    twin = copy.copy(loaded)
-    twin.model, twin.spec = copy.deepcopy(loaded.model), copy.deepcopy(loaded.spec)
+    twin = loaded.twin()
     base = twin.model
     made = replace_head(twin, int(record["head"]["outputs"]), classes=record.get("classes"),
                         regression=record.get("task") == "regression")

@@ -12,7 +12,6 @@ since a step's batch uses one head), and switching is setting a name, not moving
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,11 +54,10 @@ class TaskHeads:
         it becomes the model with the first task's head, as `finetune` would make it)."""
         from lowrank_cli.checkpoint.format import move_record
 
-        pristine = copy.copy(loaded)
-        pristine.model, pristine.spec = copy.deepcopy(loaded.model), copy.deepcopy(loaded.spec)
+        pristine = loaded.twin()
         modules, outputs, head = {}, {}, None
         for i, (name, classes, regression) in enumerate(tasks):
-            target = loaded if i == 0 else _twin(pristine)
+            target = loaded if i == 0 else pristine.twin()
             old = target.model
             with seeded(derive_seed(seed, "head", name)):
                 made = replace_head(target, 1 if regression else len(classes), classes=classes, regression=regression)
@@ -102,11 +100,6 @@ class TaskHeads:
             found.update({f"{m}.{k}": v.detach().clone() for k, v in self.modules[task][m].state_dict().items()})
         return found
 
-
-def _twin(loaded: Any) -> Any:
-    twin = copy.copy(loaded)
-    twin.model, twin.spec = copy.deepcopy(loaded.model), copy.deepcopy(loaded.spec)
-    return twin
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -77,7 +77,7 @@ def test_task_names_and_the_record(files, tmp_path):
     path, _ = files["experts"]
     assert task_names(path) == task_names(read_info(path)[0]) == ["digits", "parity"]
     record = read_info(path)[0].multitask
-    assert record["schema"] == 1 and record["mode"] == "experts" and record["overall"] == {"score": 0.8}
+    assert record["schema"] == 1 and record["mode"] == "experts" and record["overall"] == {"before": 0.5, "after": 0.8}
     assert record["tasks"][1]["adapters"]["method"] == "lora" and record["tasks"][1]["head"]["outputs"] == 2
     plain = lowrank_cli.save(lowrank_cli.load(path), tmp_path / "plain.safetensors")
     assert task_names(plain) == []
