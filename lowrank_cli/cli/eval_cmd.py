@@ -187,7 +187,7 @@ def _eval_tasks(model: str, tasks: list[str], batch_size: int, device: str, work
         console.out.print(f"{name:<{width}}  {text} of {scores['data']})", highlight=False)
     metrics = ", ".join(f"{name} {task_score(s)[0]}" for name, s in result["tasks"].items())
     console.out.print(f"{'overall':<{width}}  {result['overall']:.4f}  (mean over tasks of the accuracy, or "
-                      f"(Spearman + 1) / 2 of a score: {metrics})", highlight=False)
+                      f"(Pearson r + 1) / 2 of a score: {metrics})", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

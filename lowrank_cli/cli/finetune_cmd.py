@@ -255,6 +255,8 @@ def parse_weights(items: list[str] | None) -> dict[str, float] | None:
     weights = {}
     for item in items:
         name, sep, value = item.partition("=")
+        if name.strip() in weights:
+            raise UsageError(f"--task-weight gives task '{name.strip()}' two weights: give each task one")
         try:
             weights[name.strip()] = float(value)
         except ValueError:

@@ -85,14 +85,15 @@ def model_classes(model: nn.Module) -> list[str] | None:
 def evaluate_texts(model: nn.Module, data: str | os.PathLike, tokenizer: Any, *, max_length: int | None = None,
                    batch_size: int = 64, device: str | torch.device | None = None) -> dict[str, Any]:
     """Accuracy (classes) or Pearson / Spearman (a regression head) of a text classifier on a labelled .jsonl /
-    .csv file, whose labels are read against the model's class names."""
+    .csv file, whose labels are read against the model's class names (a regression head reads each record's
+    `score`, or its `label` as a number, as `:score` does)."""
     from lowrank_cli.data.labelled_texts import labelled_text_loader, read_labelled_texts
     from lowrank_cli.models.inputs import default_max_length
 
     config = model.config
     regression = getattr(config, "problem_type", None) == "regression" or config.num_labels == 1
     classes = None if regression else model_classes(model)
-    texts = read_labelled_texts(data, classes=classes)
+    texts = read_labelled_texts(data, classes=classes, target="score" if regression else None)
     if not regression and texts.regression:
         raise InputError(f"'{texts.root}' holds scores; the model is a classifier: give class labels")
     if regression and not texts.regression:
@@ -107,13 +108,13 @@ def evaluate_texts(model: nn.Module, data: str | os.PathLike, tokenizer: Any, *,
 
 def task_score(scores: dict[str, float]) -> tuple[str, float]:
     """(metric, value in [0, 1]) of one task's scores, as the multi-task overall counts it: the accuracy (top-1 for
-    images), or (r + 1) / 2 of the Spearman correlation (else Pearson) of a regression. Keys may carry a `val_`
-    prefix (the held-out scores of a run)."""
+    images), or (r + 1) / 2 of the Pearson correlation (else Spearman) of a regression, as the seed paper scores
+    STS. Keys may carry a `val_` prefix (the held-out scores of a run)."""
     plain = {k.removeprefix("val_"): v for k, v in scores.items()}
     for key in ("accuracy", "top1"):
         if key in plain:
             return key, float(plain[key])
-    for key in ("spearman", "pearson"):
+    for key in ("pearson", "spearman"):
         if key in plain:
             return key, (float(plain[key]) + 1) / 2
     raise ValueError(f"no accuracy or correlation among the scores {sorted(scores)}")

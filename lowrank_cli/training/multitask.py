@@ -74,6 +74,13 @@ def finetune_tasks(
     return ApartRuns(model, specs, Path(output), opts, hooks).run()
 
 
+def fresh(source: Any) -> Any:
+    """The model source as each task gets it: a LoadedModel is copied (a task changes the model it trains)."""
+    from lowrank_cli.models.loaded import LoadedModel
+
+    return source.twin() if isinstance(source, LoadedModel) else source
+
+
 def work_folder(output: Path) -> Path:
     """Where a run whose tasks train apart keeps each finished task (and the training state of the current one)."""
     return output.with_name(f".{output.name}.tasks")
@@ -112,7 +119,7 @@ class ApartRuns:
                 if self.ctx.is_main:
                     from lowrank_cli.training.task_combine import combine
 
-                    result = combine(self.model, self.specs, self.output, self.opts, self.work, results, self.log)
+                    result = combine(fresh(self.model), self.specs, self.output, self.opts, self.work, results, self.log)
                     self._write_metrics()
                     shutil.rmtree(self.work, ignore_errors=True)
             finally:
@@ -180,7 +187,7 @@ class ApartRuns:
 
         out = self.task_output(spec)
         if out.exists():
-            self._check_done(spec, out)
+            self._check_done(index, spec, out)
             self.log(f"{spec.name}: trained earlier in this run: kept")
             return None
         o = self.opts
@@ -191,20 +198,24 @@ class ApartRuns:
         return guarded_run(opts, out, lambda ctx, workers, state_path: TaskRun(
             ctx, opts, workers, h["log"], h["warn"], h["progress"], h["resume_command"], h["on_step"], spec=spec,
             block=index if orthogonal else None, blocks=len(self.specs) if orthogonal else None).run(
-            self.model, spec.path, out, state_path))
+            fresh(self.model), spec.path, out, state_path))
 
-    def _check_done(self, spec: TaskSpec, out: Path) -> None:
-        """A task finished earlier must have been trained as this run asks."""
+    def _check_done(self, index: int, spec: TaskSpec, out: Path) -> None:
+        """A task finished earlier must have been trained as this run asks (the same task, options, block)."""
+        from lowrank_cli.models.spec import json_safe
         from lowrank_cli.training.task_combine import task_record
+        from lowrank_cli.training.task_run import fingerprint
 
-        record = task_record(out)
-        finetune = record.get("finetune") or record
-        found = (finetune.get("method"), finetune.get("data"))
-        wanted = (self.opts.method, str(spec.path.resolve()))
-        if found != wanted:
-            raise UsageError(f"task '{spec.name}' was trained earlier in this run with method {found[0]} on "
-                             f"'{found[1]}'; now {wanted[0]} on '{wanted[1]}': resume with the same tasks and "
-                             "options, or start again with `force=True`")
+        found = (task_record(out).get("finetune") or {}).get("fingerprint") or {}
+        orthogonal = self.opts.mode == "orthogonal"
+        wanted = json_safe(fingerprint(spec, task_options(self.opts), index if orthogonal else None,
+                                       len(self.specs) if orthogonal else None))
+        changed = [k for k in wanted if found.get(k) != wanted[k]]
+        if changed:
+            k = changed[0]
+            raise UsageError(f"task '{spec.name}' was trained earlier in this run with {k} {found.get(k)!r}; now "
+                             f"{k} is {wanted[k]!r}: resume with the same tasks and options, or start again with "
+                             "`force=True`")
 
     def _write_metrics(self) -> None:
         """One metrics log for the run, next to the output: every task's lines, each with its task."""

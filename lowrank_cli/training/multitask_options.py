@@ -65,7 +65,7 @@ class MultitaskOptions(FinetuneOptions):
              "`merge_rank` is the rank of `merge_rule` svd: give that rule, or leave it out"),
             (self.rule != "svd" or (self.merge_rank is not None and self.merge_rank >= 1),
              f"`merge_rule` svd re-truncates the merged update: give `merge_rank` N >= 1 (got {self.merge_rank})"),
-            (self.task_weights is None or self.rule in ("weighted", "concat", "svd"),
+            (self.task_weights is None or (self.mode == "merge" and self.rule in ("weighted", "concat", "svd")),
              "`task_weights` weigh the tasks' updates when `mode` merge merges them (rules weighted, concat, svd): "
              "leave them out"),
             (not self.task_weights or all(isinstance(w, (int, float)) and w > 0 and math.isfinite(w)

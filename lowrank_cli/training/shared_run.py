@@ -172,10 +172,13 @@ class SharedRun(FinetuneRun):
         before = getattr(self, "before", {}) or {}
         trained, parameters = self.counts
         stored = {s.name: heads.tensors(s.name) for s in self.specs}
+        heads.use(self.specs[0].name)  # the model says it is the first task's, as its head is
         heads.install(self.specs[0].name)
         first = self._settings_of(datas[0], tasks[0], loaded, None, method, Head(heads.head.modules,
                                   heads.outputs[self.specs[0].name]), total, warmup, "")
-        first.update(task_name=self.specs[0].name, samples_seen=state.images_seen, seconds=round(state.seconds, 3))
+        name = self.specs[0].name
+        first.update(task_name=name, samples_seen=state.images_seen, seconds=round(state.seconds, 3), merged=True,
+                     multitask="shared", scores={"before": before.get(name), "after": after.get(name), "kept": kept})
         record_finetune(raw, first, spec=loaded.spec, source=loaded.source)
         records = [{"task": t.record()["task"], "classes": t.classes, "adapters": method.config.record(),
                     "head": {"modules": heads.head.modules, "outputs": heads.outputs[s.name]},

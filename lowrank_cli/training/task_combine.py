@@ -54,16 +54,21 @@ def _tensors(path: Path, record: dict[str, Any]) -> tuple[dict[str, torch.Tensor
 
 
 
-def _tuned(base: Any, path: Path) -> nn.Module:
-    """A finished task's whole model: the backbone with its adapters merged (or its full fine-tuning)."""
+def _tuned(base: Any, path: Path, record: dict[str, Any]) -> nn.Module:
+    """A finished task's whole model in float32: the backbone with its adapters merged (or its full fine-tuning).
+    float32 so that the update (tuned - base) of a bf16 / fp16 backbone is not one rounding step of W."""
+    from lowrank_cli.adapters.base import AdapterConfig
     from lowrank_cli.adapters.files import KEY, apply_adapter_file
+    from lowrank_cli.adapters.methods import method_for
     from lowrank_cli.checkpoint.format import open_header
 
     if KEY in open_header(path)[0]:
-        return apply_adapter_file(base.twin(), path, merge=True)
+        model = apply_adapter_file(base.twin(), path, merge=False).float()  # the base's hash is of its own dtype
+        method_for(AdapterConfig.from_record(record["adapters"])).merge(model)
+        return model
     from lowrank_cli.checkpoint.io import read_checkpoint
 
-    return read_checkpoint(path).model
+    return read_checkpoint(path).model.float()
 
 
 def combine(source: Any, specs: list[TaskSpec], output: Path, opts: MultitaskOptions, work: Path,
@@ -89,8 +94,9 @@ def combine(source: Any, specs: list[TaskSpec], output: Path, opts: MultitaskOpt
         after = rescore(final, specs, records, [t[0] for t in tensors], opts, log)
     first = records[0]["finetune"]
     # The record of the model `load(output)` gives: the first task's, adapters merged (experts: at load time).
-    record_finetune(final.model, {**first, "task_name": names[0], "merged": True}, spec=final.spec,
-                    source=final.source)
+    scores = {**(first.get("scores") or {}), "before": before[names[0]], "after": after[names[0]]}
+    record_finetune(final.model, {**first, "task_name": names[0], "merged": True, "scores": scores,
+                                  "multitask": opts.mode}, spec=final.spec, source=final.source)
     record = multitask_record(specs, records, opts, before, after, merge_info)
     write_multitask(output, final.model, record, stored, dtype=save_dtype)
     log(f"Wrote {output} ({opts.mode}: {len(specs)} tasks, {', '.join(names)})")
@@ -105,8 +111,8 @@ def _merge_into(final: Any, base: Any, paths: list[Path], records: list[dict[str
     deltas = {}
     for name, path, record in zip(names, paths, records):
         reference = with_task_head(base, record, {})  # the backbone as the task's model names it, not trained
-        tuned = _tuned(base, path)
-        deltas[name] = task_deltas(reference.model, tuned, exclude=record["head"]["modules"])
+        tuned = _tuned(base, path, record)
+        deltas[name] = task_deltas(reference.model.float(), tuned, exclude=record["head"]["modules"])
         del reference, tuned
     weights = opts.task_weights
     if opts.rule == "weighted" and not weights:

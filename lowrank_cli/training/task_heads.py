@@ -12,6 +12,7 @@ since a step's batch uses one head), and switching is setting a name, not moving
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ class TaskHeads:
     modules: dict[str, dict[str, nn.Module]]  # task -> head module name -> that task's module
     outputs: dict[str, int]
     classes: dict[str, list[str] | None]
+    labels: dict[str, dict[str, Any]]  # transformers: each task's id2label, label2id, problem_type
     state: SwitchState
 
     @classmethod
@@ -55,7 +57,7 @@ class TaskHeads:
         from lowrank_cli.checkpoint.format import move_record
 
         pristine = loaded.twin()
-        modules, outputs, head = {}, {}, None
+        modules, outputs, labels, head = {}, {}, {}, None
         for i, (name, classes, regression) in enumerate(tasks):
             target = loaded if i == 0 else pristine.twin()
             old = target.model
@@ -67,10 +69,13 @@ class TaskHeads:
                     move_record(old, target.model, made.renamed)
             modules[name] = {m: target.model.get_submodule(m) for m in head.modules}
             outputs[name] = made.outputs
+            config = getattr(target.model, "config", None)
+            if config is not None and hasattr(config, "id2label"):
+                labels[name] = {k: copy.deepcopy(getattr(config, k)) for k in ("id2label", "label2id", "problem_type")}
         state = SwitchState(tasks[0][0])
         for m in head.modules:
             _set(loaded.model, m, TaskSwitch({t: modules[t][m] for t in modules}, state))
-        return cls(loaded.model, head, modules, outputs, {name: classes for name, classes, _ in tasks}, state)
+        return cls(loaded.model, head, modules, outputs, {name: classes for name, classes, _ in tasks}, labels, state)
 
     def use(self, task: str) -> None:
         """Run `task`'s head from the next forward on; the model says its classes are that task's (what
@@ -78,12 +83,12 @@ class TaskHeads:
         from lowrank_cli.checkpoint.format import info_of
 
         self.state.current = task
-        outputs = self.outputs[task]
         if isinstance(getattr(self.model, "num_classes", None), int):
-            self.model.num_classes = outputs
+            self.model.num_classes = self.outputs[task]
         config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "num_labels"):
-            config.num_labels = outputs
+        if config is not None and task in self.labels:  # transformers: num_labels follows id2label
+            for key, value in self.labels[task].items():
+                setattr(config, key, copy.deepcopy(value))
         info = info_of(self.model)
         if info is not None and info.finetune is not None:
             info.finetune = {**info.finetune, "classes": self.classes[task]}

@@ -31,6 +31,17 @@ def read_task(spec: TaskSpec, opts: Any) -> tuple[RunData, Task]:
     return d, Task(classes, regression, spec.path)
 
 
+FINGERPRINTED = ("method", "adapter_rank", "adapter_alpha", "adapter_dropout", "targets", "seed", "steps", "epochs",
+                 "lr", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "warmup_fraction", "clip_grad",
+                 "label_smoothing", "val_fraction", "augment", "max_length", "keep", "eval_every")
+
+
+def fingerprint(spec: TaskSpec, opts: Any, block: int | None, blocks: int | None) -> dict[str, Any]:
+    """What a task's training depends on: a task finished earlier in a run is reused only when it matches."""
+    return {"task": spec.name, "data": str(spec.path.resolve()), "target": spec.target, "block": block,
+            "blocks": blocks, **{k: getattr(opts, k) for k in FINGERPRINTED}}
+
+
 class TaskRun(FinetuneRun):
     """FinetuneRun on one task of a multi-task run (see the module docstring)."""
 
@@ -56,7 +67,8 @@ class TaskRun(FinetuneRun):
 
     def _settings_of(self, *args: Any) -> dict[str, Any]:
         settings = super()._settings_of(*args)
-        settings.update(task_name=self.spec.name, target=self.spec.target, pairs=self.pairs)
+        settings.update(task_name=self.spec.name, target=self.spec.target, pairs=self.pairs,
+                        fingerprint=fingerprint(self.spec, self.opts, self.block, self.blocks))
         return settings
 
 

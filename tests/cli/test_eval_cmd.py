@@ -106,7 +106,26 @@ def test_text_tasks_a_class_and_a_score(bert_folder, tmp_path, capsys):
     assert doc["tasks"]["length"]["accuracy"] == pytest.approx(expected["length"]["accuracy"], abs=1e-9)
     assert doc["tasks"]["sts"]["spearman"] == pytest.approx(expected["sts"]["spearman"], abs=1e-6)
     assert doc["tasks"]["sts"]["texts"] == 24 and "accuracy" not in doc["tasks"]["sts"]
-    assert doc["overall"] == pytest.approx((expected["length"]["accuracy"] + (expected["sts"]["spearman"] + 1) / 2) / 2,
+    assert doc["overall"] == pytest.approx((expected["length"]["accuracy"] + (expected["sts"]["pearson"] + 1) / 2) / 2,
                                            abs=1e-6)
     code, out, err = run_cli(["eval", path, "--task", f"sts={length}:label", "--device", "cpu"], capsys)
     assert code == 2 and "task 'sts' of the checkpoint predicts a score, not a class label" in err
+
+
+def test_a_score_kept_in_label_trains_and_evaluates(bert_folder, tmp_path, capsys):
+    """STS-B keeps the similarity in `label`: `:score` reads it as a number when training and evaluating."""
+    import json as _json
+
+    rows = [{"text": f"w{i} a b", "text_pair": f"a b w{i % 3}", "label": round(i / 7, 3)} for i in range(40)]
+    sts = tmp_path / "sts.jsonl"
+    sts.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    cls = tmp_path / "cls.jsonl"
+    cls.write_text("".join(_json.dumps({"text": f"w{i} a", "label": "x" if i % 2 else "y"}) + "\n" for i in range(40)))
+    out = tmp_path / "multi.safetensors"
+    code, stdout, err = run_cli(["finetune", bert_folder, "--task", f"c={cls}", "--task", f"s={sts}:score", "--steps",
+                                 "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "-o", out], capsys)
+    assert code == 0, err
+    for given in (f"s={sts}:score", f"s={sts}"):  # the task's recorded kind is enough
+        code, stdout, err = run_cli(["eval", out, "--task", given, "--device", "cpu", "--json"], capsys)
+        assert code == 0, err
+        assert set(_json.loads(stdout)["tasks"]["s"]) >= {"pearson", "spearman"}

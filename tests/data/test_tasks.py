@@ -38,7 +38,8 @@ def test_two_tasks_with_one_name_and_a_missing_file(tmp_path):
 
 def test_overall_score_is_the_mean_of_accuracies_and_shifted_correlations():
     assert task_score({"val_accuracy": 0.8, "val_loss": 3.0}) == ("accuracy", 0.8)
-    assert task_score({"pearson": 0.1, "spearman": 0.5}) == ("spearman", 0.75)
+    assert task_score({"pearson": 0.5, "spearman": 0.1}) == ("pearson", 0.75)
+    assert task_score({"spearman": 0.5}) == ("spearman", 0.75)
     assert task_score({"top1": 0.9, "top5": 1.0}) == ("top1", 0.9)
     assert overall_score({"a": {"accuracy": 0.8}, "b": {"spearman": -0.2}, "c": {"top1": 0.5}}) == pytest.approx(
         (0.8 + 0.4 + 0.5) / 3)

@@ -75,6 +75,8 @@ def test_every_mode_writes_one_checkpoint_that_loads_each_task(mode, extra, vit_
         recorded = result.scores[task]["val_top1"]
         assert recorded == pytest.approx(_top1(model, f"{folder}/val"), abs=1e-6)  # what it says is what it does
     assert len(result.scores) == 2 and 0 <= result.overall <= 1
+    first = read_info(out)[0].finetune  # what `lrc report` shows of the model load(out) gives: its merged scores
+    assert first["scores"]["after"] == record["tasks"][0]["scores"]["after"] and first["task_name"] == "digit"
     assert result.overall == pytest.approx(sum(s["val_top1"] for s in result.scores.values()) / 2)
     assert not work_folder(out).exists()
     lines = [json.loads(line) for line in metrics_path(out).read_text().splitlines()]
@@ -109,6 +111,9 @@ def test_an_interrupted_run_resumes_to_the_same_checkpoint(vit_lr, digit_tasks, 
     assert (work_folder(out) / "digit.safetensors").exists() and not out.exists()
     with pytest.raises(OutputError, match="resume=True"):
         finetune_tasks(vit_lr, digit_tasks, output=out, mode="merge", steps=4, **FAST)
+    with pytest.raises(UsageError, match="task 'digit' was trained earlier in this run with block None; now block is 0"):
+        finetune_tasks(vit_lr, digit_tasks, output=out, mode="orthogonal", adapter_rank=2, steps=4, save_every=1,
+                       resume=True, **FAST)  # the finished task is not reused for another construction
     finetune_tasks(vit_lr, digit_tasks, output=out, mode="merge", steps=4, save_every=1, resume=True, **FAST)
     from safetensors.torch import load_file
 
@@ -149,7 +154,19 @@ def test_text_tasks_classes_and_a_score(mode, bert_lr, tmp_path):
     assert length_model.config.id2label == {0: "long", 1: "short"} and ratio_model.config.num_labels == 1
     assert set(result.scores["length"]) >= {"val_accuracy"} and set(result.scores["ratio"]) >= {"val_spearman"}
     tasks = {t["name"]: t for t in read_info(out)[0].multitask["tasks"]}
-    assert tasks["ratio"]["task"] == "regression" and tasks["ratio"]["pairs"] and tasks["ratio"]["metric"] == "spearman"
+    assert tasks["ratio"]["task"] == "regression" and tasks["ratio"]["pairs"] and tasks["ratio"]["metric"] == "pearson"
+    assert result.model.config.id2label == {0: "long", 1: "short"}  # the returned model is the first task's
+
+
+def test_a_loaded_model_as_the_source_gives_what_its_file_gives(vit_lr, digit_tasks, tmp_path):
+    """Each task trains its own copy: the second task must not start from the first one's adapters."""
+    by_path, by_object = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    finetune_tasks(vit_lr, digit_tasks, output=by_path, mode="merge", steps=2, **FAST)
+    finetune_tasks(lowrank_cli.load_model(vit_lr), digit_tasks, output=by_object, mode="merge", steps=2, **FAST)
+    from safetensors.torch import load_file
+
+    a, b = load_file(by_path), load_file(by_object)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_input_fails_before_training(vit_lr, digit_tasks, tmp_path, bert_lr):
@@ -166,6 +183,8 @@ def test_bad_input_fails_before_training(vit_lr, digit_tasks, tmp_path, bert_lr)
         (UsageError, "task_weights names other", digit_tasks, {"mode": "merge", "merge_rule": "weighted",
                                                                 "task_weights": {"other": 1.0}}),
         (UsageError, "images carry classes", [digit_tasks[0], f"p={digit}:score"], {}),
+        (UsageError, "task_weights weigh the tasks' updates when mode merge", digit_tasks,
+         {"mode": "orthogonal", "adapter_rank": 2, "task_weights": {"digit": 1.0, "parity": 2.0}}),
     ]
     for error, message, tasks, kw in cases:
         with pytest.raises(error, match=message):
