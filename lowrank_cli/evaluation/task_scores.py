@@ -82,6 +82,15 @@ def model_classes(model: nn.Module) -> list[str] | None:
     return [str(id2label[i]) for i in sorted(id2label)] if id2label else None
 
 
+def _holds_classes(data: str | os.PathLike) -> bool:
+    from lowrank_cli.data.labelled_texts import read_labelled_texts
+
+    try:
+        return not read_labelled_texts(data).regression
+    except InputError:
+        return False
+
+
 def evaluate_texts(model: nn.Module, data: str | os.PathLike, tokenizer: Any, *, max_length: int | None = None,
                    batch_size: int = 64, device: str | torch.device | None = None) -> dict[str, Any]:
     """Accuracy (classes) or Pearson / Spearman (a regression head) of a text classifier on a labelled .jsonl /
@@ -93,11 +102,18 @@ def evaluate_texts(model: nn.Module, data: str | os.PathLike, tokenizer: Any, *,
     config = model.config
     regression = getattr(config, "problem_type", None) == "regression" or config.num_labels == 1
     classes = None if regression else model_classes(model)
-    texts = read_labelled_texts(data, classes=classes, target="score" if regression else None)
-    if not regression and texts.regression:
-        raise InputError(f"'{texts.root}' holds scores; the model is a classifier: give class labels")
-    if regression and not texts.regression:
-        raise InputError(f"'{texts.root}' holds class labels; the model regresses a score: give scores")
+    if regression:
+        try:  # a score, or a label that is a number (STS-B keeps the similarity there)
+            texts = read_labelled_texts(data, target="score")
+        except InputError:
+            if not _holds_classes(data):
+                raise
+            raise InputError(f"'{data}' holds class labels; the model regresses a score: give scores (numbers in "
+                             "'score' or 'label')") from None
+    else:
+        texts = read_labelled_texts(data, classes=classes)
+        if texts.regression:
+            raise InputError(f"'{texts.root}' holds scores; the model is a classifier: give class labels")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     loader, _ = labelled_text_loader(texts, tokenizer, batch_size=batch_size, shuffle=False, drop_last=False,
                                      max_length=max_length or default_max_length(model, tokenizer))
