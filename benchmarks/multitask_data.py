@@ -231,7 +231,11 @@ def write_digit_label_sets(folder: str | Path, image_size: int = 32, max_per_cla
     train/val split; returns {"digits": path, "parity": path}."""
     from digits import write_digits_imagefolder
 
+    import shutil
+
     folder = Path(folder)
+    for old in (folder / "digits", folder / "parity"):  # written again from scratch: a second run links afresh
+        shutil.rmtree(old, ignore_errors=True)
     digits = write_digits_imagefolder(folder / "digits", image_size=image_size, max_per_class=max_per_class)
     parity = folder / "parity"
     for image in sorted(digits.glob("*/*/*.png")):

@@ -111,7 +111,7 @@ Mode = Annotated[Optional[str], typer.Option(
     "--multitask", rich_help_panel=MULTITASK_PANEL, show_default=False, **choice(*MODES),
     help="How the tasks share the backbone: shared (one set of adapters, a head per task), experts (one set per "
     "task, merged at load(task=)), merge (per-task adapters merged into one backbone), orthogonal (LoRA on "
-    "disjoint orthogonal blocks, merged exactly). Default experts.")]
+    "disjoint orthogonal blocks, their updates summed). Default experts.")]
 Schedule = Annotated[Optional[str], typer.Option(
     "--schedule", rich_help_panel=MULTITASK_PANEL, show_default=False, **choice(*SCHEDULES),
     help="--multitask shared: the order of the tasks' batches (default proportional: each task's share of the "

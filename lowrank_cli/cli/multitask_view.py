@@ -23,7 +23,7 @@ def print_multitask_summary(s: dict[str, Any]) -> None:
            "experts": "one set of adapters per task, merged at load(task=)",
            "merge": f"per-task adapters merged ({settings.get('merge_rule')}"
                     f"{', rank ' + str(settings['merge_rank']) if settings.get('merge_rank') else ''})",
-           "orthogonal": "orthogonal LoRA blocks, merged exactly"}[s["mode"]]
+           "orthogonal": "orthogonal LoRA blocks, updates summed"}[s["mode"]]
     table = Table(title=f"lrc finetune -> {s['output']}", title_justify="left")
     for column in ("task", "kind", "metric", "before", "after", "trainable"):
         table.add_column(column)

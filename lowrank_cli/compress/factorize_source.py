@@ -55,8 +55,9 @@ def factorize_file(
     from lowrank_cli.models.transformers_models import is_text_model
 
     loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
-    if loaded.checkpoint is not None:
-        raise UsageError(f"'{source}' is already an lrc checkpoint: factorize its dense source model instead")
+    if loaded.checkpoint is not None and loaded.checkpoint.ranks:  # a dense lrc file (a full fine-tuning) is fine
+        raise UsageError(f"'{source}' is already factorized (an lrc checkpoint with {len(loaded.checkpoint.ranks)} "
+                         "low-rank layers): factorize its dense source model instead")
     text = is_text_model(loaded.model)
     check_input_size(loaded.model, options.get("input_size"))
     if text or seq_len is not None:  # an image model with a `seq_len` is refused here

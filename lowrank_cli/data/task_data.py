@@ -80,10 +80,11 @@ class LabelledTextData(TextData):
         return settings
 
 
-def recorded_tokenizer(info: Any) -> str | None:
+def recorded_tokenizer(info: Any, depth: int = 4) -> str | None:
     """The tokenizer a checkpoint's record points to: that of an earlier fine-tuning, else the transformers folder
-    or Hub repo its weights came from (None when it names neither)."""
-    if info is None:
+    or Hub repo its weights came from, else that of the lrc checkpoint it was made from (a fine-tuned dense file
+    factorized later; `depth` links at most). None when it names none."""
+    if info is None or depth <= 0:
         return None
     if info.finetune and info.finetune.get("tokenizer"):
         return str(info.finetune["tokenizer"])
@@ -92,6 +93,13 @@ def recorded_tokenizer(info: Any) -> str | None:
         return str(source["id"])
     if source.get("kind") == "hf-hub" and source.get("id"):
         return str(source["id"])
+    if source.get("kind") == "lrc" and Path(str(source.get("id", ""))).is_file():
+        from lowrank_cli.checkpoint.format import read_info
+
+        try:
+            return recorded_tokenizer(read_info(source["id"])[0], depth - 1)
+        except Exception:  # noqa: BLE001 - a source file that changed or went bad names no tokenizer
+            return None
     return None
 
 

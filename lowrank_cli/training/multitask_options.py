@@ -8,7 +8,8 @@
                               `merge_rule` (average | weighted | concat | svd, `merge_rank` for svd) with
                               `task_weights`
                   orthogonal  LoRA whose B is task t's column block of one fixed random orthogonal matrix (only A
-                              trains), so the tasks' updates live in orthogonal output subspaces; merged exactly
+                              trains), so the tasks' updates live in orthogonal output subspaces; summed exactly
+                              (in weight space: each task's head still sees the other tasks' updates)
 """
 
 from __future__ import annotations

@@ -234,3 +234,18 @@ def test_metrics_lines_and_kept_state(vits, parity, tmp_path):
     lines = [json.loads(line) for line in metrics_path(result.output).read_text().splitlines()]
     assert [line["step"] for line in lines if "val_top1" in line] == [2, 4]
     assert result.scores["kept"]["which"] == "best" and result.scores["kept"]["step"] in (2, 4)
+
+
+def test_a_fully_fine_tuned_dense_model_factorizes_and_keeps_its_tokenizer(berts, sentences, tmp_path):
+    """A dense model fine-tuned in full is an lrc file without low-rank layers: factorize takes it, and the
+    compressed file still finds the tokenizer through the file it was made from."""
+    from lowrank_cli.compress.factorize_source import factorize_file
+    from lowrank_cli.data.task_data import recorded_tokenizer
+
+    dense = finetune(berts["dense"], sentences["train"], output=tmp_path / "full.safetensors", method="full", steps=1,
+                     **FAST).output
+    factorize_file(str(dense), tmp_path / "lr.safetensors", kappa=2, device="cpu")
+    info = read_info(tmp_path / "lr.safetensors")[0]
+    assert info.ranks and recorded_tokenizer(info) == str(Path(berts["dense"]).resolve())
+    with pytest.raises(UsageError, match="already factorized"):
+        factorize_file(str(tmp_path / "lr.safetensors"), tmp_path / "again.safetensors", kappa=2, device="cpu")
