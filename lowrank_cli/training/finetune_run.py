@@ -78,10 +78,7 @@ class FinetuneRun(RecoveryRun):
                         label_smoothing=opts.label_smoothing)
         total = self._total_steps(len(d.train))
         loader, sampler = self._loader(d, raw, total)
-        warmup = opts.warmup_steps if opts.warmup_steps is not None else int(round(opts.warmup_fraction * total))
-        warmup = min(warmup, max(total - 1, 0))
-        groups = param_groups(named, opts.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=opts.lr, fused=True if self.ctx.device.type == "cuda" else None)
+        warmup, groups, optimizer = self._optimizer(named, total)
         changeable = opts.changeable_on_resume(total=total, warmup=warmup, data=str(data.resolve()))
         state = self._state(state_path, saved_state, raw, optimizer, groups, [n for n, _ in named], fixed,
                             changeable, total, warmup)
@@ -108,6 +105,14 @@ class FinetuneRun(RecoveryRun):
             history=trainer.history, metrics=metrics, settings=settings)
 
     # -- set-up ------------------------------------------------------------------------------------------
+
+    def _optimizer(self, named: list[tuple[str, nn.Parameter]], total: int) -> tuple[int, list[dict], Any]:
+        """(warm-up steps, parameter groups, AdamW) of a fine-tuning of `total` steps."""
+        o = self.opts
+        warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_fraction * total))
+        groups = param_groups(named, o.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, fused=True if self.ctx.device.type == "cuda" else None)
+        return min(warmup, max(total - 1, 0)), groups, optimizer
 
     def _task_data(self, data: Path) -> tuple[RunData, Task]:
         o = self.opts

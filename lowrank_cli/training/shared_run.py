@@ -23,7 +23,6 @@ from lowrank_cli.training.heldout import KeepBest, Score, restore_best
 from lowrank_cli.training.multitask_options import DEFAULT_SCHEDULE
 from lowrank_cli.training.recovery_run import RunData
 from lowrank_cli.training.result import MultitaskResult
-from lowrank_cli.training.schedule import param_groups
 from lowrank_cli.training.state import read_extra_tensors
 from lowrank_cli.training.task_heads import TaskHeads
 from lowrank_cli.training.task_loss import MultiTaskLoss, TaskLoss
@@ -76,10 +75,7 @@ class SharedRun(FinetuneRun):
         total = self._total_steps(len(whole.train))
         stream = MultiTaskLoader({s.name: self._loader(d, raw, total) for s, d in zip(self.specs, datas)},
                                  schedule=opts.schedule or DEFAULT_SCHEDULE, seed=opts.seed)
-        warmup = opts.warmup_steps if opts.warmup_steps is not None else int(round(opts.warmup_fraction * total))
-        warmup = min(warmup, max(total - 1, 0))
-        groups = param_groups(named, opts.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=opts.lr, fused=True if self.ctx.device.type == "cuda" else None)
+        warmup, groups, optimizer = self._optimizer(named, total)
         changeable = opts.changeable_on_resume(total=total, warmup=warmup, data=";".join(map(str, self.specs)))
         state = self._state(state_path, saved_state, raw, optimizer, groups, [n for n, _ in named], fixed,
                             changeable, total, warmup)
