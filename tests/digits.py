@@ -99,6 +99,23 @@ def train_classifier(model, loader, epochs: int, *, lr: float = 2e-3, on_epoch=N
     return model.eval()
 
 
+def write_huge_image(path: str | Path, width: int = 20000, height: int = 20000) -> Path:
+    """Write a .png whose header says width x height (400 Mpx by default, past Pillow's decompression-bomb limit)
+    with a few bytes of pixel data: Pillow refuses it when it opens it, without decoding anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 def relabel_imagefolder(source: str | Path, root: str | Path, label_of) -> Path:
     """Copy an ImageFolder (train/ and val/) into `root` with each class folder renamed by `label_of(name)`, so that
     several old classes can become one new class (digits -> parity: a new task for the same images); return root."""

@@ -57,12 +57,21 @@ _WRITE_FAILURES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.
 
 
 def _error(message: str, code: int) -> None:
-    sys.stderr.write(f"Error: {message}\n")
+    from lowrank_cli.errors import one_line
+
+    sys.stderr.write(f"Error: {one_line(message)}\n")
     sys.stderr.flush()
     sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lowrank_cli.atomic import private_tmpdir
+
+    with private_tmpdir():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     from lowrank_cli.errors import LrcError
 
     # huggingface_hub's own retry and progress chatter would come before lrc's one Error line.

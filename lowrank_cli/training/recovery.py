@@ -31,7 +31,7 @@ from torch import nn
 from lowrank_cli import distributed
 from lowrank_cli.data.sampling import default_workers
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError
-from lowrank_cli.training.metrics import metrics_path
+from lowrank_cli.training.metrics import check_metrics_path, metrics_path
 from lowrank_cli.training.options import RecoverOptions, options_of
 from lowrank_cli.training.recovery_run import RecoveryRun
 from lowrank_cli.training.result import RecoverResult
@@ -121,6 +121,7 @@ def _check_outputs(output: Path, state_path: Path, opts: RecoverOptions) -> None
     from lowrank_cli.atomic import check_output
 
     check_output(output, force=opts.force)
+    check_metrics_path(output)
     if opts.resume and not state_path.is_file():
         raise InputError(f"`resume=True`: there is no training state '{state_path}' to continue (it is written every "
                          "`save_every` steps, and removed when a run finishes): start without `resume=True`")
