@@ -16,6 +16,7 @@ from lowrank_cli._version import __version__
 from lowrank_cli.cli import (
     bench_cmd,
     card_cmd,
+    demo_cmd,
     eval_cmd,
     factorize_cmd,
     finetune_cmd,
@@ -50,7 +51,8 @@ def _root(
     """Make pretrained transformers smaller and faster by low-rank factorization (PELA)."""
 
 
-for _command in (factorize_cmd, report_cmd, recover_cmd, finetune_cmd, eval_cmd, bench_cmd, card_cmd, push_cmd):
+for _command in (factorize_cmd, report_cmd, recover_cmd, finetune_cmd, eval_cmd, bench_cmd, card_cmd, push_cmd,
+                 demo_cmd):
     _command.register(app)
 
 _WRITE_FAILURES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
