@@ -6,9 +6,9 @@ import os
 import tempfile
 
 # One folder for what the session leaves outside pytest's own tmp_path folders, removed when the session ends
-# (pytest_unconfigure below): the Hugging Face home, and the session's temporary folder, where multiprocessing puts
-# the loader workers' `pymp-*`, torch its `torchinductor_<user>` cache (timm imports torch._dynamo), and the
-# subprocesses of the tests their temporary files. pytest's own tmp_path folders stay where pytest keeps them (the
+# (pytest_unconfigure below): the Hugging Face home, torch's `torchinductor` cache (timm imports torch._dynamo,
+# which makes it), and the session's temporary folder, where multiprocessing puts the loader workers' `pymp-*` and
+# the tests' subprocesses their temporary files. pytest's own tmp_path folders stay where pytest keeps them (the
 # last three sessions, for looking at a failure).
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
 _SESSION = tempfile.mkdtemp(prefix="lrc-test-")
@@ -16,7 +16,7 @@ _HF_HOME = os.path.join(_SESSION, "hf")
 _TMP = os.path.join(_SESSION, "tmp")
 os.makedirs(_TMP)
 os.environ["TMPDIR"] = tempfile.tempdir = _TMP
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_TMP, "torchinductor")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SESSION, "torchinductor")
 # Before anything imports huggingface_hub, which reads these once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = _HF_HOME

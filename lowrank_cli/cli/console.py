@@ -123,7 +123,9 @@ class PhaseProgress:
             return
         self.last[phase] = (now, done)
         count = f"{done}/{total}" if total else str(done)
-        err.print(f"{self.prefix}{phase} {count}{f' ({status})' if status else ''}", highlight=False, markup=False)
+        # soft_wrap: one line per update, never folded at 80 columns (a log is read by grep)
+        err.print(f"{self.prefix}{phase} {count}{f' ({status})' if status else ''}", highlight=False, markup=False,
+                  soft_wrap=True)
 
     def close(self) -> None:
         if self.bar is not None:

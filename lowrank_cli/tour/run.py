@@ -78,8 +78,9 @@ class DemoResult:
 
 def demo(output_dir: str | os.PathLike | None = None, *, quick: bool = False, progress: ProgressFn | None = None,
          log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> DemoResult:
-    """Run the demo in `output_dir` (a new or empty folder, kept) or in a temporary folder (removed); on CPU. What
-    torch and the loader leave in $TMPDIR goes to a folder of the run's own, removed too (atomic.private_tmpdir).
+    """Run the demo in `output_dir` (a new or empty folder, kept) or in a temporary folder (removed); on CPU, in
+    one thread. What torch and the loader leave in $TMPDIR goes to a folder of the run's own, removed too
+    (atomic.private_tmpdir).
 
     `quick=True`: a quarter of the images and 30 recovery steps without held-out scoring, in seconds; its
     accuracies say little. `progress(phase, done, total, status)` follows each phase; `log` and `warn` get the
@@ -90,7 +91,7 @@ def demo(output_dir: str | os.PathLike | None = None, *, quick: bool = False, pr
     plan = QUICK if quick else FULL
     progress = progress or (lambda phase, done, total, status: None)
     started = time.perf_counter()
-    with private_tmpdir(), _workspace(output_dir) as work, shipped_teacher() as teacher:
+    with private_tmpdir(), _one_thread(), _workspace(output_dir) as work, shipped_teacher() as teacher:
         rows, splits, recovery = _steps(work, teacher, plan, progress, log, warn)
     return DemoResult(rows, plan, splits, time.perf_counter() - started,
                       Path(output_dir) if output_dir is not None else None, recovery)
@@ -138,6 +139,21 @@ def _measure(name: str, source: str, weights: Path, test: Path, progress: Progre
 
 def _count(folder: Path) -> int:
     return sum(1 for _ in folder.rglob("*.png"))
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One torch thread for the run: the layers are 32 wide, too small for two threads to gain anything, and on a
+    busy machine their synchronisation makes every op wait for the slower core (the quick demo took 16.7 s with one
+    thread and 32.2 s with two on a 2-core machine running other jobs)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

@@ -159,3 +159,14 @@ def test_ci_runs_the_readmes_three_commands():
     assert commands[2] == "python -m pytest -q"
     ci = (ROOT / ".ci" / "run").read_text()
     assert '-eq 3 ]' in ci and "for n in 1 2 3; do" in ci
+
+
+def test_a_plain_progress_line_is_never_folded(capsys):
+    from lowrank_cli.cli.console import PhaseProgress
+
+    lines = PhaseProgress("demo: ")
+    lines("recover", 0, 2, None)
+    lines("recover", 1, 2, "x" * 30)  # within 10 s of the last line: not printed
+    lines("recover", 2, 2, "loss " + "0.123 " * 40)  # the end of a phase, however long its status
+    assert capsys.readouterr().err.splitlines() == ["demo: recover 0/2", "demo: recover 2/2 (loss " + "0.123 " * 39
+                                                    + "0.123 )"]
