@@ -119,13 +119,28 @@ def make_inputs(root: Path) -> dict[str, Path]:
     return found
 
 
+def _resumed(train: Callable[..., Any], stop_at: int) -> Callable[[Path, dict[str, Any]], Any]:
+    """A run stopped after its `stop_at`-th step (as by Ctrl-C; counted over every task), then resumed to its end."""
+    from lowrank_cli.errors import Interrupted
+
+    def run(out: Path, hooks: dict[str, Any]) -> Any:
+        calls = iter(range(1, 1000))
+        try:
+            train(out, {**hooks, "on_step": lambda step, model: next(calls) == stop_at})
+        except Interrupted as e:
+            hooks["log"](f"interrupted: {e}")
+        return train(out, {**hooks, "resume": True})
+
+    return run
+
+
 def scenarios(inputs: dict[str, Path]) -> dict[str, Callable[[Path, dict[str, Any]], Any]]:
     """name -> run(output, hooks): one short run of each kind the training loop has."""
     from lowrank_cli import finetune, finetune_tasks, recover
 
     i = inputs
     digits, parity = f"digit={i['digits']}", f"parity={i['parity']}"
-    return {
+    runs = {
         "recover_pela": lambda out, h: recover(
             str(i["vit"]), str(i["vit"]), i["digits"], output=out, kappa=4, rank_multiple=1, steps=4, grad_accum=2,
             beta=0.1, gamma=0.5, eval_every=2, lr=1e-3, **FAST, **h),
@@ -151,6 +166,16 @@ def scenarios(inputs: dict[str, Path]) -> dict[str, Callable[[Path, dict[str, An
         "orthogonal": lambda out, h: finetune_tasks(
             str(i["vit_lr"]), [digits, parity], output=out, mode="orthogonal", adapter_rank=2, steps=2, **FAST, **h),
     }
+    runs["recover_progressive_resumed"] = _resumed(lambda out, h: recover(
+        str(i["vit"]), None, i["digits"], output=out, method="progressive", kappa=4, rank_multiple=1, steps=5,
+        eval_every=2, save_every=1, lr=1e-3, **FAST, **h), 2)
+    runs["finetune_resumed"] = _resumed(lambda out, h: finetune(
+        str(i["vit_lr"]), i["parity"], output=out, method="dora", steps=4, eval_every=2, save_every=1, **FAST, **h), 3)
+    runs["shared_resumed"] = _resumed(lambda out, h: finetune_tasks(
+        str(i["vit_lr"]), [digits, parity], output=out, mode="shared", steps=4, save_every=1, **FAST, **h), 2)
+    runs["experts_resumed"] = _resumed(lambda out, h: finetune_tasks(
+        str(i["vit_lr"]), [digits, parity], output=out, mode="experts", steps=2, save_every=1, **FAST, **h), 3)
+    return runs
 
 
 def run_scenario(name: str, inputs: dict[str, Path], root: Path) -> dict[str, Any]:
