@@ -30,7 +30,7 @@ def _weights(path: Path) -> dict[str, list[float]]:
     from safetensors.torch import load_file
 
     found = {}
-    for name, t in sorted(load_file(str(path)).items()):
+    for name, t in load_file(str(path)).items():
         t = t.detach().double().flatten()
         found[name] = [t.numel(), t.sum().item(), t.square().sum().item(), t[0].item() if t.numel() else 0.0]
     return found
@@ -196,7 +196,7 @@ def main(path: str) -> None:
         root = Path(folder)
         inputs = make_inputs(root)
         found = {name: run_scenario(name, inputs, root) for name in scenarios(inputs)}
-    Path(path).write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
+    Path(path).write_text(json.dumps(found, indent=1) + "\n")
 
 
 if __name__ == "__main__":

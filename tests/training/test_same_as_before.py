@@ -2,7 +2,8 @@
 tests/reference_runs.py (recover: PELA, progressive, a text encoder; finetune: LoRA, adapters alone, a full
 regression; multi-task: shared, merge, orthogonal) writes the same weights, metrics rows, log lines, progress
 phases, summary and records as tests/data/reference_runs.json, which main's code at 0a77780 wrote (the command is
-in tests/reference_runs.py). Floats to float32 tolerance, everything else exactly."""
+in tests/reference_runs.py). Floats to float32 tolerance, everything else
+exactly (dict keys in the same order)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _differences(found, expected, where: str = "") -> list[str]:
     if isinstance(expected, dict) and isinstance(found, dict):
-        if set(found) != set(expected):
-            return [f"{where}: keys {sorted(set(found) ^ set(expected))} differ"]
+        if list(found) != list(expected):  # in the same order too: `--json` prints them so
+            return [f"{where}: keys {list(found)} != {list(expected)}"]
         return [d for k in expected for d in _differences(found[k], expected[k], f"{where}.{k}")]
     if isinstance(expected, list) and isinstance(found, list):
         if len(found) != len(expected):
