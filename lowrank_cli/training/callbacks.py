@@ -6,7 +6,8 @@ adds a callback here (or next to its method), not lines in the loop."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

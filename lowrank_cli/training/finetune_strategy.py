@@ -24,7 +24,7 @@ from lowrank_cli.data.task_data import task_modality_for, task_of
 from lowrank_cli.errors import InputError
 from lowrank_cli.models.heads import Head, replace_head
 from lowrank_cli.training.callbacks import held_out_eval, kept_last, measured_before
-from lowrank_cli.training.parallel import DataParallel
+from lowrank_cli.training.parallel import distribution
 from lowrank_cli.training.result import FinetuneResult
 from lowrank_cli.training.setup import loss_summary, write_checkpoint
 from lowrank_cli.training.strategy import RunData, Task, training_loader
@@ -64,10 +64,9 @@ class DataFile:
 class FinetuneStrategy:
     """One fine-tuning (its options: training.options.FinetuneOptions, `lr` already resolved) of `model`."""
 
-    distribution = DataParallel()
-
     def __init__(self, opts: Any, model: Any, source: Any):
         self.opts, self.source_model, self.source = opts, model, source
+        self.distribution = distribution(opts)
         self.api, self.phase = source.api, source.phase
 
     def read_data(self, env: Any) -> RunData:

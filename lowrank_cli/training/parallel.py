@@ -4,8 +4,9 @@ of spreading a model (sharding it, FSDP) is another class with `wrap`, chosen wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -33,6 +34,12 @@ class DataParallel:
         return DistributedDataParallel(forward, device_ids=[dev.index] if dev.type == "cuda" else None,
                                        broadcast_buffers=self.broadcast_buffers,
                                        find_unused_parameters=self.find_unused_parameters)
+
+
+def distribution(opts: Any, *, broadcast_buffers: bool = True, find_unused_parameters: bool = False) -> DataParallel:
+    """How a run spreads its student over the processes: data parallel (the only way today). The one place that
+    reads how to spread it, for a run's strategy to ask (`opts` is the run's options)."""
+    return DataParallel(broadcast_buffers=broadcast_buffers, find_unused_parameters=find_unused_parameters)
 
 
 def forwards(model: nn.Module, teacher: nn.Module | None, *, compile: bool, distribution: DataParallel,

@@ -24,7 +24,7 @@ from lowrank_cli.models.structure import innermost_blocks
 from lowrank_cli.training.callbacks import held_out_eval
 from lowrank_cli.training.heldout import AccuracyScorer, DistillationScorer
 from lowrank_cli.training.losses import RecoveryLoss
-from lowrank_cli.training.parallel import DataParallel
+from lowrank_cli.training.parallel import distribution
 from lowrank_cli.training.progressive import Progressive, factorized_layer_types
 from lowrank_cli.training.result import RecoverResult
 from lowrank_cli.training.setup import loss_summary, write_checkpoint
@@ -54,7 +54,7 @@ class RecoverStrategy:
         self.opts, self.student, self.teacher, self.data = opts, student, teacher, data
         self.method = Progressive.from_options(opts) if opts.method == "progressive" else None
         # The residuals never change and start equal on every rank: no buffer broadcast each step.
-        self.distribution = DataParallel(broadcast_buffers=self.method is None)
+        self.distribution = distribution(opts, broadcast_buffers=self.method is None)
 
     def read_data(self, env: Any) -> RunData:
         o = self.opts
@@ -151,12 +151,7 @@ class RecoverStrategy:
                              "`val_fraction`, or keep the last state")
         if d.val is None:
             return None
-        if d.labelled_val:
-            scorer = AccuracyScorer(setup.model, d.val, setup.evaluator, setup.models.teacher)
-        else:
-            loader = d.modality.held_out_loader(d.val, setup.models.teacher, batch_size=o.eval_batch_size
-                                                or o.batch_size, num_workers=env.workers)
-            scorer = DistillationScorer(setup.step, loader, env.ctx.device, text=d.modality.name == "texts")
+        scorer = self.scorer(setup)
         held = held_out_eval(scorer, every=o.eval_every or max(1, setup.schedule.total // 10), keep=o.keep or "best",
                              state=setup.state, saved=setup.store.extra_tensors, total=setup.schedule.total,
                              log=env.log)
@@ -165,6 +160,15 @@ class RecoverStrategy:
         if not d.labelled_val:  # labelled images: the accuracy before is measured with the teacher's
             setup.state.extra["held_out_before"] = setup.state.extra.get("held_out_before") or scorer()
         return held
+
+    def scorer(self, setup: Any) -> Any:
+        """How the held-out data is scored: accuracy on labelled images, else the distillation terms."""
+        d, o = setup.data, self.opts
+        if d.labelled_val:
+            return AccuracyScorer(setup.model, d.val, setup.evaluator, setup.models.teacher)
+        loader = d.modality.held_out_loader(d.val, setup.models.teacher, batch_size=o.eval_batch_size or o.batch_size,
+                                            num_workers=setup.env.workers)
+        return DistillationScorer(setup.step, loader, setup.ctx.device, text=d.modality.name == "texts")
 
     def after_training(self, setup: Any, trainer: Any) -> dict[str, Any]:
         """The best state back (before the layers are converted), the layers converted, the output scored."""

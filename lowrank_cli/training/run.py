@@ -15,7 +15,7 @@ from lowrank_cli.data.sampling import default_workers
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError
 from lowrank_cli.training.metrics import metrics_path
 from lowrank_cli.training.setup import Hooks, RunEnv, build_setup
-from lowrank_cli.training.state import StateFile, train_state_path
+from lowrank_cli.training.state import state_store
 from lowrank_cli.training.trainer import NoUsableData, Trainer
 
 
@@ -35,7 +35,7 @@ def train(strategy: Any, output: str | os.PathLike, hooks: Hooks) -> Any:
     """`strategy`'s run writing `output` (its training state next to it), with what every training needs around
     it; an interrupted run keeps its state to resume."""
     opts, output = strategy.opts, Path(output)
-    store = StateFile(train_state_path(output))
+    store = state_store(opts, output)
     _check_outputs(output, store.path, opts)
     ctx = distributed.setup(opts.device)
     workers = default_workers(ctx.local_world_size) if opts.num_workers is None else opts.num_workers

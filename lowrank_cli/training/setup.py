@@ -11,9 +11,10 @@ once, here. training/run.py then trains and hands the end back to the strategy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from lowrank_cli.training.parallel import forwards
 from lowrank_cli.training.schedule import param_groups
 from lowrank_cli.training.state import StateFile, TrainState, changed_options, check_fingerprint
 from lowrank_cli.training.step import Distiller
+from lowrank_cli.training.strategy import Strategy
 from lowrank_cli.training.trainer import ProgressFn, resume_hint
 
 
@@ -129,7 +131,7 @@ class Setup:
         return resume_hint(self.env.resume_command, self.api, lr)
 
 
-def build_setup(strategy: Any, env: RunEnv) -> Setup:
+def build_setup(strategy: Strategy, env: RunEnv) -> Setup:
     """The setup of `strategy`'s run, step by step (the module docstring)."""
     opts, ctx = strategy.opts, env.ctx
     data = strategy.read_data(env)  # a wrong data folder fails before any model is loaded

@@ -23,7 +23,7 @@ from lowrank_cli.models.heads import Head
 from lowrank_cli.training.callbacks import held_out_eval, kept_last, measured_before
 from lowrank_cli.training.heldout import TasksScorer
 from lowrank_cli.training.multitask_options import DEFAULT_SCHEDULE
-from lowrank_cli.training.parallel import DataParallel
+from lowrank_cli.training.parallel import distribution
 from lowrank_cli.training.result import MultitaskResult
 from lowrank_cli.training.strategy import RunData, training_loader
 from lowrank_cli.training.task_heads import TaskHeads
@@ -57,10 +57,10 @@ class SharedStrategy:
     """`finetune_tasks` with mode shared (its options: training.multitask_options.MultitaskOptions)."""
 
     api, phase = "finetune_tasks", "finetune tasks"
-    distribution = DataParallel(find_unused_parameters=True)  # a batch runs one task's head: the others get none
-
     def __init__(self, opts: Any, model: Any, specs: list[TaskSpec]):
         self.opts, self.source_model, self.specs = opts, model, specs
+        # A batch runs one task's head: the others get no gradient in that step.
+        self.distribution = distribution(opts, find_unused_parameters=True)
 
     @property
     def schedule_name(self) -> str:
@@ -146,7 +146,7 @@ class SharedStrategy:
         from lowrank_cli.checkpoint.tasks import write_multitask
 
         kept, after = ended
-        m, state, raw = setup.models, setup.state, setup.model
+        m, raw = setup.models, setup.model
         before = (setup.state.extra.get("held_out_before") if setup.held_out is not None else None) or {}
         stored = {s.name: m.heads.tensors(s.name) for s in self.specs}
         first = self.specs[0].name

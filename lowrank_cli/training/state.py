@@ -221,3 +221,9 @@ class StateFile:
     def remove(self) -> None:
         """A finished run leaves no state (called on the main process, after the output is written)."""
         self.path.unlink(missing_ok=True)
+
+
+def state_store(opts: Any, output: str | Path) -> StateFile:
+    """Where the run writing `output` keeps its training state, and in which layout: the one place a run picks
+    it (`opts` are the run's options)."""
+    return StateFile(train_state_path(output))
