@@ -6,7 +6,8 @@ before the training loop was rebuilt by composition (issue 23, part 3):
 
     OMP_NUM_THREADS=1 PYTHONPATH=/work/main python tests/reference_runs.py tests/data/reference_runs.json
 
-(from this checkout, with main's lowrank_cli first on the path: the helpers it imports sit next to it). Everything runs on one CPU thread, one process, fixed
+(from this checkout, with main's lowrank_cli first on the path: the helpers it imports sit next to it); it also
+writes tests/data/main_NAME.train.safetensors, the training states of two runs stopped part way. Everything runs on one CPU thread, one process, fixed
 seeds; times and throughputs are left out, paths are written relative to the run's folder.
 """
 
@@ -26,7 +27,7 @@ FAST = dict(num_workers=0, device="cpu", log_every=1, batch_size=8, seed=1)
 UNTIMED = {"seconds", "images_per_s", "images_per_second"}  # differ from run to run
 
 
-def _weights(path: Path) -> dict[str, list[float]]:
+def weights_of(path: Path) -> dict[str, list[float]]:
     """Every tensor of a safetensors file as [numel, sum, sum of squares, first element] in float64."""
     from safetensors.torch import load_file
 
@@ -87,7 +88,7 @@ def _records(output: Path) -> dict[str, Any]:
 
 
 def _outcome(result: Any, output: Path, recorder: Recorder, root: Path) -> dict[str, Any]:
-    return _plain({"weights": _weights(output), "metrics": _metrics(output), "logs": recorder.logs,
+    return _plain({"weights": weights_of(output), "metrics": _metrics(output), "logs": recorder.logs,
                    "warnings": recorder.warnings, "phases": recorder.phases, "summary": result.summary(),
                    "records": _records(output)}, root)
 
@@ -135,6 +136,45 @@ def _resumed(train: Callable[..., Any], stop_at: int) -> Callable[[Path, dict[st
     return run
 
 
+def resumable(inputs: dict[str, Path]) -> dict[str, tuple[Callable[[Path, dict[str, Any]], Any], int]]:
+    """name -> (run(output, hooks), the step after which it is stopped): the runs that are stopped and resumed."""
+    from lowrank_cli import finetune, finetune_tasks, recover
+
+    i = inputs
+    digits, parity = f"digit={i['digits']}", f"parity={i['parity']}"
+    return {
+        "recover_progressive_resumed": (lambda out, h: recover(
+            str(i["vit"]), None, i["digits"], output=out, method="progressive", kappa=4, rank_multiple=1, steps=5,
+            eval_every=2, save_every=1, lr=1e-3, **FAST, **h), 2),
+        "finetune_resumed": (lambda out, h: finetune(
+            str(i["vit_lr"]), i["parity"], output=out, method="dora", steps=4, eval_every=2, save_every=1, **FAST,
+            **h), 3),
+        "shared_resumed": (lambda out, h: finetune_tasks(
+            str(i["vit_lr"]), [digits, parity], output=out, mode="shared", steps=4, save_every=1, **FAST, **h), 2),
+        "experts_resumed": (lambda out, h: finetune_tasks(
+            str(i["vit_lr"]), [digits, parity], output=out, mode="experts", steps=2, save_every=1, **FAST, **h), 3),
+    }
+
+
+SAVED_STATES = ("recover_progressive_resumed", "finetune_resumed")  # states main wrote, in tests/data
+
+
+def write_states(folder: Path, root: Path, inputs: dict[str, Path]) -> None:
+    """The training states of SAVED_STATES as the stopped runs leave them, copied to `folder` as main_NAME.train.*."""
+    import shutil
+
+    from lowrank_cli.errors import Interrupted
+    from lowrank_cli.training.state import train_state_path
+
+    for name in SAVED_STATES:
+        train, stop_at = resumable(inputs)[name]
+        out = root / f"{name}.safetensors"
+        try:
+            train(out, {"on_step": lambda step, model, stop_at=stop_at: step == stop_at})
+        except Interrupted:
+            shutil.copyfile(train_state_path(out), folder / f"main_{name}.train.safetensors")
+
+
 def scenarios(inputs: dict[str, Path]) -> dict[str, Callable[[Path, dict[str, Any]], Any]]:
     """name -> run(output, hooks): one short run of each kind the training loop has."""
     from lowrank_cli import finetune, finetune_tasks, recover
@@ -167,15 +207,7 @@ def scenarios(inputs: dict[str, Path]) -> dict[str, Callable[[Path, dict[str, An
         "orthogonal": lambda out, h: finetune_tasks(
             str(i["vit_lr"]), [digits, parity], output=out, mode="orthogonal", adapter_rank=2, steps=2, **FAST, **h),
     }
-    runs["recover_progressive_resumed"] = _resumed(lambda out, h: recover(
-        str(i["vit"]), None, i["digits"], output=out, method="progressive", kappa=4, rank_multiple=1, steps=5,
-        eval_every=2, save_every=1, lr=1e-3, **FAST, **h), 2)
-    runs["finetune_resumed"] = _resumed(lambda out, h: finetune(
-        str(i["vit_lr"]), i["parity"], output=out, method="dora", steps=4, eval_every=2, save_every=1, **FAST, **h), 3)
-    runs["shared_resumed"] = _resumed(lambda out, h: finetune_tasks(
-        str(i["vit_lr"]), [digits, parity], output=out, mode="shared", steps=4, save_every=1, **FAST, **h), 2)
-    runs["experts_resumed"] = _resumed(lambda out, h: finetune_tasks(
-        str(i["vit_lr"]), [digits, parity], output=out, mode="experts", steps=2, save_every=1, **FAST, **h), 3)
+    runs.update({name: _resumed(train, stop_at) for name, (train, stop_at) in resumable(inputs).items()})
     return runs
 
 
@@ -197,6 +229,8 @@ def main(path: str) -> None:
         root = Path(folder)
         inputs = make_inputs(root)
         found = {name: run_scenario(name, inputs, root) for name in scenarios(inputs)}
+        (root / "states").mkdir()
+        write_states(Path(path).parent, root / "states", inputs)
     Path(path).write_text(json.dumps(found, indent=1) + "\n")
 
 
