@@ -21,7 +21,7 @@ from lowrank_cli.data.modality import check_model, modality_for
 from lowrank_cli.errors import UsageError
 from lowrank_cli.evaluation.accuracy import check_classes
 from lowrank_cli.models.structure import innermost_blocks
-from lowrank_cli.training.callbacks import held_out_eval
+from lowrank_cli.training.callbacks import held_out_eval, measured_before
 from lowrank_cli.training.heldout import AccuracyScorer, DistillationScorer
 from lowrank_cli.training.losses import RecoveryLoss
 from lowrank_cli.training.parallel import distribution
@@ -158,7 +158,7 @@ class RecoverStrategy:
         env.log(f"Held-out: {d.val_from} ({len(d.val)} samples), {scorer.score.name} every {held.every} steps; "
                 f"keeping the {o.keep or 'best'} state")
         if not d.labelled_val:  # labelled images: the accuracy before is measured with the teacher's
-            setup.state.extra["held_out_before"] = setup.state.extra.get("held_out_before") or scorer()
+            measured_before(setup.state, scorer)
         return held
 
     def scorer(self, setup: Any) -> Any:
