@@ -35,7 +35,7 @@ _API = {
     "save": "lowrank_cli.checkpoint.io",
     "read_info": "lowrank_cli.checkpoint.format",
     "CheckpointInfo": "lowrank_cli.checkpoint.format",
-    "load_model": "lowrank_cli.models.sources",
+    "load_model": "lowrank_cli.adapters.loading",
     "LoadedModel": "lowrank_cli.models.loaded",
     "LowRankLinear": "lowrank_cli.layers.lowrank_linear",
     "fuse_lowrank": "lowrank_cli.models.fusion",
@@ -59,7 +59,7 @@ _API = {
 __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:
-    from lowrank_cli.adapters.loading import load
+    from lowrank_cli.adapters.loading import load, load_model
     from lowrank_cli.checkpoint.format import CheckpointInfo, read_info
     from lowrank_cli.checkpoint.io import save
     from lowrank_cli.compress.factorization import FactorizeResult, factorize
@@ -71,7 +71,6 @@ if TYPE_CHECKING:
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
     from lowrank_cli.models.fusion import fuse_lowrank, unfuse_lowrank
     from lowrank_cli.models.loaded import LoadedModel
-    from lowrank_cli.models.sources import load_model
     from lowrank_cli.publish.card import build_card
     from lowrank_cli.publish.push import push
     from lowrank_cli.training.finetune import finetune

@@ -163,9 +163,10 @@ def _load_models(model: str, against: str | None, size: tuple[int, ...] | None, 
                  arch: str | None, model_arg: list[str] | None, revision: str | None) -> tuple[Any, ...]:
     """(label -> model, the reference's label or None, the input size: given, a text model's, or None for the
     model's own)."""
+    from lowrank_cli.adapters.loading import load_model
+    from lowrank_cli.models.families import TEXT, modality_of
     from lowrank_cli.models.inputs import check_input_size, default_input_size
-    from lowrank_cli.models.sources import load_model, parse_model_args
-    from lowrank_cli.models.transformers_models import is_text_model
+    from lowrank_cli.models.pretrained import parse_model_args
 
     loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg), revision=revision,
                         library=library, log=lambda msg: console.info(f"Model: {msg}"))
@@ -181,7 +182,7 @@ def _load_models(model: str, against: str | None, size: tuple[int, ...] | None, 
         models[ref_label] = ref.model
         reference = ref_label
     check_input_size(loaded.model, size)
-    if seq_len is not None or is_text_model(loaded.model):
+    if seq_len is not None or modality_of(loaded.model) == TEXT:
         size = default_input_size(loaded.model, seq_len)
     return models, reference, size
 

@@ -67,13 +67,14 @@ def eval_command(
     A multi-task checkpoint takes one --task NAME=PATH per task to score instead (or --data for its first task).
     --fused runs the low-rank layers through the fused Triton kernel on CUDA (default: the two linears).
     """
+    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.data.labelled_texts import is_labelled_text_file
     from lowrank_cli.data.sampling import default_workers
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.errors import UsageError
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
     from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
-    from lowrank_cli.models.sources import load_model, parse_model_args
+    from lowrank_cli.models.pretrained import parse_model_args
 
     console.show_progress(progress)
     if task:
@@ -120,20 +121,20 @@ def eval_command(
 def _eval_texts(model: str, data: Path, batch_size: int, device: str, json_out: bool, tokenizer: str | None,
                 max_length: int | None, arch: str | None) -> None:
     """A fine-tuned text classifier (or regressor) on a labelled .jsonl / .csv file."""
+    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.data.labelled_texts import read_labelled_texts
     from lowrank_cli.data.task_data import recorded_tokenizer
     from lowrank_cli.data.texts import load_tokenizer
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.errors import UsageError
     from lowrank_cli.evaluation.task_scores import evaluate_texts
-    from lowrank_cli.models.sources import load_model
-    from lowrank_cli.models.transformers_models import is_text_model
+    from lowrank_cli.models.families import TEXT, modality_of
 
     read_labelled_texts(data)  # a wrong file fails before the model loads
     dev = resolve_device(device)
     loaded = load_model(model, arch=arch, log=lambda msg: console.info(f"Model: {msg}"))
     _first_task(loaded)
-    if not is_text_model(loaded.model) or getattr(loaded.model.config, "num_labels", 0) < 1:
+    if modality_of(loaded.model) != TEXT or getattr(loaded.model.config, "num_labels", 0) < 1:
         raise UsageError(f"--data '{data}' holds labelled texts: give a text classifier (an lrc finetune output)")
     source = tokenizer or loaded.files or recorded_tokenizer(loaded.checkpoint)
     if source is None:
@@ -152,7 +153,8 @@ def _eval_texts(model: str, data: Path, batch_size: int, device: str, json_out: 
 
 def _first_task(loaded) -> None:
     """A multi-task checkpoint scored with --data: the model of its first task (its adapters merged in experts mode)."""
-    from lowrank_cli.checkpoint.tasks import model_for_task, task_names
+    from lowrank_cli.adapters.task_models import model_for_task
+    from lowrank_cli.checkpoint.tasks import task_names
 
     if getattr(loaded.checkpoint, "multitask", None) is not None:
         names = task_names(loaded.checkpoint)

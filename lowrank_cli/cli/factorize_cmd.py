@@ -150,7 +150,7 @@ def factorize(
     each comes from --kappa, a --rank-pattern, or a --budget / --target-macs shared by all of them.
     """
     from lowrank_cli.compress.factorize_source import factorize_file
-    from lowrank_cli.models.sources import parse_model_args
+    from lowrank_cli.models.pretrained import parse_model_args
 
     console.show_progress(progress)
     macs = _refuse_conflicts(kappa, budget, target_macs, rank_pattern, plan, plan_batch_size, plan_dtype,

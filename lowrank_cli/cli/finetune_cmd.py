@@ -214,7 +214,7 @@ def finetune(
     A new head sized to the data's classes, and LoRA, DoRA or RLRR adapters (or only the head, or every weight);
     the output keeps the input's layers, ranks and speed.
     """
-    from lowrank_cli.models.sources import parse_model_args
+    from lowrank_cli.models.pretrained import parse_model_args
 
     console.show_progress(progress)
     refuse_held_out_conflicts(True, val_data, val_fraction, eval_every, keep)

@@ -17,11 +17,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from lowrank_cli.models.families import libraries  # the registry imports no torch
+
 # Recent typer vendors its own click, older typer uses click itself: take the class typer actually raises.
 CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "fp64")  # devices.DTYPE_CHOICES; the long spellings are accepted too
-LIBRARY_CHOICES = ("auto", "timm", "transformers")  # models.sources.LIBRARIES
+LIBRARY_CHOICES = ("auto", *libraries())  # models.pretrained.LIBRARIES: the model families' libraries
 DEVICE_FORMS = "auto|cpu|cuda[:N]"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 

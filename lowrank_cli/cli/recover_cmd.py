@@ -241,7 +241,7 @@ _CLI_ONLY = {"student", "teacher", "data", "json_out", "progress", "no_augment"}
 
 def _library_options(given: dict) -> dict:
     """The command's values as `recover` options (RecoverOptions): renamed, parsed, defaults filled in."""
-    from lowrank_cli.models.sources import parse_model_args
+    from lowrank_cli.models.pretrained import parse_model_args
 
     options = {_RENAMED.get(k, k): v for k, v in given.items() if k not in _CLI_ONLY}
     options["model_args"] = parse_model_args(given["model_arg"])

@@ -96,7 +96,7 @@ def report(
     from lowrank_cli.evaluation.gates import apply_gates, describe_gate
     from lowrank_cli.evaluation.report import build_report
     from lowrank_cli.evaluation.report_format import to_markdown
-    from lowrank_cli.models.sources import parse_model_args
+    from lowrank_cli.models.pretrained import parse_model_args
 
     if json_out and markdown:
         raise UsageError("--json and --markdown both print the report on stdout: choose one")

@@ -35,9 +35,9 @@ def factorize_file(
     The output is checked first, so a doomed run fails before the SVDs rather than after them. Text models run
     their checks at `seq_len` tokens; `save_tokenizer` copies a transformers source's tokenizer files there.
     """
+    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.atomic import check_output
     from lowrank_cli.checkpoint.io import save
-    from lowrank_cli.models.sources import load_model
 
     check_output(output, force=force)
     if options.get("svd") not in (None, *SVD_METHODS):
@@ -51,14 +51,14 @@ def factorize_file(
 
         # `plan_fused=True` without CUDA or Triton: refused before the loading
         resolve_fused(options.get("plan_fused"), device, parameter="plan_fused")
+    from lowrank_cli.models.families import TEXT, modality_of
     from lowrank_cli.models.inputs import check_input_size, default_input_size
-    from lowrank_cli.models.transformers_models import is_text_model
 
     loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
     if loaded.checkpoint is not None and loaded.checkpoint.ranks:  # a dense lrc file (a full fine-tuning) is fine
         raise UsageError(f"'{source}' is already factorized (an lrc checkpoint with {len(loaded.checkpoint.ranks)} "
                          "low-rank layers): factorize its dense source model instead")
-    text = is_text_model(loaded.model)
+    text = modality_of(loaded.model) == TEXT
     check_input_size(loaded.model, options.get("input_size"))
     if text or seq_len is not None:  # an image model with a `seq_len` is refused here
         options["input_size"] = default_input_size(loaded.model, seq_len)

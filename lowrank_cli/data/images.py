@@ -194,6 +194,37 @@ def find_images(
 # ------------------------------------------------------------------------------------------ transforms
 
 
+def val_split(data: str | os.PathLike, *, required: bool = True, class_tree: bool = True) -> ImageSet | None:
+    """The labelled images to evaluate on: DIR/val/<class>/..., or DIR itself when it is a class tree.
+
+    A dataset root with a train/ split but no val/ split is not evaluated on its training images: that is an
+    error (or None when not `required`). A flat folder has no labels: also an error / None. `class_tree=False`
+    accepts a val/ split only (recovery trains on a class tree, so it cannot also be the validation data).
+    """
+    root = Path(data).expanduser()
+    val = find_images(root, "val", required=False)
+    if val is None:
+        train = find_images(root, "train", required=required)
+        if train is None:
+            return None
+        if train.layout == "imagefolder" or (train.layout == "classes" and not class_tree):
+            if required:
+                raise InputError(
+                    f"data folder '{root}' has a train/ split but no val/ split to measure accuracy on: add "
+                    f"'{root / 'val'}/<class>/...' or point `data` at a labelled folder"
+                )
+            return None
+        val = train  # DIR itself: a class tree (e.g. --data imagenet/val), or a flat folder (no labels)
+    if not val.labelled:
+        if required:
+            raise InputError(
+                f"data folder '{val.root}' has images but no class folders, so no labels to measure accuracy "
+                f"with: use '{val.root}/<class>/image.jpg'"
+            )
+        return None
+    return val
+
+
 def make_transform(model_or_config: torch.nn.Module | Mapping[str, Any], training: bool) -> Callable[..., Any]:
     """The model's preprocessing, built by `timm.data.create_transform` from `data_config`.
 

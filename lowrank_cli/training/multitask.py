@@ -12,7 +12,7 @@ one after the other, each as `finetune` trains one task (training.finetune_strat
 source: the same resume, signals, DDP, compile, metrics and best state), keeping every finished task in a work folder next to the output
 (`.OUTPUT.tasks/`) so that an interrupted run resumes at the task it was in; then `experts` stores each task's
 adapters unmerged beside the untouched backbone, and `merge` / `orthogonal` merge every task's update into one
-backbone (adapters.merging) and score every task again on it, since merging changes what each head sees. The
+backbone (training.merging) and score every task again on it, since merging changes what each head sees. The
 output is a multi-task checkpoint (checkpoint.tasks).
 """
 

@@ -24,7 +24,7 @@ from lowrank_cli.training.options import FinetuneOptions
 MODES = ("shared", "experts", "merge", "orthogonal")
 DEFAULT_MODE = "experts"  # no interference between tasks and no cost at inference when the task is known
 DEFAULT_SCHEDULE = "proportional"  # every sample once an epoch, as single-task fine-tuning sees its data
-DEFAULT_MERGE_RULE = "concat"  # each task's whole update, as trained: the exact sum (see adapters.merging)
+DEFAULT_MERGE_RULE = "concat"  # each task's whole update, as trained: the exact sum (see training.merging)
 # Which methods each mode takes: experts and merge combine adapters (or heads alone, experts); orthogonal is LoRA.
 MODE_METHODS = {"shared": ("head", "full", "lora", "dora", "rlrr"), "experts": ("head", "lora", "dora", "rlrr"),
                 "merge": ("full", "lora", "dora", "rlrr"), "orthogonal": ("lora",)}
@@ -44,8 +44,8 @@ class MultitaskOptions(FinetuneOptions):
     task_weights: dict[str, float] | None = None
 
     def check(self) -> None:
-        from lowrank_cli.adapters.merging import MERGE_RULES
         from lowrank_cli.data.multitask_loader import SCHEDULES
+        from lowrank_cli.training.merging import MERGE_RULES
 
         if self.mode not in MODES:
             raise UsageError(f"`mode` '{self.mode}' is not one of {', '.join(MODES)}")
