@@ -126,7 +126,6 @@ class Family:
     loads_names = False  # a bare MODEL name may be this family's (`load_name`)
     reads_weights_files = False  # a bare weights file with `arch` may be this family's (`load_weights_file`)
     builds_on_meta = True  # False: built for real after the meta count (buffers the file does not hold)
-    tokenizer_files: tuple[str, ...] = ()  # the files of its tokenizer, where its models read text
 
     # ---- claims: "is this yours?"
 

@@ -39,12 +39,6 @@ class HfEncoder(Family):
     config_hint = "a transformers config (model_type)"
     builds_on_meta = False  # position ids and other computed buffers are only real when built for real
 
-    @property
-    def tokenizer_files(self) -> tuple[str, ...]:
-        from lowrank_cli.models.transformers_models import TOKENIZER_FILES
-
-        return TOKENIZER_FILES
-
     def claims_config(self, cfg: dict[str, Any]) -> bool:
         return "model_type" in cfg or "architectures" in cfg
 
