@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from lowrank_cli.errors import UsageError
 from lowrank_cli.models.source_options import DEVICE
-from lowrank_cli.option_fields import check_values, given_fields, option, rank_multiple_check, whole_or_auto
+from lowrank_cli.option_fields import Opt, check_values, given_fields, option, rank_multiple_check, whole_or_auto
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +42,13 @@ def macs_of(text: Any) -> Any:
         return parse_size(text)
     except UsageError as e:
         raise UsageError(f"`target_macs`: {e}") from None
+
+
+# Also the options of `recover`'s on-the-fly factorization (training.options.RecoverOptions)
+RANK_MULTIPLE = Opt(8, check=rank_multiple_check("rank_multiple"), parse=whole_or_auto, cli_type=str, metavar="N|auto",
+                    help="Round ranks down to a multiple of this (8: tensor cores; 1: the paper's ranks; auto: what "
+                    "the device likes).")
+CALIB_SAMPLES = Opt(256, low=1, panel=CALIB_PANEL, help="Images (or texts) of --calib to use.")
 
 
 @dataclass
@@ -68,10 +75,7 @@ class Ranking:
     kappa: float | None = option(
         None, low=1, low_open=True, note=" (the compression ratio of each layer)",
         help=f"Per-layer compression ratio of parameters and MACs (> 1; default {DEFAULT_KAPPA:g}).")
-    rank_multiple: int | str = option(
-        8, check=rank_multiple_check("rank_multiple"), parse=whole_or_auto, cli_type=str, metavar="N|auto",
-        help="Round ranks down to a multiple of this (8: tensor cores; 1: the paper's ranks; auto: what the device "
-        "likes).")
+    rank_multiple: int | str = RANK_MULTIPLE.field()
     budget: float | None = option(
         None, low=0, high=1, low_open=True, high_open=True, panel=BUDGET_PANEL,
         note=" (the fraction of the target layers' parameters to keep)",
@@ -125,7 +129,7 @@ class Calibration:
     calib: str | None = option(
         None, cli_type=Path, metavar="PATH", panel=CALIB_PANEL,
         help="An image folder (ImageFolder or flat), or for text models a .txt / .jsonl file or folder of them.")
-    calib_samples: int = option(256, low=1, panel=CALIB_PANEL, help="Images (or texts) of --calib to use.")
+    calib_samples: int = CALIB_SAMPLES.field()
     tokenizer: Any = option(None, cli_type=str, metavar="DIR|REPO", panel=CALIB_PANEL,
                             help="Text --calib: folder or Hub repo of the tokenizer (default: the source's).")
 

@@ -9,9 +9,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lowrank_cli.compress.factorize_options import CALIB_SAMPLES, RANK_MULTIPLE
 from lowrank_cli.errors import UsageError
 from lowrank_cli.models.source_options import ARCH, DEVICE, LIBRARY, MODEL_ARGS
-from lowrank_cli.option_fields import check_values, option, rank_multiple_check, whole_or_auto
+from lowrank_cli.option_fields import check_values, option
 
 if TYPE_CHECKING:
     import torch
@@ -150,8 +151,7 @@ class RecoverOptions(TrainingOptions):
                                 help="Train only the factorized layers (norms, embeddings, head stay).")
     kappa: float | None = option(None, low=1, low_open=True, note=" (the compression ratio of each layer)",
                                  panel=STUDENT_PANEL, help="Factorize a dense STUDENT on the fly at this ratio (> 1).")
-    rank_multiple: int | str = option(
-        8, check=rank_multiple_check("rank_multiple"), parse=whole_or_auto, cli_type=str, metavar="N|auto",
+    rank_multiple: int | str = RANK_MULTIPLE.field(
         show_default=False, panel=STUDENT_PANEL,
         help="With --kappa: round ranks down to a multiple of this (default {rank_multiple}; auto: what the device "
         "likes).")
@@ -160,7 +160,7 @@ class RecoverOptions(TrainingOptions):
         help="Factorize a dense STUDENT on the fly at this rank for every target layer (instead of --kappa).")
     calib: str | None = option(None, metavar="PATH", panel=STUDENT_PANEL,
                                help="With --kappa / --rank: data-aware truncation on these images or texts.")
-    calib_samples: int = option(256, low=1, panel=STUDENT_PANEL, help="Images or texts of --calib to use.")
+    calib_samples: int = CALIB_SAMPLES.field(panel=STUDENT_PANEL, help="Images or texts of --calib to use.")
     method: str = option(
         "pela", choices=METHODS, panel=PROGRESSIVE_PANEL,
         help="pela: distil a low-rank student; progressive: PC-LoRA, the dense weights fade out while the low-rank "
@@ -281,7 +281,6 @@ class FinetuneOptions(TrainingOptions):
         None, cli_type=str, metavar="DIR|REPO", panel=DATA_PANEL,
         help="Text data: folder or Hub repo of the tokenizer (default: the model's, or the one its checkpoint "
         "records).")
-    evaluate_accuracy: bool = option(True, cli=False)  # finetune scores its held-out data whenever there is some
 
     @property
     def peak_lr(self) -> float:
