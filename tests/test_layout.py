@@ -61,7 +61,7 @@ def test_no_import_cycles():
 
 # Packages in import order (DESIGN.md "Packages, in import order"): a module imports only from its own package and
 # from packages of earlier tiers, imports inside functions included. Packages of one tier do not import each other.
-FOUNDATION = ("errors", "atomic", "devices", "timing", "distributed", "_version")
+FOUNDATION = ("errors", "atomic", "devices", "timing", "distributed", "_version", "option_fields")
 PACKAGE_ORDER: list[tuple[str, ...]] = [
     ("foundation",),  # the modules in FOUNDATION
     ("layers",),  # nn.Modules only, the fused kernel and its custom op

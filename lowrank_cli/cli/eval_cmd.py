@@ -10,7 +10,9 @@ import typer
 
 from lowrank_cli.cli import console
 from lowrank_cli.cli.command import LrcCommand
-from lowrank_cli.cli.options import Arch, Device, Fused, Json, Model, ModelArg, Progress
+from lowrank_cli.cli.option_params import options_of, with_options
+from lowrank_cli.cli.options import Fused, Json, Model, Progress
+from lowrank_cli.models.source_options import SourceOptions
 
 EVAL_EPILOG = """\
 Examples:
@@ -46,20 +48,20 @@ Workers = Annotated[Optional[int], typer.Option(
     "--workers", min=0, show_default=False, help="Data-loading processes (default: the CPUs, at most 8).")]
 
 
+@with_options(options_of(SourceOptions, only=("arch", "model_args")))
+@with_options(options_of(SourceOptions, only=("device",)), after="batch_size")
 def eval_command(
     model: Model,
     data: Data = None,
     task: Task = None,
     batch_size: BatchSize = 128,
-    device: Device = "auto",
     workers: Workers = None,
     fused: Fused = None,
     json_out: Json = False,
     progress: Progress = None,
     tokenizer: Tokenizer = None,
     max_length: MaxLength = None,
-    arch: Arch = None,
-    model_arg: ModelArg = None,
+    **source,
 ) -> None:
     """Measure the accuracy of any MODEL on labelled images (or a fine-tuned model on labelled texts).
 
@@ -74,14 +76,14 @@ def eval_command(
     from lowrank_cli.errors import UsageError
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
     from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
-    from lowrank_cli.models.pretrained import parse_model_args
 
     console.show_progress(progress)
+    device, arch, model_args = source["device"], source["arch"], source["model_args"]
     if task:
         if data is not None:
             raise UsageError("--data and --task both say what to score: give --data for a model, or one --task "
                              "NAME=PATH per task of a multi-task checkpoint")
-        if arch is not None or model_arg:
+        if arch is not None or model_args:
             raise UsageError("--arch and --model-arg build a model from a bare weights file; a multi-task checkpoint "
                              "rebuilds itself: leave them out")
         return _eval_tasks(model, task, batch_size, device, workers, fused, json_out, tokenizer, max_length)
@@ -95,7 +97,7 @@ def eval_command(
     image_set = val_split(data)  # a wrong folder fails before the model loads
     dev = resolve_device(device)
     fuse = resolve_fused(fused, dev)  # --fused without CUDA or Triton: exit 6 before the loading
-    loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg),
+    loaded = load_model(model, arch=arch, model_args=model_args,
                         log=lambda msg: console.info(f"Model: {msg}"))
     _first_task(loaded)
     loaded.model.to(dev).float()

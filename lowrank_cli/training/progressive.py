@@ -32,11 +32,12 @@ from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.layers.progressive_linear import ProgressiveLinear
 from lowrank_cli.models.structure import swap_in
 from lowrank_cli.training.callbacks import Callback
-
-METHODS = ("pela", "progressive")
-INITS = ("svd", "lora")
-SCHEDULES = ("linear", "sine", "cosine")
-DEFAULT_INIT, DEFAULT_DECAY, DEFAULT_DECAY_END = "svd", "linear", 0.8
+from lowrank_cli.training.options import (  # the vocabularies and defaults, written once with the options
+    DEFAULT_DECAY,
+    DEFAULT_DECAY_END,
+    DEFAULT_INIT,
+    SCHEDULES,
+)
 
 
 def decay_factor(kind: str, step: int, q: int) -> float:
