@@ -31,6 +31,11 @@ _legacy.install()  # the 0.x import paths (lowrank_cli.lowrank_linear, ...) keep
 _API = {
     "factorize": "lowrank_cli.compress.factorization",
     "FactorizeResult": "lowrank_cli.compress.factorization",
+    "FactorizeOptions": "lowrank_cli.compress.factorize_options",
+    "Targets": "lowrank_cli.compress.factorize_options",
+    "Ranking": "lowrank_cli.compress.factorize_options",
+    "Truncation": "lowrank_cli.compress.factorize_options",
+    "Calibration": "lowrank_cli.compress.factorize_options",
     "load": "lowrank_cli.adapters.loading",
     "save": "lowrank_cli.checkpoint.io",
     "read_info": "lowrank_cli.checkpoint.format",
@@ -63,6 +68,7 @@ if TYPE_CHECKING:
     from lowrank_cli.checkpoint.format import CheckpointInfo, read_info
     from lowrank_cli.checkpoint.io import save
     from lowrank_cli.compress.factorization import FactorizeResult, factorize
+    from lowrank_cli.compress.factorize_options import Calibration, FactorizeOptions, Ranking, Targets, Truncation
     from lowrank_cli.compress.plan import make_plan, pela_rank
     from lowrank_cli.errors import LrcError
     from lowrank_cli.evaluation.accuracy import evaluate
