@@ -42,7 +42,7 @@ ways (`task_combine.combine`); `train s` is that training's time (plus the combi
 Columns: each task's held-out score (accuracy, or Spearman for `similar`: shown as (r + 1) / 2), the overall score
 (the mean of the accuracies and (r + 1) / 2 of the correlations), `dev overall` (texts), `tasks alone`: the overall
 of the runs a merge combined, before it (the loss is `tasks alone` - `overall`), `interference`:
-||sum of updates||^2 / sum of ||update||^2 (1: orthogonal updates, T: all alike; adapters.merging.merge_summary),
+||sum of updates||^2 / sum of ||update||^2 (1: orthogonal updates, T: all alike; training.merging.merge_summary),
 `trained`: the parameters one run trains (adapters and heads) and their share of the parameters while training,
 `stored`: what the output holds, in backbones (T for single-task; the backbone plus every task's adapters and
 heads for experts; plus the heads only for the merged and shared outputs).

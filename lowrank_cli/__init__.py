@@ -32,11 +32,16 @@ _legacy.install()  # the 0.x import paths (lowrank_cli.lowrank_linear, ...) keep
 _API = {
     "factorize": "lowrank_cli.compress.factorization",
     "FactorizeResult": "lowrank_cli.compress.factorization",
+    "FactorizeOptions": "lowrank_cli.compress.factorize_options",
+    "Targets": "lowrank_cli.compress.factorize_options",
+    "Ranking": "lowrank_cli.compress.factorize_options",
+    "Truncation": "lowrank_cli.compress.factorize_options",
+    "Calibration": "lowrank_cli.compress.factorize_options",
     "load": "lowrank_cli.adapters.loading",
     "save": "lowrank_cli.checkpoint.io",
     "read_info": "lowrank_cli.checkpoint.format",
     "CheckpointInfo": "lowrank_cli.checkpoint.format",
-    "load_model": "lowrank_cli.models.sources",
+    "load_model": "lowrank_cli.adapters.loading",
     "LoadedModel": "lowrank_cli.models.loaded",
     "LowRankLinear": "lowrank_cli.layers.lowrank_linear",
     "fuse_lowrank": "lowrank_cli.models.fusion",
@@ -62,10 +67,11 @@ _API = {
 __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:
-    from lowrank_cli.adapters.loading import load
+    from lowrank_cli.adapters.loading import load, load_model
     from lowrank_cli.checkpoint.format import CheckpointInfo, read_info
     from lowrank_cli.checkpoint.io import save
     from lowrank_cli.compress.factorization import FactorizeResult, factorize
+    from lowrank_cli.compress.factorize_options import Calibration, FactorizeOptions, Ranking, Targets, Truncation
     from lowrank_cli.compress.plan import make_plan, pela_rank
     from lowrank_cli.errors import LrcError
     from lowrank_cli.evaluation.accuracy import evaluate
@@ -74,7 +80,6 @@ if TYPE_CHECKING:
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
     from lowrank_cli.models.fusion import fuse_lowrank, unfuse_lowrank
     from lowrank_cli.models.loaded import LoadedModel
-    from lowrank_cli.models.sources import load_model
     from lowrank_cli.publish.card import build_card
     from lowrank_cli.publish.push import push
     from lowrank_cli.training.finetune import finetune

@@ -1,5 +1,6 @@
-"""The shape of the package: stages import downwards only, no module reaches for another's private names, no
-module or function grows past what a reader takes in at once, and the 0.x import paths keep working."""
+"""The shape of the package: packages import downwards only (PACKAGE_ORDER, imports inside functions included), no
+module reaches for another's private names, no module or function grows past what a reader takes in at once, and
+the 0.x import paths keep working."""
 
 from __future__ import annotations
 
@@ -26,7 +27,11 @@ TREES = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
 
 def _imports(name: str):
     """(imported module, imported name or None) for every lowrank_cli import, those inside functions too."""
-    for node in ast.walk(TREES[name]):
+    return _imports_of(TREES[name])
+
+
+def _imports_of(tree: ast.Module):
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lowrank_cli"):
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"
@@ -52,6 +57,87 @@ def test_no_import_cycles():
 
     for module in MODULES:
         visit(module, [])
+
+
+# Packages in import order (DESIGN.md "Packages, in import order"): a module imports only from its own package and
+# from packages of earlier tiers, imports inside functions included. Packages of one tier do not import each other.
+FOUNDATION = ("errors", "atomic", "devices", "timing", "distributed", "_version", "option_fields")
+PACKAGE_ORDER: list[tuple[str, ...]] = [
+    ("foundation",),  # the modules in FOUNDATION
+    ("layers",),  # nn.Modules only, the fused kernel and its custom op
+    ("models",),  # model families behind one registry, build, inputs, structure
+    ("checkpoint",),  # format + io, and the multi-task file's records
+    ("adapters", "data"),  # fine-tuning methods and loading any source (a multi-task file merges adapters); data
+    ("evaluation",),
+    ("compress",),
+    ("training", "publish"),
+    ("tour",),  # lrc demo: the shipped digits and teacher through factorize, report, recover and eval
+    ("cli",),
+    ("api",),  # lowrank_cli/__init__ (the lazy public API), _legacy (old import paths), __main__
+]
+TIER = {package: i for i, tier in enumerate(PACKAGE_ORDER) for package in tier}
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in ("__main__", "_legacy"):
+        return "api"
+    return "foundation" if parts[1] in FOUNDATION else parts[1]
+
+
+def upward_imports(trees: dict[str, ast.Module]) -> list[str]:
+    """Every lowrank_cli import (module level or inside a function) of `trees` that does not go downward in
+    PACKAGE_ORDER, as "importer -> imported"."""
+    found = []
+    for name, tree in trees.items():
+        here = package_of(name)
+        for target, _ in _imports_of(tree):
+            there = package_of(target)
+            if there != here and TIER[there] >= TIER[here]:
+                found.append(f"{name} ({here}) -> {target} ({there})")
+    return found
+
+
+def test_packages_import_downward_only():
+    assert set(TIER) == {package_of(m) for m in MODULES}, "every package has its place in PACKAGE_ORDER"
+    assert upward_imports(TREES) == []
+
+
+def test_an_upward_import_is_caught_inside_a_function_too():
+    planted = {
+        "lowrank_cli.models.planted": ast.parse(
+            "import lowrank_cli.layers.lowrank_linear\n"  # downward: fine
+            "def later():\n"
+            "    from lowrank_cli.checkpoint.io import read_checkpoint\n"  # hidden inside a function: caught
+            "    import lowrank_cli.cli.app\n"
+        ),
+        "lowrank_cli.data.planted": ast.parse("from lowrank_cli import distributed\n"
+                                              "from lowrank_cli.evaluation import report\n"),
+        "lowrank_cli.training.planted": ast.parse("from lowrank_cli.publish.card import build_card\n"),  # one tier
+    }
+    assert upward_imports(planted) == [
+        "lowrank_cli.models.planted (models) -> lowrank_cli.checkpoint.io (checkpoint)",
+        "lowrank_cli.models.planted (models) -> lowrank_cli.cli.app (cli)",
+        "lowrank_cli.data.planted (data) -> lowrank_cli.evaluation.report (evaluation)",
+        "lowrank_cli.training.planted (training) -> lowrank_cli.publish.card (publish)",
+    ]
+
+
+def test_a_circle_put_back_into_a_real_module_fails_the_check():
+    """The loading of lrc checkpoints sat in models/ and imported checkpoint/ inside a function: put it back."""
+    source = MODULES["lowrank_cli.models.pretrained"].read_text()
+    planted = ast.parse(source + "\n\ndef read_lrc(path):\n    from lowrank_cli.checkpoint.io import read_checkpoint\n")
+    assert upward_imports({**TREES, "lowrank_cli.models.pretrained": planted}) == [
+        "lowrank_cli.models.pretrained (models) -> lowrank_cli.checkpoint.io (checkpoint)"]
+
+
+def test_no_module_imports_an_old_path():
+    """The 0.x paths (lowrank_cli._legacy) are for code users wrote; lrc imports each name from its home."""
+    from lowrank_cli._legacy import OLD_TO_NEW
+
+    old = [f"{m} imports {t}" for m in MODULES for t, _ in _imports(m) if t in OLD_TO_NEW or
+           any(t.startswith(o + ".") for o in OLD_TO_NEW)]
+    assert old == []
 
 
 def test_no_private_name_crosses_modules():
@@ -93,6 +179,11 @@ OLD_PATHS = [
     ("lowrank_cli.bench", "profile"), ("lowrank_cli.accuracy", "evaluate"), ("lowrank_cli.image_data", "find_images"),
     ("lowrank_cli.text_data", "find_texts"), ("lowrank_cli.distill_loss", "RecoveryLoss"),
     ("lowrank_cli.train_state", "metrics_path"), ("lowrank_cli.counting", "count_macs"),
+    # moved by the model families: loading any source went above checkpoint/, merge rules to training/
+    ("lowrank_cli.models.sources", "load_model"), ("lowrank_cli.models.sources", "parse_model_args"),
+    ("lowrank_cli.models.sources", "LIBRARIES"), ("lowrank_cli.models.sources", "LoadedModel"),
+    ("lowrank_cli.sources", "load_model"), ("lowrank_cli.adapters.merging", "merge_deltas"),
+    ("lowrank_cli.model_spec", "spec_of"), ("lowrank_cli.model_inputs", "record_input_size"),
 ]
 
 

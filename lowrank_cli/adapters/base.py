@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_cli.models.heads import in_head
 from lowrank_cli.models.structure import swap_in
 
 METHODS = ("head", "full", "lora", "dora", "rlrr")
@@ -42,10 +43,6 @@ class AdapterConfig:
     def from_record(cls, record: dict[str, Any]) -> AdapterConfig:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in cls.__dataclass_fields__}
         return cls(**fields)
-
-
-def in_head(name: str, head: list[str]) -> bool:
-    return any(name == h or name.startswith(h + ".") for h in head)
 
 
 class Method:

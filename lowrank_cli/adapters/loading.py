@@ -1,14 +1,89 @@
-"""`lowrank_cli.load`: an lrc checkpoint (a multi-task one as one task's model), or a base with the adapters of a
-`finetune(..., merge=False)` run."""
+"""Loading, from any source: `lowrank_cli.load_model` (any MODEL source, lrc checkpoints included: a multi-task
+one as its first task's model) and `lowrank_cli.load` (an lrc checkpoint, or a base with the adapters of a
+`finetune(..., merge=False)` run).
+
+This is the one entry point for reading a model, above checkpoint/ because a multi-task checkpoint's task is
+merged with its adapters: an lrc checkpoint (file, folder, Hub repo) is read by checkpoint.io, any other source by
+its model family (models.pretrained.open_pretrained).
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from lowrank_cli.adapters.task_models import model_for_task
+from lowrank_cli.checkpoint.format import is_lrc_checkpoint, read_info
+from lowrank_cli.checkpoint.io import read_checkpoint
 from lowrank_cli.errors import UsageError
+from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
+from lowrank_cli.models.loaded import LoadedModel
+from lowrank_cli.models.lrc_folder import (
+    HUB_PREFIX,
+    LrcFiles,
+    checkpoint_path,
+    folder_files,
+    hub_files,
+    is_lrc_folder,
+    split_hub_source,
+)
+from lowrank_cli.models.pretrained import as_hub_repo, check_library, is_hub_name, local_folder, open_pretrained
+
+
+def load_model(source: str, *, arch: str | None = None, model_args: dict[str, Any] | None = None,
+               revision: str | None = None, library: str | None = None, log=None, first_task: bool = True
+               ) -> LoadedModel:
+    """Load any MODEL source (see models.pretrained; an lrc checkpoint file, folder or Hub repo too). `log(msg)`
+    receives what was chosen. `library` ("timm" / "transformers" / None for auto) forces how a folder or Hub repo
+    is read. A multi-task checkpoint is its first task's model (`as_first_task`), unless `first_task` is False
+    (then the file as stored, for `adapters.task_models.model_for_task` to pick a task)."""
+    check_library(library)
+    files = lrc_source(source, revision)
+    if files is None:
+        return open_pretrained(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
+    loaded = read_lrc(files)
+    return as_first_task(loaded) if first_task else loaded
+
+
+def lrc_source(source: str, revision: str | None = None) -> LrcFiles | None:
+    """Where the lrc checkpoint that `source` names is: an lrc folder or Hub repo (its marker), or a safetensors
+    file with lrc metadata; None for any other source (a Hub repo offline whose marker is not cached included: the
+    next file the family asks for decides, as an lrc repo has no config.json)."""
+    if source.startswith(HUB_PREFIX):
+        return hub_files(*split_hub_source(source, revision))
+    folder = local_folder(source)
+    if folder is not None:
+        return folder_files(folder) if is_lrc_folder(folder) else None
+    path = Path(source).expanduser()
+    if path.is_file():
+        is_lrc = path.suffix == ".safetensors" and is_lrc_checkpoint(path)  # a corrupt header fails here
+        return LrcFiles(path, path.parent) if is_lrc else None
+    if is_hub_name(source):
+        with as_hub_repo(source):
+            return hub_files(source, revision)
+    return None
+
+
+def read_lrc(files: LrcFiles) -> LoadedModel:
+    """An lrc checkpoint: an lrc folder's or repo's with its source named as given and the tokenizer next to it."""
+    loaded = read_checkpoint(files.checkpoint)
+    if files.source:
+        loaded.source = dict(files.source)
+    if files.tokenizer:
+        loaded.files, loaded.revision = str(files.folder), files.source.get("revision")
+    return loaded
+
+
+def as_first_task(loaded: LoadedModel) -> LoadedModel:
+    """A multi-task checkpoint read as a MODEL is its first task's model (`load(path)`): in experts mode the
+    stored backbone lacks that task's adapters, which every command that reads a MODEL should see merged."""
+    if getattr(loaded.checkpoint, "multitask", None) is not None:
+        model_for_task(loaded)
+    return loaded
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
@@ -30,8 +105,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, revisio
         raise UsageError("`task` picks a task of a multi-task checkpoint and `adapters` applies an adapter file to a "
                          "base: give one of them")
     from lowrank_cli.adapters.files import apply_adapter_file
-    from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
-    from lowrank_cli.models.sources import load_model
 
     if fused and not merge:
         raise UsageError("`fused` runs merged low-rank layers; with `merge=False` the adapters stay apart: merge them, "
@@ -47,12 +120,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, revisio
 def _load_checkpoint(path: str | os.PathLike, device: str | torch.device, revision: str | None,
                      fused: bool | None, task: str | None) -> nn.Module:
     """An lrc checkpoint; a multi-task one as the model of `task` (the first by default)."""
-    from lowrank_cli.checkpoint.format import read_info
-    from lowrank_cli.checkpoint.io import read_checkpoint
-    from lowrank_cli.checkpoint.tasks import model_for_task
-    from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
-    from lowrank_cli.models.lrc_folder import checkpoint_path
-
     file = checkpoint_path(path, revision)
     info, _ = read_info(file)
     if info.multitask is None:

@@ -3,8 +3,8 @@ Models", arXiv 2312.02432): tasks fine-tuned apart whose updates add up without 
 
 Each task's update of a linear is LoRA-shaped, ΔW_t = scale · B_t A_t, with B_t (d_out x rank) FIXED: the columns
 [block·rank, (block+1)·rank) of one orthogonal matrix Q per layer, shared by every task. The tasks' updates then
-live in orthogonal output subspaces (B_s^T B_t = 0), so their sum, the `concat` rule of `merging.py`, leaves each
-one intact: B_t^T Σ_s ΔW_s = scale · A_t. Only A_t (rank x d_in) trains. The paper fixes the input-side factor
+live in orthogonal output subspaces (B_s^T B_t = 0), so their sum, the `concat` rule of training.merging, leaves
+each one intact: B_t^T Σ_s ΔW_s = scale · A_t. Only A_t (rank x d_in) trains. The paper fixes the input-side factor
 (Δθ = A B^T); the fixed basis sits on the output side here, which gives the same orthogonality and makes each
 task's share of a merged weight readable as B_t^T ΔW.
 

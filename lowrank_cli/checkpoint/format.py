@@ -13,7 +13,8 @@ from lowrank_cli._version import __version__
 from lowrank_cli.atomic import utf8_path
 from lowrank_cli.errors import InputError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
-from lowrank_cli.models.spec import ModelSpec, json_safe
+from lowrank_cli.models.families import family_of_spec
+from lowrank_cli.models.spec import DEFAULT_LIBRARY, ModelSpec, json_safe
 
 SCHEMA = 1
 
@@ -62,7 +63,7 @@ def attach_info(model: nn.Module, info: CheckpointInfo) -> CheckpointInfo:
 
 
 def info_for_saving(model: nn.Module) -> CheckpointInfo:
-    """The model's record, or a new one describing any timm / transformers model (how to rebuild it)."""
+    """The model's record, or a new one describing any model its family can describe (how to rebuild it)."""
     from lowrank_cli.models.build import spec_of
 
     return info_of(model) or CheckpointInfo(spec=spec_of(model))
@@ -256,7 +257,8 @@ def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[int, ..
         architecture=meta[PREFIX + "architecture"],
         model_args=_json(meta, "model_args", {}, path),
         pretrained_cfg=_json(meta, "pretrained_cfg", {}, path),
-        library=meta.get(PREFIX + "library", "timm"),
+        library=meta.get(PREFIX + "library", DEFAULT_LIBRARY),
+        family=meta.get(PREFIX + "family"),
     )
     info = CheckpointInfo(
         spec=spec,
@@ -339,6 +341,7 @@ def metadata_of(model: nn.Module, info: CheckpointInfo) -> dict[str, str]:
         PREFIX + "schema": str(SCHEMA),
         PREFIX + "version": __version__,
         PREFIX + "library": info.spec.library,
+        PREFIX + "family": family_of_spec(info.spec).name,
         PREFIX + "architecture": info.spec.architecture,
         PREFIX + "model_args": json.dumps(json_safe(info.spec.model_args)),
         PREFIX + "pretrained_cfg": json.dumps(json_safe(info.spec.pretrained_cfg)),

@@ -6,6 +6,8 @@
     lrc.schema        version of this layout (SCHEMA); a newer one is refused with "upgrade lrc"
     lrc.version       the lrc version that wrote the file
     lrc.library       "timm" or "transformers"
+    lrc.family        the model family that rebuilds it (models.families: timm_vision, hf_encoder, ...); files
+                      without it (written before the families) are read by the family of their library
     lrc.architecture  timm architecture name, or transformers model class (BertModel, ViTForImageClassification)
     lrc.model_args    JSON: constructor arguments (num_classes, img_size, ...); transformers: the whole config
     lrc.pretrained_cfg JSON: the source's pretrained_cfg (input size, mean, std, crop, ...); transformers
@@ -48,9 +50,8 @@ from lowrank_cli.checkpoint.format import (
 )
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
-from lowrank_cli.models.build import build_empty, check_fits
+from lowrank_cli.models.build import build_empty, check_fits, finish
 from lowrank_cli.models.structure import swap_in
-from lowrank_cli.models.transformers_models import finish
 
 
 def with_ranks(model: nn.Module, ranks: dict[str, int], what: str) -> nn.Module:
@@ -95,7 +96,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fus
     with utf8_path(path) as name:
         state_dict = load_file(name, device=str(device)) if info.multitask is None else _model_tensors(name, device)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    finish(model)  # transformers: re-tie the tensors the file holds twice
+    finish(model, info.spec)  # transformers: re-tie the tensors the file holds twice
     model.to(device)
     model.eval()
     attach_info(model, info)

@@ -8,22 +8,9 @@ import typer
 
 from lowrank_cli.cli import console
 from lowrank_cli.cli.command import LrcCommand
-from lowrank_cli.cli.options import (
-    Arch,
-    Device,
-    Fused,
-    InputSize,
-    Json,
-    Library,
-    Model,
-    ModelArg,
-    Revision,
-    SeqLen,
-    choice,
-    dtype_choice,
-    number,
-    parse_input_size,
-)
+from lowrank_cli.cli.option_params import options_of, with_options
+from lowrank_cli.cli.options import Fused, Json, Model, choice, dtype_choice, number
+from lowrank_cli.models.source_options import SourceOptions
 
 if TYPE_CHECKING:
     import torch
@@ -84,10 +71,12 @@ MinTime = Annotated[Optional[float], typer.Option(
     help="Seconds of timed repeats per model and batch size, >= 0 (default: 2 on cuda, 1 on cpu).")]
 
 
+@with_options(options_of(SourceOptions, only=("input_size", "seq_len", "library", "arch", "model_args",
+                                               "revision")))
+@with_options(options_of(SourceOptions, only=("device",)), after="against")
 def bench(
     model: Model,
     against: Against = None,
-    device: Device = "auto",
     dtype: Dtype = "fp32",
     batch_size: BatchSizes = None,
     compile_: Compile = False,
@@ -101,12 +90,7 @@ def bench(
     warmup: Warmup = None,
     repeats: Repeats = None,
     min_time: MinTime = None,
-    input_size: InputSize = None,
-    seq_len: SeqLen = None,
-    library: Library = "auto",
-    arch: Arch = None,
-    model_arg: ModelArg = None,
-    revision: Revision = None,
+    **source,
 ) -> None:
     """Measure latency, throughput and peak memory of MODEL, and of --against in the same run.
 
@@ -115,9 +99,10 @@ def bench(
     --cuda-graphs option picks one treatment or --eager-only; --fused runs the low-rank layers through the fused
     Triton kernel there (default: the two linears, which were faster on an H200).
     """
-    dev, dt, sizes, size, compile_arg = _refuse_bad_options(device, dtype, batch_size, input_size, threads,
-                                                            cuda_graphs, compile_, compile_mode, fused)
-    models, reference, size = _load_models(model, against, size, seq_len, library, arch, model_arg, revision)
+    device, size, seq_len = source.pop("device"), source.pop("input_size"), source.pop("seq_len")
+    dev, dt, sizes, compile_arg = _refuse_bad_options(device, dtype, batch_size, threads, cuda_graphs, compile_,
+                                                      compile_mode, fused)
+    models, reference, size = _load_models(model, against, size, seq_len, **source)
     treatments = [(compile_arg, cuda_graphs)]
     if dev.type == "cuda" and not (eager_only or compile_arg or cuda_graphs):
         treatments.append(("reduce-overhead", False))  # torch.compile + its CUDA graphs: what a deployment runs
@@ -132,11 +117,10 @@ def bench(
         print_profiles(profiles, document["profile_note"])
 
 
-def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, input_size: str | None,
-                        threads: int | None, cuda_graphs: bool, compile_: bool,
-                        compile_mode: str | None, fused: bool | None) -> tuple[Any, ...]:
-    """Everything that can be refused, refused before the (slow) loading: (device, dtype, batch sizes, input size
-    or None, compile argument)."""
+def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, threads: int | None, cuda_graphs: bool,
+                        compile_: bool, compile_mode: str | None, fused: bool | None) -> tuple[Any, ...]:
+    """Everything that can be refused, refused before the (slow) loading: (device, dtype, batch sizes, compile
+    argument)."""
     import torch
 
     from lowrank_cli.devices import resolve_device, resolve_dtype
@@ -148,7 +132,6 @@ def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, input_s
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, torch.float32)
     sizes = parse_batch_sizes(batch_size or DEFAULT_BATCHES["cuda" if dev.type == "cuda" else "cpu"])
-    size = parse_input_size(input_size)
     if cuda_graphs and dev.type != "cuda":
         raise UsageError("--cuda-graphs needs a CUDA device: drop it, or use --device cuda")
     compile_arg: bool | str = compile_mode or compile_
@@ -156,18 +139,18 @@ def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, input_s
     from lowrank_cli.models.fusion import resolve_fused
 
     resolve_fused(fused, dev)  # --fused without CUDA or Triton: exit 6 before the loading
-    return dev, dt, sizes, size, compile_arg
+    return dev, dt, sizes, compile_arg
 
 
 def _load_models(model: str, against: str | None, size: tuple[int, ...] | None, seq_len: int | None, library: str,
-                 arch: str | None, model_arg: list[str] | None, revision: str | None) -> tuple[Any, ...]:
+                 arch: str | None, model_args: dict[str, Any] | None, revision: str | None) -> tuple[Any, ...]:
     """(label -> model, the reference's label or None, the input size: given, a text model's, or None for the
     model's own)."""
+    from lowrank_cli.adapters.loading import load_model
+    from lowrank_cli.models.families import TEXT, modality_of
     from lowrank_cli.models.inputs import check_input_size, default_input_size
-    from lowrank_cli.models.sources import load_model, parse_model_args
-    from lowrank_cli.models.transformers_models import is_text_model
 
-    loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg), revision=revision,
+    loaded = load_model(model, arch=arch, model_args=model_args, revision=revision,
                         library=library, log=lambda msg: console.info(f"Model: {msg}"))
     models: dict[str, Any] = {}
     label = _label(model)
@@ -181,7 +164,7 @@ def _load_models(model: str, against: str | None, size: tuple[int, ...] | None, 
         models[ref_label] = ref.model
         reference = ref_label
     check_input_size(loaded.model, size)
-    if seq_len is not None or is_text_model(loaded.model):
+    if seq_len is not None or modality_of(loaded.model) == TEXT:
         size = default_input_size(loaded.model, seq_len)
     return models, reference, size
 

@@ -16,6 +16,14 @@ def _show_switch_without_type(param) -> None:
         param.metavar = ""
 
 
+def _show_range(param) -> None:
+    """An int option checked by its field's callback (cli/option_params.py) shows its range as typer's `min` does
+    ([x>=1]); the callback, not click, refuses a value outside it, with the API's message."""
+    shown = getattr(getattr(param, "callback", None), "shows_range", None)
+    if shown is not None:
+        param.min, param.max = shown
+
+
 def _usage_name(param) -> str:
     name = param.metavar or param.name.upper()
     if not param.required:
@@ -30,6 +38,7 @@ class _TidyHelp:
         super().__init__(*args, **kwargs)
         for param in self.params:
             _show_switch_without_type(param)
+            _show_range(param)
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)  # created on first use, so not among self.params above

@@ -10,7 +10,9 @@ import typer
 
 from lowrank_cli.cli import console
 from lowrank_cli.cli.command import LrcCommand
-from lowrank_cli.cli.options import Arch, Device, Fused, Json, Model, ModelArg, Progress
+from lowrank_cli.cli.option_params import options_of, with_options
+from lowrank_cli.cli.options import Fused, Json, Model, Progress
+from lowrank_cli.models.source_options import SourceOptions
 
 EVAL_EPILOG = """\
 Examples:
@@ -46,20 +48,20 @@ Workers = Annotated[Optional[int], typer.Option(
     "--workers", min=0, show_default=False, help="Data-loading processes (default: the CPUs, at most 8).")]
 
 
+@with_options(options_of(SourceOptions, only=("arch", "model_args")))
+@with_options(options_of(SourceOptions, only=("device",)), after="batch_size")
 def eval_command(
     model: Model,
     data: Data = None,
     task: Task = None,
     batch_size: BatchSize = 128,
-    device: Device = "auto",
     workers: Workers = None,
     fused: Fused = None,
     json_out: Json = False,
     progress: Progress = None,
     tokenizer: Tokenizer = None,
     max_length: MaxLength = None,
-    arch: Arch = None,
-    model_arg: ModelArg = None,
+    **source,
 ) -> None:
     """Measure the accuracy of any MODEL on labelled images (or a fine-tuned model on labelled texts).
 
@@ -67,20 +69,21 @@ def eval_command(
     A multi-task checkpoint takes one --task NAME=PATH per task to score instead (or --data for its first task).
     --fused runs the low-rank layers through the fused Triton kernel on CUDA (default: the two linears).
     """
+    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.data.labelled_texts import is_labelled_text_file
     from lowrank_cli.data.sampling import default_workers
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.errors import UsageError
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
     from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
-    from lowrank_cli.models.sources import load_model, parse_model_args
 
     console.show_progress(progress)
+    device, arch, model_args = source["device"], source["arch"], source["model_args"]
     if task:
         if data is not None:
             raise UsageError("--data and --task both say what to score: give --data for a model, or one --task "
                              "NAME=PATH per task of a multi-task checkpoint")
-        if arch is not None or model_arg:
+        if arch is not None or model_args:
             raise UsageError("--arch and --model-arg build a model from a bare weights file; a multi-task checkpoint "
                              "rebuilds itself: leave them out")
         return _eval_tasks(model, task, batch_size, device, workers, fused, json_out, tokenizer, max_length)
@@ -94,7 +97,7 @@ def eval_command(
     image_set = val_split(data)  # a wrong folder fails before the model loads
     dev = resolve_device(device)
     fuse = resolve_fused(fused, dev)  # --fused without CUDA or Triton: exit 6 before the loading
-    loaded = load_model(model, arch=arch, model_args=parse_model_args(model_arg),
+    loaded = load_model(model, arch=arch, model_args=model_args,
                         log=lambda msg: console.info(f"Model: {msg}"))
     _first_task(loaded)
     loaded.model.to(dev).float()
@@ -120,20 +123,20 @@ def eval_command(
 def _eval_texts(model: str, data: Path, batch_size: int, device: str, json_out: bool, tokenizer: str | None,
                 max_length: int | None, arch: str | None) -> None:
     """A fine-tuned text classifier (or regressor) on a labelled .jsonl / .csv file."""
+    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.data.labelled_texts import read_labelled_texts
     from lowrank_cli.data.task_data import recorded_tokenizer
     from lowrank_cli.data.texts import load_tokenizer
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.errors import UsageError
     from lowrank_cli.evaluation.task_scores import evaluate_texts
-    from lowrank_cli.models.sources import load_model
-    from lowrank_cli.models.transformers_models import is_text_model
+    from lowrank_cli.models.families import TEXT, modality_of
 
     read_labelled_texts(data)  # a wrong file fails before the model loads
     dev = resolve_device(device)
     loaded = load_model(model, arch=arch, log=lambda msg: console.info(f"Model: {msg}"))
     _first_task(loaded)
-    if not is_text_model(loaded.model) or getattr(loaded.model.config, "num_labels", 0) < 1:
+    if modality_of(loaded.model) != TEXT or getattr(loaded.model.config, "num_labels", 0) < 1:
         raise UsageError(f"--data '{data}' holds labelled texts: give a text classifier (an lrc finetune output)")
     source = tokenizer or loaded.files or recorded_tokenizer(loaded.checkpoint)
     if source is None:
@@ -152,7 +155,8 @@ def _eval_texts(model: str, data: Path, batch_size: int, device: str, json_out: 
 
 def _first_task(loaded) -> None:
     """A multi-task checkpoint scored with --data: the model of its first task (its adapters merged in experts mode)."""
-    from lowrank_cli.checkpoint.tasks import model_for_task, task_names
+    from lowrank_cli.adapters.task_models import model_for_task
+    from lowrank_cli.checkpoint.tasks import task_names
 
     if getattr(loaded.checkpoint, "multitask", None) is not None:
         names = task_names(loaded.checkpoint)

@@ -1,14 +1,18 @@
-"""Option types shared by several commands, defined once, and the checks that run on options at the CLI edge.
+"""Option types of the command line only (arguments, --output, --json, --progress, ...), the checks that run on
+options at the CLI edge, and how an API parameter named in a message is written as its option (`option_name`).
 
-A value that cannot work (a batch size of 0, a choice that is not one, a negative time) is a usage error, exit 2,
-raised while the command line is parsed, before anything is loaded. Whole numbers use typer's `min` / `max` (the
-help shows the range); other numbers and fixed choices go through the callbacks below, whose messages name the
-option and the values it takes. The vocabularies are written out here because the library modules that own them
-import torch, and `--help` must not (tests/cli/test_help.py pins them to the library's).
+The options that the API has too are its option fields (lowrank_cli.option_fields: training/options.py,
+compress/factorize_options.py, models/source_options.py), made into typer options by cli/option_params.py. A value
+that cannot work (a batch size of 0, a choice that is not one, a negative time) is a usage error, exit 2, raised
+while the command line is parsed, before anything is loaded: option fields by their own check, the options here
+by typer's `min` / `max` and the callbacks below, whose messages name the option and the values it takes. The
+vocabularies are written out here because the library modules that own them import torch, and `--help` must not
+(tests/cli/test_help.py pins them to the library's).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -17,15 +21,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from lowrank_cli.models.families import libraries  # the registry imports no torch
+from lowrank_cli.models.source_options import REVISION
+
 # Recent typer vendors its own click, older typer uses click itself: take the class typer actually raises.
 CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "fp64")  # devices.DTYPE_CHOICES; the long spellings are accepted too
-LIBRARY_CHOICES = ("auto", "timm", "transformers")  # models.sources.LIBRARIES
-DEVICE_FORMS = "auto|cpu|cuda[:N]"
+LIBRARY_CHOICES = ("auto", *libraries())  # models.pretrained.LIBRARIES: the model families' libraries
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-SOURCE_PANEL = "Model source"  # the --help panel of the options that say how to read a MODEL
 
 
 def flag_of(param: Any) -> str:
@@ -90,19 +94,6 @@ def number(*, low: float | None = None, high: float | None = None, low_open: boo
     return check
 
 
-def rank_multiple_option(ctx, param, value):
-    """--rank-multiple: a whole number >= 1, or auto (the multiple the device likes): an int or "auto"."""
-    if value is None or value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        refuse(ctx, f"{flag_of(param)} '{value}' is not a whole number >= 1 or auto")
-    return n
-
-
 def device_option(ctx, param, value):
     if value is not None and not _DEVICE.fullmatch(value):
         refuse(ctx, f"{flag_of(param)} '{value}' is not one of auto, cpu, cuda or cuda:N")
@@ -130,35 +121,10 @@ Progress = Annotated[
     typer.Option("--progress/--no-progress", help="Draw progress bars on stderr (default: only when it is a terminal).",
                  show_default=False),
 ]
-Arch = Annotated[
+Revision = Annotated[  # lrc card: the revision of the source's card (the model-source commands: SourceOptions)
     Optional[str],
-    typer.Option("--arch", metavar="NAME", help="timm architecture of a bare weights file, or the transformers class "
-                 "to build (BertModel).", show_default=False, rich_help_panel=SOURCE_PANEL),
-]
-Library = Annotated[
-    str,
-    typer.Option("--library", help="How to read a folder or Hub repo: auto (from its config.json), timm or "
-                 "transformers.", rich_help_panel=SOURCE_PANEL, **choice(*LIBRARY_CHOICES)),
-]
-SeqLen = Annotated[
-    Optional[int],
-    typer.Option("--seq-len", min=1, help="Tokens per sequence for text models (default 128, at most the model's "
-                 "positions).", show_default=False, rich_help_panel=SOURCE_PANEL),
-]
-ModelArg = Annotated[
-    Optional[list[str]],
-    typer.Option("--model-arg", metavar="KEY=VALUE", help="Constructor argument for --arch (repeatable), e.g. "
-                 "num_classes=10.", show_default=False, rich_help_panel=SOURCE_PANEL),
-]
-Revision = Annotated[
-    Optional[str],
-    typer.Option("--revision", metavar="REV", help="Hub revision (branch, tag or commit) for hf-hub: sources.",
-                 show_default=False, rich_help_panel=SOURCE_PANEL),
-]
-Device = Annotated[
-    str,
-    typer.Option("--device", metavar=DEVICE_FORMS, help="Where to run (auto: cuda when available).",
-                 callback=device_option),
+    typer.Option("--revision", metavar=REVISION.metavar, help=REVISION.help, show_default=False,
+                 rich_help_panel=REVISION.panel),
 ]
 Checkpoint = Annotated[
     str,
@@ -174,61 +140,56 @@ Fused = Annotated[
                  "kernel, one launch per layer (CUDA with Triton only; default off: on an H200 it was slower than the two "
                  "cuBLAS GEMMs)."),
 ]
-InputSize = Annotated[
-    Optional[str],
-    typer.Option("--input-size", metavar="C,H,W", help="Input size of an image model (default: the model's "
-                 "pretrained_cfg).", show_default=False, rich_help_panel=SOURCE_PANEL),
-]
 
 
-# API parameters whose CLI option is not simply --the-name (see errors.PARAMETER: messages name parameters).
+# API parameters whose CLI option is not simply --the-name (see errors.PARAMETER: messages name parameters), besides
+# those of the option fields (their `flag`, see _field_flags).
 _OPTION_OF = {
-    "num_workers": "--workers",
-    "evaluate_accuracy=False": "--no-eval",
     "augment=False": "--no-augment",
-    "model_args": "--model-arg",
     "rank_patterns": "--rank-pattern",
     "compile=True": "--compile",
     "compile": "--compile-mode",  # lrc bench: compile=True is --compile, a mode name is --compile-mode MODE
     "batch_sizes": "--batch-size",
     "budget_samples": "--calib-samples",
-    "calib_samples": "--calib-samples",
-    "plan_batch_size": "--plan-batch-size",
-    "plan_kind": "--plan",
     "output": "-o/--output",
     "evals": "--eval",
     "tokenizer=False": "--no-tokenizer",
     "fused=False": "--no-fused",
-    "plan_fused=False": "--no-plan-fused",
-    "merge=False": "--no-merge",
     "tasks": "--task",  # repeatable: --task NAME=PATH once per task
-    "mode": "--multitask",
-    "merge_rule": "--merge",
-    "task_weights": "--task-weight",
 }
+
+
+@functools.cache
+def _field_flags() -> dict[str, str]:
+    """The flags of the option fields that are not --the-name: num_workers -> --workers, evaluate_accuracy=False
+    -> --no-eval, merge=False -> --no-merge."""
+    from lowrank_cli.compress.factorize_options import CONFIGS
+    from lowrank_cli.models.source_options import SourceOptions
+    from lowrank_cli.option_fields import option_fields
+    from lowrank_cli.training.multitask_options import MultitaskOptions
+    from lowrank_cli.training.options import RecoverOptions
+
+    flags: dict[str, str] = {}
+    for cls in (SourceOptions, RecoverOptions, MultitaskOptions, *CONFIGS):
+        for f, opt in option_fields(cls):
+            flag = opt.flag or "--" + f.name.replace("_", "-")
+            if "/" in flag:
+                flags[f.name], flags[f"{f.name}=False"] = flag.split("/")
+            elif flag.startswith("--no-") and opt.default is True:
+                flags[f"{f.name}=False"] = flag
+            elif flag != "--" + f.name.replace("_", "-"):
+                flags[f.name] = flag
+    return flags
 
 
 def option_name(parameter: str) -> str:
     """The CLI option for an API parameter named in an error message: batch_size -> --batch-size,
     force=True -> --force, device=cpu -> --device cpu."""
-    if parameter in _OPTION_OF:
-        return _OPTION_OF[parameter]
+    known = {**_field_flags(), **_OPTION_OF}
+    if parameter in known:
+        return known[parameter]
     name, _, value = parameter.partition("=")
-    flag = _OPTION_OF.get(name, "--" + name.replace("_", "-"))
+    flag = known.get(name, "--" + name.replace("_", "-"))
     if value in ("", "True"):
         return flag
     return f"{flag} {value}"
-
-
-def parse_input_size(text: str | None) -> tuple[int, ...] | None:
-    from lowrank_cli.errors import UsageError
-
-    if text is None:
-        return None
-    try:
-        size = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        size = ()
-    if len(size) != 3 or min(size) < 1:
-        raise UsageError(f"--input-size '{text}' is not C,H,W (e.g. 3,224,224)")
-    return size

@@ -12,16 +12,10 @@ import typer
 
 from lowrank_cli.cli import console
 from lowrank_cli.cli.command import LrcCommand
-from lowrank_cli.cli.options import (
-    Arch,
-    Device,
-    Force,
-    Json,
-    Library,
-    ModelArg,
-    Output,
-    Progress,
-)
+from lowrank_cli.cli.option_params import given, options_of, with_options
+from lowrank_cli.cli.options import Json, Output, Progress
+from lowrank_cli.cli.recover_options import Data, NoAugment, Student, Teacher
+from lowrank_cli.training.options import RecoverOptions
 
 RECOVER_EPILOG = """\
 Examples:
@@ -54,56 +48,6 @@ trains y = lambda(t) W_res x + second(first(x)) + b, lambda falling from 1 to 0 
 steps; the output is an ordinary low-rank checkpoint. Memory: while it trains, the dense weights are held too
 (once, frozen, in the training precision, with no optimizer state).
 """
-
-from lowrank_cli.cli.recover_options import (  # noqa: E402
-    DEFAULT_RANK_MULTIPLE,
-    Alpha,
-    Augment,
-    BatchSize,
-    Beta,
-    Calib,
-    CalibSamples,
-    ClipGrad,
-    Compile,
-    Data,
-    Decay,
-    DecayEnd,
-    Delta,
-    Epochs,
-    Eps,
-    Eval,
-    EvalBatchSize,
-    EvalEvery,
-    FreezeDense,
-    Gamma,
-    GradAccum,
-    Init,
-    Kappa,
-    Keep,
-    LabelSmoothing,
-    LogEvery,
-    LoraAlpha,
-    Lr,
-    MaxLength,
-    Method,
-    NoAugment,
-    Rank,
-    RankMultiple,
-    Resume,
-    SaveEvery,
-    Seed,
-    Steps,
-    Student,
-    Teacher,
-    Temperature,
-    Tokenizer,
-    ValData,
-    ValFraction,
-    WarmupSteps,
-    WeightDecay,
-    Workers,
-)
-
 
 def resume_command() -> str:
     """The command that continues this run (shown when it is interrupted)."""
@@ -159,72 +103,29 @@ def quiet_on_other_ranks(fn):
         raise SystemExit(getattr(e, "exit_code", 130)) from None  # past the error boundary: nothing printed
 
 
+@with_options(options_of(RecoverOptions), after="teacher")
 def recover(
+    ctx: typer.Context,
     student: Student,
     output: Output,
     data: Data,
     teacher: Teacher = None,
-    steps: Steps = None,
-    epochs: Epochs = None,
-    batch_size: BatchSize = 64,
-    device: Device = "auto",
-    resume: Resume = False,
-    force: Force = False,
     json_out: Json = False,
     progress: Progress = None,
-    alpha: Alpha = 1.0,
-    beta: Beta = 0.0,
-    gamma: Gamma = 0.0,
-    delta: Delta = 0.0,
-    eps: Eps = 1e-3,
-    temperature: Temperature = 1.0,
-    label_smoothing: LabelSmoothing = 0.0,
-    lr: Lr = 1e-4,
-    warmup_steps: WarmupSteps = None,
-    weight_decay: WeightDecay = 0.05,
-    clip_grad: ClipGrad = 1.0,
-    grad_accum: GradAccum = 1,
-    freeze_dense: FreezeDense = False,
-    compile: Compile = False,
-    seed: Seed = 0,
-    save_every: SaveEvery = 500,
-    log_every: LogEvery = 10,
-    augment: Augment = "auto",
     no_augment: NoAugment = False,
-    val_data: ValData = None,
-    val_fraction: ValFraction = None,
-    eval_every: EvalEvery = None,
-    keep: Keep = None,
-    workers: Workers = None,
-    tokenizer: Tokenizer = None,
-    max_length: MaxLength = None,
-    eval_: Eval = True,
-    eval_batch_size: EvalBatchSize = None,
-    kappa: Kappa = None,
-    rank_multiple: RankMultiple = None,
-    rank: Rank = None,
-    calib: Calib = None,
-    calib_samples: CalibSamples = 256,
-    method: Method = "pela",
-    init: Init = None,
-    decay: Decay = None,
-    decay_end: DecayEnd = None,
-    lora_alpha: LoraAlpha = None,
-    library: Library = "auto",
-    arch: Arch = None,
-    model_arg: ModelArg = None,
+    **options,
 ) -> None:
     """Recover a low-rank model's accuracy by distillation, or compress a dense one progressively.
 
     The loss is PELA's Eq. 7: feature distillation, optional logit distillation and weight-perturbation
     regulariser, and cross-entropy when the data has labels. --method progressive is PC-LoRA.
     """
-    given = dict(locals())
     console.show_progress(progress)
-    _refuse_conflicts(kappa, rank_multiple, eval_, eval_batch_size)
-    refuse_held_out_conflicts(eval_, val_data, val_fraction, eval_every, keep)
-    options = _library_options(given)
-    result = quiet_on_other_ranks(lambda: _run(student, teacher, data, options))
+    _refuse_conflicts(given(ctx, "rank_multiple"), options)
+    refuse_held_out_conflicts(options["evaluate_accuracy"], options["val_data"], options["val_fraction"],
+                              options["eval_every"], options["keep"])
+    options["augment"] = augment_level(options["augment"], no_augment)
+    result = quiet_on_other_ranks(lambda: _run(student, teacher, data, {"output": output, **options}))
     if not console.is_main_process():
         return
     summary = result.summary()
@@ -234,32 +135,16 @@ def recover(
     print_summary(summary)
 
 
-# CLI parameters whose library option has another name, and those that are not library options at all.
-_RENAMED = {"eval_": "evaluate_accuracy", "workers": "num_workers", "model_arg": "model_args"}
-_CLI_ONLY = {"student", "teacher", "data", "json_out", "progress", "no_augment"}
-
-
-def _library_options(given: dict) -> dict:
-    """The command's values as `recover` options (RecoverOptions): renamed, parsed, defaults filled in."""
-    from lowrank_cli.models.sources import parse_model_args
-
-    options = {_RENAMED.get(k, k): v for k, v in given.items() if k not in _CLI_ONLY}
-    options["model_args"] = parse_model_args(given["model_arg"])
-    options["augment"] = augment_level(given["augment"], given["no_augment"])
-    if given["rank_multiple"] is None:
-        options["rank_multiple"] = DEFAULT_RANK_MULTIPLE
-    return options
-
-
-def _refuse_conflicts(kappa: float | None, rank_multiple: int | str | None, evaluate: bool,
-                      eval_batch_size: int | None) -> None:
-    """An option that the others make useless is a usage error (exit 2), not silently dropped."""
+def _refuse_conflicts(given_multiple: list[str], options: dict) -> None:
+    """An option that the others make useless is a usage error (exit 2), not silently dropped (the API cannot tell
+    a default `rank_multiple` from a given one; the command line can)."""
     from lowrank_cli.errors import UsageError
 
-    if rank_multiple is not None and kappa is None:
-        raise UsageError("--rank-multiple rounds the ranks that --kappa gives a dense student: add --kappa, or drop it")
-    if eval_batch_size is not None and not evaluate:
-        raise UsageError("--eval-batch-size sizes the accuracy runs that --no-eval turns off: drop one of them")
+    if given_multiple and options["kappa"] is None:
+        raise UsageError("`rank_multiple` rounds the ranks that `kappa` gives a dense student: add `kappa`, or drop it")
+    if options["eval_batch_size"] is not None and not options["evaluate_accuracy"]:
+        raise UsageError("`eval_batch_size` sizes the accuracy runs that `evaluate_accuracy=False` turns off: drop one "
+                         "of them")
 
 
 def augment_level(augment: str, no_augment: bool) -> str:

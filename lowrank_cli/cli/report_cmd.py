@@ -9,17 +9,9 @@ import typer
 
 from lowrank_cli.cli import console
 from lowrank_cli.cli.command import LrcCommand
-from lowrank_cli.cli.options import (
-    Arch,
-    InputSize,
-    Json,
-    Library,
-    Model,
-    ModelArg,
-    Revision,
-    SeqLen,
-    parse_input_size,
-)
+from lowrank_cli.cli.option_params import options_of, with_options
+from lowrank_cli.cli.options import Json, Model
+from lowrank_cli.models.source_options import SourceOptions
 
 EPILOG = """\
 Examples:
@@ -71,6 +63,7 @@ MinCompression = Annotated[Optional[str], typer.Option(
     help="Fail below this parameter compression vs the dense reference, e.g. 1.8.")]
 
 
+@with_options(options_of(SourceOptions, skip=("device",)))
 def report(
     model: Model,
     per_layer: PerLayer = False,
@@ -81,12 +74,7 @@ def report(
     max_params: MaxParams = None,
     max_macs: MaxMacs = None,
     min_compression: MinCompression = None,
-    input_size: InputSize = None,
-    seq_len: SeqLen = None,
-    library: Library = "auto",
-    arch: Arch = None,
-    model_arg: ModelArg = None,
-    revision: Revision = None,
+    **source,
 ) -> None:
     """Count parameters and MACs, and show the compression and provenance of a model.
 
@@ -96,21 +84,16 @@ def report(
     from lowrank_cli.evaluation.gates import apply_gates, describe_gate
     from lowrank_cli.evaluation.report import build_report
     from lowrank_cli.evaluation.report_format import to_markdown
-    from lowrank_cli.models.sources import parse_model_args
 
     if json_out and markdown:
         raise UsageError("--json and --markdown both print the report on stdout: choose one")
     limits = _gate_limits(max_params, max_macs, min_compression)
-    size = parse_input_size(input_size)
     if plot is not None:
         from lowrank_cli.evaluation.plot import check_plot_output
 
         check_plot_output(plot)
 
-    result = build_report(
-        model, arch=arch, model_args=parse_model_args(model_arg), revision=revision, input_size=size,
-        compare=compare, seq_len=seq_len, library=library, log=lambda msg: console.info(msg),
-    )
+    result = build_report(model, **source, compare=compare, log=lambda msg: console.info(msg))
     failed = apply_gates(result, **limits)
 
     if json_out:

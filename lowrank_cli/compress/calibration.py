@@ -182,12 +182,12 @@ def calibrate(
     a text model over its first `samples` texts (.txt / .jsonl, tokenised by `tokenizer`; padding left out).
 
     Errors name `factorize`'s parameters: `data` is its `calib`, `samples` its `calib_samples`."""
-    from lowrank_cli.models.transformers_models import is_text_model
+    from lowrank_cli.models.families import TEXT, modality_of
 
     if samples < 1:
         raise UsageError(f"`calib_samples` must be at least 1, got {samples}")
     with _on(model, torch.device(device)):  # the forward passes run where the SVDs do (`device`), then back
-        if is_text_model(model):
+        if modality_of(model) == TEXT:
             return _calibrate_text(model, names, data, samples=samples, batch_size=batch_size, device=device,
                                    tokenizer=tokenizer, progress=progress)
         return _calibrate_images(model, names, data, samples=samples, batch_size=batch_size, device=device,
@@ -209,7 +209,8 @@ def _on(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _calibrate_images(model, names, data, *, samples, batch_size, device, progress):
-    from lowrank_cli.data.images import find_images, make_loader, make_transform, read_problem
+    from lowrank_cli.data.images import find_images, make_loader, make_transform
+    from lowrank_cli.data.pillow_limits import read_problem
     from lowrank_cli.models.inputs import image_mode
 
     images = find_images(data, parameter="calib")

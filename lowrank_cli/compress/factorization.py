@@ -20,15 +20,17 @@ from torch import nn
 from lowrank_cli.checkpoint.format import CheckpointInfo, attach_info, info_of
 from lowrank_cli.compress.budget import budget_plan
 from lowrank_cli.compress.calibration import InputStats, calibrate, data_aware_factor_fn
+from lowrank_cli.compress.factorize_options import Calibration, FactorizeOptions, Ranking, Targets, Truncation
 from lowrank_cli.compress.plan import LayerStatus, Plan, make_plan
 from lowrank_cli.compress.speed_plan import parse_rank_multiple, run_dtype, speed_plan
-from lowrank_cli.compress.svd import SVD_METHODS, Factors, linalg_threads, truncated_svd
+from lowrank_cli.compress.svd import Factors, linalg_threads, truncated_svd
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.evaluation.counting import count_params
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.build import spec_of
 from lowrank_cli.models.fusion import resolve_fused
+from lowrank_cli.models.inputs import default_input_size
 from lowrank_cli.models.spec import ModelSpec
 from lowrank_cli.models.structure import swap_in, uncalled_linears
 
@@ -83,83 +85,71 @@ class FactorizeResult:
 def factorize(
     model: nn.Module,
     *,
-    kappa: float | None = None,
-    rank_multiple: int | str = 8,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    rank_pattern: list[str] | None = None,
+    targets: Targets | None = None,
+    ranking: Ranking | None = None,
+    truncation: Truncation | None = None,
+    calibration: Calibration | None = None,
     plan: Plan | None = None,
-    svd: str | None = None,
-    device: str | torch.device | None = "auto",
-    dtype: str | torch.dtype | None = None,
     input_size: tuple[int, ...] | None = None,
     check_calls: bool = True,
     factor_fn: FactorFn | None = None,
-    calib: str | None = None,
-    calib_samples: int = 256,
-    tokenizer: Any = None,
-    budget: float | None = None,
-    target_macs: int | None = None,
-    plan_kind: str = "pela",
-    plan_batch_size: int | None = None,
-    plan_dtype: str | torch.dtype | None = None,
-    plan_fused: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     calib_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    **keywords: Any,
 ) -> FactorizeResult:
     """`lowrank_cli.factorize(model, kappa=2)`: swap the planned linears of `model` for low-rank ones, in place.
 
-    The plan comes from `plan`, or from kappa / rank_multiple / include / exclude / rank_pattern (see
-    `lowrank_cli.compress.plan`). Linears the model never calls as modules stay dense, with a warning.
-    `factor_fn(name, weight, rank)` can replace the plain SVD (data-aware truncation); it returns an object shaped
-    like `svd.Factors`. `calib` (an image folder; for a text model a .txt / .jsonl file or folder, tokenised by
-    `tokenizer`, a tokenizer or the folder / Hub repo that has one) makes the truncation data-aware: it minimises
-    each layer's output error on `calib_samples` of its images or texts. `budget` (fraction of the target layers'
-    parameters to keep) or `target_macs` (MACs of the whole model) allocate ranks per layer instead of one kappa.
-    `rank_multiple="auto"` picks the multiple the device likes; `plan_kind="speed"` times every layer shape dense vs
-    factorized on the device (batch `plan_batch_size`, precision `plan_dtype`: default the stored dtype, else bf16
-    on CUDA; `plan_fused`: with the fused CUDA kernel, see `speed_plan`'s `fused`) and
-    keeps dense the layers whose factorized form is not faster. Returns the model (also
-    `result.model`) with per-layer errors and kept energies; the model carries its record
-    (`checkpoint.format.info_of`) for `lowrank_cli.save`.
+    What to factorize, how to rank and truncate, and the calibration data are compress.factorize_options's
+    `targets`, `ranking`, `truncation` and `calibration`, or their fields as keywords (`kappa=2` is
+    `ranking=Ranking(kappa=2)`). `plan` replaces the rank rule (compress.plan); linears the model never calls as
+    modules stay dense, with a warning; `factor_fn(name, weight, rank)` (returning an object shaped like
+    `svd.Factors`) replaces the plain SVD; every step runs at `input_size` (default: the model's). Returns the
+    model (also `result.model`) with per-layer errors; the model carries its record for `lowrank_cli.save`.
     """
-    kappa, svd = _check_options(kappa=kappa, svd=svd, budget=budget, target_macs=target_macs, calib=calib,
-                                rank_pattern=rank_pattern, plan_kind=plan_kind, plan_batch_size=plan_batch_size,
-                                plan_fused=plan_fused)
+    opts = FactorizeOptions.of(targets, ranking, truncation, calibration, **keywords)
+    opts.check()
+    r, t, cal = opts.ranking, opts.truncation, opts.calibration
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))  # 3: the line of factorize that ran the step
     start = time.perf_counter()
-    dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
-    runs_in = run_dtype(plan_dtype, out_dtype, dev, next(model.parameters()).dtype)
-    if plan_kind == "speed":
-        resolve_fused(plan_fused, dev, parameter="plan_fused")  # `plan_fused=True` without CUDA: before the SVDs
-    multiple = rank_multiple if plan is not None else parse_rank_multiple(rank_multiple, dev, runs_in)
-    plan = plan or make_plan(model, kappa=kappa, rank_multiple=multiple, include=include, exclude=exclude,
-                             rank_pattern=rank_pattern)
+    dev, out_dtype = resolve_device(t.device), resolve_dtype(t.dtype)
+    runs_in = run_dtype(r.plan_dtype, out_dtype, dev, next(model.parameters()).dtype)
+    if r.plan_kind == "speed":
+        resolve_fused(r.plan_fused, dev, parameter="plan_fused")  # `plan_fused=True` without CUDA: before the SVDs
+    multiple = r.rank_multiple if plan is not None else parse_rank_multiple(r.rank_multiple, dev, runs_in)
+    plan = plan or make_plan(model, kappa=r.ratio, rank_multiple=multiple, include=opts.targets.include,
+                             exclude=opts.targets.exclude, rank_pattern=opts.targets.rank_pattern)
+    size = _input_size(model, input_size, check_calls or bool(r.budgets) or r.plan_kind == "speed")
     if check_calls:
-        plan = _keep_uncalled_dense(model, plan, input_size, warn)
+        plan = _keep_uncalled_dense(model, plan, size, warn)
     extra: dict[str, Any] = {}
     stats = None
-    if calib is not None:
-        stats, extra["calibration"] = _calibration_step(model, plan, calib, calib_samples, dev, tokenizer,
-                                                        calib_progress)
+    if cal.calib is not None:
+        stats, extra["calibration"] = _calibration_step(model, plan, cal, dev, calib_progress)
         factor_fn = factor_fn or data_aware_factor_fn(stats)
-    if budget is not None or target_macs is not None:
-        plan, extra["budget"] = budget_plan(model, plan, keep_fraction=budget, target_macs=target_macs,
-                                            rank_multiple=multiple, stats=stats, input_size=input_size)
+    if r.budgets:
+        plan, extra["budget"] = budget_plan(model, plan, keep_fraction=r.budget, target_macs=r.target_macs,
+                                            rank_multiple=multiple, stats=stats, input_size=size)
     timings = None
-    if plan_kind == "speed":
-        plan, timings, extra["speed_plan"] = _speed_step(model, plan, dev, runs_in, input_size, plan_batch_size,
-                                                         plan_fused)
+    if r.plan_kind == "speed":
+        plan, timings, extra["speed_plan"] = _speed_step(model, plan, dev, runs_in, size, r.plan_batch_size,
+                                                         r.plan_fused)
     result = FactorizeResult(model, plan, params_before=count_params(model).total, dense=plan.dense, extra=extra)
-    spectra = _swap_planned(model, plan, result.layers, factor_fn=factor_fn, svd=svd, device=dev, dtype=out_dtype,
-                            progress=progress)
+    spectra = _swap_planned(model, plan, result.layers, factor_fn=factor_fn, svd=t.method, device=dev,
+                            dtype=out_dtype, progress=progress)
     result.params_after = count_params(model).total
     result.seconds = time.perf_counter() - start
-    _record(model, result, spectra, timings, kappa=None if "budget" in extra else kappa, rank_multiple=multiple,
-            asked_multiple=rank_multiple, plan_kind=plan_kind, svd="data-aware" if stats is not None else svd,
-            dtype=out_dtype)
+    _record(model, result, spectra, timings, kappa=None if "budget" in extra else r.ratio, rank_multiple=multiple,
+            asked_multiple=r.rank_multiple, plan_kind=r.plan_kind,
+            svd="data-aware" if stats is not None else t.method, dtype=out_dtype)
     return result
+
+
+def _input_size(model: nn.Module, input_size: tuple[int, ...] | None, needed: bool) -> tuple[int, ...] | None:
+    """The input size every step of one factorize call works at, worked out once (None when no step needs it)."""
+    if input_size is not None:
+        return tuple(input_size)
+    return default_input_size(model) if needed else None
 
 
 def _speed_step(model: nn.Module, plan: Plan, dev: torch.device, runs_in: torch.dtype,
@@ -185,46 +175,17 @@ def _keep_uncalled_dense(model: nn.Module, plan: Plan, input_size: tuple[int, ..
                         LayerStatus.DENSE_UNCALLED)
 
 
-def _calibration_step(model: nn.Module, plan: Plan, calib: str, samples: int, device: torch.device, tokenizer: Any,
+def _calibration_step(model: nn.Module, plan: Plan, cal: Calibration, device: torch.device,
                       progress: Callable[[int, int], None] | None) -> tuple[dict[str, InputStats], dict[str, Any]]:
     """Input statistics of the layers the plan factorizes, or that a rank budget may (those whose rank rule
-    saves nothing), on `samples` of `calib`; and the summary for the record."""
-    started = time.perf_counter()
+    saves nothing), on `calib_samples` of `calib`; and the summary for the record."""
+    started, samples = time.perf_counter(), cal.calib_samples
     names = plan.named(LayerStatus.FACTORIZED) + plan.named(LayerStatus.DENSE_NO_SAVING)
-    stats = calibrate(model, names, calib, samples=samples, device=device, tokenizer=tokenizer,
+    stats = calibrate(model, names, cal.calib, samples=samples, device=device, tokenizer=cal.tokenizer,
                       progress=(lambda n: progress(n, samples)) if progress else None)
     first = next(iter(stats.values()), None)
-    return stats, {"data": str(calib), "samples": first.samples if first else 0, "tokens": first.tokens if first else 0,
-                   "seconds": round(time.perf_counter() - started, 2)}
-
-
-DEFAULT_KAPPA = 2.0
-
-
-def _check_options(*, kappa, svd, budget, target_macs, calib, rank_pattern, plan_kind,
-                   plan_batch_size, plan_fused=None) -> tuple[float, str]:
-    """Refuse values and combinations that cannot work (never drop one silently); return kappa and svd with
-    their defaults filled in."""
-    budgets = [name for name, value in (("budget", budget), ("target_macs", target_macs)) if value is not None]
-    conflicts = [
-        (budgets and kappa is not None, f"`{budgets[0] if budgets else ''}` allocates the ranks per layer and `kappa` "
-         "gives every layer one ratio: give one of them"),
-        (len(budgets) == 2, "`budget` and `target_macs` both set the size: give one of them"),
-        (budgets and rank_pattern, f"`{budgets[0] if budgets else ''}` allocates every rank, `rank_pattern` fixes "
-         "some: give one of them"),
-        (svd is not None and calib is not None, "`svd` picks the method of the plain SVD; with `calib` the "
-         "truncation is data-aware: drop `svd`"),
-        (svd is not None and svd not in SVD_METHODS, f"`svd` '{svd}' is not one of {', '.join(SVD_METHODS)}"),
-        (plan_kind not in ("pela", "speed"), f"`plan_kind` '{plan_kind}' is not one of pela, speed"),
-        (plan_fused is not None and plan_kind != "speed", "`plan_fused` says how `plan_kind=speed` times the layers: "
-         "add `plan_kind=speed`, or drop it"),
-        (plan_batch_size is not None and plan_batch_size < 1,
-         f"`plan_batch_size` must be at least 1, got {plan_batch_size}"),
-    ]
-    for wrong, message in conflicts:
-        if wrong:
-            raise UsageError(message)
-    return (DEFAULT_KAPPA if kappa is None else kappa), (svd or "exact")
+    return stats, {"data": str(cal.calib), "samples": first.samples if first else 0,
+                   "tokens": first.tokens if first else 0, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _swap_planned(model: nn.Module, plan: Plan, results: list[LayerResult], *, factor_fn: FactorFn | None, svd: str,

@@ -11,7 +11,7 @@ from typing import Any
 
 from lowrank_cli.checkpoint.format import record_source
 from lowrank_cli.compress.factorization import FactorizeResult, factorize
-from lowrank_cli.compress.svd import SVD_METHODS
+from lowrank_cli.compress.factorize_options import FactorizeOptions
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import UsageError
 
@@ -32,45 +32,39 @@ def factorize_file(
 ) -> FactorizeResult:
     """What `lrc factorize` does: load any MODEL source, factorize it, save the lrc checkpoint atomically.
 
-    The output is checked first, so a doomed run fails before the SVDs rather than after them. Text models run
-    their checks at `seq_len` tokens; `save_tokenizer` copies a transformers source's tokenizer files there.
+    `options` are `factorize`'s (its configs, or their fields as keywords). They and the output are checked
+    first, so a doomed run fails before the loading and the SVDs rather than after them. Text models run their
+    checks at `seq_len` tokens; `save_tokenizer` copies a transformers source's tokenizer files there.
     """
+    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.atomic import check_output
     from lowrank_cli.checkpoint.io import save
-    from lowrank_cli.models.sources import load_model
 
+    configs = {k: options.pop(k) for k in ("targets", "ranking", "truncation", "calibration") if k in options}
+    steps = {k: options.pop(k) for k in _STEP_OPTIONS if k in options}
+    opts = FactorizeOptions.of(**configs, **options)
+    opts.check()
     check_output(output, force=force)
-    if options.get("svd") not in (None, *SVD_METHODS):
-        raise UsageError(f"`svd` '{options['svd']}' is not one of {', '.join(SVD_METHODS)}")
-    resolve_dtype(options.get("dtype"))
-    if options.get("plan_dtype") is not None:
-        resolve_dtype(options["plan_dtype"], parameter="plan_dtype")  # refused before the loading
-    device = resolve_device(options.get("device", "auto"))
-    if options.get("plan_kind") == "speed":
-        from lowrank_cli.models.fusion import resolve_fused
-
-        # `plan_fused=True` without CUDA or Triton: refused before the loading
-        resolve_fused(options.get("plan_fused"), device, parameter="plan_fused")
-    from lowrank_cli.models.inputs import check_input_size, default_input_size
-    from lowrank_cli.models.transformers_models import is_text_model
-
+    _refuse_before_loading(opts)
     loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
     if loaded.checkpoint is not None and loaded.checkpoint.ranks:  # a dense lrc file (a full fine-tuning) is fine
         raise UsageError(f"'{source}' is already factorized (an lrc checkpoint with {len(loaded.checkpoint.ranks)} "
                          "low-rank layers): factorize its dense source model instead")
-    text = is_text_model(loaded.model)
-    check_input_size(loaded.model, options.get("input_size"))
-    if text or seq_len is not None:  # an image model with a `seq_len` is refused here
-        options["input_size"] = default_input_size(loaded.model, seq_len)
-    calib_needs_tokenizer = text and options.get("calib") is not None and options.get("tokenizer") is None
+    steps["input_size"] = _input_size(loaded.model, steps.get("input_size"), seq_len)
+    from lowrank_cli.models.families import TEXT, modality_of
+
+    text = modality_of(loaded.model) == TEXT
+    cal = opts.calibration
+    calib_needs_tokenizer = text and cal.calib is not None and cal.tokenizer is None
     tokenizer_dir = None
     if save_tokenizer or calib_needs_tokenizer:
         from lowrank_cli.models.hub import tokenizer_folder
 
         tokenizer_dir = tokenizer_folder(loaded)  # once, before the SVDs: a source without one fails at once
     if calib_needs_tokenizer:
-        options["tokenizer"] = tokenizer_dir
-    result = factorize(loaded.model, **options)
+        cal.tokenizer = tokenizer_dir
+    result = factorize(loaded.model, **dict(zip(("targets", "ranking", "truncation", "calibration"), opts.parts())),
+                       **steps)
     record_source(result.model, loaded.source)
     save(result.model, output, force=force)
     if save_tokenizer:
@@ -78,3 +72,33 @@ def factorize_file(
 
         result.extra["tokenizer"] = {"folder": save_tokenizer, "files": copy_tokenizer(tokenizer_dir, save_tokenizer)}
     return result
+
+
+# factorize's keywords that are not options of its configs: how the call runs, not what it does
+_STEP_OPTIONS = ("plan", "input_size", "check_calls", "factor_fn", "progress", "calib_progress", "warn")
+
+
+def _refuse_before_loading(opts: FactorizeOptions) -> None:
+    """What the device and the precisions must allow, checked before the loading: an unknown dtype, a
+    `plan_fused=True` without CUDA or Triton."""
+    resolve_dtype(opts.truncation.dtype)
+    if opts.ranking.plan_dtype is not None:
+        resolve_dtype(opts.ranking.plan_dtype, parameter="plan_dtype")
+    device = resolve_device(opts.truncation.device)
+    if opts.ranking.plan_kind == "speed":
+        from lowrank_cli.models.fusion import resolve_fused
+
+        resolve_fused(opts.ranking.plan_fused, device, parameter="plan_fused")
+
+
+def _input_size(model: Any, input_size: tuple[int, ...] | None, seq_len: int | None) -> tuple[int, ...]:
+    """The input size of the source, worked out once (factorize passes it down to every step): `input_size` for an
+    image model (default: its data config); `seq_len` tokens for a text model (default 128), which refuses an
+    `input_size` C,H,W, as an image model refuses a `seq_len`."""
+    from lowrank_cli.models.families import TEXT, modality_of
+    from lowrank_cli.models.inputs import check_input_size, default_input_size
+
+    check_input_size(model, input_size)
+    if input_size is not None and seq_len is None and modality_of(model) != TEXT:
+        return tuple(input_size)
+    return default_input_size(model, seq_len)

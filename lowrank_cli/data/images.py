@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowrank_cli.data.files import visible, walk_files
+from lowrank_cli.data.pillow_limits import tell_too_large
 from lowrank_cli.data.sampling import EpochSampler, derive_seed, epoch_loader, ignore_sigint_in_worker, seeded
 from lowrank_cli.errors import InputError, UsageError
 
@@ -198,6 +199,37 @@ def find_images(
 # ------------------------------------------------------------------------------------------ transforms
 
 
+def val_split(data: str | os.PathLike, *, required: bool = True, class_tree: bool = True) -> ImageSet | None:
+    """The labelled images to evaluate on: DIR/val/<class>/..., or DIR itself when it is a class tree.
+
+    A dataset root with a train/ split but no val/ split is not evaluated on its training images: that is an
+    error (or None when not `required`). A flat folder has no labels: also an error / None. `class_tree=False`
+    accepts a val/ split only (recovery trains on a class tree, so it cannot also be the validation data).
+    """
+    root = Path(data).expanduser()
+    val = find_images(root, "val", required=False)
+    if val is None:
+        train = find_images(root, "train", required=required)
+        if train is None:
+            return None
+        if train.layout == "imagefolder" or (train.layout == "classes" and not class_tree):
+            if required:
+                raise InputError(
+                    f"data folder '{root}' has a train/ split but no val/ split to measure accuracy on: add "
+                    f"'{root / 'val'}/<class>/...' or point `data` at a labelled folder"
+                )
+            return None
+        val = train  # DIR itself: a class tree (e.g. --data imagenet/val), or a flat folder (no labels)
+    if not val.labelled:
+        if required:
+            raise InputError(
+                f"data folder '{val.root}' has images but no class folders, so no labels to measure accuracy "
+                f"with: use '{val.root}/<class>/image.jpg'"
+            )
+        return None
+    return val
+
+
 def make_transform(model_or_config: torch.nn.Module | Mapping[str, Any], training: bool) -> Callable[..., Any]:
     """The model's preprocessing, built by `timm.data.create_transform` from `data_config`.
 
@@ -254,52 +286,12 @@ class ImageDataset(Dataset):
             with Image.open(path) as im:
                 img = im.convert(self.mode)  # convert() loads fully, so truncation surfaces here
         except Image.DecompressionBombError as exc:  # not corrupt: too large to decode safely
-            _tell_too_large(path, exc)
+            tell_too_large(path, exc)
             return None
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ...
             log.debug("skipping unreadable image '%s': %s", path, exc)  # counted; the run says how many
             return None
         return self.transform(img), label
-
-
-_TOLD: set[Path] = set()  # the too-large images already warned about (in this process)
-TOLD_AT_MOST = 3
-TOO_LARGE_FIX = ("shrink the images (a model reads a few hundred pixels a side), or raise PIL.Image.MAX_IMAGE_PIXELS "
-                 "from Python for files you trust")
-
-
-def _tell_too_large(path: Path, error: Exception) -> None:
-    """A warning for each of the first few too-large images (the run counts them with the unreadable ones)."""
-    if path in _TOLD or len(_TOLD) > TOLD_AT_MOST:
-        return
-    _TOLD.add(path)
-    if len(_TOLD) > TOLD_AT_MOST:
-        log.warning("more images are larger than Pillow's limit: skipped without a word")
-        return
-    log.warning("'%s' skipped: %s; %s", path, too_large(error), TOO_LARGE_FIX)
-
-
-def too_large(error: Exception) -> str:
-    """What Pillow's DecompressionBombError says, in words: the image's size and the limit."""
-    import re
-
-    numbers = [int(n) for n in re.findall(r"(\d+) pixels", str(error))]
-    size = f"it has {numbers[0] / 1e6:,.0f} Mpx, more" if numbers else "it is larger"
-    limit = f" of {numbers[1] / 1e6:,.0f} Mpx" if len(numbers) > 1 else ""
-    return f"{size} than Pillow's limit{limit} (its guard against decompression bombs)"
-
-
-def read_problem(path: str | os.PathLike[str]) -> tuple[str, str | None]:
-    """Why PIL cannot read the image at `path`, and what to do (None: the caller's usual advice), for the error that
-    says that no image could be read (the loader itself only counts them)."""
-    try:
-        with Image.open(path) as im:
-            im.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        return f"'{path}': {too_large(exc)}", TOO_LARGE_FIX
-    except Exception as exc:
-        return f"'{path}' is corrupt, truncated or not an image ({type(exc).__name__})", None
-    return f"'{path}' reads now (did it change?)", None
 
 
 def collate(items: Sequence[tuple[torch.Tensor, int] | None]) -> Batch:

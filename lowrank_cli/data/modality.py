@@ -31,8 +31,7 @@ class ImageData:
     def find(self, data: Path, *, evaluate: bool, val_data: Path | None = None, val_fraction: float | None = None,
              seed: int = 0) -> tuple[Any, Any, str]:
         """(training images, held-out images or None, where the held-out images come from)."""
-        from lowrank_cli.data.images import find_images
-        from lowrank_cli.evaluation.accuracy import val_split
+        from lowrank_cli.data.images import find_images, val_split
 
         train = find_images(data, "train")
         if not evaluate:
@@ -131,7 +130,7 @@ class TextData:
 
         if tokenizer is None:
             from lowrank_cli.models.hub import tokenizer_folder
-            from lowrank_cli.training.teacher import name_of
+            from lowrank_cli.models.loaded import name_of
 
             if teacher.files is None:
                 raise UsageError(f"no tokenizer for the text data: the teacher {name_of(teacher)} is not a "
@@ -224,9 +223,9 @@ def modality_for(data: Path) -> ImageData | TextData:
 def check_model(modality: ImageData | TextData, teacher: nn.Module, teacher_name: str, data: Path,
                 role: str = "the teacher") -> None:
     """Texts need a text model and images an image model: say which data the model needs."""
-    from lowrank_cli.models.transformers_models import is_text_model
+    from lowrank_cli.models.families import TEXT, modality_of
 
-    text_model = is_text_model(teacher)
+    text_model = modality_of(teacher) == TEXT
     if (modality.name == "texts") != text_model:
         raise UsageError(f"`data` '{data}' holds {modality.name} but {role} {teacher_name} is "
                          f"{'a text' if text_model else 'an image'} model: give it "

@@ -133,7 +133,7 @@ def task_of(train_set: Any) -> tuple[list[str] | None, bool]:
 def task_sets(spec: TaskSpec, *, evaluate: bool, seed: int, val_fraction: float | None,
               val_data: Path | None = None) -> tuple[ImageData | LabelledTextData, Any, Any, str]:
     """(modality, training set, held-out set or None, where the held-out set comes from) of one task, read as
-    `FinetuneRun` reads its data and checked as `task_of` checks it; an error names the task."""
+    `finetune` reads its data and checked as `task_of` checks it; an error names the task."""
     try:
         modality = task_modality_for(spec.path)
         if isinstance(modality, LabelledTextData):

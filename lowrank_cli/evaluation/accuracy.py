@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_cli.data.images import ImageDataset, ImageSet, collate, find_images, make_transform, read_problem
+from lowrank_cli.data.images import ImageDataset, ImageSet, collate, make_transform, val_split
+from lowrank_cli.data.pillow_limits import read_problem
 from lowrank_cli.devices import autocast_for
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.inputs import image_mode, output_tensor
@@ -24,47 +24,12 @@ from lowrank_cli.models.inputs import image_mode, output_tensor
 TOP_K = (1, 5)
 
 
-def val_split(data: str | os.PathLike, *, required: bool = True, class_tree: bool = True) -> ImageSet | None:
-    """The labelled images to evaluate on: DIR/val/<class>/..., or DIR itself when it is a class tree.
-
-    A dataset root with a train/ split but no val/ split is not evaluated on its training images: that is an
-    error (or None when not `required`). A flat folder has no labels: also an error / None. `class_tree=False`
-    accepts a val/ split only (recovery trains on a class tree, so it cannot also be the validation data).
-    """
-    root = Path(data).expanduser()
-    val = find_images(root, "val", required=False)
-    if val is None:
-        train = find_images(root, "train", required=required)
-        if train is None:
-            return None
-        if train.layout == "imagefolder" or (train.layout == "classes" and not class_tree):
-            if required:
-                raise InputError(
-                    f"data folder '{root}' has a train/ split but no val/ split to measure accuracy on: add "
-                    f"'{root / 'val'}/<class>/...' or point `data` at a labelled folder"
-                )
-            return None
-        val = train  # DIR itself: a class tree (e.g. --data imagenet/val), or a flat folder (no labels)
-    if not val.labelled:
-        if required:
-            raise InputError(
-                f"data folder '{val.root}' has images but no class folders, so no labels to measure accuracy "
-                f"with: use '{val.root}/<class>/image.jpg'"
-            )
-        return None
-    return val
-
-
 def num_classes(model: nn.Module) -> int | None:
-    """The number of outputs of a timm classifier, or of a transformers image classifier (None when the model
-    says nothing or has no head)."""
-    from lowrank_cli.models.transformers_models import is_transformers_model
+    """The number of outputs of the model's image classifier, as its family reads it (None when the model says
+    nothing or has no head)."""
+    from lowrank_cli.models.families import family_of
 
-    if is_transformers_model(model):
-        labels = getattr(model.config, "num_labels", 0)
-        return int(labels) if type(model).__name__.endswith("ForImageClassification") and labels else None
-    n = getattr(model, "num_classes", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
+    return family_of(model).num_classes(model)
 
 
 def check_classes(model: nn.Module, image_set: ImageSet, what: str = "the model") -> str | None:
@@ -120,9 +85,9 @@ def evaluate(
     Returns {"top1", "top5", "images", "skipped", "precision"}; "top5" is top-min(5, classes).
     """
     from lowrank_cli import distributed
-    from lowrank_cli.models.transformers_models import is_text_model
+    from lowrank_cli.models.families import TEXT, modality_of
 
-    if is_text_model(unwrap(model)):
+    if modality_of(unwrap(model)) == TEXT:
         raise UsageError("lrc eval measures top-1 / top-5 on labelled images; this is a text model: compare its "
                          "outputs with the teacher's through lrc recover's distillation losses instead")
     image_set = data if isinstance(data, ImageSet) else val_split(data)

@@ -5,7 +5,7 @@
     result["tasks"]["digits"]["top1"], result["tasks"]["sts"]["spearman"], result["overall"]
 
 Each task is scored by its own model: the checkpoint read again, with that task's head and (in `experts` mode) its
-adapters merged (`checkpoint.tasks.model_for_task`). Labelled texts (.jsonl / .csv) go through
+adapters merged (`adapters.task_models.model_for_task`). Labelled texts (.jsonl / .csv) go through
 `task_scores.evaluate_texts` (accuracy, or Pearson / Spearman of a score), images (an ImageFolder or class tree)
 through `accuracy.evaluate` (top-1, top-5). The overall is `task_scores.overall_score`: the mean over tasks of
 the accuracy (top-1), or (r + 1) / 2 of the Spearman correlation.
@@ -34,11 +34,11 @@ def evaluate_tasks(model: str | os.PathLike, tasks: list[str | TaskSpec], *, rev
     `tokenizer`: for text tasks (default: the one the checkpoint names). `fused`: the fused low-rank kernel.
     Returns {"tasks": {name: scores (with "data")}, "overall": the overall score}.
     """
+    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.checkpoint.tasks import task_entry
     from lowrank_cli.devices import resolve_device
     from lowrank_cli.evaluation.task_scores import overall_score
     from lowrank_cli.models.fusion import resolve_fused
-    from lowrank_cli.models.sources import load_model
 
     log = log or (lambda msg: None)
     specs = parse_tasks(list(tasks), parameter="tasks")
@@ -77,7 +77,7 @@ def _check_target(spec: TaskSpec, entry: dict[str, Any]) -> None:
 
 
 def _task_model(loaded: Any, name: str, device: torch.device, fuse: bool) -> nn.Module:
-    from lowrank_cli.checkpoint.tasks import model_for_task
+    from lowrank_cli.adapters.task_models import model_for_task
     from lowrank_cli.models.fusion import fuse_lowrank
 
     model = model_for_task(loaded, name).to(device).float()
@@ -90,10 +90,10 @@ def _score(model: nn.Module, loaded: Any, spec: TaskSpec, tokenizer: str | None,
            batch_size: int, device: torch.device, num_workers: int) -> dict[str, Any]:
     from lowrank_cli.data.labelled_texts import is_labelled_text_file
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
-    from lowrank_cli.models.transformers_models import is_text_model
+    from lowrank_cli.models.families import TEXT, modality_of
 
     if is_labelled_text_file(spec.path):
-        if not is_text_model(model):
+        if modality_of(model) != TEXT:
             raise UsageError(f"`tasks` '{spec}': '{spec.path}' holds labelled texts; task '{spec.name}' is of a model "
                              "that reads images: give an ImageFolder (<class>/image.png)")
         return _score_texts(model, loaded, spec, tokenizer, max_length, batch_size, device)

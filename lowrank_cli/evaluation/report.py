@@ -39,6 +39,7 @@ from lowrank_cli.atomic import utf8_path
 from lowrank_cli.checkpoint.format import info_of
 from lowrank_cli.errors import InputError
 from lowrank_cli.evaluation.report_layers import layer_rows
+from lowrank_cli.models.families import family_of
 from lowrank_cli.models.inputs import check_input_size, default_input_size
 
 REPORT_SCHEMA = 1
@@ -78,7 +79,7 @@ def build_report(
 ) -> Report:
     """The report of any MODEL source (timm name, hf-hub:, local-dir:, folder, weights file + arch, lrc
     checkpoint) or of a plain safetensors file without lrc metadata (counted from its header unless `arch`)."""
-    from lowrank_cli.models.sources import load_model
+    from lowrank_cli.adapters.loading import load_model
 
     log = log or (lambda msg: None)
     path = Path(source).expanduser()
@@ -132,10 +133,10 @@ def report_model(
     macs = count_macs(model, size)
     layers = layer_rows(model, macs.by_module, checkpoint)
     document = _skeleton(source or {"argument": None, "kind": "model", "id": type(model).__name__})
-    timm_arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    known = (spec.architecture, spec.library) if spec is not None else family_of(model).describe(model)
     document["model"] = {
-        "architecture": spec.architecture if spec is not None else timm_arch,
-        "library": spec.library if spec is not None else ("timm" if timm_arch else None),
+        "architecture": known[0],
+        "library": known[1],
         "model_args": dict(spec.model_args) if spec is not None else {},
         "input_size": list(size),
         "dtype": _model_dtype(model),
@@ -214,8 +215,8 @@ def measure_reference(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The `--compare` model, measured for real: {"kind": "compare", "source", "params", "macs"}."""
+    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.evaluation.counting import count_macs, count_params
-    from lowrank_cli.models.sources import load_model
 
     log = log or (lambda msg: None)
     log(f"Loading the `compare` model {source}")

@@ -154,7 +154,7 @@ class _Reads:
 def _trace_reads(model: nn.Module, names: list[str], input_size: tuple[int, ...] | None) -> _Reads | None:
     """One forward of a meta-device twin of `model`, recording every low-rank layer's and GELU's input and output
     tensors (kept alive, so that identity means identity). None when the twin cannot run."""
-    from lowrank_cli.models.inputs import default_input_size, example_input
+    from lowrank_cli.models.inputs import default_input_size, input_spec
 
     counts: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
@@ -173,7 +173,7 @@ def _trace_reads(model: nn.Module, names: list[str], input_size: tuple[int, ...]
             hooks.append(twin.get_submodule(name).register_forward_hook(record))
         twin.eval()
         with torch.no_grad():
-            twin(example_input(twin, size, device="meta", dtype=next(model.parameters()).dtype, zeros=True))
+            twin(input_spec(model).example(size, device="meta", dtype=next(model.parameters()).dtype, zeros=True))
     except Exception as e:  # fusion is an optimisation: a model the twin cannot run keeps per-layer fusion
         log.debug("fusion: no meta forward (%s: %s): layers fused one by one", type(e).__name__, str(e)[:200])
         return None

@@ -7,10 +7,10 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from lowrank_cli.errors import InputError
-from lowrank_cli.models.loaded import LoadedModel
 from lowrank_cli.models.weights import PICKLE_WEIGHTS, SAFE_WEIGHTS
 
 
@@ -158,8 +158,9 @@ def hub_tokenizer_folder(repo: str, revision: str | None) -> Path | None:
     return found
 
 
-def tokenizer_folder(loaded: LoadedModel) -> Path:
-    """The local folder with the tokenizer files of a transformers source (Hub files are fetched to the cache)."""
+def tokenizer_folder(loaded: Any) -> Path:
+    """The local folder with the tokenizer files of a transformers source (a LoadedModel; Hub files are fetched to
+    the cache)."""
     from lowrank_cli.models.transformers_models import TOKENIZER_FILES
 
     if loaded.files is None:

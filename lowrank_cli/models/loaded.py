@@ -39,3 +39,9 @@ class LoadedModel:
         """An independent copy: the model and its spec deep-copied (a head can be replaced in one and not the other),
         the rest shared."""
         return dataclasses.replace(self, model=copy.deepcopy(self.model), spec=copy.deepcopy(self.spec))
+
+
+def name_of(loaded: LoadedModel) -> str:
+    """The model's name in messages: its source's id, else its architecture."""
+    source = loaded.source or {}
+    return str(source.get("id") or loaded.spec.architecture)

@@ -1,4 +1,5 @@
-"""Where a model's parts are: its linears, its transformer blocks, the targets of a pattern; swapping a module in."""
+"""Where a model's parts are: its linears, its transformer blocks (as its family finds them), the targets of a
+pattern; swapping a module in."""
 
 from __future__ import annotations
 
@@ -10,35 +11,29 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.models.inputs import example_input
+from lowrank_cli.models.blocks import linear_names
+from lowrank_cli.models.families import family_of
+from lowrank_cli.models.inputs import default_input_size, forward_failed, input_spec
 
-
-def linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+__all__ = ["block_linear_names", "block_names", "compile_patterns", "innermost_blocks", "linear_names",
+           "select_targets", "swap_in", "uncalled_linears"]
 
 
 def block_names(model: nn.Module) -> list[str]:
-    """Names of the model's repeated blocks (see block_linear_names), outermost first, in model order."""
-    names: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        children = [c for c in module.children() if any(True for _ in c.children())]
-        classes = [type(c) for c in children]
-        if any(classes.count(c) >= 2 for c in set(classes)):
-            names += [f"{name}.{child}" if name else child for child, c in module.named_children() if any(True for _ in c.children())]
-    return names
+    """Names of the model's repeated blocks, outermost first, in model order, as its family finds them (the
+    generic rule: models.blocks.repeated_blocks)."""
+    return family_of(model).block_names(model)
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
-    """Linears inside the model's repeated blocks: the transformer blocks, in PELA's sense.
+    """Linears inside the model's repeated blocks: the transformer blocks, in PELA's sense (what its family
+    factorizes by default).
 
     A block is an element of an nn.ModuleList / nn.Sequential that holds at least two container modules of the
     same class (timm `blocks.N`, Swin `layers.N.blocks.M`, BERT `encoder.layer.N`). Heads, patch embeddings,
     poolers and an MLP written as a Sequential of bare Linears are not blocks, so they stay dense.
     """
-    block_prefixes = [b + "." for b in block_names(model)]
-    return [n for n in linear_names(model) if any(n.startswith(p) for p in block_prefixes)]
+    return family_of(model).target_linears(model)
 
 
 def compile_patterns(patterns: list[str], parameter: str) -> list[re.Pattern]:
@@ -80,8 +75,6 @@ def swap_in(model: nn.Module, name: str, layer: nn.Module) -> None:
 
 def innermost_blocks(model: nn.Module) -> list[str]:
     """The model's repeated transformer blocks, innermost ones only (Swin: `layers.N.blocks.M`, not `layers.N`)."""
-
-
     names = block_names(model)
     return [n for n in names if not any(other.startswith(n + ".") for other in names)]
 
@@ -94,33 +87,32 @@ def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, 
     """
     if not names:
         return []
-    from lowrank_cli.models.inputs import default_input_size
-
     size = tuple(input_size or default_input_size(model))
+    spec = input_spec(model)  # the model's, for its twin too
     # A twin on the meta device runs the same modules on shapes only: no arithmetic, no memory. A model that
     # cannot run on meta (data-dependent control flow) is checked with a real batch-1 forward instead.
     try:
         twin = copy.deepcopy(model, {id(t): torch.empty_like(t, device="meta")
                                      for t in itertools.chain(model.parameters(), model.buffers())})
-        return _uncalled(twin, names, size, torch.device("meta"))
+        return _uncalled(twin, names, spec.example(size, dtype=next(model.parameters()).dtype, device="meta",
+                                                   zeros=True))
     except Exception:
         pass
     try:
-        return _uncalled(model, names, size, next(model.parameters()).device)
+        return _uncalled(model, names, spec.example(size, dtype=next(model.parameters()).dtype,
+                                                    device=next(model.parameters()).device, zeros=True))
     except Exception as e:
-        from lowrank_cli.models.inputs import forward_failed
-
         raise forward_failed(e, model, size, ", so lrc cannot check which linears the model calls") from None
 
 
-def _uncalled(model: nn.Module, names: list[str], size: tuple[int, ...], device: torch.device) -> list[str]:
+def _uncalled(model: nn.Module, names: list[str], batch: torch.Tensor) -> list[str]:
     called: set[str] = set()
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: called.add(n)) for n in names]
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(example_input(model, size, dtype=next(model.parameters()).dtype, device=device, zeros=True))
+            model(batch)
     finally:
         for h in hooks:
             h.remove()

@@ -14,14 +14,15 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from lowrank_cli.errors import EnvironmentProblem, InputError, UsageError
 from lowrank_cli.models.spec import ModelSpec, json_safe
+
+if TYPE_CHECKING:
+    from torch import nn
 
 LIBRARY = "transformers"
 PREPROCESSOR = "preprocessor_config.json"
@@ -30,8 +31,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
 )  # fmt: skip
-# Text models count MACs at this many tokens by default (`lrc report --seq-len`).
-DEFAULT_SEQ_LEN = 128
 
 
 def require() -> Any:
@@ -60,15 +59,6 @@ def quiet() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def config_library(cfg: dict[str, Any]) -> str | None:
-    """Which library wrote a config.json: timm (architecture / pretrained_cfg) or transformers (model_type)."""
-    if "architecture" in cfg or "pretrained_cfg" in cfg:
-        return "timm"
-    if "model_type" in cfg or "architectures" in cfg:
-        return LIBRARY
-    return None
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -139,14 +129,6 @@ def empty_model(spec: ModelSpec) -> nn.Module:
     return model.eval()
 
 
-def finish(model: nn.Module) -> nn.Module:
-    """After the weights are assigned: tie the weights the config ties (a masked-LM decoder and the word
-    embeddings are one tensor, written twice in the file)."""
-    if is_transformers_model(model):
-        model.tie_weights()
-    return model
-
-
 # ---------------------------------------------------------------------------------------------- specs
 
 
@@ -191,12 +173,37 @@ def image_pretrained_cfg(model: nn.Module) -> dict[str, Any] | None:
     return getattr(model, "pretrained_cfg", None) or vision_pretrained_cfg(model.config, None)
 
 
-def transformers_spec(model: nn.Module) -> ModelSpec:
-    """How to rebuild `model`: its class, its whole config and (vision) its preprocessing."""
+def transformers_spec(model: nn.Module, family: str | None = None) -> ModelSpec:
+    """How to rebuild `model`: its class, its whole config and (vision) its preprocessing; `family` the
+    models.families name that reads it."""
     config = model.config.to_dict()
     config.pop("transformers_version", None)
     pretrained_cfg = dict(image_pretrained_cfg(model) or {})
-    return ModelSpec(type(model).__name__, json_safe(config), json_safe(pretrained_cfg), library=LIBRARY)
+    return ModelSpec(type(model).__name__, json_safe(config), json_safe(pretrained_cfg), library=LIBRARY,
+                     family=family)
+
+
+# Models whose learned positions start at padding_idx + 1 (fairseq's convention): max_position_embeddings
+# counts padding_idx + 1 = 2 slots that no token can use (514 for a 512-token RoBERTa).
+_POSITIONS_AFTER_PAD = (
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text",
+)  # fmt: skip
+
+
+def _config_value(config: Any, key: str) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def position_limit(model_or_config: Any) -> int | None:
+    """The most tokens the model's learned positions take (max_position_embeddings, minus the 2 unusable slots
+    of RoBERTa-style models), or None when the config does not say."""
+    config = getattr(model_or_config, "config", model_or_config)
+    positions = _config_value(config, "max_position_embeddings")
+    if not (isinstance(positions, int) and positions > 0):
+        return None
+    return positions - 2 if _config_value(config, "model_type") in _POSITIONS_AFTER_PAD else positions
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -211,9 +218,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_pretrained(folder: str, *, what: str, arch: str | None = None,
-                    preprocessor: dict[str, Any] | None = None) -> tuple[nn.Module, ModelSpec]:
-    """A local folder in transformers' layout (a Hub repo's files are fetched by sources.py first), through
+def load_pretrained(folder: str, *, what: str, arch: str | None = None, preprocessor: dict[str, Any] | None = None,
+                    family: str | None = None) -> tuple[nn.Module, ModelSpec]:
+    """A local folder in transformers' layout (a Hub repo's files are fetched by the family first), through
     `from_pretrained` (safetensors first, no remote code). Weights that do not fit the architecture are an
     error, not a silently re-initialised layer."""
     transformers = require()
@@ -243,7 +250,7 @@ def load_pretrained(folder: str, *, what: str, arch: str | None = None,
     model.eval()
     if getattr(model, "main_input_name", None) == "pixel_values":
         attach_pretrained_cfg(model, vision_pretrained_cfg(config, preprocessor))
-    return model, transformers_spec(model)
+    return model, transformers_spec(model, family)
 
 
 def copy_tokenizer(folder: Path, destination: str | Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""Weights files: safetensors or torch files read with weights_only=True (never unpickled), and their hashes."""
+"""Weights files: safetensors or torch files read with weights_only=True (never unpickled), their hashes, and
+filling a model with them (names and shapes checked first)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lowrank_cli.atomic import utf8_path
 from lowrank_cli.errors import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
 SAFE_WEIGHTS = "model.safetensors"
-
-
 PICKLE_WEIGHTS = "pytorch_model.bin"
-
 
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrc-sha256")
 
@@ -114,3 +111,40 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """Compare the names and shapes of the tensors to load with the model's, before anything is allocated,
+    so that the error says which keys do not fit."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k} {tuple(shapes[k])} vs {v}" for k, v in expected.items() if k in shapes and tuple(shapes[k]) != v]
+    if not (missing or unexpected or wrong):
+        return
+
+    def some(items: list[str], sep: str = ", ") -> str:
+        return sep.join(items[:3]) + (f"{sep}..." if len(items) > 3 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({some(unexpected)})")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatch(es) (file vs model: {some(wrong, '; ')})")
+    raise InputError(
+        f"the weights of {what} do not fit the architecture: {', '.join(parts)}; check `arch` and `model_args` "
+        "(e.g. num_classes=...)"
+    )
+
+
+def fill(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """Strictly load `state_dict` into `model` (possibly on meta)."""
+    check_fits(model, {k: tuple(v.shape) for k, v in state_dict.items()}, what)
+    # assign=True keeps the loaded tensors (and their dtype) instead of copying into meta placeholders.
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise InputError(f"{what}: tensor {name} was not filled by the weights: the file does not fit the model")
+    return model

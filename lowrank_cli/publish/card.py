@@ -20,18 +20,13 @@ from typing import Any
 
 from lowrank_cli.checkpoint.format import CheckpointInfo, is_lrc_checkpoint, read_info
 from lowrank_cli.errors import InputError
+from lowrank_cli.models.families import TEXT, family_of_spec
 from lowrank_cli.models.lrc_folder import LrcFiles, checkpoint_path, lrc_files
 from lowrank_cli.models.spec import ModelSpec
 from lowrank_cli.publish.inputs import EvalFacts, dataset_name, read_bench, read_eval, read_json_file
 
 LIBRARY_NAME = "lowrank-cli"  # the Hub's library_name: the package users install to load the repo
 BASE_TAGS = ["lrc", "low-rank", "pela", "svd", "compressed"]
-# transformers class name ending -> the Hub's pipeline_tag
-_TRANSFORMERS_TASKS = (
-    ("ForImageClassification", "image-classification"), ("ForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"),
-    ("ForMaskedLM", "fill-mask"), ("ForMultipleChoice", "multiple-choice"),
-)  # fmt: skip
 
 
 @dataclass
@@ -51,9 +46,8 @@ class Card:
 
 
 def is_text_spec(spec: ModelSpec) -> bool:
-    """A text model (it takes token ids, and is published with its tokenizer): a transformers model without
-    image settings (a vision model always has them)."""
-    return spec.library == "transformers" and not spec.pretrained_cfg
+    """A text model (it takes token ids, and is published with its tokenizer), as its family reads the spec."""
+    return family_of_spec(spec).spec_modality(spec) == TEXT
 
 
 def resolve_checkpoint(source: str | Path, revision: str | None = None) -> tuple[Path, LrcFiles | None]:
@@ -144,24 +138,18 @@ def tags_of(info: CheckpointInfo) -> list[str]:
 
 
 def pipeline_tag(spec: ModelSpec) -> str | None:
-    """The Hub task of the architecture: timm models classify images (or embed them without a head);
-    transformers classes say it in their name; a bare encoder extracts features."""
-    if spec.library == "timm":
-        return "image-classification" if spec.model_args.get("num_classes", 1) else "image-feature-extraction"
-    for ending, task in _TRANSFORMERS_TASKS:
-        if spec.architecture.endswith(ending):
-            return task
-    return "feature-extraction" if is_text_spec(spec) else "image-feature-extraction"
+    """The Hub task of the architecture, as its family says (timm models classify images or embed them without a
+    head; transformers classes say it in their name; a bare encoder extracts features)."""
+    return family_of_spec(spec).pipeline_tag(spec)
 
 
 def base_model(info: CheckpointInfo) -> str | None:
-    """The Hub repo the dense weights came from (a timm name's repo, an hf-hub source); None for local files."""
+    """The Hub repo the dense weights came from (an hf-hub source, or the repo a named source's weights came from:
+    a timm name's); None for local files."""
     source = (info.provenance or {}).get("source") or {}
     if source.get("kind") == "hf-hub":
         return source.get("id")
-    if source.get("kind") == "timm":
-        return source.get("hub")
-    return None
+    return source.get("hub")
 
 
 def source_license(info: CheckpointInfo, log: Callable[[str], None]) -> str | None:

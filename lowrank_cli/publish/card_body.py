@@ -13,7 +13,9 @@ from typing import Any
 from lowrank_cli.checkpoint.format import CheckpointInfo
 from lowrank_cli.evaluation.counting import format_size
 from lowrank_cli.evaluation.report_format import flat_text
+from lowrank_cli.models.families import family_of_spec, source_label
 from lowrank_cli.models.lrc_folder import CHECKPOINT_FILE, MARKER
+from lowrank_cli.models.spec import ModelSpec
 from lowrank_cli.publish.inputs import BenchFacts, EvalFacts, dataset_name
 
 LRC_URL = "https://pypi.org/project/lowrank-cli/"
@@ -35,7 +37,7 @@ def card_body(info: CheckpointInfo, report: dict[str, Any], *, name: str, repo_i
               bench: BenchFacts | None, evals: list[EvalFacts], text: bool, tokenizer: list[str] | None) -> str:
     sections = [
         intro(info, name), size_section(report), method_section(info, report), accuracy_section(info, evals),
-        speed_section(bench), usage_section(repo_id, info.spec.library, text, tokenizer),
+        speed_section(bench), usage_section(repo_id, info.spec, text, tokenizer),
         files_section(tokenizer), citation_section(info),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
@@ -47,10 +49,8 @@ def source_name(source: dict[str, Any] | None) -> str:
     kind, ident = source.get("kind"), str(source.get("id") or "?")
     if kind == "hf-hub":
         return f"[{ident}](https://huggingface.co/{ident})"
-    if kind == "timm":
-        hub = source.get("hub")
-        return f"timm `{ident}`" + (f" ([{hub}](https://huggingface.co/{hub}))" if hub else "")
-    return f"a local model (`{Path(ident).name}`)"
+    label = source_label(source)  # a kind of source a family has (a timm name)
+    return label if label is not None else f"a local model (`{Path(ident).name}`)"
 
 
 def intro(info: CheckpointInfo, name: str) -> str:
@@ -191,19 +191,11 @@ def speed_section(bench: BenchFacts | None) -> str:
     return "\n".join(lines)
 
 
-def usage_section(repo_id: str | None, library: str, text: bool, tokenizer: list[str] | None) -> str:
+def usage_section(repo_id: str | None, spec: ModelSpec, text: bool, tokenizer: list[str] | None) -> str:
+    """How to install and load it: the family of `spec` says which extra and which lines of Python."""
     repo = repo_id or "ORG/REPO"
-    extra = "[transformers]" if library == "transformers" else ""
     load = f'model = lowrank_cli.load("hf-hub:{repo}")  # the low-rank model, in eval mode'
-    if text and tokenizer != []:
-        python = ["import lowrank_cli", "from transformers import AutoTokenizer", "", load,
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-                  'outputs = model(**tokenizer(["a sentence to encode"], return_tensors="pt"))']
-    elif library == "timm":
-        python = ["import lowrank_cli", "import timm", "", load,
-                  "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))"]
-    else:
-        python = ["import lowrank_cli", "", load]
+    extra, python = family_of_spec(spec).card_usage(load, repo, text, tokenizer)
     return "\n".join([
         "## How to use", "", "```bash", f'pip install "lowrank-cli{extra}"',
         f"lrc report hf-hub:{repo}          # parameters, MACs, ranks and provenance", "```", "", "```python",

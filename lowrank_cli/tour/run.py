@@ -126,7 +126,7 @@ def _measure(name: str, source: str, weights: Path, test: Path, progress: Progre
     """`lrc report SOURCE` and `lrc eval SOURCE --data test/` of one model."""
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
     from lowrank_cli.evaluation.report import build_report
-    from lowrank_cli.models.sources import load_model
+    from lowrank_cli.adapters.loading import load_model
 
     report = build_report(source, log=log).document
     loaded = load_model(source, log=log)

@@ -10,7 +10,8 @@ The output has the input's layers, shapes and ranks plus the new head, and recor
 adapters, head, classes, settings, scores); `lowrank_cli.load` rebuilds it. With `merge=False` the output is an
 adapter file instead (adapters.files), applied by `lowrank_cli.load(base, adapters=...)`.
 
-The training is recovery's (training/trainer.py through RecoveryRun): AdamW, warm-up then cosine, bf16 autocast on
+The training is recovery's (the one setup and loop, training/setup.py and training/trainer.py, with
+training/finetune_strategy.py): AdamW, warm-up then cosine, bf16 autocast on
 CUDA, DDP under torchrun, `compile`, exact `resume`, Ctrl-C / SIGTERM saves, metrics JSONL, held-out scores every
 `eval_every` steps (default once per epoch) with the best state kept (`keep`).
 """
@@ -26,10 +27,11 @@ from typing import Any
 
 from torch import nn
 
-from lowrank_cli.training.finetune_run import FinetuneRun
+from lowrank_cli.training.finetune_strategy import DataFile, FinetuneStrategy
 from lowrank_cli.training.options import FinetuneOptions, options_of
-from lowrank_cli.training.recovery import guarded_run
 from lowrank_cli.training.result import FinetuneResult
+from lowrank_cli.training.run import train
+from lowrank_cli.training.setup import Hooks
 from lowrank_cli.training.trainer import ProgressFn
 
 
@@ -56,8 +58,6 @@ def finetune(
     """
     opts = options_of(FinetuneOptions, options, option_values, "finetune")
     opts = dataclasses.replace(opts, lr=opts.peak_lr)
-    log = log or (lambda msg: None)
-    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
-    return guarded_run(opts, output, lambda ctx, workers, state_path: FinetuneRun(
-        ctx, opts, workers, log, warn, progress, resume_command, on_step).run(
-        model, Path(data).expanduser(), Path(output), state_path))
+    hooks = Hooks(log or (lambda msg: None), warn or (lambda msg: warnings.warn(msg, stacklevel=2)), progress,
+                  resume_command, on_step)
+    return train(FinetuneStrategy(opts, model, DataFile(Path(data).expanduser())), output, hooks)

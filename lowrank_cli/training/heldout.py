@@ -1,15 +1,19 @@
-"""Held-out evaluation during training: what is measured, on which data, and which state is kept.
+"""Held-out evaluation during training: how held-out data is scored, and the best state so far.
 
-Labelled images are scored by top-1 accuracy; unlabelled images and texts by the distillation loss on data the
-student never trains on, and a text encoder also by the cosine between the student's and the teacher's pooled
-outputs. `KeepBest` remembers the weights of the best score (kept in the training state too, so a resumed run
-keeps the same best), and puts them back at the end.
+A scorer measures the model on held-out data and names the metric that decides which state is best, with its
+direction (`score`): labelled images by top-1 accuracy (`AccuracyScorer`); unlabelled images and texts by the
+distillation loss on data the student never trains on, a text encoder by the cosine between the student's and the
+teacher's pooled outputs (`DistillationScorer`); a fine-tuned task by its accuracy or Spearman correlation
+(`TaskScorer`); several tasks by their overall (`TasksScorer`). A new kind of run (say, held-out perplexity,
+lower is better) adds a scorer. `KeepBest` remembers the weights of the best score (training.callbacks.HeldOutEval
+runs a scorer in the loop).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +31,95 @@ class Score:
         return than is None or (value > than if self.higher_is_better else value < than)
 
 
-class HeldOut:
-    """Scores the student on held-out data: `evaluate_images` (labelled images) or `batches` (any kind)."""
+class Scorer(Protocol):
+    score: Score  # the metric that picks the best state, and whether higher is better
 
-    def __init__(self, samples: Any, *, labelled_images: bool, text: bool, loader: Any = None,
-                 evaluate_images: Any = None):
-        self.samples, self.labelled_images, self.text = samples, labelled_images, text
-        self.loader, self.evaluate_images = loader, evaluate_images
-        self.score = (Score("val_top1", True) if labelled_images else
-                      Score("val_cosine", True) if text else Score("val_loss", False))
+    def __call__(self, phase: str) -> dict[str, Any]:
+        """The held-out metrics of the model now (`phase`: what the progress bar calls the evaluation)."""
 
-    def __call__(self, student: nn.Module, teacher: nn.Module, distiller: Any, device: torch.device,
-                 phase: str = "eval") -> dict[str, float]:
-        if self.labelled_images:
-            result = self.evaluate_images(student, self.samples, phase)
-            return {"val_top1": result["top1"], "val_top5": result["top5"]}
-        return distillation_scores(student, teacher, distiller, self.loader, device, text=self.text)
+
+@dataclass
+class Evaluator:
+    """Accuracy on labelled images as a run measures it: its batch size, loader workers, processes (each rank
+    scores its share) and progress bar."""
+
+    batch_size: int
+    workers: int
+    ctx: Any
+    progress: Callable[..., None]
+
+    def __call__(self, model: nn.Module, images: Any, phase: str, transform_from: nn.Module) -> dict[str, Any]:
+        from lowrank_cli.evaluation.accuracy import evaluate
+
+        return evaluate(model, images, batch_size=self.batch_size, device=self.ctx.device, num_workers=self.workers,
+                        transform_from=transform_from, dist=self.ctx,
+                        progress=lambda done, total: self.progress(phase, done, total, ""))
+
+
+@dataclass
+class AccuracyScorer:
+    """Top-1 and top-5 accuracy of `model` on labelled held-out images (preprocessed as `transform_from` says)."""
+
+    model: nn.Module
+    images: Any
+    evaluate: Evaluator
+    transform_from: nn.Module
+    score = Score("val_top1", True)
+
+    def __call__(self, phase: str = "eval") -> dict[str, float]:
+        result = self.evaluate(self.model, self.images, phase, self.transform_from)
+        return {"val_top1": result["top1"], "val_top5": result["top5"]}
+
+
+class DistillationScorer:
+    """The distillation terms of the step's student against its teacher on held-out batches (`text`: and the
+    cosine of their pooled outputs, which then decides the best state; otherwise the loss, lower is better)."""
+
+    def __init__(self, step: Any, loader: Any, device: torch.device, *, text: bool):
+        self.step, self.loader, self.device, self.text = step, loader, device, text
+        self.score = Score("val_cosine", True) if text else Score("val_loss", False)
+
+    def __call__(self, phase: str = "eval") -> dict[str, float]:
+        return distillation_scores(self.step.student, self.step.teacher, self.step, self.loader, self.device,
+                                   text=self.text)
+
+
+class TaskScorer:
+    """A fine-tuned text task on held-out batches: accuracy (classes) or Pearson / Spearman (a score)."""
+
+    def __init__(self, model: nn.Module, loader: Any, device: torch.device, *, regression: bool):
+        self.model, self.loader, self.device, self.regression = model, loader, device, regression
+        self.score = Score("val_spearman" if regression else "val_accuracy", True)
+
+    def __call__(self, phase: str = "eval") -> dict[str, float]:
+        from lowrank_cli.evaluation.task_scores import score_loader
+
+        result = score_loader(self.model, self.loader, self.device, self.regression)
+        return {f"val_{k}": v for k, v in result.items() if k != "samples"}
+
+
+class TasksScorer:
+    """Every task of a shared run with its own head (`heads.use`); their overall decides the best state."""
+
+    score = Score("val_overall", True)
+
+    def __init__(self, scorers: dict[str, Scorer], heads: Any):
+        self.scorers, self.heads = scorers, heads
+
+    def per_task(self, phase: str) -> dict[str, dict[str, float]]:
+        found, current = {}, self.heads.state.current
+        for name, scorer in self.scorers.items():
+            self.heads.use(name)
+            found[name] = scorer(f"{phase} {name}")
+        self.heads.use(current)
+        return found
+
+    def __call__(self, phase: str = "eval") -> dict[str, float]:
+        from lowrank_cli.evaluation.task_scores import overall_score
+
+        per = self.per_task(phase)
+        return {**{f"{k}_{name}": v for name, s in per.items() for k, v in s.items()},
+                "val_overall": overall_score(per)}
 
 
 @torch.no_grad()
@@ -108,55 +185,3 @@ class KeepBest:
         if self.weights:
             with torch.no_grad():
                 model.load_state_dict(self.weights, strict=True)
-
-
-def restore_best(trainer: Any, log) -> dict[str, Any]:
-    """Put the best weights back into `trainer.model` (keep best); returns what was kept (which, step, score)."""
-    best, total = trainer.best, trainer.total
-    kept: dict[str, Any] = {"which": "last", "step": total}
-    if best is not None and best.step is not None:
-        kept = {"which": "best", **best.record()}
-        if best.step != total:
-            best.restore(trainer.model)
-            log(f"Keeping the state of step {best.step} ({best.score.name} {best.value:.4g}), the best held-out "
-                f"score; the last step {total} scored less")
-    return kept
-
-
-class HeldOutPhase:
-    """Held-out evaluation wired into one recovery: scores before, during (every `eval_every` steps) and after
-    training, and the state kept (`keep`: best or last)."""
-
-    def __init__(self, held: HeldOut, *, keep: str, eval_every: int, source: str, log, device: torch.device):
-        self.held, self.keep, self.eval_every, self.source, self.log = held, keep, eval_every, source, log
-        self.device = device
-        self.before: dict[str, float] | None = None
-        self.after: dict[str, float] | None = None
-
-    def attach(self, trainer: Any, state: Any, saved_tensors: dict[str, torch.Tensor]) -> None:
-        """Evaluate in the loop; remember the best state (a resumed run continues with the saved best)."""
-        trainer.eval_every = self.eval_every
-        trainer.evaluate = lambda step: self.held(trainer.model, trainer.distiller.teacher, trainer.distiller,
-                                                  self.device)
-        if self.keep == "best":
-            best = {k[len("best."):]: v for k, v in saved_tensors.items() if k.startswith("best.")}
-            trainer.best = KeepBest(self.held.score, state.extra.get("best"), best)
-
-    def measure_before(self, trainer: Any, state: Any) -> None:
-        """The student's held-out scores before training (a resumed run reuses the first run's)."""
-        if self.held.labelled_images:
-            return  # labelled images: the accuracy before is measured with the teacher's (recovery.py)
-        self.before = state.extra.get("held_out_before") or self.held(
-            trainer.model, trainer.distiller.teacher, trainer.distiller, self.device)
-        state.extra["held_out_before"] = self.before
-
-    def restore_best(self, trainer: Any) -> dict[str, Any]:
-        return restore_best(trainer, self.log)
-
-    def finish(self, trainer: Any, kept: dict[str, Any]) -> dict[str, Any]:
-        """Score the state that is written (after any conversion of its layers) and say what was kept."""
-        if not self.held.labelled_images:
-            self.after = self.held(trainer.model, trainer.distiller.teacher, trainer.distiller, self.device)
-        return {"held_out": {"data": self.source, "samples": len(self.held.samples), "metric": self.held.score.name,
-                             "every": self.eval_every, "before": self.before, "after": self.after},
-                "kept": kept}

@@ -7,12 +7,12 @@ merged (training.multitask_options: the modes).
     result.scores["sst"], result.overall        # held-out scores per task, and their mean (accuracy, (r + 1) / 2)
     lowrank_cli.load("multi.safetensors", task="sts")
 
-`shared` is one run over every task's batches (training.shared_run). The other modes train each task apart, one
-after the other, each as `finetune` trains one task (training.task_run: the same resume, signals, DDP, compile,
-metrics and best state), keeping every finished task in a work folder next to the output
+`shared` is one run over every task's batches (training.shared_strategy). The other modes train each task apart,
+one after the other, each as `finetune` trains one task (training.finetune_strategy with training.task_run's
+source: the same resume, signals, DDP, compile, metrics and best state), keeping every finished task in a work folder next to the output
 (`.OUTPUT.tasks/`) so that an interrupted run resumes at the task it was in; then `experts` stores each task's
 adapters unmerged beside the untouched backbone, and `merge` / `orthogonal` merge every task's update into one
-backbone (adapters.merging) and score every task again on it, since merging changes what each head sees. The
+backbone (training.merging) and score every task again on it, since merging changes what each head sees. The
 output is a multi-task checkpoint (checkpoint.tasks).
 """
 
@@ -65,12 +65,11 @@ def finetune_tasks(
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     hooks = dict(progress=progress, log=log, warn=warn, resume_command=resume_command, on_step=on_step)
     if opts.mode == "shared":
-        from lowrank_cli.training.recovery import guarded_run
-        from lowrank_cli.training.shared_run import SharedRun
+        from lowrank_cli.training.run import train
+        from lowrank_cli.training.setup import Hooks
+        from lowrank_cli.training.shared_strategy import SharedStrategy
 
-        return guarded_run(opts, output, lambda ctx, workers, state_path: SharedRun(
-            ctx, opts, workers, log, warn, progress, resume_command, on_step, specs=specs).run(
-            model, Path(output), state_path))
+        return train(SharedStrategy(opts, model, specs), output, Hooks(**hooks))
     return ApartRuns(model, specs, Path(output), opts, hooks).run()
 
 
@@ -183,9 +182,11 @@ class ApartRuns:
 
     def _train(self, index: int, spec: TaskSpec) -> Any:
         """One task's fine-tuning, or what an earlier call of this run left of it."""
-        from lowrank_cli.training.recovery import guarded_run
+        from lowrank_cli.training.finetune_strategy import FinetuneStrategy
+        from lowrank_cli.training.run import train
+        from lowrank_cli.training.setup import Hooks
         from lowrank_cli.training.state import train_state_path
-        from lowrank_cli.training.task_run import TaskRun
+        from lowrank_cli.training.task_run import TaskOfRun
 
         out = self.task_output(spec)
         if out.exists():
@@ -195,12 +196,11 @@ class ApartRuns:
         o = self.opts
         opts = task_options(o, merge=o.method == "full", resume=train_state_path(out).exists(), force=True)
         orthogonal = o.mode == "orthogonal"
-        h = self.hooks
+        log = self.hooks["log"]
+        hooks = Hooks(**{**self.hooks, "log": lambda message: log(f"{spec.name}: {message}")})
         self.log(f"Task {index + 1}/{len(self.specs)}: {spec}")
-        return guarded_run(opts, out, lambda ctx, workers, state_path: TaskRun(
-            ctx, opts, workers, h["log"], h["warn"], h["progress"], h["resume_command"], h["on_step"], spec=spec,
-            block=index if orthogonal else None, blocks=len(self.specs) if orthogonal else None).run(
-            fresh(self.model), spec.path, out, state_path))
+        source = TaskOfRun(spec, block=index if orthogonal else None, blocks=len(self.specs) if orthogonal else None)
+        return train(FinetuneStrategy(opts, fresh(self.model), source), out, hooks)
 
     def _check_done(self, index: int, spec: TaskSpec, out: Path) -> None:
         """A task finished earlier must have been trained as this run asks (the same task, options, block)."""

@@ -19,12 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowrank_cli.errors import UsageError
+from lowrank_cli.option_fields import check_values, option
 from lowrank_cli.training.options import FinetuneOptions
 
+MULTITASK_PANEL = "Multi-task"
 MODES = ("shared", "experts", "merge", "orthogonal")
+# The vocabularies of data.multitask_loader and training.merging (those import torch; tests/cli/test_help.py pins them)
+SCHEDULES = ("sequential", "interleaved", "proportional")
+MERGE_RULES = ("average", "weighted", "concat", "svd")
 DEFAULT_MODE = "experts"  # no interference between tasks and no cost at inference when the task is known
 DEFAULT_SCHEDULE = "proportional"  # every sample once an epoch, as single-task fine-tuning sees its data
-DEFAULT_MERGE_RULE = "concat"  # each task's whole update, as trained: the exact sum (see adapters.merging)
+DEFAULT_MERGE_RULE = "concat"  # each task's whole update, as trained: the exact sum (see training.merging)
 # Which methods each mode takes: experts and merge combine adapters (or heads alone, experts); orthogonal is LoRA.
 MODE_METHODS = {"shared": ("head", "full", "lora", "dora", "rlrr"), "experts": ("head", "lora", "dora", "rlrr"),
                 "merge": ("full", "lora", "dora", "rlrr"), "orthogonal": ("lora",)}
@@ -37,18 +42,29 @@ class MultitaskOptions(FinetuneOptions):
     per task, so they are not options here: each task holds out a share of its data (`val_fraction`, or an
     ImageFolder's val/ split)."""
 
-    mode: str = DEFAULT_MODE
-    schedule: str | None = None  # shared: sequential | interleaved | proportional (default DEFAULT_SCHEDULE)
-    merge_rule: str | None = None  # merge: average | weighted | concat | svd (default DEFAULT_MERGE_RULE)
-    merge_rank: int | None = None  # merge, svd: the rank the merged update is truncated to
-    task_weights: dict[str, float] | None = None
+    mode: str = option(
+        DEFAULT_MODE, choices=MODES, flag="--multitask", panel=MULTITASK_PANEL,
+        help="How the tasks share the backbone: shared (one set of adapters, a head per task), experts (one set per "
+        "task, merged at load(task=)), merge (per-task adapters merged into one backbone), orthogonal (LoRA on "
+        "disjoint orthogonal blocks, their updates summed).")
+    schedule: str | None = option(
+        None, choices=SCHEDULES, panel=MULTITASK_PANEL,
+        help=f"--multitask shared: the order of the tasks' batches (default {DEFAULT_SCHEDULE}: each task's share of "
+        "the data).")
+    merge_rule: str | None = option(
+        None, choices=MERGE_RULES, flag="--merge", panel=MULTITASK_PANEL,
+        help=f"--multitask merge: how the tasks' updates combine (default {DEFAULT_MERGE_RULE}: their exact sum; svd "
+        "re-truncates it to --merge-rank).")
+    merge_rank: int | None = option(None, low=1, panel=MULTITASK_PANEL, help="--merge svd: the rank of the merged "
+                                    "update.")
+    task_weights: dict[str, float] | None = option(
+        None, cli_type=list[str], parse=lambda items: parse_task_weights(items), flag="--task-weight",
+        metavar="NAME=W", panel=MULTITASK_PANEL,
+        help="--merge weighted / concat / svd: a task's weight, > 0 (repeatable; weighted defaults to the tasks' "
+        "training samples).")
 
     def check(self) -> None:
-        from lowrank_cli.adapters.merging import MERGE_RULES
-        from lowrank_cli.data.multitask_loader import SCHEDULES
-
-        if self.mode not in MODES:
-            raise UsageError(f"`mode` '{self.mode}' is not one of {', '.join(MODES)}")
+        check_values(self)
         if self.method not in MODE_METHODS[self.mode]:
             raise UsageError(f"`method` {self.method} does not go with `mode` {self.mode}, which takes "
                              f"{', '.join(MODE_METHODS[self.mode])}: {self._method_hint()}")
@@ -56,12 +72,9 @@ class MultitaskOptions(FinetuneOptions):
             (self.schedule is None or self.mode == "shared",
              f"`schedule` orders the tasks' batches of `mode` shared; `mode` {self.mode} trains each task on its own: "
              "leave it out"),
-            (self.schedule is None or self.schedule in SCHEDULES,
-             f"`schedule` '{self.schedule}' is not one of {', '.join(SCHEDULES)}"),
             (self.merge_rule is None or self.mode == "merge",
-             f"`merge_rule` says how `mode` merge combines the tasks' adapters (this run is {self.mode}): leave it out"),
-            (self.merge_rule is None or self.merge_rule in MERGE_RULES,
-             f"`merge_rule` '{self.merge_rule}' is not one of {', '.join(MERGE_RULES)}"),
+             f"`merge_rule` says how `mode` merge combines the tasks' adapters (this run is {self.mode}): leave it "
+             "out"),
             (self.merge_rank is None or self.rule == "svd",
              "`merge_rank` is the rank of `merge_rule` svd: give that rule, or leave it out"),
             (self.rule != "svd" or (self.merge_rank is not None and self.merge_rank >= 1),
@@ -115,3 +128,22 @@ class MultitaskOptions(FinetuneOptions):
         """What the checkpoint records of how the tasks share the backbone."""
         return {"mode": self.mode, "schedule": (self.schedule or DEFAULT_SCHEDULE) if self.mode == "shared" else None,
                 "merge_rule": self.rule, "merge_rank": self.merge_rank, "task_weights": self.task_weights}
+
+
+def parse_task_weights(items: list[str] | dict[str, float] | None) -> dict[str, float] | None:
+    """`task_weights` as the command line writes them, NAME=W once per task -> {name: weight}; a dict is kept."""
+    if not items or isinstance(items, dict):
+        return items or None
+    weights: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if name in weights:
+            raise UsageError(f"`task_weights` gives task '{name}' two weights: give each task one")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            weights[name] = float("nan")
+        if not sep or not name or not weights[name] > 0 or weights[name] == float("inf"):
+            raise UsageError(f"`task_weights` '{item}' is not NAME=W with a weight W > 0")
+    return weights

@@ -1,16 +1,36 @@
-"""The options of a recovery, in one place: their defaults, their checks, and how a resume compares them."""
+"""The options of a recovery and of a fine-tuning, in one place: each one field with its default, help, range and
+choices (lowrank_cli.option_fields), from which the API keywords, their checks and `lrc recover` / `lrc finetune`'s
+command-line options derive; and how a resume compares them. Torch-free: `lrc --help` reads these fields.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from lowrank_cli.compress.factorize_options import CALIB_SAMPLES, RANK_MULTIPLE
 from lowrank_cli.errors import UsageError
-from lowrank_cli.training.losses import LossWeights
-from lowrank_cli.training.progressive import DEFAULT_DECAY, DEFAULT_DECAY_END, DEFAULT_INIT, INITS, METHODS, SCHEDULES
+from lowrank_cli.models.source_options import ARCH, DEVICE, LIBRARY, MODEL_ARGS
+from lowrank_cli.option_fields import check_values, option
+
+if TYPE_CHECKING:
+    import torch
+
+    from lowrank_cli.training.losses import LossWeights
+
+# --help panels of the options (a command may retitle them: cli/option_params.py)
+LOSS_PANEL, TRAINING_PANEL, DATA_PANEL = "Loss (PELA Eq. 7)", "Training", "Data and accuracy"
+STUDENT_PANEL = "A dense STUDENT, factorized on the fly"
+PROGRESSIVE_PANEL = "Progressive compression (--method progressive, PC-LoRA)"
+ADAPTER_PANEL = "Method and adapters"
+
+# The progressive method's vocabularies and defaults (training.progressive runs them).
+METHODS = ("pela", "progressive")
+INITS = ("svd", "lora")
+SCHEDULES = ("linear", "sine", "cosine")
+DEFAULT_INIT, DEFAULT_DECAY, DEFAULT_DECAY_END = "svd", "linear", 0.8
+AUGMENT_LEVELS = ("auto", "none", "light", "strong")  # data.augment.LEVELS (that module imports torch)
 
 
 def options_of(cls: type, options: Any, values: dict[str, Any], api: str) -> Any:
@@ -35,37 +55,61 @@ class TrainingOptions:
     `batch_size` is per process; a step uses batch_size x grad_accum x processes samples.
     """
 
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 1e-4
-    batch_size: int = 64
-    grad_accum: int = 1
-    temperature: float = 1.0
-    label_smoothing: float = 0.0
-    tokenizer: Any = None  # text data: a tokenizer, or the folder / Hub repo that has one (default: the model's)
-    max_length: int | None = None  # text data: tokens per text at most (default: the model's positions, <= 512)
-    library: str | None = None
-    warmup_steps: int | None = None  # default: warmup_fraction of the steps
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.05
-    clip_grad: float = 1.0  # 0: off
-    augment: str | bool = "auto"  # auto | none | light | strong (data/augment.py); True / False: strong / none
-    arch: str | None = None
-    model_args: dict[str, Any] | None = None
-    save_every: int = 500
-    log_every: int = 10
-    resume: bool = False
-    force: bool = False
-    compile: bool = False
-    evaluate_accuracy: bool = True  # False: no held-out evaluation at all
-    val_data: Any = None  # held-out data (default: the data's val/ split, else a share of the training data)
-    val_fraction: float | None = None  # share of the training data held out (default 0.1 from 200 samples)
-    eval_every: int | None = None  # steps between held-out evaluations (default: a tenth of the run)
-    keep: str | None = None  # best | last (default: best when there is held-out data)
-    eval_batch_size: int | None = None  # default: batch_size
-    device: str | torch.device | None = "auto"
-    num_workers: int | None = None  # default: the CPUs per process, at most 8
-    seed: int = 0
+    steps: int | None = option(None, low=1, help="Optimizer steps (give this or --epochs).")
+    epochs: float | None = option(None, low=0, low_open=True,
+                                  help="Passes over the training data, > 0, fractions allowed (give this or --steps).")
+    batch_size: int = option(64, low=1, help="Images (or texts) per micro-batch, per process.")
+    device: str | torch.device | None = DEVICE.field()
+    resume: bool = option(False, help="Continue the interrupted run from its training state.")
+    force: bool = option(False, help="Overwrite the output if it exists.")
+    temperature: float = option(1.0, low=0, low_open=True, panel=LOSS_PANEL,
+                                help="Temperature of the logit distillation, > 0.")
+    label_smoothing: float = option(0.0, low=0, high=1, high_open=True, panel=LOSS_PANEL,
+                                    help="Label smoothing of the cross-entropy (labelled data), in [0, 1).")
+    lr: float = option(1e-4, low=0, low_open=True, panel=TRAINING_PANEL,
+                       help="Peak learning rate of AdamW (linear warm-up, then cosine to 0), > 0.")
+    warmup_steps: int | None = option(None, low=0, panel=TRAINING_PANEL,
+                                      help="Linear warm-up steps (default: {warmup_fraction:.0%} of the steps).")
+    warmup_fraction: float = option(0.05, low=0, high=1, high_open=True, cli=False)
+    weight_decay: float = option(0.05, low=0, panel=TRAINING_PANEL, help="AdamW weight decay (matrices only), >= 0.")
+    clip_grad: float = option(1.0, low=0, panel=TRAINING_PANEL, help="Clip the gradient norm to this (0: off).")
+    grad_accum: int = option(1, low=1, panel=TRAINING_PANEL, help="Micro-batches per optimizer step.")
+    compile: bool = option(False, panel=TRAINING_PANEL, help="torch.compile the student and the teacher.")
+    seed: int = option(0, panel=TRAINING_PANEL, help="Seed of the data order, augmentations and dropout.")
+    save_every: int = option(500, low=1, panel=TRAINING_PANEL, help="Write the training state every N steps.")
+    log_every: int = option(10, low=1, panel=TRAINING_PANEL, help="Log metrics every N steps.")
+    augment: str | bool = option(  # True / False: strong / none
+        "auto", choices=AUGMENT_LEVELS, panel=DATA_PANEL,
+        help="Training augmentation. auto: none for images about the model's input size or smaller, light (flips, "
+        "mild scale jitter) for short runs, strong (timm's random resized crops) for long runs on large images.")
+    val_data: Any = option(  # held-out data (default: the data's val/ split, else a share of the training data)
+        None, cli_type=Path, metavar="DIR|FILE", panel=DATA_PANEL,
+        help="Held-out data to score the student on (default: DATA's val/ split, else --val-fraction of DATA).")
+    val_fraction: float | None = option(
+        None, low=0, high=0.5, low_open=True, panel=DATA_PANEL,
+        help="Share of the training data held out, in (0, 0.5] (default: 0.1 when there are 200 samples or more and "
+        "no val/ split).")
+    eval_every: int | None = option(None, low=1, panel=DATA_PANEL,
+                                    help="Steps between held-out evaluations (default: a tenth of the run).")
+    keep: str | None = option(
+        None, choices=("best", "last"), panel=DATA_PANEL,
+        help="Which state to write: best held-out score (the default with held-out data) or the last step.")
+    num_workers: int | None = option(
+        None, low=0, flag="--workers", panel=DATA_PANEL,
+        help="Data-loading processes per training process (default: its share of the CPUs, at most 8).")
+    tokenizer: Any = option(  # a tokenizer, or the folder / Hub repo that has one
+        None, cli_type=str, metavar="DIR|REPO", panel=DATA_PANEL,
+        help="Text data: folder or Hub repo of the tokenizer (default: the teacher's).")
+    max_length: int | None = option(
+        None, low=1, panel=DATA_PANEL, help="Text data: tokens per text at most (default: the model's positions, at "
+        "most 512).")
+    evaluate_accuracy: bool = option(True, flag="--eval/--no-eval", panel=DATA_PANEL,  # False: no held-out evaluation
+                                     help="Measure accuracy on the val split before and after.")
+    eval_batch_size: int | None = option(None, low=1, panel=DATA_PANEL,
+                                         help="Batch size of the accuracy runs (default: --batch-size).")
+    library: str = LIBRARY.field()
+    arch: str | None = ARCH.field()
+    model_args: dict[str, Any] | None = MODEL_ARGS.field()
 
     @classmethod
     def names(cls) -> set[str]:
@@ -75,40 +119,13 @@ class TrainingOptions:
         """Refuse values of the shared options that cannot work, naming the parameter, before anything loads."""
         from lowrank_cli.data.augment import parse_level
 
+        check_values(self)
         parse_level(self.augment)
         if (self.steps is None) == (self.epochs is None):
             raise UsageError("give the length of the run as `steps` N or as `epochs` E (one of them)")
-        checks = [
-            (self.steps is None or self.steps >= 1, f"`steps` must be at least 1, got {self.steps}"),
-            (self.epochs is None or (self.epochs > 0 and math.isfinite(self.epochs)),
-             f"`epochs` must be a number > 0, got {self.epochs}"),
-            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"`lr` must be a number > 0, got {self.lr}"),
-            (self.batch_size >= 1, f"`batch_size` must be at least 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"`grad_accum` must be at least 1, got {self.grad_accum}"),
-            (self.warmup_steps is None or self.warmup_steps >= 0,
-             f"`warmup_steps` must be 0 or more, got {self.warmup_steps}"),
-            (0 <= self.warmup_fraction < 1, f"the warm-up fraction must be in [0, 1), got {self.warmup_fraction}"),
-            (self.weight_decay >= 0, f"`weight_decay` must be 0 or more, got {self.weight_decay}"),
-            (self.clip_grad >= 0, f"`clip_grad` must be 0 (off) or more, got {self.clip_grad}"),
-            (self.save_every >= 1, f"`save_every` must be at least 1, got {self.save_every}"),
-            (self.log_every >= 1, f"`log_every` must be at least 1, got {self.log_every}"),
-            (self.num_workers is None or self.num_workers >= 0,
-             f"`num_workers` must be 0 or more, got {self.num_workers}"),
-            (self.val_fraction is None or 0 < self.val_fraction <= 0.5,
-             f"`val_fraction` must be in (0, 0.5], got {self.val_fraction}"),
-            (self.eval_every is None or self.eval_every >= 1,
-             f"`eval_every` must be at least 1, got {self.eval_every}"),
-            (self.keep in (None, "best", "last"), f"`keep` '{self.keep}' is not one of best, last"),
-            (self.eval_batch_size is None or self.eval_batch_size >= 1,
-             f"`eval_batch_size` must be at least 1, got {self.eval_batch_size}"),
-            (self.max_length is None or self.max_length >= 1,
-             f"`max_length` must be at least 1, got {self.max_length}"),
-            (not (self.val_data is not None and self.val_fraction is not None),
-             "`val_data` and `val_fraction` both say where the held-out data comes from: give one of them"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        if self.val_data is not None and self.val_fraction is not None:
+            raise UsageError("`val_data` and `val_fraction` both say where the held-out data comes from: give one of "
+                             "them")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,41 +138,61 @@ class RecoverOptions(TrainingOptions):
     temperature, label_smoothing); a dense student factorized on the fly (kappa, rank_multiple); freeze_dense.
     """
 
-    alpha: float = 1.0
-    beta: float = 0.0
-    gamma: float = 0.0
-    eps: float = 1e-3
-    delta: float = 0.0
-    freeze_dense: bool = False  # train only the factorized layers
-    kappa: float | None = None  # factorize a dense student on the fly
-    rank: int | None = None  # ... or at this rank for every target layer (PC-LoRA's extreme compression)
-    rank_multiple: int | str = 8  # or "auto"
-    calib: str | None = None  # the on-the-fly factorization truncates data-aware on these images / texts
-    calib_samples: int = 256
-    method: str = "pela"  # pela: factorize, then distil; progressive: the dense weights fade out (training/progressive)
-    init: str | None = None  # progressive: svd (default) or lora
-    decay: str | None = None  # progressive: linear (default), sine or cosine
-    decay_end: float | None = None  # progressive: lambda is 0 from this fraction of the steps on (default 0.8)
-    lora_alpha: float | None = None  # progressive, init lora: second is scaled by lora_alpha / rank (default: scale 1)
+    alpha: float = option(1.0, low=0, panel=LOSS_PANEL,
+                          help="Weight of the feature distillation (block outputs, MSE), >= 0.")
+    beta: float = option(0.0, low=0, panel=LOSS_PANEL,
+                         help="Weight of the weight-perturbation regulariser (max|second@first - W| - eps)^2, >= 0.")
+    gamma: float = option(0.0, low=0, panel=LOSS_PANEL,
+                          help="Weight of the logit distillation (KL at --temperature), >= 0.")
+    delta: float = option(0.0, low=0, panel=LOSS_PANEL,
+                          help="Text models: weight of the MSE on the final pooled output, >= 0.")
+    eps: float = option(1e-3, low=0, panel=LOSS_PANEL, help="The weight perturbation the regulariser aims at, >= 0.")
+    freeze_dense: bool = option(False, panel=TRAINING_PANEL,
+                                help="Train only the factorized layers (norms, embeddings, head stay).")
+    kappa: float | None = option(None, low=1, low_open=True, note=" (the compression ratio of each layer)",
+                                 panel=STUDENT_PANEL, help="Factorize a dense STUDENT on the fly at this ratio (> 1).")
+    rank_multiple: int | str = RANK_MULTIPLE.field(
+        show_default=False, panel=STUDENT_PANEL,
+        help="With --kappa: round ranks down to a multiple of this (default {rank_multiple}; auto: what the device "
+        "likes).")
+    rank: int | None = option(  # PC-LoRA's extreme compression
+        None, low=1, panel=STUDENT_PANEL,
+        help="Factorize a dense STUDENT on the fly at this rank for every target layer (instead of --kappa).")
+    calib: str | None = option(None, metavar="PATH", panel=STUDENT_PANEL,
+                               help="With --kappa / --rank: data-aware truncation on these images or texts.")
+    calib_samples: int = CALIB_SAMPLES.field(panel=STUDENT_PANEL, help="Images or texts of --calib to use.")
+    method: str = option(
+        "pela", choices=METHODS, panel=PROGRESSIVE_PANEL,
+        help="pela: distil a low-rank student; progressive: PC-LoRA, the dense weights fade out while the low-rank "
+        "factors learn (a dense STUDENT with --kappa or --rank; holds the dense weights during training too).")
+    init: str | None = option(
+        None, choices=INITS, panel=PROGRESSIVE_PANEL,
+        help="svd (default): the truncated SVD + the dense remainder, exactly the dense model at the start; lora: "
+        "W_res = W, random first, zero second (the paper's).")
+    decay: str | None = option(None, choices=SCHEDULES, panel=PROGRESSIVE_PANEL,
+                               help=f"How lambda falls from 1 to 0 (default {DEFAULT_DECAY}).")
+    decay_end: float | None = option(
+        None, low=0, high=1, low_open=True, panel=PROGRESSIVE_PANEL,
+        note=" (the fraction of the steps over which the dense weights fade out)",
+        help=f"lambda is 0 from this fraction of the steps on, in (0, 1] (default {DEFAULT_DECAY_END:g}: the last "
+        f"{1 - DEFAULT_DECAY_END:.0%} train the pure low-rank model).")
+    lora_alpha: float | None = option(
+        None, low=0, low_open=True, panel=PROGRESSIVE_PANEL,
+        help="--init lora: second is scaled by this / rank, folded in at the end (default: scale 1).")
 
     @property
     def weights(self) -> LossWeights:
+        from lowrank_cli.training.losses import LossWeights
+
         return LossWeights(self.alpha, self.beta, self.gamma, self.eps, self.temperature, self.label_smoothing,
                            self.delta)
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the parameter, before anything is loaded."""
-        self.weights.check()
-        if self.lr is None:
-            raise UsageError("`lr` must be a number > 0, got None")
         self.check_training()
+        self.weights.check()
         for ok, message in [
-            (self.kappa is None or self.kappa > 1, f"`kappa` must be a number > 1, got {self.kappa}"),
-            (self.rank_multiple == "auto" or (isinstance(self.rank_multiple, int) and self.rank_multiple >= 1),
-             f"`rank_multiple` must be a whole number >= 1 or auto, got {self.rank_multiple}"),
-            (self.rank is None or self.rank >= 1, f"`rank` must be at least 1, got {self.rank}"),
             (self.kappa is None or self.rank is None, "`kappa` and `rank` both set the ranks: give one of them"),
-            (self.calib_samples >= 1, f"`calib_samples` must be at least 1, got {self.calib_samples}"),
             (self.calib is None or self.kappa is not None or self.rank is not None,
              "`calib` makes the on-the-fly factorization of a dense student data-aware: give `kappa` or `rank` too"),
             *self._method_checks(),
@@ -167,21 +204,12 @@ class RecoverOptions(TrainingOptions):
         progressive_only = ("init", "decay", "decay_end", "lora_alpha")
         given = [f"`{name}`" for name in progressive_only if getattr(self, name) is not None]
         return [
-            (self.method in METHODS, f"`method` '{self.method}' is not one of {', '.join(METHODS)}"),
             (self.method == "progressive" or not given,
              f"{', '.join(given)} belong to `method` progressive (this run is {self.method}): add `method` "
              "progressive, or leave them out"),
-            (self.init is None or self.init in INITS, f"`init` '{self.init}' is not one of {', '.join(INITS)}"),
-            (self.decay is None or self.decay in SCHEDULES,
-             f"`decay` '{self.decay}' is not one of {', '.join(SCHEDULES)}"),
-            (self.decay_end is None or 0 < self.decay_end <= 1,
-             f"`decay_end` must be in (0, 1] (the fraction of the steps over which the dense weights fade out), "
-             f"got {self.decay_end}"),
             (self.init != "lora" or self.calib is None,
              "`calib` makes the SVD data-aware, but `init` lora starts from random factors, not from an SVD: leave "
              "out `calib`, or use `init` svd"),
-            (self.lora_alpha is None or (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)),
-             f"`lora_alpha` must be a number > 0, got {self.lora_alpha}"),
             (self.lora_alpha is None or self.init == "lora",
              "`lora_alpha` scales random LoRA factors: it goes with `init` lora (an SVD start needs no scale)"),
         ]
@@ -209,6 +237,7 @@ class RecoverOptions(TrainingOptions):
 # The peak learning rate of each method when `lr` is not given: a new head or a few scales take large steps, every
 # weight of a pretrained model small ones.
 METHOD_LR = {"head": 1e-3, "full": 1e-4, "lora": 5e-4, "dora": 5e-4, "rlrr": 1e-3}
+KD_WEIGHT = 1.0  # the weight of the logit distillation with a `teacher` and no `gamma`
 
 
 @dataclass
@@ -219,18 +248,39 @@ class FinetuneOptions(TrainingOptions):
     (default 1 with a teacher) at `temperature`.
     """
 
-    method: str = "lora"  # head | full | lora | dora | rlrr
-    adapter_rank: int | None = None  # lora, dora: default adapters.methods.DEFAULT_RANK
-    adapter_alpha: float | None = None  # lora, dora: default the rank (scaling 1)
-    adapter_dropout: float = 0.0  # lora, dora
-    targets: list[str] | None = None  # regexes over module names (default: every linear of the blocks)
-    merge: bool = True  # False: write the adapters (and the head) alone, for load(base, adapters=...)
-    teacher: Any = None  # a fine-tuned MODEL for logit distillation
-    gamma: float | None = None  # weight of the logit distillation (default 1 with a teacher)
-    lr: float | None = None
-    batch_size: int = 32
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.1
+    method: str = option("lora", choices=tuple(METHOD_LR), panel=ADAPTER_PANEL,
+                         help="What trains besides the new head: nothing (head), everything (full), LoRA, DoRA or RLRR "
+                         "adapters.")
+    adapter_rank: int | None = option(None, low=1, panel=ADAPTER_PANEL,  # default adapters.methods.DEFAULT_RANK
+                                      help="LoRA / DoRA rank (default 8).")
+    adapter_alpha: float | None = option(None, low=0, low_open=True, panel=ADAPTER_PANEL,
+                                         help="LoRA / DoRA alpha, > 0 (default: the rank, a scaling of 1).")
+    adapter_dropout: float = option(0.0, low=0, high=1, high_open=True, panel=ADAPTER_PANEL,
+                                    help="LoRA / DoRA dropout, in [0, 1).")
+    targets: list[str] | None = option(
+        None, cli_type=list[str], metavar="REGEX", panel=ADAPTER_PANEL,
+        help="Linears to adapt, full match on module names; a low-rank layer's name stands for both factors "
+        "(repeatable; default: every linear of the transformer blocks).")
+    merge: bool = option(True, flag="--no-merge", panel=ADAPTER_PANEL,  # False: for load(base, adapters=...)
+                         help="Write the adapters alone with the head, not merged into the model (one task).")
+    teacher: Any = option(None, cli_type=str, metavar="MODEL", panel=ADAPTER_PANEL,
+                          help="A model already fine-tuned on this task: adds logit distillation.")
+    gamma: float | None = option(None, low=0, panel=ADAPTER_PANEL,
+                                 help=f"Weight of the logit distillation from --teacher, >= 0 (default {KD_WEIGHT:g}).")
+    lr: float | None = option(
+        None, low=0, low_open=True, panel=TRAINING_PANEL,
+        help=f"Peak learning rate of AdamW, > 0 (default: {', '.join(f'{m} {lr:g}' for m, lr in METHOD_LR.items())}).")
+    batch_size: int = option(32, low=1, help="Samples per micro-batch, per process.")
+    weight_decay: float = option(0.01, low=0, panel=TRAINING_PANEL, help="AdamW weight decay (matrices only), >= 0.")
+    warmup_fraction: float = option(0.1, low=0, high=1, high_open=True, cli=False)
+    val_data: Any = option(None, cli_type=Path, metavar="DIR|FILE", panel=DATA_PANEL,
+                           help="Held-out data (default: DATA's val/ split, else --val-fraction of DATA).")
+    eval_every: int | None = option(None, low=1, panel=DATA_PANEL,
+                                    help="Steps between held-out evaluations (default: once an epoch).")
+    tokenizer: Any = option(
+        None, cli_type=str, metavar="DIR|REPO", panel=DATA_PANEL,
+        help="Text data: folder or Hub repo of the tokenizer (default: the model's, or the one its checkpoint "
+        "records).")
 
     @property
     def peak_lr(self) -> float:
@@ -238,13 +288,15 @@ class FinetuneOptions(TrainingOptions):
 
     @property
     def kd_weight(self) -> float:
-        return 0.0 if self.teacher is None else (1.0 if self.gamma is None else self.gamma)
+        return 0.0 if self.teacher is None else (KD_WEIGHT if self.gamma is None else self.gamma)
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the parameter, before anything is loaded (also a LoRA / DoRA
         without peft installed)."""
         from lowrank_cli.adapters.methods import check_method
+        from lowrank_cli.training.losses import LossWeights
 
+        check_values(self)
         check_method(self.method, self.adapter_rank, self.adapter_alpha, self.adapter_dropout)
         if self.targets is not None and self.method in ("head", "full"):
             raise UsageError(f"`targets` says where adapters go; `method` {self.method} has none: leave it out, or "

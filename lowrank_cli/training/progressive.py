@@ -31,11 +31,13 @@ from torch import nn
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.layers.progressive_linear import ProgressiveLinear
 from lowrank_cli.models.structure import swap_in
-
-METHODS = ("pela", "progressive")
-INITS = ("svd", "lora")
-SCHEDULES = ("linear", "sine", "cosine")
-DEFAULT_INIT, DEFAULT_DECAY, DEFAULT_DECAY_END = "svd", "linear", 0.8
+from lowrank_cli.training.callbacks import Callback
+from lowrank_cli.training.options import (  # the vocabularies and defaults, written once with the options
+    DEFAULT_DECAY,
+    DEFAULT_DECAY_END,
+    DEFAULT_INIT,
+    SCHEDULES,
+)
 
 
 def decay_factor(kind: str, step: int, q: int) -> float:
@@ -79,8 +81,10 @@ def lora_factor_fn(seed: int):
 
 
 @dataclass
-class Progressive:
-    """The progressive method of one recovery: swaps the layers in, sets lambda every step, swaps them out."""
+class Progressive(Callback):
+    """The progressive method of one recovery: swaps the layers in, sets lambda every step (a trainer callback,
+    whose lambda is logged as a gauge; a state that still leans on W_res is never kept as the best), swaps them
+    out."""
 
     init: str = DEFAULT_INIT
     decay: str = DEFAULT_DECAY
@@ -128,6 +132,16 @@ class Progressive:
         self.lam = decay_factor(self.decay, step, self.q)
         for layer in self.layers.values():
             layer.set_lambda(self.lam)
+
+    def on_state(self, state: Any) -> None:
+        """The lambda of the saved step (a resumed run may have no step left to set it)."""
+        self.before_step(state.step)
+
+    def gauges(self) -> dict[str, float]:
+        return {"lambda": self.lam}
+
+    def may_keep(self) -> bool:
+        return self.lam == 0
 
     def finish(self, model: nn.Module) -> None:
         """Drop the residuals: every ProgressiveLinear becomes its LowRankLinear (lambda 0 from here on)."""

@@ -11,8 +11,9 @@ Single process, or data parallel under torchrun (the same call: see lowrank_cli.
         --data imagenet/ --steps 2000 -o deit_lr_rec.safetensors
 
 The pieces: the options (training/options.py), the student and teacher (training/teacher.py), the data of each
-kind (data/modality.py), the loss (training/losses.py), one step (training/step.py), the loop with its saves and
-signals (training/trainer.py). AdamW with a cosine schedule after a linear warm-up, gradient clipping, bf16
+kind (data/modality.py), the loss (training/losses.py), what a recovery answers the one setup and loop
+(training/recover_strategy.py, the setup in training/setup.py), one step (training/step.py), the loop with its
+saves and signals (training/trainer.py). AdamW with a cosine schedule after a linear warm-up, gradient clipping, bf16
 autocast on CUDA (float32 on the CPU). `resume=True` continues exactly: the data order comes from (seed, epoch),
 each image's augmentation from (seed, epoch, index) and the model's own randomness from (seed, step, rank).
 """
@@ -25,20 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from lowrank_cli import distributed
-from lowrank_cli.data.sampling import default_workers
-from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError
-from lowrank_cli.training.metrics import check_metrics_path, metrics_path
 from lowrank_cli.training.options import RecoverOptions, options_of
-from lowrank_cli.training.recovery_run import RecoveryRun
+from lowrank_cli.training.recover_strategy import RecoverStrategy
 from lowrank_cli.training.result import RecoverResult
-from lowrank_cli.training.state import train_state_path
-from lowrank_cli.training.trainer import NoUsableData, ProgressFn
-
-# ---------------------------------------------------------------------------------------------- the API
+from lowrank_cli.training.run import train
+from lowrank_cli.training.setup import Hooks
+from lowrank_cli.training.trainer import ProgressFn
 
 
 def recover(
@@ -72,63 +67,6 @@ def recover(
     out while its factors learn (`init`, `decay`, `decay_end`, `lora_alpha`); the output is the same kind of file.
     """
     opts = options_of(RecoverOptions, options, option_values, "recover")
-    log = log or (lambda msg: None)
-    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
-    return guarded_run(opts, output, lambda ctx, workers, state_path: RecoveryRun(
-        ctx, opts, workers, log, warn, progress, resume_command, on_step).run(
-        student, teacher, Path(data).expanduser(), Path(output), state_path))
-
-
-def guarded_run(opts: Any, output: str | os.PathLike, body: Callable[..., Any]) -> Any:
-    """Run one training (`body(ctx, workers, state_path)`) with what every training needs around it: the outputs
-    checked before anything loads, torch.distributed set up and torn down, out-of-memory as an environment
-    problem, and a fresh run that fails leaving nothing behind (an interrupted one keeps its state to resume)."""
-    output = Path(output)
-    state_path = train_state_path(output)
-    _check_outputs(output, state_path, opts)
-    ctx = distributed.setup(opts.device)
-    workers = default_workers(ctx.local_world_size) if opts.num_workers is None else opts.num_workers
-    try:
-        return body(ctx, workers, state_path)
-    except torch.cuda.OutOfMemoryError:
-        _forget_failed_run(output, state_path, opts, ctx)
-        raise EnvironmentProblem(
-            f"out of GPU memory at `batch_size` {opts.batch_size}: use a smaller `batch_size` with a larger "
-            "`grad_accum` (same images per step)"
-        ) from None
-    except (Interrupted, TrainingError):
-        raise  # the saved training state and its metrics are what a resume continues from
-    except BaseException as e:
-        _forget_failed_run(output, state_path, opts, ctx, drop_state=isinstance(e, NoUsableData))
-        raise
-    finally:
-        distributed.teardown(ctx)
-
-
-def _forget_failed_run(output: Path, state_path: Path, opts: RecoverOptions, ctx, drop_state: bool = False) -> None:
-    """A fresh run that failed leaves nothing behind: its metrics log (and, when it trained on nothing, its state).
-    A resumed run keeps both: they belong to the run it continues."""
-    if opts.resume or not ctx.is_main:
-        return
-    if drop_state:
-        state_path.unlink(missing_ok=True)
-    if not state_path.exists():
-        metrics_path(output).unlink(missing_ok=True)
-
-
-def _check_outputs(output: Path, state_path: Path, opts: RecoverOptions) -> None:
-    """The output and the training state of an earlier run, checked before anything is loaded."""
-    from lowrank_cli.atomic import check_output
-
-    check_output(output, force=opts.force)
-    check_metrics_path(output)
-    if opts.resume and not state_path.is_file():
-        raise InputError(f"`resume=True`: there is no training state '{state_path}' to continue (it is written every "
-                         "`save_every` steps, and removed when a run finishes): start without `resume=True`")
-    if not opts.resume and state_path.exists():
-        if not opts.force:
-            raise OutputError(f"the training state of an earlier, unfinished run is at '{state_path}': continue it "
-                              "with `resume=True`, or pass `force=True` to start again")
-        state_path.unlink(missing_ok=True)  # starting again: a later resume must not find the old run
-
-
+    hooks = Hooks(log or (lambda msg: None), warn or (lambda msg: warnings.warn(msg, stacklevel=2)), progress,
+                  resume_command, on_step)
+    return train(RecoverStrategy(opts, student, teacher, Path(data).expanduser()), output, hooks)

@@ -188,3 +188,42 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
         opt_state.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": opt_state, "param_groups": document["optimizer"]["param_groups"]})
     return state
+
+
+class StateFile:
+    """Where a run's training state lives and how it is written and read back: one safetensors file (above),
+    written by the main process. The one place a run saves or loads its state, so that another layout (a sharded
+    model saved by every process with torch.distributed.checkpoint) is another class with these methods."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def visible_everywhere(self, ctx: Any) -> bool:
+        from lowrank_cli import distributed
+
+        return distributed.all_ranks(ctx, self.path.is_file())
+
+    def read(self) -> TrainState:
+        return read_train_state(self.path)[0]
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, param_names: list[str]) -> TrainState:
+        return load_train_state(self.path, model, optimizer, param_names)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return read_extra_tensors(self.path)
+
+    def save(self, ctx: Any, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer,
+             param_names: list[str], extra_tensors: dict[str, torch.Tensor] | None) -> None:
+        from lowrank_cli import distributed
+
+        distributed.on_main(ctx, save_train_state, self.path, state, model, optimizer, param_names, extra_tensors)
+
+    def remove(self) -> None:
+        """A finished run leaves no state (called on the main process, after the output is written)."""
+        self.path.unlink(missing_ok=True)
+
+
+def state_store(opts: Any, output: str | Path) -> StateFile:
+    """Where the run writing `output` keeps its training state, and in which layout: the one place a run picks
+    it (`opts` are the run's options)."""
+    return StateFile(train_state_path(output))

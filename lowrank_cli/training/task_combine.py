@@ -2,7 +2,7 @@
 
 experts      the untouched backbone with the first task's head; every task's head and adapters (unmerged) beside
              it, for `load(..., task=NAME)` to merge the one asked for; each task's scores are its own run's
-merge       every task's update (its merged adapters minus the backbone, adapters.merging.task_deltas) combined by
+merge       every task's update (its merged adapters minus the backbone, training.merging.task_deltas) combined by
              the merge rule into one backbone; every task scored again on it with its own head
 orthogonal   the same with the exact sum (the orthogonal blocks keep the tasks' updates apart)
 """
@@ -106,7 +106,7 @@ def combine(source: Any, specs: list[TaskSpec], output: Path, opts: MultitaskOpt
 def _merge_into(final: Any, base: Any, paths: list[Path], records: list[dict[str, Any]], names: list[str],
                 opts: MultitaskOptions, log) -> dict[str, Any]:
     """Every task's update to the backbone, combined by the run's rule and added to `final` in place."""
-    from lowrank_cli.adapters.merging import apply_deltas, merge_deltas, merge_summary, task_deltas
+    from lowrank_cli.training.merging import apply_deltas, merge_deltas, merge_summary, task_deltas
 
     deltas = {}
     for name, path, record in zip(names, paths, records):

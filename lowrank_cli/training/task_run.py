@@ -1,8 +1,8 @@
 """One task of a multi-task run whose tasks train apart (modes experts, merge, orthogonal): a single-task
-fine-tuning (FinetuneRun, so resume, signals, DDP, compile, metrics and the best state work as in `finetune`) of
-that task's data, read as its `--task` says, that writes the task's adapters and head (an adapter file) or, for
-`method` full, the whole fine-tuned model. With `block` the adapters are orthogonal: LoRA whose B is column block
-`block` of `blocks` of one fixed orthogonal matrix per layer (adapters.orthogonal)."""
+fine-tuning (training.finetune_strategy, so resume, signals, DDP, compile, metrics and the best state work as in
+`finetune`) of that task's data, read as its `--task` says, that writes the task's adapters and head (an adapter
+file) or, for `method` full, the whole fine-tuned model. With `block` the adapters are orthogonal: LoRA whose B is
+column block `block` of `blocks` of one fixed orthogonal matrix per layer (adapters.orthogonal)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from lowrank_cli.adapters.base import AdapterConfig
 from lowrank_cli.data.task_data import task_of, task_sets
 from lowrank_cli.data.tasks import TaskSpec
-from lowrank_cli.models.heads import Head
-from lowrank_cli.training.finetune_run import FinetuneRun, Task
-from lowrank_cli.training.recovery_run import RunData
+from lowrank_cli.training.strategy import RunData, Task
 
 NO_HELD_OUT = "no held-out data: give `val_fraction`, or the ImageFolder a val/ split"
 
@@ -27,8 +23,9 @@ def read_task(spec: TaskSpec, opts: Any) -> tuple[RunData, Task]:
     modality, train, val, val_from = task_sets(spec, evaluate=opts.evaluate_accuracy, seed=opts.seed,
                                                val_fraction=opts.val_fraction)
     classes, regression = task_of(train)
-    d = RunData(modality, train, val, use_labels=True, val_from=val_from, why_no_accuracy=NO_HELD_OUT)
-    return d, Task(classes, regression, spec.path)
+    task = Task(classes, regression, spec.path)
+    return RunData(modality, train, val, use_labels=True, val_from=val_from, why_no_accuracy=NO_HELD_OUT,
+                   task=task), task
 
 
 FINGERPRINTED = ("method", "adapter_rank", "adapter_alpha", "adapter_dropout", "targets", "seed", "steps", "epochs",
@@ -42,44 +39,27 @@ def fingerprint(spec: TaskSpec, opts: Any, block: int | None, blocks: int | None
             "blocks": blocks, **{k: getattr(opts, k) for k in FINGERPRINTED}}
 
 
-class TaskRun(FinetuneRun):
-    """FinetuneRun on one task of a multi-task run (see the module docstring)."""
+class TaskOfRun:
+    """The source of a FinetuneStrategy that trains one task of a multi-task run (see the module docstring)."""
 
-    api = "finetune_tasks"
+    api = "finetune_tasks"  # what the resume hint calls
 
-    def __init__(self, *args: Any, spec: TaskSpec, block: int | None = None, blocks: int | None = None,
-                 **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, spec: TaskSpec, block: int | None = None, blocks: int | None = None):
         self.spec, self.block, self.blocks = spec, block, blocks
         self.phase = f"finetune {spec.name}"
-        self.log = _prefixed(self.log, spec.name)
 
-    def _task_data(self, data: Path) -> tuple[RunData, Task]:
-        d, task = read_task(self.spec, self.opts)
-        self.pairs = bool(getattr(d.train, "pairs", False))
-        return d, task
+    def read(self, opts: Any) -> RunData:
+        return read_task(self.spec, opts)[0]
 
-    def _adapter_config(self, raw: nn.Module, head: Head) -> AdapterConfig:
-        config = super()._adapter_config(raw, head)
+    def configure(self, config: AdapterConfig) -> AdapterConfig:
         if self.block is None:
             return config
         return dataclasses.replace(config, method="orthogonal", block=self.block, blocks=self.blocks)
 
-    def _settings_of(self, *args: Any) -> dict[str, Any]:
-        settings = super()._settings_of(*args)
-        settings.update(task_name=self.spec.name, target=self.spec.target, pairs=self.pairs,
-                        fingerprint=fingerprint(self.spec, self.opts, self.block, self.blocks))
-        return settings
+    def settings(self, opts: Any, d: RunData) -> dict[str, Any]:
+        return {"task_name": self.spec.name, "target": self.spec.target,
+                "pairs": bool(getattr(d.train, "pairs", False)),
+                "fingerprint": fingerprint(self.spec, opts, self.block, self.blocks)}
 
-
-    def _output(self, *args: Any) -> None:
-        log, self.log = self.log, (lambda message: None)  # not "Wrote FILE": the work folder is lrc's own
-        try:
-            super()._output(*args)
-        finally:
-            self.log = log
-        self.log("trained (kept in the run's work folder until every task is)")
-
-
-def _prefixed(log: Any, name: str):
-    return lambda message: log(f"{name}: {message}")
+    def wrote(self, log: Any, output: Path, merged: bool) -> None:
+        log("trained (kept in the run's work folder until every task is)")  # the work folder is lrc's own

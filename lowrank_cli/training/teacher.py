@@ -9,6 +9,7 @@ from torch import nn
 
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.models.loaded import name_of  # the training runs import it from here
 
 
 def is_lowrank(model: nn.Module) -> bool:
@@ -56,8 +57,8 @@ def check_teacher(student: nn.Module, teacher: nn.Module, student_name: str, tea
 
 
 def load_participant(source, what: str, arch, model_args, log, library=None):
+    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.models.loaded import LoadedModel
-    from lowrank_cli.models.sources import load_model
 
     if isinstance(source, LoadedModel):
         return source
@@ -66,11 +67,6 @@ def load_participant(source, what: str, arch, model_args, log, library=None):
                          "not a bare nn.Module: recovery needs its architecture to check and save it")
     return load_model(str(source), arch=arch, model_args=model_args, library=library,
                       log=lambda m: log(f"{what.capitalize()}: {m}"))
-
-
-def name_of(loaded) -> str:
-    source = loaded.source or {}
-    return str(source.get("id") or loaded.spec.architecture)
 
 
 def own_teacher(s, opts: Any):
@@ -128,8 +124,8 @@ def factorize_student(s, t, opts: Any, *, device: torch.device, log, warn) -> di
     linears the student had (they stay alive for the progressive method's residuals)."""
     from lowrank_cli.checkpoint.format import info_of, record_source
     from lowrank_cli.compress.factorization import factorize
+    from lowrank_cli.models.families import TEXT, modality_of
     from lowrank_cli.models.structure import select_targets
-    from lowrank_cli.models.transformers_models import is_text_model
 
     model = s.model
     options: dict[str, Any] = {"kappa": opts.kappa if opts.kappa is not None else 2.0}
@@ -143,7 +139,7 @@ def factorize_student(s, t, opts: Any, *, device: torch.device, log, warn) -> di
         options["rank_pattern"] = [f".*={opts.rank}"]
     if opts.calib is not None:
         options.update(calib=opts.calib, calib_samples=opts.calib_samples)
-        if is_text_model(model):
+        if modality_of(model) == TEXT:
             from lowrank_cli.models.hub import tokenizer_folder
 
             options["tokenizer"] = opts.tokenizer if opts.tokenizer is not None else tokenizer_folder(t)

@@ -10,7 +10,7 @@ import torch
 from helpers import make_tiny_vit
 
 from lowrank_cli.adapters.base import AdapterConfig
-from lowrank_cli.adapters.merging import MERGE_RULES, apply_deltas, best_rank, merge_deltas, merge_summary, task_deltas
+from lowrank_cli.training.merging import MERGE_RULES, apply_deltas, best_rank, merge_deltas, merge_summary, task_deltas
 from lowrank_cli.adapters.methods import method_for
 from lowrank_cli.adapters.targets import adapter_targets
 from lowrank_cli.errors import InputError, TrainingError, UsageError

@@ -11,7 +11,7 @@ from helpers import make_tiny_vit
 
 import lowrank_cli
 from lowrank_cli.adapters.base import AdapterConfig
-from lowrank_cli.adapters.merging import apply_deltas, merge_deltas, merge_summary, task_deltas
+from lowrank_cli.training.merging import apply_deltas, merge_deltas, merge_summary, task_deltas
 from lowrank_cli.adapters.methods import check_method, method_for
 from lowrank_cli.adapters.orthogonal import OrthogonalLinear, orthogonal_basis
 from lowrank_cli.adapters.targets import adapter_targets

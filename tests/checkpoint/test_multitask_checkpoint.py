@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 import lowrank_cli
 from lowrank_cli.checkpoint.format import read_info
 from lowrank_cli.checkpoint.io import read_checkpoint
-from lowrank_cli.checkpoint.tasks import model_for_task, task_names, write_multitask
+from lowrank_cli.adapters.task_models import model_for_task
+from lowrank_cli.checkpoint.tasks import task_names, write_multitask
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.evaluation.task_scores import model_classes
 from lowrank_cli.layers.lowrank_linear import LowRankLinear

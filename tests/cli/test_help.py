@@ -70,7 +70,7 @@ def test_the_choices_are_the_librarys():
     assert choices("factorize", "dtype") == choices("bench", "dtype") == list(DTYPE_CHOICES)
     assert choices("factorize", "svd") == list(SVD_METHODS)
     assert choices("report", "library") == list(LIBRARIES)
-    from lowrank_cli.adapters.merging import MERGE_RULES
+    from lowrank_cli.training.merging import MERGE_RULES
     from lowrank_cli.cli import finetune_cmd
     from lowrank_cli.data.multitask_loader import SCHEDULES
     from lowrank_cli.training.multitask_options import MODES

@@ -162,7 +162,7 @@ def test_svd_on_cuda_matches_cpu():
 def test_options_that_contradict_each_other_are_refused_not_dropped():
     from helpers import make_tiny_vit
 
-    for kwargs, message in [(dict(kappa=3, budget=0.5), "budget allocates the ranks per layer and kappa"),
+    for kwargs, message in [(dict(kappa=3, budget=0.5), "budget allocates the ranks per layer, kappa"),
                             (dict(budget=0.5, target_macs=10**6), "budget and target_macs both set the size"),
                             (dict(budget=0.5, rank_pattern=[".*=8"]), "rank_pattern fixes some"),
                             (dict(svd="randomized", calib="x"), "drop svd"),

@@ -1,0 +1,53 @@
+"""How the student's forward runs in a training step: compiled or eager, and spread over the processes of
+torchrun. One replaceable step: a run asks `Distribution.wrap` for the callable its step calls, so that another way
+of spreading a model (sharding it, FSDP) is another class with `wrap`, chosen where the run's options are read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lowrank_cli import distributed
+from lowrank_cli.training.step import compile_hooked
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Every process holds the whole model and sees its share of each batch; DDP averages the gradients.
+
+    broadcast_buffers: False when the buffers never change and start equal on every rank (the progressive
+    method's residuals), so DDP sends none each step. find_unused_parameters: True when a step may leave
+    parameters without a gradient (a head per task, one task per batch)."""
+
+    broadcast_buffers: bool = True
+    find_unused_parameters: bool = False
+
+    def wrap(self, ctx: distributed.DistContext, forward: Callable[..., Any]) -> Callable[..., Any]:
+        if not ctx.enabled:
+            return forward
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = ctx.device
+        return DistributedDataParallel(forward, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                       broadcast_buffers=self.broadcast_buffers,
+                                       find_unused_parameters=self.find_unused_parameters)
+
+
+def distribution(opts: Any, *, broadcast_buffers: bool = True, find_unused_parameters: bool = False) -> DataParallel:
+    """How a run spreads its student over the processes: data parallel (the only way today). The one place that
+    reads how to spread it, for a run's strategy to ask (`opts` is the run's options)."""
+    return DataParallel(broadcast_buffers=broadcast_buffers, find_unused_parameters=find_unused_parameters)
+
+
+def forwards(model: nn.Module, teacher: nn.Module | None, *, compile: bool, distribution: DataParallel,
+             ctx: distributed.DistContext) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    """(the student's forward, the teacher's): compiled when asked (block hooks kept), the student's spread over the
+    processes."""
+    forward, teacher_forward = model, teacher
+    if compile:
+        forward = compile_hooked(model)
+        teacher_forward = compile_hooked(teacher) if teacher is not None else None
+    return distribution.wrap(ctx, forward), teacher_forward
