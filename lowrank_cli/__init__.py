@@ -12,6 +12,7 @@
                                output="multi.safetensors", epochs=3)
     model = lowrank_cli.load("multi.safetensors", task="sts")        # one task's model
     lowrank_cli.evaluate_tasks("multi.safetensors", ["sst=dev.jsonl", "sts=sts_dev.jsonl"])
+    lowrank_cli.demo()                                      # the whole flow on a shipped ViT and digits, offline
 
     bert = lowrank_cli.load_model("./my-bert-folder").model  # transformers models too (the [transformers] extra)
 
@@ -59,6 +60,8 @@ _API = {
     "evaluate": "lowrank_cli.evaluation.accuracy",
     "build_card": "lowrank_cli.publish.card",
     "push": "lowrank_cli.publish.push",
+    "demo": "lowrank_cli.tour.run",
+    "DemoResult": "lowrank_cli.tour.run",
 }
 
 __all__ = ["__version__", *_API]
@@ -82,6 +85,7 @@ if TYPE_CHECKING:
     from lowrank_cli.training.finetune import finetune
     from lowrank_cli.training.multitask import finetune_tasks
     from lowrank_cli.training.recovery import recover
+    from lowrank_cli.tour.run import DemoResult, demo
     from lowrank_cli.training.result import FinetuneResult, MultitaskResult, RecoverResult
 
 

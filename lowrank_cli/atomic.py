@@ -113,6 +113,43 @@ def utf8_path(path: str | os.PathLike) -> Iterator[str]:
     yield text
 
 
+# multiprocessing puts the sockets of the loader workers at <tmp>/pymp-XXXXXXXX/listener-XXXXXXXX, and a Unix socket
+# path has at most 107 bytes: a longer temporary folder makes a worker fail (and the loader wait for it forever).
+MAX_TMPDIR = 64
+
+
+@contextlib.contextmanager
+def private_tmpdir() -> Iterator[str | None]:
+    """A temporary folder of this run (a command, `lowrank_cli.demo()`), removed at its end, as the process's
+    temporary folder: what Python's multiprocessing (`pymp-*` of the data-loader workers) and torch.compile's cache
+    (`torchinductor_<user>`, created when timm imports torch._dynamo) would leave in $TMPDIR goes there.
+    TORCHINDUCTOR_CACHE_DIR, when set, is kept (set it to reuse compiled kernels between runs). Children (loader
+    workers, torchrun ranks) inherit it; the environment is as it was afterwards."""
+    saved = {name: os.environ.get(name) for name in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    saved_tempdir = tempfile.tempdir
+    try:
+        folder = tempfile.mkdtemp(prefix="lrc-")
+    except OSError:  # no writable temporary folder: the command says so where it needs one
+        yield None
+        return
+    if len(folder) > MAX_TMPDIR:  # the workers' sockets would not fit there: leave $TMPDIR as it is
+        os.rmdir(folder)
+        yield None
+        return
+    os.environ["TMPDIR"] = tempfile.tempdir = folder
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(folder, "torchinductor"))
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = saved_tempdir
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

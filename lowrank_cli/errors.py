@@ -72,3 +72,14 @@ class EnvironmentProblem(LrcError):
 
 class Interrupted(LrcError):
     exit_code = 130
+
+
+# What would break the one `Error:` line (a newline in a task name, a library's multi-line message) or reach the
+# terminal as a command (ESC sequences): C0 and C1 controls, DEL and the Unicode line and paragraph separators.
+_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(message: str) -> str:
+    """`message` as one printable line: control characters written as escapes (\\n, \\x1b, ...)."""
+    return message.translate(_ESCAPES)

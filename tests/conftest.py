@@ -5,8 +5,19 @@ from __future__ import annotations
 import os
 import tempfile
 
+# One folder for what the session leaves outside pytest's own tmp_path folders, removed when the session ends
+# (pytest_unconfigure below): the Hugging Face home, torch's `torchinductor` cache (timm imports torch._dynamo,
+# which makes it), and the session's temporary folder, where multiprocessing puts the loader workers' `pymp-*` and
+# the tests' subprocesses their temporary files. pytest's own tmp_path folders stay where pytest keeps them (the
+# last three sessions, for looking at a failure).
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+_SESSION = tempfile.mkdtemp(prefix="lrc-test-")
+_HF_HOME = os.path.join(_SESSION, "hf")
+_TMP = os.path.join(_SESSION, "tmp")
+os.makedirs(_TMP)
+os.environ["TMPDIR"] = tempfile.tempdir = _TMP
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SESSION, "torchinductor")
 # Before anything imports huggingface_hub, which reads these once.
-_HF_HOME = tempfile.mkdtemp(prefix="lrc-test-hf-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
@@ -28,6 +39,10 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, digits.py, hf_fixtures.py
 
 from helpers import make_tiny_vit  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_SESSION, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

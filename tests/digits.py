@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lowrank_cli.tour.teacher import train_classifier  # noqa: F401 - tests and benchmarks take it from here
+
 
 def write_digits_imagefolder(root: str | Path, *, image_size: int = 32, val_fraction: float = 0.25,
                              seed: int = 0, max_per_class: int | None = None) -> Path:
@@ -78,25 +80,21 @@ def write_corrupt_image(path: str | Path, kind: str = "truncated") -> Path:
     return path
 
 
-def train_classifier(model, loader, epochs: int, *, lr: float = 2e-3, on_epoch=None):
-    """Plain supervised training (AdamW, one-cycle schedule) of `model` on a loader of `Batch`es; returns it in
-    eval mode. Used to make trained (not random) weights for examples and benchmarks."""
-    import torch
-    import torch.nn.functional as F
+def write_huge_image(path: str | Path, width: int = 20000, height: int = 20000) -> Path:
+    """Write a .png whose header says width x height (400 Mpx by default, past Pillow's decompression-bomb limit)
+    with a few bytes of pixel data: Pillow refuses it when it opens it, without decoding anything."""
+    import struct
+    import zlib
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
-    model.train()
-    for epoch in range(epochs):
-        for batch in loader:
-            loss = F.cross_entropy(model(batch.images), batch.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        if on_epoch is not None:
-            on_epoch(epoch, loss.item())
-    return model.eval()
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
 
 
 def relabel_imagefolder(source: str | Path, root: str | Path, label_of) -> Path:

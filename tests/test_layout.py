@@ -71,6 +71,7 @@ PACKAGE_ORDER: list[tuple[str, ...]] = [
     ("evaluation",),
     ("compress",),
     ("training", "publish"),
+    ("tour",),  # lrc demo: the shipped digits and teacher through factorize, report, recover and eval
     ("cli",),
     ("api",),  # lowrank_cli/__init__ (the lazy public API), _legacy (old import paths), __main__
 ]

@@ -130,23 +130,85 @@ def open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]
     return meta, shapes
 
 
+def header_dtypes(path: Path) -> dict[str, str]:
+    """{tensor name: its dtype as the header says it (torch's name: float32, int8, ...)}, without reading a tensor."""
+    from safetensors import safe_open
+
+    with utf8_path(path) as name, safe_open(name, framework="pt") as f:
+        return {k: DTYPE_NAMES.get(f.get_slice(k).get_dtype(), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+# safetensors' dtype codes by the names torch gives them (the others, e.g. F8_E4M3, are shown as safetensors writes them).
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 def is_lrc_checkpoint(path: str | Path) -> bool:
     meta, _ = open_header(Path(path))
     return PREFIX + "schema" in meta
 
 
 def _json(meta: dict[str, str], key: str, default: Any, path: Path) -> Any:
-    """One `lrc.*` value, parsed and checked against SHAPES before anything is built from it."""
+    """One `lrc.*` value, parsed and checked against SHAPES before anything is built from it (its size was checked
+    by `check_sizes` before)."""
     if PREFIX + key not in meta:
         return default
     try:
         value = json.loads(meta[PREFIX + key])
     except json.JSONDecodeError:
         raise InputError(f"'{path}': metadata '{PREFIX}{key}' is not valid JSON: the file is corrupt; write it again") from None
+    except RecursionError:
+        raise InputError(f"'{path}': metadata '{PREFIX}{key}' is nested deeper than JSON can be read (lrc writes at "
+                         f"most {MAX_DEPTH} levels): the file is corrupt or was edited; write it again") from None
+    if _depth(value) > MAX_DEPTH:
+        raise InputError(f"'{path}': metadata '{PREFIX}{key}' is nested more than {MAX_DEPTH} levels deep, deeper than "
+                         "lrc writes: the file is corrupt or was edited; write it again")
     problem = None if value is None and default is None else _shape_problem(key, value)
     if problem:
         raise InputError(f"'{path}': metadata '{PREFIX}{key}' {problem}: the file is corrupt; write it again")
     return value
+
+
+# How deep a JSON value may nest (a transformers config inside model_args, a task's adapters inside multitask: < 10).
+MAX_DEPTH = 64
+# The plain `lrc.*` strings (schema, version, library, architecture) are names and numbers.
+MAX_NAME = 256
+# The JSON values grow with the model: per-layer records with the number of tensors, spectra with the layers' widths.
+# This much, plus 4 kB per tensor and 16 characters per row or column of each tensor, is far more than lrc writes.
+BASE_LIMIT = 1 << 20
+NAMES = ("schema", "version", "library", "architecture")
+
+
+def metadata_limit(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The most characters one `lrc.*` JSON value of a file with these tensors may hold."""
+    return BASE_LIMIT + 4096 * len(shapes) + 16 * sum(sum(shape) for shape in shapes.values())
+
+
+def check_sizes(meta: dict[str, str], shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Refuse an `lrc.*` value far larger than lrc writes for these tensors (a 100 MB string), before it is parsed."""
+    limit = metadata_limit(shapes)
+    for key, value in meta.items():
+        if not key.startswith(PREFIX):
+            continue
+        most = MAX_NAME if key[len(PREFIX):] in NAMES else limit
+        if len(value) > most:
+            raise InputError(f"'{path}': metadata '{key}' holds {len(value):,} characters, more than lrc writes there "
+                             f"for a file of {len(shapes)} tensors (at most {most:,}): the file is corrupt or was "
+                             "edited; write it again")
+
+
+def _depth(value: Any) -> int:
+    """How deep `value` nests (1 for a flat object), counted without recursion, stopping past MAX_DEPTH."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 # What each JSON value must be: a mapping, and what its values must be (None: anything JSON).
@@ -177,6 +239,7 @@ def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[int, ..
     """The checkpoint's metadata and tensor shapes, without reading any tensor."""
     path = Path(path)
     meta, shapes = open_header(path)
+    check_sizes(meta, shapes, path)
     if PREFIX + "schema" not in meta:
         raise InputError(f"'{path}' is a safetensors file without lrc metadata: not written by lrc (use `arch` with report)")
     try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from lowrank_cli.checkpoint.format import (
     TASKS_PREFIX,
     CheckpointInfo,
     attach_info,
+    header_dtypes,
     info_for_saving,
     metadata_of,
     read_info,
@@ -90,6 +92,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fus
     model = with_ranks(build_empty(info.spec, what=what, fix="its lrc.model_args are corrupt; write the file again",
                                    max_params=100 * stored + 10**6), info.ranks, what)
     check_fits(model, shapes, what)
+    check_dtypes(model, header_dtypes(path), what)
     with utf8_path(path) as name:
         state_dict = load_file(name, device=str(device)) if info.multitask is None else _model_tensors(name, device)
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -100,6 +103,34 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fus
     if fuse:
         fuse_lowrank(model)
     return LoadedModel(model, info.spec, {"kind": "lrc", "id": str(path.resolve())}, info)
+
+
+def check_dtypes(model: nn.Module, dtypes: dict[str, str], what: str) -> None:
+    """Before any tensor is read: the model's floating tensors are stored in one floating dtype (lrc writes a model
+    in one precision) and its integer buffers as integers, so that a tensor stored as int8 (or float16) in a float32
+    file is named here, not met inside load_state_dict (or as a dtype clash in the first forward pass)."""
+    expected = model.state_dict()
+    floating = {k: d for k, d in dtypes.items() if k in expected and expected[k].is_floating_point()}
+    for name, dtype in dtypes.items():
+        if name in expected and not expected[name].is_floating_point() and _is_floating(dtype):
+            raise InputError(f"{what}: tensor '{name}' is stored as {dtype}, but the model keeps it as "
+                             f"{str(expected[name].dtype).removeprefix('torch.')}: the file is corrupt or was edited; "
+                             "write it again")
+    if not floating:
+        return
+    common = Counter(floating.values()).most_common(1)[0][0]
+    if not _is_floating(common):
+        common = next((d for d in floating.values() if _is_floating(d)), "float32")
+    odd = sorted(k for k, d in floating.items() if d != common)
+    if odd:
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        raise InputError(f"{what}: tensor '{odd[0]}'{more} is stored as {floating[odd[0]]}, but the model's other weights "
+                         f"are {common}: the file is corrupt or was edited; write it again in one precision "
+                         "(`lowrank_cli.save(model, path, dtype=...)`)")
+
+
+def _is_floating(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat", "F8", "F4", "F6"))
 
 
 def _model_tensors(name: str, device: str | torch.device) -> dict[str, torch.Tensor]:

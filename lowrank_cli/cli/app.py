@@ -16,6 +16,7 @@ from lowrank_cli._version import __version__
 from lowrank_cli.cli import (
     bench_cmd,
     card_cmd,
+    demo_cmd,
     eval_cmd,
     factorize_cmd,
     finetune_cmd,
@@ -50,19 +51,29 @@ def _root(
     """Make pretrained transformers smaller and faster by low-rank factorization (PELA)."""
 
 
-for _command in (factorize_cmd, report_cmd, recover_cmd, finetune_cmd, eval_cmd, bench_cmd, card_cmd, push_cmd):
+for _command in (factorize_cmd, report_cmd, recover_cmd, finetune_cmd, eval_cmd, bench_cmd, card_cmd, push_cmd,
+                 demo_cmd):
     _command.register(app)
 
 _WRITE_FAILURES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
 
 
 def _error(message: str, code: int) -> None:
-    sys.stderr.write(f"Error: {message}\n")
+    from lowrank_cli.errors import one_line
+
+    sys.stderr.write(f"Error: {one_line(message)}\n")
     sys.stderr.flush()
     sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lowrank_cli.atomic import private_tmpdir
+
+    with private_tmpdir():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     from lowrank_cli.errors import LrcError
 
     # huggingface_hub's own retry and progress chatter would come before lrc's one Error line.

@@ -81,3 +81,52 @@ def progress(description: str = "working"):
         transient=False,
         disable=not (is_main_process() and progress_wanted()),
     )
+
+
+def plain_progress_wanted() -> bool:
+    """Off a terminal (a CI log, a pipe) with no --progress / --no-progress given: plain progress lines instead of
+    bars, so that a long run is not silent until its table."""
+    return _PROGRESS is None and not err.is_terminal and is_main_process()
+
+
+class PhaseProgress:
+    """A progress callback `(phase, done, total, status)` for a run of several phases: on a terminal (or with
+    --progress) one bar per phase; off one, a plain line on stderr when a phase starts, when it ends, and at most
+    every `every` seconds between; with --no-progress nothing. The bars start with the first phase, so that an early
+    error is not preceded by an empty display."""
+
+    def __init__(self, prefix: str, every: float = 10.0) -> None:
+        self.prefix, self.every = prefix, every
+        self.bar, self.tasks = None, {}
+        self.lines = plain_progress_wanted()
+        self.last: dict[str, tuple[float, int]] = {}  # phase -> (time of its last line, done then)
+
+    def __call__(self, phase: str, done: int, total: int, status: str | None) -> None:
+        if self.lines:
+            self._line(phase, done, total, status)
+            return
+        if self.bar is None:
+            self.bar = progress()
+            self.bar.start()
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(phase, total=total, completed=done, status=status or "")
+        fields = {"status": status} if status is not None else {}
+        self.bar.update(self.tasks[phase], completed=done, total=total, **fields)
+
+    def _line(self, phase: str, done: int, total: int, status: str | None) -> None:
+        import time
+
+        now = time.monotonic()
+        seen = self.last.get(phase)
+        finished = total and done >= total
+        if seen is not None and (seen[1] == done or not (finished or now - seen[0] >= self.every)):
+            return
+        self.last[phase] = (now, done)
+        count = f"{done}/{total}" if total else str(done)
+        # soft_wrap: one line per update, never folded at 80 columns (a log is read by grep)
+        err.print(f"{self.prefix}{phase} {count}{f' ({status})' if status else ''}", highlight=False, markup=False,
+                  soft_wrap=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

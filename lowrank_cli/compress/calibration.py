@@ -123,12 +123,14 @@ def collect_second_moments(
     device: torch.device | str,
     max_samples: int | None = None,
     progress: Callable[[int], None] | None = None,
+    unreadable: Callable[[], tuple[str, str]] | None = None,
 ) -> dict[str, InputStats]:
     """Run `model` (eval, no grad) over `batches` and return the input statistics of each named nn.Linear.
 
     Images go to the device of the model's parameters; the statistics are accumulated in float64 on `device`.
     At most `max_samples` images are used (the last batch is cut). `progress(n_images_done)` is called after
-    each batch. The model's train/eval mode is restored and the hooks removed, also on error.
+    each batch. The model's train/eval mode is restored and the hooks removed, also on error. `unreadable()` says
+    why the samples could not be read, and what to do, when none could.
     """
     names = list(dict.fromkeys(module_names))
     linears = _linears(model, names)
@@ -148,8 +150,9 @@ def collect_second_moments(
         moments.remove()
         model.train(was_training)
     if done == 0 and skipped:
-        raise InputError(f"none of the {skipped} calibration images could be read (corrupt, truncated or not "
-                         "images): check the files of `calib`")
+        cause, fix = unreadable() if unreadable else ("corrupt, truncated or not images", None)
+        raise InputError(f"none of the {skipped} calibration images could be read ({cause}): "
+                         f"{fix or 'check the files of `calib`'}")
     if done == 0:
         raise InputError("no calibration images: the data is empty; point it at a folder with images")
     for name in names:
@@ -207,6 +210,7 @@ def _on(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 def _calibrate_images(model, names, data, *, samples, batch_size, device, progress):
     from lowrank_cli.data.images import find_images, make_loader, make_transform
+    from lowrank_cli.data.pillow_limits import read_problem
     from lowrank_cli.models.inputs import image_mode
 
     images = find_images(data, parameter="calib")
@@ -214,7 +218,8 @@ def _calibrate_images(model, names, data, *, samples, batch_size, device, progre
     # shuffle: a class-sorted folder would otherwise calibrate on the first classes only
     loader, _ = make_loader(images, make_transform(model, training=False), batch_size, shuffle=True, seed=0,
                             drop_last=False, mode=image_mode(model))
-    return collect_second_moments(model, names, loader, device=device, max_samples=samples, progress=progress)
+    return collect_second_moments(model, names, loader, device=device, max_samples=samples, progress=progress,
+                                  unreadable=lambda: read_problem(images.samples[0][0]))
 
 
 def _calibrate_text(model, names, data, *, samples, batch_size, device, tokenizer, progress):

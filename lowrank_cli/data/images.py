@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lowrank_cli.data.files import visible, walk_files
+from lowrank_cli.data.pillow_limits import tell_too_large
 from lowrank_cli.data.sampling import EpochSampler, derive_seed, epoch_loader, ignore_sigint_in_worker, seeded
 from lowrank_cli.errors import InputError, UsageError
 
@@ -68,11 +70,6 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def visible(name: str) -> bool:
-    # .ipynb_checkpoints, .DS_Store, ._foo.jpg (macOS resource forks) are never data.
-    return not name.startswith(".")
-
-
 def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if visible(p.name) and p.is_dir())
 
@@ -80,12 +77,7 @@ def _subdirs(folder: Path) -> list[Path]:
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
     if not recursive:
         return sorted(p for p in folder.iterdir() if visible(p.name) and is_image_file(p) and p.is_file())
-    found = []
-    # followlinks: ImageNet copies are often trees of symlinks.
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if visible(d)]
-        found += [Path(dirpath, f) for f in filenames if visible(f) and is_image_file(f)]
-    return sorted(found)
+    return walk_files(folder, is_image_file)  # links followed, no folder twice (a symlink loop is skipped)
 
 
 def _split_dir(root: Path, names: Sequence[str]) -> Path | None:
@@ -108,7 +100,18 @@ def _class_tree(folder: Path, classes: list[str] | None = None) -> tuple[list[st
                 f"{', ...' if len(unknown) > 5 else ''}): give train/ and val/ the same class folders"
             )
     index = {name: i for i, name in enumerate(classes)}
-    samples = [(p, index[name]) for name in found for p in _images_in(folder / name, recursive=True)]
+    homes = {Path(os.path.realpath(folder / name)): index[name] for name in found}
+    samples, taken = [], set()
+    for name in found:
+        for path in _images_in(folder / name, recursive=True):
+            real = Path(os.path.realpath(path))
+            home = next((homes[p] for p in real.parents if p in homes), None)
+            if home is not None and real in taken:  # a link to an image that its own class folder holds
+                continue
+            taken.add(real)
+            # The label of the class folder the file really sits in (reached through a link from another class, it
+            # keeps its own); a file outside every class folder (a tree of links to a store) takes the folder's.
+            samples.append((path, index[name] if home is None else home))
     return classes, samples
 
 
@@ -138,7 +141,9 @@ def find_images(
     there is no val split. A missing split returns None, or raises `InputError` when `required`.
     `labelled=False` reads any layout as unlabelled images (sub-folders that are not classes);
     `labelled=True` insists on labels. Hidden files and folders (starting with '.') are skipped and
-    symlinks are followed. The order is sorted and so the same on every machine and rank.
+    symlinks are followed, each folder once (data.files: a link loop is skipped with a warning); an image's label is
+    the class folder it really sits in, and an image reached twice counts once. The order is sorted and so the same
+    on every machine and rank.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -280,7 +285,10 @@ class ImageDataset(Dataset):
         try:
             with Image.open(path) as im:
                 img = im.convert(self.mode)  # convert() loads fully, so truncation surfaces here
-        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        except Image.DecompressionBombError as exc:  # not corrupt: too large to decode safely
+            tell_too_large(path, exc)
+            return None
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ...
             log.debug("skipping unreadable image '%s': %s", path, exc)  # counted; the run says how many
             return None
         return self.transform(img), label

@@ -29,7 +29,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lowrank_cli.data.images import IMAGE_EXTENSIONS, visible
+from lowrank_cli.data.files import iter_files, walk_files
+from lowrank_cli.data.images import IMAGE_EXTENSIONS
 from lowrank_cli.data.sampling import EpochSampler, epoch_loader
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.transformers_models import quiet, require
@@ -77,21 +78,15 @@ def looks_like_text_data(path: str | os.PathLike[str]) -> bool:
     if path.is_file() or not path.exists():  # a missing corpus.txt is reported as missing text, not images
         return is_text_file(path)
     has_text = False
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames[:] = [d for d in dirnames if visible(d)]
-        for f in filenames:
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                return False
-            has_text = has_text or (visible(f) and is_text_file(f))
+    for f in iter_files(path, lambda name: True, warn=False):
+        if f.name.lower().endswith(IMAGE_EXTENSIONS):
+            return False
+        has_text = has_text or is_text_file(f)
     return has_text
 
 
 def _text_files_in(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if visible(d)]
-        found += [Path(dirpath, f) for f in filenames if visible(f) and is_text_file(f)]
-    return sorted(found)
+    return walk_files(folder, is_text_file)
 
 
 def _records(path: Path) -> Iterator[tuple[int, str | None]]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.data.images import ImageDataset, ImageSet, collate, make_transform, val_split
+from lowrank_cli.data.pillow_limits import read_problem
 from lowrank_cli.devices import autocast_for
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.inputs import image_mode, output_tensor
@@ -134,7 +135,8 @@ def evaluate(
         counts = distributed.all_reduce_sum(ctx, counts.to(reduce_on)).cpu()
     images, skipped = int(counts[-2]), int(counts[-1])
     if images == 0:
-        raise InputError(f"none of the {len(image_set)} images in '{image_set.root}' could be read: check the files")
+        cause, fix = read_problem(image_set.samples[0][0])
+        raise InputError(f"none of the {len(image_set)} images in '{image_set.root}' could be read ({cause}): {fix or 'check the files'}")
     return {
         "top1": float(counts[0]) / images,
         "top5": float(counts[1]) / images,

@@ -37,10 +37,39 @@ def file_sha256(path: Path) -> str:
 
 def _unsafe_globals(path: Path) -> list[str]:
     """The classes and functions a torch file's pickle would import (what weights_only refuses to run)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return _legacy_pickle_globals(path)
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:  # not a readable torch file at all: the caller says so
         return []
+
+
+def _legacy_pickle_globals(path: Path) -> list[str]:
+    """The same for a file in torch's legacy (non-zip) format: a few pickles in a row (magic number, protocol, system
+    info, the object), read opcode by opcode with pickletools, which imports and runs nothing. A well-formed stream
+    that weights_only refused names what it would import (the globals outside torch, if any); a broken one names
+    nothing (the caller then says truncated or corrupt)."""
+    import pickletools
+
+    found: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for _ in range(4):
+                strings: list[str] = []
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name == "GLOBAL":
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+    except Exception:  # truncated, or not a pickle at all
+        return []
+    outside = sorted({name for name in found if not name.startswith(("torch.", "collections."))})
+    return outside or sorted(set(found))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

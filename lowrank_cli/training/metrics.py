@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lowrank_cli.errors import OutputError
+
 
 def metrics_lines(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
@@ -30,3 +32,13 @@ def metrics_path(output: str | Path) -> Path:
     """`out.safetensors` -> `out.metrics.jsonl`, next to the output."""
     output = Path(output)
     return output.with_name(output.stem + ".metrics.jsonl")
+
+
+def check_metrics_path(output: str | Path) -> Path:
+    """The metrics log of a run writing `output`, refused before the run when something that is not a file (a
+    folder) sits there: the run would fail at its first log line, after the loading."""
+    path = metrics_path(output)
+    if path.exists() and not path.is_file():
+        raise OutputError(f"'{path}' is a folder, where the run writes its metrics log: move it away, or choose "
+                          "another `output`")
+    return path

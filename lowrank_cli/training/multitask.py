@@ -132,9 +132,11 @@ class ApartRuns:
         from lowrank_cli import distributed
         from lowrank_cli.atomic import check_output
         from lowrank_cli.data.task_data import check_same_modality
+        from lowrank_cli.training.metrics import check_metrics_path
         from lowrank_cli.training.task_run import read_task
 
         check_output(self.output, force=self.opts.force)
+        check_metrics_path(self.output)
         read = [read_task(spec, self.opts)[0] for spec in self.specs]
         check_same_modality(self.specs, [d.modality for d in read])
         problem = None

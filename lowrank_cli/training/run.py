@@ -13,7 +13,7 @@ import torch
 from lowrank_cli import distributed
 from lowrank_cli.data.sampling import default_workers
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError
-from lowrank_cli.training.metrics import metrics_path
+from lowrank_cli.training.metrics import check_metrics_path, metrics_path
 from lowrank_cli.training.setup import Hooks, RunEnv, build_setup
 from lowrank_cli.training.state import state_store
 from lowrank_cli.training.trainer import NoUsableData, Trainer
@@ -72,6 +72,7 @@ def _check_outputs(output: Path, state_path: Path, opts: Any) -> None:
     from lowrank_cli.atomic import check_output
 
     check_output(output, force=opts.force)
+    check_metrics_path(output)
     if opts.resume and not state_path.is_file():
         raise InputError(f"`resume=True`: there is no training state '{state_path}' to continue (it is written every "
                          "`save_every` steps, and removed when a run finishes): start without `resume=True`")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from digits import write_corrupt_image, write_digits_imagefolder
+from digits import write_corrupt_image, write_digits_imagefolder, write_huge_image
 from helpers import error_lines, make_tiny_vit, run_cli
 from hf_fixtures import write_corpus
 from safetensors import safe_open
@@ -41,6 +41,18 @@ def files(tmp_path_factory, tiny_vit_folder, bert_folder):
                              ("args_list", "lrc.model_args", [1]),
                              ("layers_text", "lrc.layers", {"blocks.0.attn.qkv": "x"})]:
         save_file(tensors, str(root / f"{name}.safetensors"), metadata={**meta, key: json.dumps(value)})
+    deep = 100_000  # past Python's recursion limit: json.loads itself gives up
+    for name, key, text in [("layers_deep", "lrc.layers", '{"a": ' + "[" * deep + "]" * deep + "}"),
+                            ("provenance_deep", "lrc.provenance", '{"a": ' + "[" * deep + "]" * deep + "}"),
+                            ("provenance_nested", "lrc.provenance", '{"a": ' + "[" * 100 + "]" * 100 + "}"),
+                            ("provenance_huge", "lrc.provenance", json.dumps({"note": "x" * 5_000_000}))]:
+        save_file(tensors, str(root / f"{name}.safetensors"), metadata={**meta, key: text})
+    odd = "blocks.0.mlp.fc2.second.weight"
+    for dtype, name in ((torch.int8, "int8"), (torch.float16, "fp16")):
+        save_file({**tensors, odd: tensors[odd].to(dtype)}, str(root / f"{name}_tensor.safetensors"), metadata=meta)
+    for c in range(10):  # a class per output of the tiny ViT, every image past Pillow's limit
+        for split in ("train", "val"):
+            write_huge_image(root / "huge" / split / str(c) / "big.png")
     unreadable = root / "unreadable"
     for c in range(2):
         for i in range(6):
@@ -55,6 +67,7 @@ def files(tmp_path_factory, tiny_vit_folder, bert_folder):
             return (os.system, ("echo owned",))
 
     torch.save({"w": Payload()}, root / "evil.pt")
+    torch.save({"w": Payload()}, root / "evil_legacy.pt", _use_new_zipfile_serialization=False)
     (root / "README.md").write_text("# not data\n")
     return {"lr": lr, "root": root, "teacher": tiny_vit_folder, "bert": bert_folder, "unreadable": unreadable,
             "mismatched": mismatched, "corpus": write_corpus(root / "corpus.txt", n=16)}
@@ -81,6 +94,22 @@ CASES = [
            "-o", "{out}/r.safetensors"], 3, "is a file lrc does not read as data"),
     _case(["factorize", "deit_tinyy", "-o", "{out}/x.safetensors"], 3, "closest timm names: deit_tiny"),
     _case(["report", "{out}/missing.safetensors"], 3, "does not exist"),
+    # issue 26
+    _case(["report", "{root}/provenance_huge.safetensors"], 3, "metadata 'lrc.provenance' holds 5,000,012 characters"),
+    _case(["report", "{root}/layers_deep.safetensors"], 3, "'lrc.layers' is nested deeper than JSON can be read"),
+    _case(["report", "{root}/provenance_deep.safetensors"], 3, "'lrc.provenance' is nested deeper than JSON can be"),
+    _case(["report", "{root}/provenance_nested.safetensors"], 3, "'lrc.provenance' is nested more than 64 levels"),
+    _case(["report", "{root}/int8_tensor.safetensors"], 3,
+          "tensor 'blocks.0.mlp.fc2.second.weight' is stored as int8, but the model's other weights are float32"),
+    _case(["eval", "{root}/fp16_tensor.safetensors", "--data", "{mismatched}"], 3,
+          "tensor 'blocks.0.mlp.fc2.second.weight' is stored as float16, but the model's other weights are float32"),
+    _case(["factorize", "{root}/evil_legacy.pt", "--arch", "vit_tiny_patch16_224", "-o", "{out}/x.safetensors"], 3,
+          "pickled Python objects, which lrc never unpickles (posix.system)"),
+    _case(["eval", "{lr}", "--task", "sst\nx={root}/missing.jsonl"], 2, "task name 'sst\\nx' must be a word"),
+    _case(["eval", "{teacher}", "--data", "{root}/huge", "--workers", "0"], 3,
+          "big.png': it has 400 Mpx, more than Pillow's limit of"),
+    _case(["factorize", "{teacher}", "--calib", "{root}/huge", "-o", "{out}/x.safetensors"], 3,
+          "shrink the images (a model reads a few hundred pixels a side)"),
     _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "1", "--batch-size", "4",
            "--workers", "0", "--alpha", "0", "-o", "{out}/r.safetensors"], 2, "nothing to learn from"),
 ]
@@ -95,6 +124,7 @@ def test_bad_input(files, tmp_path, capsys, args, code, message):
     got, _, err = run_cli(argv, capsys)
     lines = error_lines(err)
     assert got == code and len(lines) == 1 and message in lines[0], err
+    assert err.splitlines()[-1] == lines[0]  # the Error line is the last word
     assert list(out.iterdir()) == []  # nothing written, nothing half-written
 
 
@@ -193,3 +223,72 @@ def test_unknown_name_fails_fast_without_network(tmp_path, capsys, monkeypatch):
     assert code == 3 and len(error_lines(err)) == 1 and "the Hub cannot be reached" in err, err
     assert time.perf_counter() - started < 5
     assert err.count("\n") == 1  # nothing before the Error line
+
+
+@pytest.mark.parametrize("command", [["recover", "{lr}", "--teacher", "{teacher}"],
+                                     ["finetune", "{lr}", "--method", "head"]], ids=["recover", "finetune"])
+def test_a_folder_where_the_metrics_go_is_refused_before_the_run(files, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    (out / "r.metrics.jsonl").mkdir(parents=True)
+    names = {k: v for k, v in files.items() if isinstance(v, Path)}
+    argv = [a.format(**names) for a in command] + ["--data", files["mismatched"], "--steps", "1", "--batch-size", "4",
+                                                  "--workers", "0", "-o", out / "r.safetensors"]
+    got, _, err = run_cli(argv, capsys)
+    lines = error_lines(err)
+    assert got == 4 and lines == err.splitlines()[-1:], err
+    assert f"'{out / 'r.metrics.jsonl'}' is a folder, where the run writes its metrics log" in lines[0]
+    assert "Data:" not in err  # refused before the data and the models are read
+    assert [p.name for p in out.iterdir()] == ["r.metrics.jsonl"] and not any((out / "r.metrics.jsonl").iterdir())
+
+
+def test_a_symlink_loop_in_the_data_is_skipped_and_labels_stay_true(files, tmp_path, capsys, caplog):
+    """`ln -s .. val/0/up` once made 20 images several hundred and gave class 1's images label 0: each folder is
+    read once (the loop is skipped with a warning) and a file keeps the class folder it really sits in."""
+    data = write_digits_imagefolder(tmp_path / "loop", image_size=32, max_per_class=8)
+    real = sorted((data / "val").rglob("*.png"))
+    (data / "val" / "0" / "up").symlink_to("..")
+    (data / "val" / "1" / "twos").symlink_to("../2")  # class 2's images, reached from class 1
+    code, out, err = run_cli(["eval", files["teacher"], "--data", data, "--workers", "0", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["images"] == len(real) == 20
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"'{data / 'val' / '0' / 'up'}' links back to '{(data / 'val').resolve()}'" in w for w in warnings)
+    from lowrank_cli.data.images import find_images
+
+    found = find_images(data, "val")
+    assert len(found) == 20 and {p.resolve() for p, _ in found.samples} == {p.resolve() for p in real}
+    assert all(found.classes[label] == p.resolve().parent.name for p, label in found.samples)
+
+
+def test_every_error_message_is_one_line(files, capsys, monkeypatch):
+    """A message that holds a newline, a tab or a terminal escape (a library's multi-line error, a name echoed back)
+    is printed as one line with those characters escaped."""
+    from lowrank_cli.evaluation import report
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("first line\n\tsecond line \x1b[2J")
+
+    monkeypatch.setattr(report, "build_report", fail)
+    code, out, err = run_cli(["report", files["lr"]], capsys)
+    assert code == 1 and err.splitlines() == [
+        "Error: unexpected RuntimeError: first line\\n\\tsecond line \\x1b[2J (a bug in lrc: rerun with LRC_DEBUG=1 "
+        "and report the traceback)"]
+
+
+def test_runs_with_loader_workers_leave_nothing_in_the_temporary_folder(files, tmp_path, capsys):
+    """Loader workers (multiprocessing's `pymp-*`) and timm's import of torch._dynamo (`torchinductor_<user>`)
+    wrote into $TMPDIR; each lrc run now has its own temporary folder there, removed at its end."""
+    import tempfile
+
+    data = write_digits_imagefolder(tmp_path / "digits", image_size=32, max_per_class=4)
+    scratch = Path(tempfile.mkdtemp())  # short: multiprocessing's sockets go below it (107 bytes at most)
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-m", "lowrank_cli", "eval", str(files["teacher"]), "--data", str(data),
+                           "--workers", "2", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["images"] == 10 and list(scratch.iterdir()) == []
+    before = (os.environ.get("TMPDIR"), tempfile.gettempdir(), os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+    code, _, err = run_cli(["report", files["lr"], "--json"], capsys)
+    assert code == 0, err
+    assert (os.environ.get("TMPDIR"), tempfile.gettempdir(), os.environ.get("TORCHINDUCTOR_CACHE_DIR")) == before

@@ -11,7 +11,7 @@ from lowrank_cli.cli import options
 from lowrank_cli.cli.app import app
 from lowrank_cli.cli.bench_cmd import COMPILE_MODES
 
-COMMANDS = ["factorize", "report", "recover", "finetune", "eval", "bench"]
+COMMANDS = ["factorize", "report", "recover", "finetune", "eval", "bench", "demo"]
 
 
 def _help(args: list[str], capsys, monkeypatch) -> str:
@@ -33,7 +33,7 @@ def test_no_type_labels_for_switches_lists_or_arguments(args, capsys, monkeypatc
     usage = next(line for line in out.splitlines() if "Usage:" in line)
     assert "{" not in usage and "}" not in usage
     if args:
-        assert usage.split()[-1] == ("STUDENT" if args == ["recover"] else "MODEL")
+        assert usage.split()[-1] == {"recover": "STUDENT", "demo": "[OPTIONS]"}.get(args[0], "MODEL")
     assert re.search(r"--help\s+-h\s+Show this message", out)  # the help switch takes no value either
 
 

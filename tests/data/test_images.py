@@ -287,3 +287,21 @@ def test_resume_through_a_dataloader(small_digits: Path, tiny_vit: torch.nn.Modu
     assert len(resumed) == len(full) - 3
     for got, want in zip(resumed, full[3:]):
         assert torch.equal(got.labels, want.labels) and torch.equal(got.images, want.images)
+
+
+def test_a_symlink_loop_is_read_once_with_true_labels(tmp_path: Path, caplog) -> None:
+    """Issue 26: four real images and `ln -s .. train/a/up` gave "164 training images", class b's labelled a."""
+    for c in "ab":
+        for i in range(2):
+            folder = tmp_path / "train" / c
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{c}{i}.png")
+    (tmp_path / "train" / "a" / "up").symlink_to("..")
+    (tmp_path / "train" / "a" / "bee").symlink_to("../b")  # another class's folder, reached from class a
+    found = find_images(tmp_path, "train")
+    assert found.classes == ["a", "b"] and len(found) == 4
+    assert sorted((p.name, found.classes[label]) for p, label in found.samples) == [
+        ("a0.png", "a"), ("a1.png", "a"), ("b0.png", "b"), ("b1.png", "b")]
+    assert "train/a/up' links back to" in caplog.text and "a symlink loop" in caplog.text
+    flat = find_images(tmp_path / "train", labelled=False)  # the walk of an unlabelled folder too
+    assert sorted(p.name for p, _ in flat.samples) == ["a0.png", "a1.png", "b0.png", "b1.png"]

@@ -292,3 +292,12 @@ def test_default_max_length(bert_folder: Path, tokenizer) -> None:
     assert default_max_length({"model_type": "t5"}) == 512  # relative positions: no table to run off
     assert default_max_length(config, SimpleNamespace(model_max_length=32)) == 32
     assert default_max_length({}, SimpleNamespace(model_max_length=int(1e30))) == 512
+
+
+def test_a_symlink_loop_in_a_text_folder_is_read_once(tmp_path: Path, caplog) -> None:
+    (tmp_path / "corpus" / "more").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("the first sentence\n")
+    (tmp_path / "corpus" / "more" / "b.txt").write_text("the second sentence\n")
+    (tmp_path / "corpus" / "more" / "up").symlink_to("..")
+    assert find_texts(tmp_path / "corpus").texts == ["the first sentence", "the second sentence"]
+    assert "links back to" in caplog.text
