@@ -15,6 +15,9 @@
     lowrank_cli.demo()                                      # the whole flow on a shipped ViT and digits, offline
 
     bert = lowrank_cli.load_model("./my-bert-folder").model  # transformers models too (the [transformers] extra)
+    llama = lowrank_cli.load_model("./llama").model         # a causal LM: GPT-2, Llama, Qwen, Phi-3, ...
+    lowrank_cli.factorize(llama, ratio=0.4, calib="wiki.train.txt", tokenizer="./llama")  # sequential, as SVD-LLM
+    lowrank_cli.evaluate_perplexity(llama, "wiki.test.txt", "./llama", seq_len=2048)   # {"perplexity": ...}
 
 Attributes are imported lazily so that `lrc --help` does not pay for torch and timm.
 """
@@ -58,6 +61,7 @@ _API = {
     "evaluate_tasks": "lowrank_cli.evaluation.multitask",
     "RecoverResult": "lowrank_cli.training.result",
     "evaluate": "lowrank_cli.evaluation.accuracy",
+    "evaluate_perplexity": "lowrank_cli.evaluation.perplexity",
     "build_card": "lowrank_cli.publish.card",
     "push": "lowrank_cli.publish.push",
     "demo": "lowrank_cli.tour.run",
@@ -76,6 +80,7 @@ if TYPE_CHECKING:
     from lowrank_cli.errors import LrcError
     from lowrank_cli.evaluation.accuracy import evaluate
     from lowrank_cli.evaluation.multitask import evaluate_tasks
+    from lowrank_cli.evaluation.perplexity import evaluate_perplexity
     from lowrank_cli.evaluation.report import build_report
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
     from lowrank_cli.models.fusion import fuse_lowrank, unfuse_lowrank

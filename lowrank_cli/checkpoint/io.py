@@ -51,6 +51,7 @@ from lowrank_cli.checkpoint.format import (
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.build import build_empty, check_fits, finish
+from lowrank_cli.models.families import family_of, family_of_spec
 from lowrank_cli.models.structure import swap_in
 
 
@@ -91,18 +92,29 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fus
     stored = sum(math.prod(shape) for shape in shapes.values())
     model = with_ranks(build_empty(info.spec, what=what, fix="its lrc.model_args are corrupt; write the file again",
                                    max_params=100 * stored + 10**6), info.ranks, what)
-    check_fits(model, shapes, what)
+    # A tied copy (lm_head.weight of a tied causal LM) may be stored once, as transformers does: `finish` ties it.
+    tied = {k: v for k, v in family_of_spec(info.spec).tied_copies(model).items() if k not in shapes and v in shapes}
+    check_fits(model, {**shapes, **{k: shapes[v] for k, v in tied.items()}}, what)
     check_dtypes(model, header_dtypes(path), what)
     with utf8_path(path) as name:
         state_dict = load_file(name, device=str(device)) if info.multitask is None else _model_tensors(name, device)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    finish(model, info.spec)  # transformers: re-tie the tensors the file holds twice
+    model.load_state_dict(state_dict, strict=not tied, assign=True)
+    finish(model, info.spec)  # transformers: tie the tensors the file holds once, or re-tie those it holds twice
+    _check_tied(model, tied, what)
     model.to(device)
     model.eval()
     attach_info(model, info)
     if fuse:
         fuse_lowrank(model)
     return LoadedModel(model, info.spec, {"kind": "lrc", "id": str(path.resolve())}, info)
+
+
+def _check_tied(model: nn.Module, tied: dict[str, str], what: str) -> None:
+    """The tensors the file left to `finish` are tied now (a config that no longer ties them would leave garbage)."""
+    for copy, original in tied.items():
+        if model.get_parameter(copy) is not model.get_parameter(original):
+            raise InputError(f"{what} stores '{copy}' as a copy of '{original}', but its config does not tie them: "
+                             "corrupt metadata? write the file again")
 
 
 def check_dtypes(model: nn.Module, dtypes: dict[str, str], what: str) -> None:
@@ -186,6 +198,8 @@ def write_checkpoint(model: nn.Module, path: str | Path, info: CheckpointInfo, *
     if clash:
         raise UsageError(f"`extra_tensors` names '{clash[0]}', a tensor of the model itself: give extra tensors "
                          "names of their own (tasks/<name>/...)")
+    for name in _stored_once(model, state):
+        del state[name]
     for name, t in [*state.items(), *(extra_tensors or {}).items()]:
         t = t.detach()
         if dtype is not None and t.is_floating_point():
@@ -199,3 +213,13 @@ def write_checkpoint(model: nn.Module, path: str | Path, info: CheckpointInfo, *
     check_output(path, force=True, needed_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
     write_safetensors(path, tensors, metadata_of(model, info))
     return path
+
+
+def _stored_once(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """The state-dict names that the model's family ties again on loading and that really are the same tensor as
+    their original now (an untied model writes both)."""
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.device.type != "meta" and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+    return [copy for copy, original in family_of(model).tied_copies(model).items()
+            if copy in state and original in state and same(state[copy], state[original])]

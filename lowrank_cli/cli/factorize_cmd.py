@@ -35,6 +35,9 @@ Examples:
   lrc factorize bert-base-uncased --kappa 2 --save-tokenizer bert_lr_tok/ -o bert_lr.safetensors
 
   lrc factorize ./my-bert-folder --kappa 2 --calib corpus.txt -o bert_aware.safetensors
+
+  lrc factorize ./llama-folder --ratio 0.4 --calib wiki.train.txt --seq-len 2048 -o llama_lr.safetensors
+                    (a causal LM: 40 % of its decoder layers' parameters removed, calibrated layer by layer)
 """
 
 SaveTokenizer = Annotated[Optional[Path], typer.Option(
@@ -47,8 +50,8 @@ CONFIG_FIELDS = [f.name for cls in CONFIGS for f in dataclasses.fields(cls)]
 @with_options(options_of(Ranking, only=("budget", "target_macs")), options_of(Calibration),
               options_of(Ranking, only=_SPEED), options_of(SourceOptions, only=("arch", "model_args", "revision",
                                                                                 "library", "input_size", "seq_len")))
-@with_options(options_of(Ranking, only=("kappa", "rank_multiple")), options_of(Targets), options_of(Truncation),
-              after="output")
+@with_options(options_of(Ranking, only=("kappa", "ratio", "rank_multiple")), options_of(Targets),
+              options_of(Truncation), after="output")
 def factorize(
     ctx: typer.Context,
     model: Model,
@@ -61,8 +64,9 @@ def factorize(
 ) -> None:
     """Factorize the linears of a transformer's blocks (truncated SVD) into an lrc checkpoint.
 
-    The targets are every nn.Linear of the repeated blocks (timm blocks, transformers encoder layers); the rank of
-    each comes from --kappa, a --rank-pattern, or a --budget / --target-macs shared by all of them.
+    The targets are every nn.Linear of the repeated blocks (timm blocks, transformers encoder and decoder layers,
+    GPT-2's Conv1D included); the rank of each comes from --kappa (or --ratio), a --rank-pattern, or a --budget /
+    --target-macs shared by all of them.
     """
     from lowrank_cli.compress.factorize_source import factorize_file
 
@@ -88,8 +92,6 @@ def factorize(
             calib_progress=calibrated, warn=console.warn,
         )
     summary = result.summary()
-    if summary["factorized"] == 0:
-        console.warn("no layer was factorized (budget or ranks too generous): the output is the dense model")
     summary["output"] = str(output)
     if json_out:
         console.print_json(summary)
@@ -116,7 +118,9 @@ def print_summary(s: dict) -> None:
         table.add_row("left dense", "\n".join(f"{k}: {v}" for k, v in s["left_dense"].items()))
     if "calibration" in s:
         c = s["calibration"]
-        table.add_row("calibration", f"{c['samples']} samples of {c['data']} ({c['seconds']:.1f} s); data-aware truncation")
+        mode = f", {c['mode']}" if c.get("mode") else ""
+        table.add_row("calibration", f"{c['samples']} samples of {c['data']} ({c['seconds']:.1f} s{mode}); "
+                      "data-aware truncation")
     if "budget" in s:
         b = s["budget"]
         table.add_row("budget", f"keep {b['keep_fraction']:g} of the parameters" if b["keep_fraction"] else f"target {b['target_macs']:,} MACs")

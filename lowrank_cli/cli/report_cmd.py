@@ -34,6 +34,9 @@ Examples:
 
   lrc report deit_lr.safetensors --plot spectrum.png
 
+  lrc report llama_lr.safetensors --seq-len 2048 --context-len 4096
+                  (a causal LM: prefill MACs at 2048 tokens; one generated token at 4096 of context, its KV cache)
+
 A failed gate exits with code 1 after printing the report. MACs are fvcore multiply-accumulates for one
 image (FLOPs = 2 x MACs). The JSON keys are documented in docs/report_schema.md.
 """
@@ -41,6 +44,9 @@ image (FLOPs = 2 x MACs). The JSON keys are documented in docs/report_schema.md.
 
 GATES_PANEL = "CI gates (exit 1 when one fails)"
 
+ContextLen = Annotated[Optional[int], typer.Option(
+    "--context-len", min=1, show_default=False,
+    help="Causal LMs: the context of the generated token whose MACs and KV cache are reported (default: --seq-len).")]
 PerLayer = Annotated[bool, typer.Option(
     "--per-layer", help="One row per linear: d_in, d_out, rank, params, MACs, kept energy.")]
 Compare = Annotated[Optional[str], typer.Option(
@@ -74,6 +80,7 @@ def report(
     max_params: MaxParams = None,
     max_macs: MaxMacs = None,
     min_compression: MinCompression = None,
+    context_len: ContextLen = None,
     **source,
 ) -> None:
     """Count parameters and MACs, and show the compression and provenance of a model.
@@ -93,7 +100,7 @@ def report(
 
         check_plot_output(plot)
 
-    result = build_report(model, **source, compare=compare, log=lambda msg: console.info(msg))
+    result = build_report(model, **source, compare=compare, context_len=context_len, log=lambda msg: console.info(msg))
     failed = apply_gates(result, **limits)
 
     if json_out:

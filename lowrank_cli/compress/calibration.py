@@ -50,7 +50,7 @@ def _images(batch: object) -> torch.Tensor:
     )
 
 
-def _linears(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
+def linears_named(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
     """The named modules, each checked to be an nn.Linear of the model."""
     modules = dict(model.named_modules())
     for name in names:
@@ -61,7 +61,7 @@ def _linears(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
     return {name: modules[name] for name in names}
 
 
-class _Moments:
+class MomentHooks:
     """Forward pre-hooks that add each linear's inputs x x^T (float64, on `device`) while the model runs."""
 
     def __init__(self, linears: dict[str, nn.Linear], device: torch.device):
@@ -88,7 +88,7 @@ class _Moments:
             h.remove()
 
 
-def _run_batches(model: nn.Module, batches: Iterable[object], moments: _Moments, *, model_device: torch.device,
+def _run_batches(model: nn.Module, batches: Iterable[object], moments: MomentHooks, *, model_device: torch.device,
                  max_samples: int | None, progress: Callable[[int], None] | None) -> tuple[int, int]:
     """Forward every batch (cut at `max_samples` images in all) through the hooked model; (images done,
     unreadable images skipped)."""
@@ -133,14 +133,14 @@ def collect_second_moments(
     why the samples could not be read, and what to do, when none could.
     """
     names = list(dict.fromkeys(module_names))
-    linears = _linears(model, names)
+    linears = linears_named(model, names)
     if max_samples is not None and max_samples < 1:
         raise UsageError(f"`max_samples` must be at least 1, got {max_samples}")
     device = torch.device(device)
     param = next(model.parameters(), None)
     model_device = param.device if param is not None else device
     was_training = model.training
-    moments = _Moments(linears, device)
+    moments = MomentHooks(linears, device)
     try:
         model.eval()
         with torch.no_grad():
@@ -176,17 +176,24 @@ def calibrate(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     tokenizer: object = None,
+    seq_len: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, InputStats]:
     """Input second moments of the named linears over `samples` images of `data` (ImageFolder or flat), or for
-    a text model over its first `samples` texts (.txt / .jsonl, tokenised by `tokenizer`; padding left out).
+    a text model over its first `samples` texts (.txt / .jsonl, tokenised by `tokenizer`; padding left out), or
+    for a model whose text is a token stream (a causal LM) over `samples` windows of `seq_len` tokens of it.
 
     Errors name `factorize`'s parameters: `data` is its `calib`, `samples` its `calib_samples`."""
-    from lowrank_cli.models.families import TEXT, modality_of
+    from lowrank_cli.models.families import TEXT, family_of, modality_of
 
     if samples < 1:
         raise UsageError(f"`calib_samples` must be at least 1, got {samples}")
-    with _on(model, torch.device(device)):  # the forward passes run where the SVDs do (`device`), then back
+    if family_of(model).text_data == "stream":
+        windows = calibration_windows(model, data, samples=samples, seq_len=seq_len, tokenizer=tokenizer)
+        batches = (windows[i:i + batch_size] for i in range(0, len(windows), batch_size))
+        with on_device(model, torch.device(device)), family_of(model).plain_outputs(model):
+            return collect_second_moments(model, names, batches, device=device, progress=progress)
+    with on_device(model, torch.device(device)):  # the forward passes run where the SVDs do (`device`), then back
         if modality_of(model) == TEXT:
             return _calibrate_text(model, names, data, samples=samples, batch_size=batch_size, device=device,
                                    tokenizer=tokenizer, progress=progress)
@@ -195,7 +202,7 @@ def calibrate(
 
 
 @contextlib.contextmanager
-def _on(model: nn.Module, device: torch.device) -> Iterator[None]:
+def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
     param = next(model.parameters(), None)
     home = param.device if param is not None else device
     if home == device:
@@ -237,6 +244,25 @@ def _calibrate_text(model, names, data, *, samples, batch_size, device, tokenize
     # The first `samples` texts in file order: a text file has no classes to balance, and the choice is repeatable.
     batches = (collate(texts.texts[i:i + batch_size]) for i in range(0, len(texts), batch_size))
     return collect_second_moments(model, names, batches, device=device, max_samples=samples, progress=progress)
+
+
+def calibration_windows(model: nn.Module, data: str | Path, *, samples: int, seq_len: int | None,
+                        tokenizer: object) -> torch.Tensor:
+    """`samples` windows (samples, seq_len) of the token stream of `data`, at seeded offsets (data.token_windows);
+    `seq_len` defaults to the model's. Ids the model's vocabulary lacks are refused."""
+    from lowrank_cli.data.texts import load_tokenizer
+    from lowrank_cli.data.token_windows import sample_windows, token_stream
+    from lowrank_cli.models.families import input_spec
+
+    if tokenizer is None:
+        raise UsageError("calibrating a text model needs its tokenizer: factorize from the folder or Hub repo that "
+                         "has the tokenizer files, or pass `tokenizer`")
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)
+    spec = input_spec(model)
+    ids = token_stream(data, tokenizer, vocab_size=spec.vocab_size)
+    return sample_windows(ids, count=samples, length=spec.sized(seq_len)[0], seed=0,
+                          what=f"the calibration text '{data}'")
 
 
 def data_aware_factor_fn(stats: dict[str, InputStats]) -> Callable[[str, torch.Tensor, int], Factors]:

@@ -8,6 +8,7 @@ source and writing the checkpoint is `compress.factorize_source`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -19,9 +20,10 @@ from torch import nn
 
 from lowrank_cli.checkpoint.format import CheckpointInfo, attach_info, info_of
 from lowrank_cli.compress.budget import budget_plan
-from lowrank_cli.compress.calibration import InputStats, calibrate, data_aware_factor_fn
+from lowrank_cli.compress.calibration import InputStats, calibrate, calibration_windows, data_aware_factor_fn
 from lowrank_cli.compress.factorize_options import Calibration, FactorizeOptions, Ranking, Targets, Truncation
-from lowrank_cli.compress.plan import LayerStatus, Plan, make_plan
+from lowrank_cli.compress.plan import LayerStatus, Plan, check_left, check_planned, make_plan
+from lowrank_cli.compress.sequential import sequential_calibration, stack_of
 from lowrank_cli.compress.speed_plan import parse_rank_multiple, run_dtype, speed_plan
 from lowrank_cli.compress.svd import Factors, linalg_threads, truncated_svd
 from lowrank_cli.devices import resolve_device, resolve_dtype
@@ -29,6 +31,7 @@ from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.evaluation.counting import count_params
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
 from lowrank_cli.models.build import spec_of
+from lowrank_cli.models.families import family_of
 from lowrank_cli.models.fusion import resolve_fused
 from lowrank_cli.models.inputs import default_input_size
 from lowrank_cli.models.spec import ModelSpec
@@ -96,36 +99,46 @@ def factorize(
     progress: Callable[[str, int, int], None] | None = None,
     calib_progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
     **keywords: Any,
 ) -> FactorizeResult:
     """`lowrank_cli.factorize(model, kappa=2)`: swap the planned linears of `model` for low-rank ones, in place.
 
     What to factorize, how to rank and truncate, and the calibration data are compress.factorize_options's
     `targets`, `ranking`, `truncation` and `calibration`, or their fields as keywords (`kappa=2` is
-    `ranking=Ranking(kappa=2)`). `plan` replaces the rank rule (compress.plan); linears the model never calls as
-    modules stay dense, with a warning; `factor_fn(name, weight, rank)` (returning an object shaped like
-    `svd.Factors`) replaces the plain SVD; every step runs at `input_size` (default: the model's). Returns the
-    model (also `result.model`) with per-layer errors; the model carries its record for `lowrank_cli.save`.
+    `ranking=Ranking(kappa=2)`; `ratio=0.4` removes 40 % of the target layers' parameters, kappa 1 / (1 - 0.4)).
+    `plan` replaces the rank rule (compress.plan); a plan that factorizes nothing is an error that says why;
+    linears the model never calls as modules stay dense, with a warning; `factor_fn(name, weight, rank)`
+    (returning an object shaped like `svd.Factors`) replaces the plain SVD; every step runs at `input_size`
+    (default: the model's; a causal LM calibrates on windows of that many tokens). `calib_mode` sequential (a
+    causal LM's default) calibrates each decoder layer on what the compressed layers before it give
+    (compress.sequential); `log(msg)` hears what it holds. Returns the model (also `result.model`) with per-layer
+    errors; the model carries its record for `lowrank_cli.save`.
     """
     opts = FactorizeOptions.of(targets, ranking, truncation, calibration, **keywords)
     opts.check()
     r, t, cal = opts.ranking, opts.truncation, opts.calibration
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))  # 3: the line of factorize that ran the step
     start = time.perf_counter()
+    family_of(model).prepare(model)  # GPT-2's Conv1D as nn.Linear, no KV cache: also for a model made elsewhere
     dev, out_dtype = resolve_device(t.device), resolve_dtype(t.dtype)
     runs_in = run_dtype(r.plan_dtype, out_dtype, dev, next(model.parameters()).dtype)
     if r.plan_kind == "speed":
         resolve_fused(r.plan_fused, dev, parameter="plan_fused")  # `plan_fused=True` without CUDA: before the SVDs
     multiple = r.rank_multiple if plan is not None else parse_rank_multiple(r.rank_multiple, dev, runs_in)
-    plan = plan or make_plan(model, kappa=r.ratio, rank_multiple=multiple, include=opts.targets.include,
+    plan = plan or make_plan(model, kappa=r.per_layer_kappa, rank_multiple=multiple, include=opts.targets.include,
                              exclude=opts.targets.exclude, rank_pattern=opts.targets.rank_pattern)
-    size = _input_size(model, input_size, check_calls or bool(r.budgets) or r.plan_kind == "speed")
+    check_planned(model, plan, kappa=r.per_layer_kappa, rank_multiple=multiple if isinstance(multiple, int) else 1,
+                  exclude=opts.targets.exclude)
+    size = _input_size(model, input_size, check_calls or bool(r.budgets) or r.plan_kind == "speed"
+                       or cal.calib is not None)
+    run = _calibration(model, cal, size, dev, calib_progress, budgeted=bool(r.budgets))
     if check_calls:
         plan = _keep_uncalled_dense(model, plan, size, warn)
     extra: dict[str, Any] = {}
     stats = None
-    if cal.calib is not None:
-        stats, extra["calibration"] = _calibration_step(model, plan, cal, dev, calib_progress)
+    if run is not None and run.mode == "parallel":
+        stats, extra["calibration"] = _calibration_step(model, plan, run)
         factor_fn = factor_fn or data_aware_factor_fn(stats)
     if r.budgets:
         plan, extra["budget"] = budget_plan(model, plan, keep_fraction=r.budget, target_macs=r.target_macs,
@@ -134,14 +147,20 @@ def factorize(
     if r.plan_kind == "speed":
         plan, timings, extra["speed_plan"] = _speed_step(model, plan, dev, runs_in, size, r.plan_batch_size,
                                                          r.plan_fused)
+    note = check_left(plan)
+    if note:
+        warn(note)
     result = FactorizeResult(model, plan, params_before=count_params(model).total, dense=plan.dense, extra=extra)
-    spectra = _swap_planned(model, plan, result.layers, factor_fn=factor_fn, svd=t.method, device=dev,
-                            dtype=out_dtype, progress=progress)
+    swap = _Swap(factor_fn=factor_fn, svd=t.method, device=dev, dtype=out_dtype, progress=progress)
+    if run is not None and run.mode == "sequential":
+        spectra, extra["calibration"] = _sequential_step(model, plan, result, run, swap, log)
+    else:
+        spectra = _swap_planned(model, plan, result.layers, swap)
     result.params_after = count_params(model).total
     result.seconds = time.perf_counter() - start
-    _record(model, result, spectra, timings, kappa=None if "budget" in extra else r.ratio, rank_multiple=multiple,
-            asked_multiple=r.rank_multiple, plan_kind=r.plan_kind,
-            svd="data-aware" if stats is not None else t.method, dtype=out_dtype)
+    _record(model, result, spectra, timings, kappa=None if "budget" in extra else r.per_layer_kappa, ratio=r.ratio,
+            rank_multiple=multiple, asked_multiple=r.rank_multiple, plan_kind=r.plan_kind,
+            svd="data-aware" if run is not None else t.method, dtype=out_dtype)
     return result
 
 
@@ -175,39 +194,100 @@ def _keep_uncalled_dense(model: nn.Module, plan: Plan, input_size: tuple[int, ..
                         LayerStatus.DENSE_UNCALLED)
 
 
-def _calibration_step(model: nn.Module, plan: Plan, cal: Calibration, device: torch.device,
-                      progress: Callable[[int, int], None] | None) -> tuple[dict[str, InputStats], dict[str, Any]]:
+@dataclass
+class _Calib:
+    """One call's calibration settings, checked before any work."""
+
+    data: str
+    mode: str  # "parallel" | "sequential"
+    samples: int
+    tokenizer: Any
+    seq_len: int | None
+    device: torch.device
+    progress: Callable[[int, int], None] | None
+
+
+def _calibration(model: nn.Module, cal: Calibration, input_size: tuple[int, ...] | None, device: torch.device,
+                 progress: Callable[[int, int], None] | None, *, budgeted: bool) -> _Calib | None:
+    """The calibration settings of this call, `calib_mode` defaulting to the model family's (parallel when a rank
+    budget needs every layer's statistics at once); sequential on a model without a stack of decoder layers is
+    refused here, before any pass over the data."""
+    if cal.calib is None:
+        return None
+    mode = cal.calib_mode or family_of(model).calib_mode
+    if mode == "sequential" and cal.calib_mode is None and budgeted:
+        mode = "parallel"
+    if mode == "sequential":
+        stack_of(model)
+    seq_len = input_size[0] if input_size is not None and len(input_size) == 1 else None
+    return _Calib(str(cal.calib), mode, cal.calib_samples, cal.tokenizer, seq_len, device, progress)
+
+
+def _calibration_step(model: nn.Module, plan: Plan, cal: _Calib) -> tuple[dict[str, InputStats], dict[str, Any]]:
     """Input statistics of the layers the plan factorizes, or that a rank budget may (those whose rank rule
-    saves nothing), on `calib_samples` of `calib`; and the summary for the record."""
-    started, samples = time.perf_counter(), cal.calib_samples
+    saves nothing), on `samples` of the data, in one pass; and the summary for the record."""
+    started, samples, progress = time.perf_counter(), cal.samples, cal.progress
     names = plan.named(LayerStatus.FACTORIZED) + plan.named(LayerStatus.DENSE_NO_SAVING)
-    stats = calibrate(model, names, cal.calib, samples=samples, device=device, tokenizer=cal.tokenizer,
-                      progress=(lambda n: progress(n, samples)) if progress else None)
+    stats = calibrate(model, names, cal.data, samples=samples, device=cal.device, tokenizer=cal.tokenizer,
+                      seq_len=cal.seq_len, progress=(lambda n: progress(n, samples)) if progress else None)
     first = next(iter(stats.values()), None)
-    return stats, {"data": str(cal.calib), "samples": first.samples if first else 0,
+    return stats, {"data": cal.data, "mode": "parallel", "samples": first.samples if first else 0,
                    "tokens": first.tokens if first else 0, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _swap_planned(model: nn.Module, plan: Plan, results: list[LayerResult], *, factor_fn: FactorFn | None, svd: str,
-                  device: torch.device, dtype: torch.dtype | None,
-                  progress: Callable[[str, int, int], None] | None) -> dict[str, list[float]]:
-    """Swap every planned linear for its LowRankLinear (stored in `dtype`, default the weight's), appending each
-    layer's result to `results`; returns the singular values of each."""
+def _sequential_step(model: nn.Module, plan: Plan, result: FactorizeResult, cal: _Calib, swap: _Swap,
+                     log: Callable[[str], None] | None) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Calibrate and factorize the decoder layers one at a time (compress.sequential); the spectra and the
+    summary for the record."""
+    windows = calibration_windows(model, cal.data, samples=cal.samples, seq_len=cal.seq_len, tokenizer=cal.tokenizer)
     spectra: dict[str, list[float]] = {}
-    for done, (name, rank) in enumerate(plan.ranks.items(), 1):
+    planned = {p.name: p for p in plan.layers}
+
+    def factorize_layer(names: list[str], stats: dict[str, InputStats]) -> None:
+        layer_swap = dataclasses.replace(swap, factor_fn=swap.factor_fn or data_aware_factor_fn(stats), dtype=None,
+                                         offset=len(result.layers), total=len(plan.ranks))
+        spectra.update(_swap_planned(model, Plan([planned[n] for n in names]), result.layers, layer_swap))
+
+    summary = sequential_calibration(model, plan.named(LayerStatus.FACTORIZED), windows, factorize_layer,
+                                     device=cal.device, progress=cal.progress, log=log)
+    if swap.dtype is not None:  # stored in `dtype` at the end: every layer ran in the model's own dtype until then
+        model.to(swap.dtype)
+    return spectra, {"data": cal.data, **summary}
+
+
+@dataclass
+class _Swap:
+    """How planned linears become low-rank layers: the factors (`factor_fn`, else the plain SVD `svd` on `device`),
+    the storage dtype (None: each weight's), progress over `total` layers of which `offset` are done."""
+
+    factor_fn: FactorFn | None
+    svd: str
+    device: torch.device
+    dtype: torch.dtype | None
+    progress: Callable[[str, int, int], None] | None
+    offset: int = 0
+    total: int | None = None
+
+
+def _swap_planned(model: nn.Module, plan: Plan, results: list[LayerResult], swap: _Swap) -> dict[str, list[float]]:
+    """Swap every planned linear for its LowRankLinear (stored in `swap.dtype`, default the weight's), appending
+    each layer's result to `results`; returns the singular values of each."""
+    spectra: dict[str, list[float]] = {}
+    total = swap.total or len(plan.ranks)
+    for done, (name, rank) in enumerate(plan.ranks.items(), swap.offset + 1):
         linear = model.get_submodule(name)
         weight = linear.weight
-        with linalg_threads(weight.shape, device):
-            factors = factor_fn(name, weight, rank) if factor_fn else truncated_svd(weight, rank, method=svd,
-                                                                                    device=device)
-        swap_in(model, name, _lowrank_of(linear, factors, rank, name, dtype or weight.dtype))
+        with linalg_threads(weight.shape, swap.device):
+            factors = (swap.factor_fn(name, weight, rank) if swap.factor_fn else
+                       truncated_svd(weight, rank, method=swap.svd, device=swap.device))
+        swap_in(model, name, _lowrank_of(linear, factors, rank, name, swap.dtype or weight.dtype))
         spectra[name] = factors.singular_values.tolist()
         results.append(LayerResult(name, linear.in_features, linear.out_features, rank,
                                    factors.kept_energy, factors.rel_error, factors.method))
-        if progress:
-            progress(name, done, len(plan.ranks))
-    if dtype is not None:
-        model.to(dtype)
+        if swap.progress:
+            swap.progress(name, done, total)
+    if swap.dtype is not None:
+        model.to(swap.dtype)
     return spectra
 
 
@@ -227,8 +307,8 @@ def _lowrank_of(linear: nn.Linear, factors: Factors, rank: int, name: str, dtype
 
 
 def _record(model: nn.Module, result: FactorizeResult, spectra: dict[str, list[float]], timings: dict | None, *,
-            kappa: float | None, rank_multiple: int | str, asked_multiple: int | str, plan_kind: str, svd: str,
-            dtype: torch.dtype | None) -> None:
+            kappa: float | None, ratio: float | None, rank_multiple: int | str, asked_multiple: int | str,
+            plan_kind: str, svd: str, dtype: torch.dtype | None) -> None:
     """Attach the factorized model's record (`checkpoint.format.info_of`): what `lowrank_cli.save` writes."""
     info = info_of(model)
     spec = info.spec if info is not None else _describe(model)
@@ -236,7 +316,7 @@ def _record(model: nn.Module, result: FactorizeResult, spectra: dict[str, list[f
         spec=spec,
         ranks={r.name: r.rank for r in result.layers},
         plan=timings,
-        provenance={"kappa": kappa, "rank_multiple": rank_multiple,
+        provenance={"kappa": kappa, **({"ratio": ratio} if ratio is not None else {}), "rank_multiple": rank_multiple,
                     **({"rank_multiple_asked": asked_multiple} if asked_multiple != rank_multiple else {}),
                     "plan": plan_kind,
                     "svd": svd,

@@ -1,9 +1,9 @@
 """What `factorize` can be told, as four small configs, each option one field (lowrank_cli.option_fields):
 
     Targets      what to factorize      include, exclude, rank_pattern
-    Ranking      how to rank            kappa, rank_multiple, budget, target_macs, plan_kind and its timing settings
+    Ranking      how to rank            kappa (or ratio), rank_multiple, budget, target_macs, plan_kind and its timing
     Truncation   how to truncate        svd, device, dtype
-    Calibration  data-aware truncation  calib, calib_samples, tokenizer
+    Calibration  data-aware truncation  calib, calib_samples, calib_mode, tokenizer
 
 `factorize(model, ranking=Ranking(kappa=3))` and `factorize(model, kappa=3)` are one call: a keyword is the field
 of its config (`FactorizeOptions.of`). `FactorizeOptions.check` refuses the values and the combinations that
@@ -30,6 +30,7 @@ DEFAULT_KAPPA = 2.0
 DEFAULT_SVD = "exact"
 SVD_METHODS = ("exact", "randomized")  # compress.svd.SVD_METHODS (that module imports torch; test_help pins them)
 PLAN_KINDS = ("pela", "speed")
+CALIB_MODES = ("sequential", "parallel")
 
 
 def macs_of(text: Any) -> Any:
@@ -75,6 +76,10 @@ class Ranking:
     kappa: float | None = option(
         None, low=1, low_open=True, note=" (the compression ratio of each layer)",
         help=f"Per-layer compression ratio of parameters and MACs (> 1; default {DEFAULT_KAPPA:g}).")
+    ratio: float | None = option(
+        None, low=0, high=1, low_open=True, high_open=True, note=" (the fraction of the target layers' parameters "
+        "removed)", help="Fraction of the target layers' parameters to remove, between 0 and 1 (SVD-LLM's "
+        "compression ratio): --kappa 1/(1-R) for every layer.")
     rank_multiple: int | str = RANK_MULTIPLE.field()
     budget: float | None = option(
         None, low=0, high=1, low_open=True, high_open=True, panel=BUDGET_PANEL,
@@ -97,7 +102,11 @@ class Ranking:
         "only; default off, as lrc bench and lowrank_cli.load run them).")
 
     @property
-    def ratio(self) -> float:
+    def per_layer_kappa(self) -> float:
+        """The kappa of the rank rule: `kappa`, or from `ratio` R (the rule keeps 1/kappa of a layer, so R = 1 -
+        1/kappa), else the default."""
+        if self.ratio is not None:
+            return 1.0 / (1.0 - self.ratio)
         return DEFAULT_KAPPA if self.kappa is None else self.kappa
 
     @property
@@ -130,6 +139,10 @@ class Calibration:
         None, cli_type=Path, metavar="PATH", panel=CALIB_PANEL,
         help="An image folder (ImageFolder or flat), or for text models a .txt / .jsonl file or folder of them.")
     calib_samples: int = CALIB_SAMPLES.field()
+    calib_mode: str | None = option(
+        None, choices=CALIB_MODES, panel=CALIB_PANEL,
+        help="sequential: each decoder layer calibrated on what the compressed layers before it give (SVD-LLM; the "
+        "default for causal LMs); parallel: every layer in one pass (the default elsewhere).")
     tokenizer: Any = option(None, cli_type=str, metavar="DIR|REPO", panel=CALIB_PANEL,
                             help="Text --calib: folder or Hub repo of the tokenizer (default: the source's).")
 
@@ -189,6 +202,13 @@ class FactorizeOptions:
             (len(budgets) == 2, "`budget` and `target_macs` both set the size: give one of them"),
             (bool(budgets) and r.kappa is not None,
              f"`{first}` allocates the ranks per layer, `kappa` gives every layer one ratio: give one of them"),
+            (r.ratio is not None and r.kappa is not None,
+             "`ratio` and `kappa` both set every layer's ratio (`ratio` R is `kappa` 1/(1-R)): give one of them"),
+            (bool(budgets) and r.ratio is not None,
+             f"`{first}` allocates the ranks per layer, `ratio` gives every layer one ratio: give one of them"),
+            (c.calib_mode == "sequential" and bool(budgets),
+             f"`{first}` allocates every rank from all layers' statistics at once, and `calib_mode` sequential needs "
+             "each layer's rank before the next layer's statistics: use `calib_mode` parallel"),
             (bool(budgets) and bool(t.rank_pattern),
              f"`{first}` allocates every rank, `rank_pattern` fixes some: give one of them"),
             ("plan_batch_size" in given and not speed,
@@ -199,7 +219,7 @@ class FactorizeOptions:
              "`plan_dtype` is the precision that `plan_kind=speed` and `rank_multiple=auto` time in: add one of "
              "them, or drop it"),
             *[(name in given and c.calib is None, f"`{name}` applies to the `calib` data: add `calib` PATH, or drop it")
-              for name in ("calib_samples", "tokenizer")],
+              for name in ("calib_samples", "calib_mode", "tokenizer")],
             (self.truncation.svd is not None and c.calib is not None,
              "`calib` truncates each layer by its own decomposition of the whitened weight, so `svd` does not apply: "
              "drop `svd`"),

@@ -64,7 +64,7 @@ def factorize_file(
     if calib_needs_tokenizer:
         cal.tokenizer = tokenizer_dir
     result = factorize(loaded.model, **dict(zip(("targets", "ranking", "truncation", "calibration"), opts.parts())),
-                       **steps)
+                       log=log, **steps)
     record_source(result.model, loaded.source)
     save(result.model, output, force=force)
     if save_tokenizer:

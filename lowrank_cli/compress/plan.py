@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lowrank_cli.errors import UsageError
+from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.models.families import family_of
 from lowrank_cli.models.structure import compile_patterns, select_targets
 
 
@@ -80,14 +81,58 @@ def pela_rank(d_in: int, d_out: int, kappa: float, multiple: int = 1) -> int:
     """PELA's rank rule (section 3.5), rounded down to a multiple of `multiple`.
 
     r = floor(d_in*d_out / (kappa*(d_in+d_out))) makes the low-rank pair kappa times smaller than the dense
-    weight; rounding down keeps the ratio at least kappa and the GEMMs on the tensor-core path.
+    weight; rounding down keeps the ratio at least kappa and the GEMMs on the tensor-core path. A kappa from a
+    `ratio` (1 / (1 - R)) is rarely exact in binary: the floor forgives the last bits (1e-9), so that R = 0.4 on
+    a 20x20 layer gives the rank 6 it means, not 5.
     """
-    r = math.floor(d_in * d_out / (kappa * (d_in + d_out)))
+    r = math.floor(d_in * d_out / (kappa * (d_in + d_out)) + 1e-9)
     return (r // multiple) * multiple
 
 
 def saves_params(d_in: int, d_out: int, rank: int) -> bool:
     return 0 < rank and rank * (d_in + d_out) < d_in * d_out
+
+
+def check_planned(model: nn.Module, plan: Plan, *, kappa: float, rank_multiple: int,
+                  exclude: list[str] | None = None) -> None:
+    """A plan that factorizes nothing is an error that names the real why (a dense copy is not a result): no
+    target layer exists (InputError, naming what the model's family looks for), `exclude` took them all, or every
+    rank is too small or too large to save parameters (UsageError, naming what to change)."""
+    if plan.ranks:
+        return
+    if not plan.layers:
+        if exclude:
+            raise UsageError("`exclude` leaves none of the target layers to factorize: narrow the pattern")
+        family = family_of(model)
+        raise InputError(f"{type(model).__name__} ({family.name}) has no layer to factorize: found no "
+                         f"{family.targets_rule}; name the linears to factorize with `include` ('lrc report MODEL "
+                         "--per-layer' lists them)")
+    if all(p.status is LayerStatus.DENSE_NO_SAVING for p in plan.layers):
+        big = max(plan.layers, key=lambda p: p.dense_params)
+        rule = pela_rank(big.d_in, big.d_out, kappa)
+        if rule < rank_multiple:
+            raise UsageError(f"every target layer's rank is too small to save parameters: at `kappa` {kappa:g} the "
+                             f"largest, {big.name} ({big.d_out}x{big.d_in}), gets rank {rule}, which `rank_multiple` "
+                             f"{rank_multiple} rounds down to 0: lower `rank_multiple` (e.g. 1), or `kappa` (a "
+                             "smaller `ratio`)")
+        raise UsageError(f"every target layer's rank is too large to save parameters (e.g. {big.name}, "
+                         f"{big.d_out}x{big.d_in}: {big.why.removeprefix('dense: ')}): give smaller ranks, or a "
+                         "larger `kappa` / `ratio`")
+
+
+def check_left(plan: Plan) -> str | None:
+    """After the steps that keep layers dense. None when something is left to factorize; a plan whose every
+    target is uncalled has nothing lrc can factorize (InputError); one that a measurement kept dense (the speed plan
+    timed no layer faster, a rank budget at or above the dense cost) is a result, said in the returned warning."""
+    if plan.ranks:
+        return None
+    statuses = {p.status for p in plan.layers}
+    if statuses == {LayerStatus.DENSE_UNCALLED}:
+        raise InputError("nothing to factorize: none of the target layers is called as a module (the model uses "
+                         "their weights directly, e.g. F.linear), so a low-rank layer would never run")
+    if LayerStatus.DENSE_SLOWER in statuses:
+        return "no layer was factorized: `plan_kind=speed` timed none faster factorized; the output is the dense model"
+    return "no layer was factorized: the rank budget keeps every target layer dense; the output is the dense model"
 
 
 def parse_rank_patterns(items: list[str] | None) -> list[tuple[re.Pattern, int]]:

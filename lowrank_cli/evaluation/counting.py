@@ -33,6 +33,7 @@ with warnings.catch_warnings():
 
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.models.families import family_of
 
 __all__ = [
     "MacCount",
@@ -141,6 +142,9 @@ _ZERO_MAC_OPS = frozenset(
         "aten::lt", "aten::le", "aten::where",
         # table lookups (transformers' token, position and type embeddings)
         "aten::embedding",
+        # decoder LMs: elementwise powers and roots (RMSNorm written out, GPT-2's tanh GELU), rotary cos / sin, and
+        # the position and mask bookkeeping of transformers' causal masks
+        "aten::pow", "aten::rsqrt", "aten::cos", "aten::sin", "aten::cumsum", "aten::diff", "aten::new_ones",
     }
 )  # fmt: skip
 
@@ -208,7 +212,7 @@ def count_macs(model: nn.Module, inputs: Inputs) -> MacCount:
     )
     for op, handle in _EXTRA_HANDLES.items():
         analysis.set_op_handle(op, handle)
-    with _eval_mode(model), torch.no_grad(), _quiet_fvcore():
+    with _eval_mode(model), torch.no_grad(), _quiet_fvcore(), family_of(model).plain_outputs(model):
         try:
             total = int(analysis.total())
         except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as err:

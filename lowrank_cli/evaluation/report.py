@@ -39,6 +39,7 @@ from lowrank_cli.atomic import utf8_path
 from lowrank_cli.checkpoint.format import info_of
 from lowrank_cli.errors import InputError
 from lowrank_cli.evaluation.report_layers import layer_rows
+from lowrank_cli.evaluation.report_lm import decode_doc, ratio_doc
 from lowrank_cli.models.families import family_of
 from lowrank_cli.models.inputs import check_input_size, default_input_size
 
@@ -73,12 +74,15 @@ def build_report(
     revision: str | None = None,
     input_size: tuple[int, ...] | None = None,
     seq_len: int | None = None,
+    context_len: int | None = None,
     compare: str | None = None,
     library: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Report:
     """The report of any MODEL source (timm name, hf-hub:, local-dir:, folder, weights file + arch, lrc
-    checkpoint) or of a plain safetensors file without lrc metadata (counted from its header unless `arch`)."""
+    checkpoint) or of a plain safetensors file without lrc metadata (counted from its header unless `arch`). A
+    causal LM's MACs are its prefill at `seq_len` tokens, with the cost of one generated token at `context_len`
+    tokens of context (default `seq_len`) and its KV cache (`decode`)."""
     from lowrank_cli.adapters.loading import load_model
 
     log = log or (lambda msg: None)
@@ -105,7 +109,7 @@ def build_report(
     log(f"Counting MACs at {what} (fvcore, batch 1)")
     return report_model(
         loaded.model, input_size=size, source=source_doc, spec=loaded.spec, checkpoint=loaded.checkpoint,
-        reference=reference,
+        reference=reference, context_len=context_len,
     )
 
 
@@ -117,12 +121,14 @@ def report_model(
     spec: Any = None,
     checkpoint: Any = None,
     reference: dict[str, Any] | None = None,
+    context_len: int | None = None,
 ) -> Report:
     """The report of a model in memory (dense, factorized by `lowrank_cli.factorize`, or loaded by lrc).
 
     `checkpoint` defaults to the model's lrc record (`checkpoint.format.info_of`); `reference` is a measured dense
     reference (`measure_reference`); without it the reference is reconstructed from the low-rank layers (or is the
-    model itself when dense).
+    model itself when dense). A causal LM also gets `decode`: one generated token at `context_len` tokens of
+    context (default its sequence length).
     """
     from lowrank_cli.evaluation.counting import count_macs, count_params
 
@@ -157,6 +163,11 @@ def report_model(
             document["finetune"] = checkpoint.finetune
         if getattr(checkpoint, "multitask", None) is not None:  # optional too: a multi-task checkpoint's tasks
             document["multitask"], document["tasks"] = _multitask_doc(checkpoint.multitask)
+    document["ratio"] = ratio_doc(layers, checkpoint.provenance if checkpoint is not None else None,
+                                  document["provenance"])
+    decode = decode_doc(model, layers, context_len, size[0])
+    if decode is not None:
+        document["decode"] = decode
     _set_reference(document, reference if reference is not None else _rebuilt_reference(document))
     return Report(document, checkpoint)
 
@@ -243,6 +254,7 @@ def _skeleton(source: dict[str, Any]) -> dict[str, Any]:
         "macs": None,
         "dense_reference": None,
         "compression": None,
+        "ratio": None,
         "provenance": None,
         "recovery": None,
         "layers": [],

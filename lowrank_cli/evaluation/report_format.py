@@ -13,8 +13,8 @@ Rows = list[tuple[str, str]]
 
 def summary_rows(doc: dict[str, Any]) -> Rows:
     """(label, value) lines shared by the terminal table and the markdown summary."""
-    rows = _source_rows(doc) + _param_rows(doc) + _mac_rows(doc) + _reference_rows(doc) + _layer_rows(doc)
-    rows += _provenance_rows(doc)
+    rows = _source_rows(doc) + _param_rows(doc) + _mac_rows(doc) + _decode_rows(doc) + _reference_rows(doc)
+    rows += _ratio_rows(doc) + _layer_rows(doc) + _provenance_rows(doc)
     if doc["recovery"] is not None:
         rows.append(("recovery", flat_text(doc["recovery"])))
     if doc.get("finetune"):
@@ -120,6 +120,42 @@ def _mac_rows(doc: dict[str, Any]) -> Rows:
     else:
         rows.append(("  uncounted ops", "none"))
     return rows
+
+
+def _decode_rows(doc: dict[str, Any]) -> Rows:
+    """A causal LM: one generated token's MACs at its context, against the dense model's, and its KV cache."""
+    d = doc.get("decode")
+    if not d:
+        return []
+    gain = d["dense_macs_per_token"] / d["macs_per_token"] if d["macs_per_token"] else None
+    return [("decode", f"{format_size(d['macs_per_token'])} MACs per token at a context of {d['context']} tokens "
+                       f"(dense {format_size(d['dense_macs_per_token'])}{f': {gain:.2f}x' if gain else ''})"),
+            ("  KV cache", f"{format_bytes(d['kv_cache_bytes_per_token'])} per token, "
+                           f"{format_bytes(d['kv_cache_bytes'])} at {d['context']} tokens")]
+
+
+def _ratio_rows(doc: dict[str, Any]) -> Rows:
+    """The fraction of the target layers' parameters removed (SVD-LLM's ratio) and kappa: achieved, and asked."""
+    r = doc.get("ratio")
+    if not r:
+        return []
+    text = f"{100 * r['achieved']:.1f} % of the target layers' parameters removed"
+    if r["kappa_achieved"] is not None:
+        text += f" (kappa {r['kappa_achieved']:.3g})"
+    if r["asked"] is not None:
+        kappa = f", kappa {r['kappa_asked']:.3g}" if r["kappa_asked"] is not None else ""
+        text += f"; asked {100 * r['asked']:.1f} %{kappa}"
+    return [("ratio", text)]
+
+
+def format_bytes(n: int) -> str:
+    """Binary units: 131072 -> "128.0 KiB"."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def _reference_rows(doc: dict[str, Any]) -> Rows:

@@ -111,7 +111,7 @@ def _uncalled(model: nn.Module, names: list[str], batch: torch.Tensor) -> list[s
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), family_of(model).plain_outputs(model):
             model(batch)
     finally:
         for h in hooks:

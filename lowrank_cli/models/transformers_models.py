@@ -73,9 +73,9 @@ def is_text_model(model: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------- classes
 
 
-def model_class(config: Any, arch: str | None = None) -> type:
+def model_class(config: Any, arch: str | None = None, auto: str = "AutoModel") -> type:
     """The class to build: `arch` (--arch BertModel), else the first architecture the config names that this
-    transformers has, else the AutoModel class of the config's model type (a bare encoder)."""
+    transformers has, else the `auto` class (AutoModel: a bare encoder; AutoModelForCausalLM) of its model type."""
     transformers = require()
     names = [arch] if arch else list(getattr(config, "architectures", None) or [])
     for name in names:
@@ -86,13 +86,36 @@ def model_class(config: Any, arch: str | None = None) -> type:
             raise InputError(f"`arch` '{arch}' is not a transformers model class (e.g. BertModel, "
                              "BertForSequenceClassification): fix the name or upgrade transformers")
     try:
-        return transformers.AutoModel._model_mapping[type(config)]
+        return getattr(transformers, auto)._model_mapping[type(config)]
     except KeyError:
         raise InputError(
             f"transformers {transformers.__version__} has no model class for model_type '{config.model_type}'"
             f"{' (config names ' + ', '.join(names) + ')' if names else ''}: upgrade transformers; lrc never runs "
             "remote code (trust_remote_code)"
         ) from None
+
+
+def check_remote_code(cfg: dict[str, Any], what: str) -> None:
+    """A config.json that names remote code (`auto_map`) is refused when transformers cannot build the model with
+    its own classes: the repository's code would be needed, and lrc never runs it. One that transformers knows
+    natively (many Hub repos keep an auto_map from before transformers had the architecture) is built with
+    transformers' own class; the code files are never imported."""
+    auto_map = cfg.get("auto_map")
+    if not auto_map:
+        return
+    transformers = require()
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = cfg.get("model_type")
+    missing = [a for a in cfg.get("architectures") or [] if not isinstance(getattr(transformers, str(a), None), type)]
+    code = ", ".join(f"{k} -> {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else str(auto_map)
+    if model_type not in CONFIG_MAPPING_NAMES or missing:
+        lacks = f"model_type '{model_type}'" if model_type not in CONFIG_MAPPING_NAMES else ", ".join(missing)
+        raise InputError(
+            f"{what} needs remote code (its config.json names auto_map: {code[:160]}), and transformers "
+            f"{transformers.__version__} has no {lacks} of its own: lrc never runs a repository's code "
+            "(trust_remote_code); use a model that transformers supports"
+        )
 
 
 def config_from_dict(args: dict[str, Any]) -> Any:
@@ -219,18 +242,19 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def load_pretrained(folder: str, *, what: str, arch: str | None = None, preprocessor: dict[str, Any] | None = None,
-                    family: str | None = None) -> tuple[nn.Module, ModelSpec]:
+                    family: str | None = None, auto: str = "AutoModel") -> tuple[nn.Module, ModelSpec]:
     """A local folder in transformers' layout (a Hub repo's files are fetched by the family first), through
-    `from_pretrained` (safetensors first, no remote code). Weights that do not fit the architecture are an
-    error, not a silently re-initialised layer."""
+    `from_pretrained` (safetensors first, no remote code; `auto` the class family of a config that names no
+    architecture). Weights that do not fit the architecture are an error, not a silently re-initialised layer."""
     transformers = require()
+    check_remote_code(read_json(Path(folder) / "config.json") or {}, what)
     try:
         with quiet():
             config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"transformers cannot read the config of {what} ({str(e).splitlines()[0][:200]}): "
                          "upgrade transformers, or check the folder") from None
-    cls = model_class(config, arch)
+    cls = model_class(config, arch, auto)
     try:
         with quiet():
             model, info = cls.from_pretrained(folder, config=config, trust_remote_code=False,

@@ -95,3 +95,22 @@ def test_plan_touches_no_tensor_values():
     with torch.device("meta"):
         model = make_tiny_vit()
     assert len(make_plan(model).ranks) == 16
+
+
+def test_a_ratio_is_the_kappa_that_keeps_one_minus_it():
+    """SVD-LLM's ratio R removes R of a layer's parameters: kappa 1 / (1 - R), whose binary form is not exact."""
+    import lowrank_cli
+    from lowrank_cli.compress.factorize_options import Ranking
+
+    kappa = Ranking(ratio=0.4).per_layer_kappa
+    assert kappa == pytest.approx(5 / 3) and Ranking(kappa=3).per_layer_kappa == 3
+    # an 11 x 110 layer at R 0.4 keeps 726 of its 1210 parameters: rank 726 / 121 = 6, which binary floats miss
+    assert 11 * 110 / (kappa * 121) < 6 and pela_rank(11, 110, kappa) == 6
+    model = make_tiny_vit()
+    result = lowrank_cli.factorize(model, ratio=0.5, rank_multiple=1)
+    assert {r.rank for r in result.layers} == {pela_rank(r.d_in, r.d_out, 2.0) for r in result.layers}
+    for bad in (0, 1, 1.5, -0.2):
+        with pytest.raises(UsageError, match=rf"ratio must be in \(0, 1\) .*, got {bad}"):
+            lowrank_cli.factorize(make_tiny_vit(), ratio=bad)
+    with pytest.raises(UsageError, match="ratio and kappa both set every layer's ratio"):
+        lowrank_cli.factorize(make_tiny_vit(), ratio=0.4, kappa=2)

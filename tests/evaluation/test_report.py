@@ -188,23 +188,23 @@ def test_input_size_override_changes_macs() -> None:
     assert {r["tokens"] for r in large["layers"] if r["name"] != "head"} == {65}
 
 
-class _Cumsum(nn.Module):
+class _Cumprod(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(x, dim=-1)
+        return torch.cumprod(x, dim=-1)
 
 
 def test_uncounted_ops_are_listed_not_hidden(capsys) -> None:
     from lowrank_cli.cli.report_cmd import print_report
 
-    model = nn.Sequential(nn.Linear(8, 8), _Cumsum())
+    model = nn.Sequential(nn.Linear(8, 8), _Cumprod())  # (cumsum counts 0: transformers' position bookkeeping)
     doc = report_model(model, input_size=(4, 8)).document
-    assert doc["macs"]["uncounted"] == {"aten::cumsum": 1}
+    assert doc["macs"]["uncounted"] == {"aten::cumprod": 1}
     assert doc["macs"]["total"] == 4 * 8 * 8
     print_report(doc, per_layer=False)
     out, err = capsys.readouterr()
-    assert "NOT counted" in out and "aten::cumsum" in out
+    assert "NOT counted" in out and "aten::cumprod" in out
     assert "lower bound" in err
-    assert "aten::cumsum" in to_markdown(doc)
+    assert "aten::cumprod" in to_markdown(doc)
 
 
 # ------------------------------------------------------------------------------------------------ sources

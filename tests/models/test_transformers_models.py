@@ -304,7 +304,7 @@ def test_data_aware_factorization_on_text(mlm_folder, corpus, tmp_path):
     held_out = corpus_sentences(32, seed=7)
     assert hidden_error(aware, reference, held_out) < hidden_error(plain, reference, held_out)
     with pytest.raises(UsageError, match="needs its tokenizer"):
-        lowrank_cli.factorize(load_model(str(mlm_folder)).model, kappa=3, calib=str(corpus))
+        lowrank_cli.factorize(load_model(str(mlm_folder)).model, kappa=3, rank_multiple=1, calib=str(corpus))
 
 
 def hidden_state_error(model, teacher, tokenizer_folder, texts) -> float:

@@ -1,6 +1,6 @@
 """Model families: one module per kind of model lrc reads, behind one registry that asks each "is this yours?".
 
-    FAMILIES                      # in the order they are asked: timm_vision, hf_encoder
+    FAMILIES                      # in the order they are asked: timm_vision, hf_causal_lm, hf_encoder
     family_of(model)              # the family of a model (timm_vision's rules for a model no family claims)
     family_of_spec(spec)          # of a checkpoint's spec: by its lrc.family, else by its library
     family_of_config(cfg)         # of a folder's or Hub repo's config.json (None: no family's)
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from lowrank_cli.errors import InputError
 from lowrank_cli.models.families.base import IMAGE, TEXT, Family, Head, InputSpec, in_head
+from lowrank_cli.models.families.hf_causal_lm import HfCausalLM
 from lowrank_cli.models.families.hf_encoder import HfEncoder
 from lowrank_cli.models.families.timm_vision import TimmVision
 
@@ -33,7 +34,8 @@ __all__ = ["FAMILIES", "IMAGE", "TEXT", "Family", "Head", "InputSpec", "family_n
            "source_label", "unregister"]
 
 TIMM_VISION = TimmVision()
-FAMILIES: list[Family] = [TIMM_VISION, HfEncoder()]
+# hf_causal_lm before hf_encoder: both read transformers configs, the encoders take what is not a causal LM.
+FAMILIES: list[Family] = [TIMM_VISION, HfCausalLM(), HfEncoder()]
 # A model no family claims (a plain nn.Module of image layers) is read by timm's rules, as lrc always did.
 FALLBACK = TIMM_VISION
 

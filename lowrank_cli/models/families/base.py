@@ -126,6 +126,12 @@ class Family:
     loads_names = False  # a bare MODEL name may be this family's (`load_name`)
     reads_weights_files = False  # a bare weights file with `arch` may be this family's (`load_weights_file`)
     builds_on_meta = True  # False: built for real after the meta count (buffers the file does not hold)
+    # How `target_linears` finds the layers to factorize, for the error that says none was found.
+    targets_rule = ("nn.Linear inside repeated blocks (the elements of a ModuleList / Sequential holding two "
+                    "containers of one class)")
+    metric = "accuracy"  # what `lrc eval` measures: "accuracy" (labelled images or texts) or "perplexity" (text)
+    text_data = "texts"  # text data: "texts" (one input each, padded) or "stream" (one token stream in windows)
+    calib_mode = "parallel"  # the default calibration: "parallel" (one pass) or "sequential" (layer by layer)
 
     # ---- claims: "is this yours?"
 
@@ -193,6 +199,21 @@ class Family:
     def finish(self, model: nn.Module) -> None:
         """After the weights are assigned (ties that the state dict writes twice)."""
 
+    def prepare(self, model: nn.Module) -> None:
+        """Make a model of this family the way lrc runs it, in place (GPT-2's Conv1D as the nn.Linear it is, no KV
+        cache out of a forward): done when lrc loads or builds one, and by `factorize` for a model made elsewhere.
+        Doing it twice changes nothing."""
+
+    def plain_outputs(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """While lrc traces or counts a model made elsewhere: a forward returns tensors only (no cache objects,
+        which tracers reject); the model's own settings come back afterwards."""
+        return contextlib.nullcontext()
+
+    def tied_copies(self, model: nn.Module) -> dict[str, str]:
+        """{state-dict name: the name it is a copy of} for the tensors that `finish` ties again after loading: a
+        checkpoint stores them once (as transformers does)."""
+        return {}
+
     def spec_of(self, model: nn.Module) -> ModelSpec:
         """How to rebuild `model` without its source."""
         raise UsageError(f"lrc cannot describe a {type(model).__name__} for saving: build it with "
@@ -219,6 +240,15 @@ class Family:
     def shared_input_groups(self, model: nn.Module) -> list[list[str]]:
         """Groups of linears (module names) that read the very same input tensor, to run as one launch."""
         return []
+
+    def layer_stack(self, model: nn.Module) -> str | None:
+        """The ModuleList of layers that run one after another, each on the hidden states of the one before (a
+        causal LM's decoder layers): what sequential calibration walks. None: the model has none."""
+        return None
+
+    def kv_cache_bytes_per_token(self, model: nn.Module) -> int | None:
+        """Bytes of KV cache one generated token adds (a decoder); None for models that do not generate."""
+        return None
 
     # ---- inputs, data
 

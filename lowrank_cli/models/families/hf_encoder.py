@@ -50,36 +50,15 @@ class HfEncoder(Family):
     # ---- sources
 
     def load_folder(self, folder: Path, *, what: str, arch: str | None, model_args: dict[str, Any]) -> Any:
-        from lowrank_cli.models.weights import PICKLE_WEIGHTS, SAFE_WEIGHTS, sha256_later
+        from lowrank_cli.models.families.transformers_sources import open_folder
 
-        weights = next((folder / n for n in (SAFE_WEIGHTS, PICKLE_WEIGHTS) if (folder / n).is_file()), None)
-        source = {"kind": "local-dir", "id": str(folder.resolve()), "library": LIBRARY,
-                  **({"sha256": sha256_later(weights)} if weights else {})}
-        return self._load(str(folder), folder, None, arch, model_args, what, source)
+        return open_folder(folder, what=what, arch=arch, model_args=model_args, family=self.name)
 
     def load_hub(self, repo: str, revision: str | None, config: Path, *, arch: str | None,
                  model_args: dict[str, Any]) -> Any:
-        from lowrank_cli.models.hub import hub_transformers_files, snapshot_revision
+        from lowrank_cli.models.families.transformers_sources import open_hub
 
-        source = {"kind": "hf-hub", "id": repo, "revision": snapshot_revision(config) or revision}
-        what = f"hf-hub:{repo}"
-        self._check_args(model_args, what)
-        return self._load(repo, hub_transformers_files(repo, revision), revision, arch, model_args, what, source)
-
-    def _check_args(self, model_args: dict[str, Any], what: str) -> None:
-        if model_args:
-            raise UsageError(f"`model_args` is for timm models; {what} is a transformers model, built from its "
-                             "config.json: edit the config instead")
-
-    def _load(self, where: str, folder: Path, revision: str | None, arch: str | None, model_args: dict[str, Any],
-              what: str, source: dict[str, Any]) -> Any:
-        from lowrank_cli.models import transformers_models as tm
-        from lowrank_cli.models.loaded import LoadedModel
-
-        self._check_args(model_args, what)
-        model, spec = tm.load_pretrained(str(folder), what=what, arch=arch,
-                                         preprocessor=tm.read_json(folder / tm.PREPROCESSOR), family=self.name)
-        return LoadedModel(model, spec, source, files=where, revision=revision)
+        return open_hub(repo, revision, config, arch=arch, model_args=model_args, family=self.name)
 
     # ---- building
 
