@@ -161,19 +161,22 @@ def allocate_ranks(
             f"(every layer at rank {rank_multiple}); raise the budget or lower the rank multiple"
         )
     slack = 1e-12 * dense  # float rounding in the cost sums
-    left = _fill(options, at, target - minimum + slack)
+    at = _repair(options, at, _fill(options, at, target - minimum + slack))
+    return {n: options[n][0][at[n]] for n in layers}
 
-    # Integer effects: a greedy step can leave budget that no next step fits. Repair by local search, keeping
-    # a change only if the total energy rises: (a) step one layer down and refill greedily without it;
-    # (b) move one layer up (next rank or dense), step others down (least loss per freed cost first) until
-    # the budget holds again, then refill.
+
+def _repair(options: dict, at: dict[str, int], left: float) -> dict[str, int]:
+    """Integer effects: a greedy step can leave budget that no next step fits. Repair by local search, keeping
+    a change only if the total energy rises: (a) step one layer down and refill greedily without it;
+    (b) move one layer up (next rank or dense), step others down (least loss per freed cost first) until
+    the budget holds again, then refill."""
     def total(state: dict[str, int]) -> float:
         return sum(options[n][2][i] for n, i in state.items())
 
     energy, improved = total(at), True
     while improved:
         improved = False
-        for a in layers:
+        for a in options:
             costs = options[a][1]
             trials = []
             if at[a] > 0:
@@ -191,7 +194,7 @@ def allocate_ranks(
                 if total(trial) > energy + 1e-12:
                     at, left, energy, improved = trial, trial_left, total(trial), True
                     break
-    return {n: options[n][0][at[n]] for n in layers}
+    return at
 
 
 def _fill(options: Options, at: dict[str, int], left: float, frozen: str | None = None) -> float:

@@ -155,22 +155,10 @@ def find_images(
     want_val = split in VAL_SPLITS
 
     train_dir, val_dir = _split_dir(root, TRAIN_SPLITS), _split_dir(root, VAL_SPLITS)
-    if train_dir or val_dir:
-        folder = val_dir if want_val else train_dir
-        if folder is None:
-            if required:
-                name = "val" if want_val else "train"
-                raise InputError(f"data folder '{root}' has no {name}/ split: add '{root / name}/<class>/...'"
-                                 f" or point `{parameter}` at a folder with one")
-            return None
-        layout, split_name = "imagefolder", folder.name
-    else:
-        if want_val:
-            if required:
-                raise InputError(f"data folder '{root}' has no val/ split: add '{root / 'val'}/<class>/...'"
-                                 f" next to '{root / 'train'}/', or point the validation data at its own folder")
-            return None
-        folder, layout, split_name = root, None, None
+    picked = _pick_folder(root, train_dir, val_dir, want_val=want_val, required=required, parameter=parameter)
+    if picked is None:
+        return None
+    folder, layout, split_name = picked
 
     loose = _images_in(folder, recursive=False)
     # Loose images next to sub-folders mean the sub-folders are not classes, except in a split folder,
@@ -194,6 +182,26 @@ def find_images(
         raise InputError(f"data folder '{folder}' has images but no class folders: labels need"
                          f" '{folder}/<class>/image.jpg' (an ImageFolder)")
     return ImageSet(root=folder, samples=samples, classes=[], layout="flat", split=split_name)
+
+
+def _pick_folder(root: Path, train_dir: Path | None, val_dir: Path | None, *, want_val: bool, required: bool,
+                 parameter: str) -> tuple[Path, str | None, str | None] | None:
+    """(folder, layout, split name) of the split asked for; None (or InputError when `required`) if it is missing."""
+    if train_dir or val_dir:
+        folder = val_dir if want_val else train_dir
+        if folder is None:
+            if required:
+                name = "val" if want_val else "train"
+                raise InputError(f"data folder '{root}' has no {name}/ split: add '{root / name}/<class>/...'"
+                                 f" or point `{parameter}` at a folder with one")
+            return None
+        return folder, "imagefolder", folder.name
+    if want_val:
+        if required:
+            raise InputError(f"data folder '{root}' has no val/ split: add '{root / 'val'}/<class>/...'"
+                             f" next to '{root / 'train'}/', or point the validation data at its own folder")
+        return None
+    return root, None, None
 
 
 # ------------------------------------------------------------------------------------------ transforms

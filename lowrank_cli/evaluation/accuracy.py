@@ -110,7 +110,27 @@ def evaluate(
         collate_fn=collate, num_workers=num_workers, pin_memory=dev.type == "cuda",
     )
     ks = tuple(min(k, num_classes(plain)) for k in TOP_K)
-    counts = torch.zeros(len(ks) + 2, dtype=torch.float64)  # correct@k..., images, skipped
+    counts = _count_hits(plain, loader, dev, ks, progress)
+    if ctx.enabled:
+        reduce_on = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+        counts = distributed.all_reduce_sum(ctx, counts.to(reduce_on)).cpu()
+    images, skipped = int(counts[-2]), int(counts[-1])
+    if images == 0:
+        cause, fix = read_problem(image_set.samples[0][0])
+        raise InputError(f"none of the {len(image_set)} images in '{image_set.root}' could be read ({cause}): {fix or 'check the files'}")
+    return {
+        "top1": float(counts[0]) / images,
+        "top5": float(counts[1]) / images,
+        "images": images,
+        "skipped": skipped,
+        "precision": "bf16" if dev.type == "cuda" else "fp32",
+    }
+
+
+def _count_hits(plain: nn.Module, loader, dev: torch.device, ks: tuple[int, ...],
+                progress: Callable[[int, int], None] | None) -> torch.Tensor:
+    """[correct@k for k in ks..., images, skipped] over `loader`, in eval mode (the mode is restored after)."""
+    counts = torch.zeros(len(ks) + 2, dtype=torch.float64)
     was_training = plain.training
     plain.eval()
     try:
@@ -130,17 +150,4 @@ def evaluate(
                 progress(done, total)
     finally:
         plain.train(was_training)
-    if ctx.enabled:
-        reduce_on = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
-        counts = distributed.all_reduce_sum(ctx, counts.to(reduce_on)).cpu()
-    images, skipped = int(counts[-2]), int(counts[-1])
-    if images == 0:
-        cause, fix = read_problem(image_set.samples[0][0])
-        raise InputError(f"none of the {len(image_set)} images in '{image_set.root}' could be read ({cause}): {fix or 'check the files'}")
-    return {
-        "top1": float(counts[0]) / images,
-        "top5": float(counts[1]) / images,
-        "images": images,
-        "skipped": skipped,
-        "precision": "bf16" if dev.type == "cuda" else "fp32",
-    }
+    return counts
