@@ -32,6 +32,18 @@ class RunOptions:
     group: bool | None = GROUP.field()
 
 
+@dataclass
+class WayOptions:
+    """`lrc bench`'s choice of ways (the runtime option of models.runtime, for several runtimes)."""
+
+    runtime: str | None = RUNTIME.field(
+        default=None, choices=(*RUNTIMES, "all"), metavar="eager|compile|graphs|all",
+        help="Run every model this way only: eager, compile or graphs (CUDA); default: every way the device offers "
+             "(cuda: all three; cpu: eager; all: compile on the cpu too), each model's fastest reported.")
+    group: bool | None = GROUP.field(help="Run low-rank layers that read one input (q/k/v, gate/up) as one GEMM only "
+                                     "(--no-group: never; default: both ways, the fastest reported).")
+
+
 def check_runtime(runtime: str, device) -> str:
     """`runtime` checked for `device` (a UsageError for an unknown one, or graphs off CUDA)."""
     import torch
