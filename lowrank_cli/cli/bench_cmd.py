@@ -30,6 +30,8 @@ Examples:
   lrc bench deit_lr.safetensors --against deit_base --device cpu --threads 2 --batch-size 16 --json
 
   lrc bench deit_lr.safetensors --against deit_base --profile
+
+  lrc bench llama_lr.safetensors --against meta-llama/Llama-3.2-1B --generate 64 --batch-size 1,16 --seq-len 512
 """
 
 DEFAULT_BATCHES = {"cuda": "1,32,256", "cpu": "1,16"}
@@ -55,6 +57,10 @@ CudaGraphs = Annotated[bool, typer.Option(
 EagerOnly = Annotated[bool, typer.Option(
     "--eager-only", help="On CUDA, leave out the compiled + CUDA-graphs rows (torch.compile mode reduce-overhead) "
     "that follow the eager ones by default.")]
+Generate = Annotated[Optional[int], typer.Option(
+    "--generate", metavar="N", min=2, show_default=False,
+    help="A causal LM: time greedy generation of N tokens instead (prefill ms, decode tokens/s; --seq-len prompt "
+    "tokens; cuda: static KV cache and compiled decode, cpu: eager).")]
 Profile = Annotated[bool, typer.Option(
     "--profile", help="Also split one forward pass at the largest batch into GEMMs, attention and the rest "
     "(torch.profiler).")]
@@ -86,6 +92,7 @@ def bench(
     cuda_graphs: CudaGraphs = False,
     eager_only: EagerOnly = False,
     fused: Fused = None,
+    generate: Generate = None,
     profile: Profile = False,
     json_out: Json = False,
     threads: Threads = None,
@@ -109,11 +116,15 @@ def bench(
     treatments: list | None = None
     if eager_only or compile_arg or cuda_graphs:
         treatments = [(compile_arg, cuda_graphs)]
-    _check_runtime(runtime, dev, bool(treatments))
+    _check_runtime(runtime, dev, bool(treatments), generate is not None)
     models, reference, size = _load_models(model, against, size, seq_len, **source)
-    ways = None if treatments else _ways(dev, runtime, group, models)
     common = {"device": dev, "dtype": dt, "batch_sizes": sizes, "input_size": size, "reference": reference,
               "fused": fused, "warmup": warmup, "repeats": repeats, "min_time": min_time}
+    if generate is not None:
+        from lowrank_cli.cli.bench_generate import run_generate
+
+        return run_generate(models, reference, common, generate, runtime, group, json_out)
+    ways = None if treatments else _ways(dev, runtime, group, models)
     rows, profiles = _measure(models, treatments, ways, group, common, profile)
     document = _document(models, [model, against], reference, size, dev, dt, rows, profiles, cuda_graphs)
     if json_out:
@@ -176,11 +187,14 @@ def _load_models(model: str, against: str | None, size: tuple[int, ...] | None, 
     return models, reference, size
 
 
-def _check_runtime(runtime: str | None, dev: torch.device, treatment: bool) -> None:
+def _check_runtime(runtime: str | None, dev: torch.device, treatment: bool, generate: bool) -> None:
     """--runtime checked before the loading: one the device cannot run, or one besides a --compile option."""
     from lowrank_cli.errors import UsageError
     from lowrank_cli.models.runtime import check_runtime
 
+    if generate and treatment:
+        raise UsageError("`generate` runs the way `runtime` says (eager, compile, graphs): leave out --compile / "
+                         "--compile-mode / --cuda-graphs / --eager-only")
     if runtime is not None and treatment:
         raise UsageError("`runtime` picks the ways to run and --compile / --compile-mode / --cuda-graphs / "
                          "--eager-only pick one treatment: give one of them")

@@ -100,3 +100,42 @@ def test_group_on_a_model_without_groups_is_a_note(tiny_vit_folder, capsys):
     assert code == 0, err
     assert "runs ungrouped" in err and "Error" not in err and json.loads(out)["rows"]
     assert torch.get_num_threads() >= 1
+
+
+def test_bench_generate_times_prefill_and_decode_of_both_models(llama, capsys):
+    lr, dense, _ = llama
+    code, out, err = run_cli(["bench", str(lr), "--against", str(dense), "--device", "cpu", "--generate", "4",
+                              "--batch-size", "1,2", "--seq-len", "8", "--repeats", "2", "--threads", "1", "--json"],
+                             capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["runtime"] == "eager" and doc["new_tokens"] == 4 and doc["prompt_tokens"] == 8
+    rows = doc["rows"]
+    assert [(r["model"], r["batch_size"]) for r in rows] == [("llama_lr.safetensors", 1), ("llama", 1),
+                                                            ("llama_lr.safetensors", 2), ("llama", 2)]
+    for r in rows:
+        assert r["cache"] == "dynamic" and r["prefill_ms"] > 0 and len(r["decode_samples_ms"]) == 2
+        assert r["decode_tokens_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["decode_ms_per_token"], rel=1e-3)
+        ref = next(x for x in rows if x["model"] == "llama" and x["batch_size"] == r["batch_size"])
+        assert r["decode_speedup"] == pytest.approx(ref["decode_ms_per_token"] / r["decode_ms_per_token"], rel=1e-2)
+    assert rows[0]["grouped"] and not rows[1]["grouped"]
+
+
+def test_bench_generate_refuses_a_model_that_does_not_generate(bert, capsys):
+    lr, _ = bert
+    code, out, err = run_cli(["bench", str(lr), "--device", "cpu", "--generate", "4"], capsys)
+    expected = ("Error: --generate times a causal LM's decoding, and 'bert_lr.safetensors' is not one (it has no KV "
+                "cache to fill): leave --generate out to time its forward pass")
+    assert code == 2 and out == "" and error_lines(err) == [expected]
+
+
+def test_greedy_generation_is_the_same_grouped_and_not(llama):
+    lr, _, _ = llama
+    prompt = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(1))
+    tokens = []
+    for group in (False, True):
+        model = lowrank_cli.load(lr, group=group)
+        with torch.no_grad():
+            tokens.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                         do_sample=False, pad_token_id=0))
+    assert torch.equal(tokens[0], tokens[1])
