@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank_cli
 from lowrank_cli.compress.svd import Factors
 from lowrank_cli.evaluation.bench import weight_bytes
-from lowrank_cli.evaluation.bench_ways import bench_ways, ways_for
+from lowrank_cli.evaluation.bench_ways import bench_ways, mark_fastest, ways_for
 from lowrank_cli.evaluation.counting import count_macs
 from lowrank_cli.evaluation.generation_bench import bench_generate
 from lowrank_cli.models.grouping import group_lowrank, ungroup_lowrank
@@ -97,6 +97,8 @@ def forward_rows(models: dict[str, nn.Module], size: tuple[int, ...], batch: int
     rows = bench_ways(models, ways, device=device, dtype=dtype, batch_sizes=[batch], input_size=size,
                       reference="dense", fused=False, count_macs=False, min_time=min_time, warn=log,
                       progress=None)
+    if len(ways) == 1:  # one way: its rows are the fastest
+        rows = mark_fastest(rows)
     out = []
     for r in rows:
         d = r.to_json()
