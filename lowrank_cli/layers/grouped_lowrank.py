@@ -144,14 +144,21 @@ class SharedInputGroup:
         return mine
 
     def run(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every member's output for input `x`: one GEMM for the first factors, then the second factors."""
+        """Every member's output for input `x`: one GEMM for the first factors, then the second factors (one
+        batched GEMM where `batched` and on CUDA, else one GEMM each)."""
         h = F.linear(x, self.first_weight)
-        if self.batched and x.is_cuda:
-            lead, groups, rank = h.shape[:-1], len(self.members), self.ranks[0]
-            hb = h.reshape(-1, groups, rank).transpose(0, 1)
-            weight = self.second_weight.transpose(1, 2)
-            y = torch.bmm(hb, weight) if self.second_bias is None else torch.baddbmm(self.second_bias, hb, weight)
-            return [y[i].view(*lead, -1) for i in range(groups)]
+        return self.seconds_batched(h) if self.batched and x.is_cuda else self.seconds_each(h)
+
+    def seconds_batched(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """The second factors as one batched GEMM on `h`, the first GEMM's output (equal shapes only)."""
+        lead, groups, rank = h.shape[:-1], len(self.members), self.ranks[0]
+        hb = h.reshape(-1, groups, rank).transpose(0, 1)
+        weight = self.second_weight.transpose(1, 2)
+        y = torch.bmm(hb, weight) if self.second_bias is None else torch.baddbmm(self.second_bias, hb, weight)
+        return [y[i].view(*lead, -1) for i in range(groups)]
+
+    def seconds_each(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """The second factors one GEMM each, on their slices of `h`."""
         return [F.linear(part, m.second.weight, m.second.bias)
                 for part, m in zip(h.split(self.ranks, dim=-1), self.members)]
 

@@ -145,3 +145,31 @@ def test_runtime_graphs_on_the_cpu_is_a_usage_error_naming_the_device(checkpoint
         lowrank_cli.load(checkpoints["bert"], runtime="graphs")
     with pytest.raises(UsageError, match="not one of eager, compile, graphs"):
         lowrank_cli.load(checkpoints["bert"], runtime="fast")
+
+
+def test_the_batched_second_gemm_computes_what_one_gemm_each_does(checkpoints):
+    """CUDA runs equal-shaped second factors as one batched GEMM: checked here on the CPU, against each layer."""
+    model = lowrank_cli.load(checkpoints["bert"])
+    group = next(m for m in model.modules() if isinstance(m, GroupedLowRankLinear)).group
+    x = torch.randn(2, 7, group.members[0].in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        h = torch.nn.functional.linear(x, group.first_weight)
+        expected = [m.second(m.first(x)) for m in group.members]
+        for got in (group.seconds_batched(h), group.seconds_each(h)):
+            for a, b in zip(got, expected):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_on_cuda_matches_ungrouped(checkpoints, dtype):
+    ids = IDS.cuda()
+    for name in ("bert", "llama"):
+        plain = lowrank_cli.load(checkpoints[name], "cuda", group=False).to(dtype)
+        grouped = lowrank_cli.load(checkpoints[name], "cuda").to(dtype)  # .to(): the groups repack on the GPU
+        with torch.no_grad():
+            a, b = (m(ids)[0].float() for m in (plain, grouped))
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
