@@ -98,7 +98,7 @@ def eval_command(
 
     console.show_progress(progress)
     device, arch, model_args, seq_len = source["device"], source["arch"], source["model_args"], source["seq_len"]
-    run = _run_options(source, device)  # --runtime graphs off CUDA: a usage error before anything is read
+    run = _run_options(source, device, bool(task))  # --runtime graphs off CUDA: refused before anything is read
     if task:
         if data is not None:
             raise UsageError("--data and --task both say what to score: give --data for a model, or one --task "
@@ -144,12 +144,17 @@ def eval_command(
     )
 
 
-def _run_options(source: dict, device: str) -> Any:
-    """--runtime and --group taken out of `source`, the runtime checked for the device."""
+def _run_options(source: dict, device: str, tasks: bool) -> Any:
+    """--runtime and --group taken out of `source`, the runtime checked for the device (and refused with --task:
+    each task's model is built by the multi-task evaluation, eager)."""
     from lowrank_cli.devices import resolve_device
+    from lowrank_cli.errors import UsageError
     from lowrank_cli.models.runtime import RunOptions, check_runtime
 
     run = RunOptions(source.pop("runtime"), source.pop("group"))
+    if tasks and (run.runtime != "eager" or run.group is not None):
+        raise UsageError("--runtime and --group set how one model runs; the tasks of --task run eager, grouped by "
+                         "default: leave them out, or score one task with --data")
     check_runtime(run.runtime, resolve_device(device))
     return run
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
@@ -111,6 +112,11 @@ class SharedInputGroup:
                 for b, view in zip(biases, self.second_bias.unbind(0) if biases else ()):
                     b.data = view.squeeze(0)
         self._pointers = [w.data_ptr() for w in self._weights()]
+        for t in (self.first_weight, self.second_weight, self.second_bias):
+            if t is not None:
+                # Not module parameters: without this, CUDA graphs (torch.compile mode reduce-overhead) would copy
+                # them into the graph's static inputs on every replay, reading every weight twice.
+                torch._dynamo.mark_static_address(t, guard=False)
 
     def packed(self) -> bool:
         """The members' weights still live in the packed tensors (no `.to()` gave them new storage since)."""
