@@ -340,9 +340,10 @@ def print_table(doc: dict, rows: list) -> None:
         table.add_column(col, justify="right", no_wrap=True)
     last = None
     for r in rows:
-        if last is not None and (r.batch_size, mode_label(r)) != last:
+        way = (r.batch_size, r.compile, r.cuda_graphs, getattr(r, "fastest", False))  # a way's models together
+        if last is not None and way != last:
             table.add_section()
-        last = (r.batch_size, mode_label(r))
+        last = way
         speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         macs = "-" if r.mac_ratio is None else f"{r.mac_ratio:.2f}x"
         mem = "n/a" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:,.0f} MiB"
@@ -354,6 +355,9 @@ def print_table(doc: dict, rows: list) -> None:
     rss = doc["process_peak_rss_bytes"]
     notes = ["speed-up: reference median / model median (same mode); MAC ratio: reference MACs / model MACs"
              if doc["reference"] else "one model: pass --against MODEL for speed-up and MAC ratio"]
+    if any(getattr(r, "fastest", False) for r in rows):
+        notes.append("fastest: each model's fastest way (every way timed, both models alike); its speed-up is "
+                     "best against best")
     if doc.get("fused"):
         notes.append("(fused): the low-rank layers ran the fused Triton kernel (--no-fused: the two linears)")
     notes.append(f"peak memory: {doc['peak_memory_note']}"
