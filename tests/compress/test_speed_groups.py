@@ -61,3 +61,11 @@ def test_time_group_runs_the_group_as_load_does():
     shapes = (LayerShape(32, 32, 8, (2, 5, 32), True), LayerShape(32, 16, 8, (2, 5, 32), True))
     dense_ms, grouped_ms = time_group(shapes, device=torch.device("cpu"), dtype=torch.float32, repeats=2, warmup=1)
     assert dense_ms > 0 and grouped_ms > 0
+
+
+def test_the_report_gives_a_grouped_layer_its_groups_gain():
+    from lowrank_cli.evaluation.report_layers import plan_speedup
+
+    entry = {"dense_ms": 1.0, "lowrank_ms": 1.5, "gain": 0.6667, "factorized": True, "group_gain": 1.5, "grouped": True}
+    assert plan_speedup(entry) == 1.5
+    assert plan_speedup({**entry, "grouped": False, "factorized": False}) == 0.6667
