@@ -106,7 +106,7 @@ def variants(arch: str, args) -> tuple[dict[str, nn.Module], tuple[int, ...], di
     models = {"dense": dense.to(args.device, args.dtype), "lrc": low.to(args.device, args.dtype)}
     if info["groups"]:
         models["lrc grouped"] = grouped
-    if args.device.type == "cuda":
+    if args.device.type == "cuda" and not args.quick:
         models["lrc fused"] = fused
     log(f"{arch}: ranks {info['ranks']}, MAC ratio {info['mac_ratio']:.2f}x; {info['fusion']}")
     return models, size, info
@@ -175,7 +175,7 @@ def run_arch(arch: str, args, doc: dict, save) -> None:
             entry.setdefault("errors", []).append(f"batch {batch} {way}: {type(e).__name__}: {str(e)[:300]}")
             log(f"batch {batch} {way} FAILED: {type(e).__name__}: {str(e)[:300]}")
         save()
-    entry["profile"] = profiles(models, size, large, args)
+    entry["profile"] = [] if args.quick else profiles(models, size, large, args)
     save()
     del models
     if args.device.type == "cuda":
@@ -217,7 +217,7 @@ def run_decoder(args, doc: dict, save) -> None:
     models = {"dense": dense.to(args.device, args.dtype), "lrc": low.to(args.device, args.dtype),
               "lrc grouped": grouped.to(args.device, args.dtype)}
     ways = ["eager", "graphs", "compiled"] if args.device.type == "cuda" else ["eager"]
-    for way in ways:
+    for way in ways[:2] if args.quick else ways:
         try:
             entry["prefill"] += timed(models, size, 1, way, args)
         except Exception as e:  # noqa: BLE001 (one failed way must not cost the others)
@@ -225,9 +225,11 @@ def run_decoder(args, doc: dict, save) -> None:
         save()
     runtimes = ["eager", "graphs"] if args.device.type == "cuda" else ["eager"]
     pair = {"dense": models["dense"], "lrc": models["lrc"]}
+    del models
     for batch in args.decode_batches:
         entry["decode"] += decode_rows(pair, batch, 8 if args.smoke else args.decode_prompt, 4 if args.smoke else
-                                       args.decode_tokens, runtimes, args.device, args.dtype, 1 if args.smoke else 3)
+                                       args.decode_tokens, runtimes[-1:] if args.quick else runtimes, args.device,
+                                       args.dtype, 1 if args.smoke else 3, (True,) if args.quick else (False, True))
         save()
     best = [r for r in entry["decode"] if r.get("fastest") and r.get("model") == "lrc"]
     for r in best:
@@ -246,6 +248,8 @@ def main() -> None:
     ap.add_argument("--bert-batch", type=int, default=64)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed repeats per model and way")
     ap.add_argument("--compile-batch-1", action="store_true", help="also torch.compile at batch 1")
+    ap.add_argument("--quick", action="store_true", help="issue 27's table in one device call: no fused variant, "
+                    "no profiles, the decoder's prefill eager and graphs, its decode graphs with lrc grouped only")
     ap.add_argument("--decoder-layers", type=int, default=16)
     ap.add_argument("--prefill", type=int, default=512, help="tokens of the decoder's prefill forward")
     ap.add_argument("--decode-batches", type=lambda t: [int(v) for v in t.split(",")], default=[1, 16])

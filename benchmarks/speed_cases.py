@@ -111,12 +111,12 @@ def forward_rows(models: dict[str, nn.Module], size: tuple[int, ...], batch: int
 
 
 def decode_rows(models: dict[str, nn.Module], batch: int, prompt: int, new_tokens: int, runtimes: list[str],
-                device, dtype, repeats: int) -> list[dict]:
-    """bench_generate rows for every runtime, lrc grouped and not (each model fresh per runtime: compile and a
-    static cache stay on a model), then each model's fastest, decode ratio best against best."""
+                device, dtype, repeats: int, groupings: tuple[bool, ...] = (False, True)) -> list[dict]:
+    """bench_generate rows for every runtime, lrc grouped and not (`groupings`; each model fresh per runtime:
+    compile and a static cache stay on a model), then each model's fastest, decode ratio best against best."""
     out = []
     for runtime in runtimes:
-        for grouped in (False, True):
+        for grouped in groupings:
             fresh = {name: copy.deepcopy(m) for name, m in models.items()}
             if grouped:
                 group_lowrank(fresh["lrc"])
