@@ -143,6 +143,8 @@ class SharedInputGroup:
             return member.second(member.first(x))
         if not torch.compiler.is_compiling() and not self.packed():
             self.pack()
+        if x.device != self.first_weight.device:  # a replica on another device (nn.DataParallel) runs as a layer
+            return member.second(member.first(x))
         outs: list[torch.Tensor | None] = list(self.run(x))
         mine = outs[index]
         outs[index] = None
