@@ -237,7 +237,7 @@ def run_decoder(args, doc: dict, save) -> None:
             f"{info['weight_bytes_ratio']:.2f}x, target >= {0.9 * info['weight_bytes_ratio']:.2f}x at batch 1)")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write every result here (updated after each step)")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU, fp32: the script's code paths only")
@@ -255,7 +255,11 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=lambda t: [int(v) for v in t.split(",")], default=[1, 16])
     ap.add_argument("--decode-prompt", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.smoke:
         args.device, args.dtype, args.min_time = torch.device("cpu"), torch.float32, min(args.min_time, 0.05)
         args.rank_multiple, args.deit_batch, args.bert_batch = 16, 4, 4
