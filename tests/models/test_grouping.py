@@ -173,3 +173,16 @@ def test_grouped_on_cuda_matches_ungrouped(checkpoints, dtype):
             a, b = (m(ids)[0].float() for m in (plain, grouped))
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
+
+
+def test_grouped_models_trace_without_graph_breaks_and_compile_to_the_same_numbers(checkpoints):
+    """torch.compile sees the whole grouped forward as one graph (the identity caching is traced, not broken on)."""
+    import torch._dynamo
+
+    for name in ("bert", "llama"):
+        explained = torch._dynamo.explain(lowrank_cli.load(checkpoints[name]))(IDS)
+        assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = lowrank_cli.load(checkpoints["bert"], runtime="compile")
+    assert type(compiled).__name__ == "OptimizedModule"
+    torch.testing.assert_close(outputs(compiled), outputs(lowrank_cli.load(checkpoints["bert"], group=False)),
+                               rtol=1e-5, atol=1e-5)
