@@ -9,7 +9,11 @@
 #     bash benchmarks/gpu_session.sh checks       # GPU tests, recover_throughput.py, a tiny inference smoke (<10 min)
 #     bash benchmarks/gpu_session.sh inference    # benchmarks/inference_speed.py --skip-cpu (~8 min)
 #     bash benchmarks/gpu_session.sh speed        # the fused kernel's GPU tests, then benchmarks/gpu_speed.py: the
-#                                                 # issue-18 table, DeiT-B and BERT-base (<10 min)
+#                                                 # issue-18/27 table, DeiT-B and BERT-base, lrc grouped too (<10 min)
+#     bash benchmarks/gpu_session.sh decode       # gpu_speed.py's Llama-style decoder (issue 27): prefill at 512
+#                                                 # tokens every way, decode tokens/s at batch 1 and 16 (<10 min)
+#     bash benchmarks/gpu_session.sh issue27      # issue 27's GPU table in ONE call (a session lends 15 device
+#                                                 # minutes): gpu_speed.py --quick, all three models (<10 min)
 # Every result lands in $OUT (logs and JSON), also when a step fails or runs out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +29,7 @@ if [ "${1:-}" = "prepare" ]; then
     exit 0
 fi
 
-case "${1:-}" in checks|inference|speed) ;; *) echo "usage: bash benchmarks/gpu_session.sh prepare|checks|inference|speed" >&2; exit 2 ;; esac
+case "${1:-}" in checks|inference|speed|decode|issue27) ;; *) echo "usage: bash benchmarks/gpu_session.sh prepare|checks|inference|speed|decode|issue27" >&2; exit 2 ;; esac
 [ -d .gpu_site ] || { echo "Error: .gpu_site/ is missing: run 'bash benchmarks/gpu_session.sh prepare' here and carry it" >&2; exit 1; }
 export PYTHONPATH="$PWD/.gpu_site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/lrc-gpu}
@@ -59,5 +63,22 @@ case "${1:-}" in
             | tee "$OUT/fused_gpu_tests.log" | tail -25
         timeout 400 python3 benchmarks/gpu_speed.py --min-time 0.5 --json "$OUT/gpu_speed.json" 2>&1 \
             | tee "$OUT/gpu_speed.log"
+        ;;
+    decode)
+        # The grouping's GPU path first (exact against ungrouped, bf16 and fp32), then the decoder's rows; the
+        # JSON is rewritten after every step.
+        timeout 60 python3 -m pytest -q -p no:cacheprovider tests/models/test_grouping.py 2>&1 \
+            | tee "$OUT/grouping_tests.log" | tail -5
+        timeout 520 python3 benchmarks/gpu_speed.py --models llama_decoder --min-time 0.5 \
+            --json "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log"
+        ;;
+    issue27)
+        # The grouping's GPU test (seconds), then the table: BERT-base first (the worst row today), the decoder,
+        # DeiT-B last; the JSON is rewritten after every step, so a run cut short keeps what it measured.
+        timeout 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/models/test_grouping.py 2>&1 \
+            | tee "$OUT/grouping_tests.log" | tail -3
+        timeout 530 python3 benchmarks/gpu_speed.py --quick --models bert_base,llama_decoder,deit_base \
+            --min-time 0.3 --decode-tokens 32 --json "$OUT/gpu_speed_issue27.json" 2>&1 \
+            | tee "$OUT/gpu_speed_issue27.log"
         ;;
 esac

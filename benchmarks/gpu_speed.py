@@ -1,8 +1,16 @@
-"""Compressed vs dense on a GPU with the fused low-rank kernel (issue 18): the issue's table in one run.
+"""Compressed vs dense on a GPU (issues 18 and 27): the issues' tables in one run.
 
-    python benchmarks/gpu_speed.py --json OUT.json        # on a GPU, bf16 (estimated 5-7 minutes on an H100)
-    python benchmarks/gpu_speed.py --smoke                # tiny models on the CPU: checks that the script runs
-    bash benchmarks/gpu_session.sh speed                  # the same on a borrowed GPU, with the GPU tests first
+    python benchmarks/gpu_speed.py --json OUT.json        # on a GPU, bf16 (estimated 6-9 minutes on an H100)
+    python benchmarks/gpu_speed.py --models llama_decoder --json OUT.json   # the decoder (~6-9 minutes)
+    python benchmarks/gpu_speed.py --smoke --models deit_base,bert_base,llama_decoder   # tiny, on the CPU
+    bash benchmarks/gpu_session.sh speed                  # DeiT-B and BERT-base on a borrowed GPU, tests first
+    bash benchmarks/gpu_session.sh decode                 # the Llama-style decoder, in a second call
+
+Issue 27 adds `lrc grouped` (models.grouping: BERT's query/key/value first factors as one GEMM, the seconds as one
+batched GEMM) to every way, and a Llama-style decoder (hidden 2048, intermediate 8192, 32 heads, 8 key/value heads,
+16 layers, vocab 32000, kappa 2, lm_head dense): the forward at 512 tokens (prefill) every way, then greedy decode
+tokens/s at batch 1 and 16, eager (dynamic cache) and graphs (static KV cache, compiled decode with CUDA graphs),
+lrc grouped and not, the ratio best against best; the target is >= 0.9 of the weight-bytes ratio at batch 1.
 
 For DeiT-B (224 px) and BERT-base (128 tokens), kappa 2, rank multiple 64 (what `--rank-multiple auto` picks on CUDA
 bf16), both models treated alike, random weights (timing does not depend on them): dense, `lrc` (each low-rank layer
@@ -45,6 +53,7 @@ from lowrank_cli.evaluation.bench import bench  # noqa: E402
 from lowrank_cli.evaluation.counting import count_macs  # noqa: E402
 from lowrank_cli.evaluation.profiling import profile  # noqa: E402
 from lowrank_cli.models.fusion import fuse_lowrank  # noqa: E402
+from lowrank_cli.models.grouping import group_lowrank  # noqa: E402
 from lowrank_cli.models.inputs import example_input  # noqa: E402
 
 T0 = time.perf_counter()
@@ -92,7 +101,13 @@ def variants(arch: str, args) -> tuple[dict[str, nn.Module], tuple[int, ...], di
     info["mac_ratio"] = dense_macs / low_macs
     fused = copy.deepcopy(low).to(args.device, args.dtype)
     info["fusion"] = fuse_lowrank(fused, input_size=size).describe()
-    models = {"dense": dense.to(args.device, args.dtype), "lrc": low.to(args.device, args.dtype), "lrc fused": fused}
+    grouped = copy.deepcopy(low).to(args.device, args.dtype)
+    info["groups"] = group_lowrank(grouped).groups
+    models = {"dense": dense.to(args.device, args.dtype), "lrc": low.to(args.device, args.dtype)}
+    if info["groups"]:
+        models["lrc grouped"] = grouped
+    if args.device.type == "cuda" and not args.quick:
+        models["lrc fused"] = fused
     log(f"{arch}: ranks {info['ranks']}, MAC ratio {info['mac_ratio']:.2f}x; {info['fusion']}")
     return models, size, info
 
@@ -118,7 +133,7 @@ def agreement(models, size, batch: int, args) -> dict:
     x = example_input(models["lrc"], size, batch, device=args.device, dtype=args.dtype,
                       generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        ref, got = (_output(models[n](x)).float() for n in ("lrc", "lrc fused"))
+        ref, got = (_output(models[n](x)).float() for n in ("lrc", "lrc fused" if "lrc fused" in models else "lrc"))
     err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
     cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item()
     return {"batch": batch, "max_abs_err_rel_to_max": err, "cosine": cos, "ok": err < 3e-2 and cos > 0.999}
@@ -160,7 +175,7 @@ def run_arch(arch: str, args, doc: dict, save) -> None:
             entry.setdefault("errors", []).append(f"batch {batch} {way}: {type(e).__name__}: {str(e)[:300]}")
             log(f"batch {batch} {way} FAILED: {type(e).__name__}: {str(e)[:300]}")
         save()
-    entry["profile"] = profiles(models, size, large, args)
+    entry["profile"] = [] if args.quick else profiles(models, size, large, args)
     save()
     del models
     if args.device.type == "cuda":
@@ -169,14 +184,15 @@ def run_arch(arch: str, args, doc: dict, save) -> None:
 
 def table(doc: dict) -> str:
     """The issue's table: speed-up over dense per way, for lrc / lrc fused, and the targets."""
-    lines = ["| model, kappa 2 | batch | way | lrc | lrc fused | MAC ratio | target (best deployed, fused) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model, kappa 2 | batch | way | lrc | lrc grouped | lrc fused | MAC ratio | target (best deployed) |",
+             "|---|---|---|---|---|---|---|---|"]
     for arch, entry in doc["models"].items():
         by = {(r["batch_size"], r["way"], r["model"]): r for r in entry["rows"]}
         for batch, way in dict.fromkeys((r["batch_size"], r["way"]) for r in entry["rows"]):
-            s = [by.get((batch, way, m), {}).get("speedup") for m in ("lrc", "lrc fused")]
+            s = [by.get((batch, way, m), {}).get("speedup") for m in ("lrc", "lrc grouped", "lrc fused")]
             kind = 1 if batch == 1 else "large"
-            deployed = [by.get((batch, w, "lrc fused"), {}).get("speedup") for w in ("graphs", "compiled")]
+            deployed = [by.get((batch, w, m), {}).get("speedup") for w in ("graphs", "compiled")
+                        for m in ("lrc", "lrc grouped", "lrc fused")]
             deployed = [v for v in deployed if v]
             goal = TARGETS.get((arch, kind))
             mark = "" if not (goal and deployed and way == "eager") else (
@@ -186,7 +202,42 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def run_decoder(args, doc: dict, save) -> None:
+    """The Llama-style decoder: prefill (a forward at --prefill tokens) every way, then decode tokens/s."""
+    from speed_cases import compressed, decode_rows, llama_decoder
+
+    dense, _ = llama_decoder(args.smoke, layers=args.decoder_layers)
+    size = (16,) if args.smoke else (args.prefill,)
+    low, info = compressed(dense, size, args.kappa, args.rank_multiple)
+    log(f"llama_decoder: ranks {info['ranks']}, weight-bytes ratio {info['weight_bytes_ratio']:.2f}x")
+    entry = doc["decoder"] = {**info, "layers": dense.config.num_hidden_layers, "prefill_tokens": size[0], "prefill": [],
+                              "decode": []}
+    grouped = copy.deepcopy(low)
+    group_lowrank(grouped)
+    models = {"dense": dense.to(args.device, args.dtype), "lrc": low.to(args.device, args.dtype),
+              "lrc grouped": grouped.to(args.device, args.dtype)}
+    ways = ["eager", "graphs", "compiled"] if args.device.type == "cuda" else ["eager"]
+    for way in ways[:2] if args.quick else ways:
+        try:
+            entry["prefill"] += timed(models, size, 1, way, args)
+        except Exception as e:  # noqa: BLE001 (one failed way must not cost the others)
+            entry.setdefault("errors", []).append(f"prefill {way}: {type(e).__name__}: {str(e)[:300]}")
+        save()
+    runtimes = ["eager", "graphs"] if args.device.type == "cuda" else ["eager"]
+    pair = {"dense": models["dense"], "lrc": models["lrc"]}
+    del models
+    for batch in args.decode_batches:
+        entry["decode"] += decode_rows(pair, batch, 8 if args.smoke else args.decode_prompt, 4 if args.smoke else
+                                       args.decode_tokens, runtimes[-1:] if args.quick else runtimes, args.device,
+                                       args.dtype, 1 if args.smoke else 3, (True,) if args.quick else (False, True))
+        save()
+    best = [r for r in entry["decode"] if r.get("fastest") and r.get("model") == "lrc"]
+    for r in best:
+        log(f"decode b{r['batch_size']}: lrc {r['decode_speedup']}x dense tokens/s (bytes ratio "
+            f"{info['weight_bytes_ratio']:.2f}x, target >= {0.9 * info['weight_bytes_ratio']:.2f}x at batch 1)")
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write every result here (updated after each step)")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU, fp32: the script's code paths only")
@@ -197,7 +248,18 @@ def main() -> None:
     ap.add_argument("--bert-batch", type=int, default=64)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed repeats per model and way")
     ap.add_argument("--compile-batch-1", action="store_true", help="also torch.compile at batch 1")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="issue 27's table in one device call: no fused variant, "
+                    "no profiles, the decoder's prefill eager and graphs, its decode graphs with lrc grouped only")
+    ap.add_argument("--decoder-layers", type=int, default=16)
+    ap.add_argument("--prefill", type=int, default=512, help="tokens of the decoder's prefill forward")
+    ap.add_argument("--decode-batches", type=lambda t: [int(v) for v in t.split(",")], default=[1, 16])
+    ap.add_argument("--decode-prompt", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.smoke:
         args.device, args.dtype, args.min_time = torch.device("cpu"), torch.float32, min(args.min_time, 0.05)
         args.rank_multiple, args.deit_batch, args.bert_batch = 16, 4, 4
@@ -221,7 +283,10 @@ def main() -> None:
             args.json.write_text(json.dumps(doc, indent=1))
 
     for arch in args.models.split(","):
-        run_arch(arch, args, doc, save)
+        if arch == "llama_decoder":
+            run_decoder(args, doc, save)
+        else:
+            run_arch(arch, args, doc, save)
         print(table(doc), flush=True)  # so far: the log keeps it if a later model runs out of time
     doc["table"] = table(doc)
     doc["seconds"] = round(time.perf_counter() - T0, 1)
@@ -237,6 +302,24 @@ def main() -> None:
                   f"{p['attention_ms']:.2f}, other {p['other_ms']:.2f}, total {p['total_ms']:.2f} ms")
         for e in entry.get("errors", []):
             print(f"{arch} ERROR {e}")
+    print(decoder_table(doc.get("decoder")))
+
+
+def decoder_table(entry: dict | None) -> str:
+    """The decoder's rows: prefill speed-ups per way, decode tokens/s of each model's fastest way."""
+    if not entry:
+        return ""
+    lines = [f"llama_decoder ({entry['layers']} layers, weight-bytes ratio {entry['weight_bytes_ratio']:.2f}x):"]
+    for r in entry["prefill"]:
+        if r["model"] != "dense":
+            lines.append(f"  prefill {entry['prefill_tokens']} tokens, {r['way']}: {r['model']} {r['speedup']:.2f}x")
+    for r in entry["decode"]:
+        if r.get("fastest"):
+            lines.append(f"  decode batch {r['batch_size']}: {r['model']} {r['decode_tokens_per_s']:.1f} tok/s "
+                         f"({r['runtime']}{', grouped' if r['grouped'] else ''}), {r['decode_speedup']:.2f}x dense")
+    for e in entry.get("errors", []):
+        lines.append(f"  ERROR {e}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def as_first_task(loaded: LoadedModel) -> LoadedModel:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
          adapters: str | os.PathLike | None = None, merge: bool = True, fused: bool | None = None,
-         task: str | None = None) -> nn.Module:
+         task: str | None = None, group: bool | None = None, runtime: str = "eager", note=None) -> nn.Module:
     """`lowrank_cli.load(path)`: the model of an lrc checkpoint, in eval mode, ready to run.
 
     `path` is the checkpoint file, or an lrc folder or Hub repo as `lrc push` writes them (`hf-hub:ORG/REPO`,
@@ -98,9 +98,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, revisio
     `task`: for a multi-task checkpoint, which task's model (its head, and its adapters merged in `experts` mode;
     default the first task; see checkpoint.tasks).
     `fused`: the low-rank layers run through the fused CUDA kernel (see `checkpoint.io.load`; merged models only).
+    `group`: low-rank layers that read one input (q/k/v, gate/up, as the model's family declares) run as one GEMM
+    for their first factors (models.grouping; None: as GROUPED_BY_DEFAULT says, on; True on a model without such
+    layers: a note to `note(msg)` (default: the lowrank_cli.grouping logger), not an error). The file format does
+    not change: a grouped model saved back is the ungrouped file. Fused layers keep the kernel's own groups.
+    `runtime`: eager, compile or graphs (CUDA only; see models.runtime); compile and graphs return the compiled
+    model (a causal LM: the model, its forward compiled and a static KV cache for generate).
     """
+    from lowrank_cli.models.runtime import check_runtime
+
+    check_runtime(runtime, device)  # graphs on the CPU is refused before the reading
     if adapters is None:
-        return _load_checkpoint(path, device, revision, fused, task)
+        model = _load_checkpoint(path, device, revision, fused, task)
+        return _ready(model, device, group, runtime, note)
     if task is not None:
         raise UsageError("`task` picks a task of a multi-task checkpoint and `adapters` applies an adapter file to a "
                          "base: give one of them")
@@ -114,7 +124,18 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, revisio
     model = apply_adapter_file(loaded, adapters, merge=merge).to(device)
     if fuse:
         fuse_lowrank(model)
-    return model
+    return _ready(model, device, group, runtime, note)
+
+
+def _ready(model: nn.Module, device: str | torch.device, group: bool | None, runtime: str, note) -> nn.Module:
+    """The loaded model grouped (unless fused) and set up to run as `runtime` says."""
+    from lowrank_cli.layers.fused_lowrank import FusedLowRankLinear
+    from lowrank_cli.models.grouping import apply_group
+    from lowrank_cli.models.runtime import apply_runtime
+
+    if not any(isinstance(m, FusedLowRankLinear) for m in model.modules()):
+        apply_group(model, group, note)
+    return apply_runtime(model, runtime, device)
 
 
 def _load_checkpoint(path: str | os.PathLike, device: str | torch.device, revision: str | None,

@@ -10,6 +10,7 @@ from lowrank_cli.cli import console
 from lowrank_cli.cli.command import LrcCommand
 from lowrank_cli.cli.option_params import options_of, with_options
 from lowrank_cli.cli.options import Fused, Json, Model, choice, dtype_choice, number
+from lowrank_cli.models.runtime import WayOptions
 from lowrank_cli.models.source_options import SourceOptions
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ Examples:
   lrc bench deit_lr.safetensors --against deit_base --device cpu --threads 2 --batch-size 16 --json
 
   lrc bench deit_lr.safetensors --against deit_base --profile
+
+  lrc bench llama_lr.safetensors --against meta-llama/Llama-3.2-1B --generate 64 --batch-size 1,16 --seq-len 512
 """
 
 DEFAULT_BATCHES = {"cuda": "1,32,256", "cpu": "1,16"}
@@ -54,6 +57,10 @@ CudaGraphs = Annotated[bool, typer.Option(
 EagerOnly = Annotated[bool, typer.Option(
     "--eager-only", help="On CUDA, leave out the compiled + CUDA-graphs rows (torch.compile mode reduce-overhead) "
     "that follow the eager ones by default.")]
+Generate = Annotated[Optional[int], typer.Option(
+    "--generate", metavar="N", min=2, show_default=False,
+    help="A causal LM: time greedy generation of N tokens instead (prefill ms, decode tokens/s; --seq-len prompt "
+    "tokens; cuda: static KV cache and compiled decode, cpu: eager).")]
 Profile = Annotated[bool, typer.Option(
     "--profile", help="Also split one forward pass at the largest batch into GEMMs, attention and the rest "
     "(torch.profiler).")]
@@ -73,6 +80,7 @@ MinTime = Annotated[Optional[float], typer.Option(
 
 @with_options(options_of(SourceOptions, only=("input_size", "seq_len", "library", "arch", "model_args",
                                                "revision")))
+@with_options(options_of(WayOptions, only=("runtime", "group")), after="batch_size")
 @with_options(options_of(SourceOptions, only=("device",)), after="against")
 def bench(
     model: Model,
@@ -84,6 +92,7 @@ def bench(
     cuda_graphs: CudaGraphs = False,
     eager_only: EagerOnly = False,
     fused: Fused = None,
+    generate: Generate = None,
     profile: Profile = False,
     json_out: Json = False,
     threads: Threads = None,
@@ -95,19 +104,28 @@ def bench(
     """Measure latency, throughput and peak memory of MODEL, and of --against in the same run.
 
     Both models run interleaved at each batch size for at least --min-time; the median and its spread are shown.
-    On CUDA the eager rows are followed by compiled + CUDA-graphs rows (as deployed), unless a --compile /
-    --cuda-graphs option picks one treatment or --eager-only; --fused runs the low-rank layers through the fused
-    Triton kernel there (default: the two linears, which were faster on an H200).
+    Every way the device offers is tried (--runtime: eager, compile, graphs on CUDA; eager on the CPU; grouped and
+    ungrouped shared-input layers, --group / --no-group) and each model's fastest is reported, the ratio best
+    against best. --compile / --compile-mode / --cuda-graphs / --eager-only pick one treatment instead. --fused
+    runs the low-rank layers through the fused Triton kernel (default: the two linears, faster on an H200).
     """
     device, size, seq_len = source.pop("device"), source.pop("input_size"), source.pop("seq_len")
+    runtime, group = source.pop("runtime"), source.pop("group")
     dev, dt, sizes, compile_arg = _refuse_bad_options(device, dtype, batch_size, threads, cuda_graphs, compile_,
                                                       compile_mode, fused)
+    treatments: list | None = None
+    if eager_only or compile_arg or cuda_graphs:
+        treatments = [(compile_arg, cuda_graphs)]
+    _check_runtime(runtime, dev, bool(treatments), generate is not None)
     models, reference, size = _load_models(model, against, size, seq_len, **source)
-    treatments = [(compile_arg, cuda_graphs)]
-    if dev.type == "cuda" and not (eager_only or compile_arg or cuda_graphs):
-        treatments.append(("reduce-overhead", False))  # torch.compile + its CUDA graphs: what a deployment runs
-    rows, profiles = _measure(models, reference, size, dev, dt, sizes, treatments, fused, warmup, repeats,
-                              min_time, profile)
+    common = {"device": dev, "dtype": dt, "batch_sizes": sizes, "input_size": size, "reference": reference,
+              "fused": fused, "warmup": warmup, "repeats": repeats, "min_time": min_time}
+    if generate is not None:
+        from lowrank_cli.cli.bench_generate import run_generate
+
+        return run_generate(models, reference, common, generate, runtime, group, json_out)
+    ways = None if treatments else _ways(dev, runtime, False if fused else group, models)  # fused: its own groups
+    rows, profiles = _measure(models, treatments, ways, group, common, profile)
     document = _document(models, [model, against], reference, size, dev, dt, rows, profiles, cuda_graphs)
     if json_out:
         console.print_json(document)
@@ -169,46 +187,73 @@ def _load_models(model: str, against: str | None, size: tuple[int, ...] | None, 
     return models, reference, size
 
 
-def _measure(models: dict[str, Any], reference: str | None, size: tuple[int, ...] | None, dev: torch.device,
-             dt: torch.dtype, sizes: list[int], treatments: list[tuple[bool | str, bool]], fused: bool | None,
-             warmup: int | None, repeats: int | None, min_time: float | None,
-             profile: bool) -> tuple[list, list | None]:
-    """The bench rows of every (compile, cuda_graphs) treatment, one after the other, and, with --profile, one
-    eager profile per model at the largest batch (else None), under a spinner."""
-    import torch
+def _check_runtime(runtime: str | None, dev: torch.device, treatment: bool, generate: bool) -> None:
+    """--runtime checked before the loading: one the device cannot run, or one besides a --compile option."""
+    from lowrank_cli.errors import UsageError
+    from lowrank_cli.models.runtime import check_runtime
 
+    if generate and treatment:
+        raise UsageError("`generate` runs the way `runtime` says (eager, compile, graphs): leave out --compile / "
+                         "--compile-mode / --cuda-graphs / --eager-only")
+    if runtime is not None and treatment:
+        raise UsageError("`runtime` picks the ways to run and --compile / --compile-mode / --cuda-graphs / "
+                         "--eager-only pick one treatment: give one of them")
+    if runtime not in (None, "all"):
+        check_runtime(runtime, dev)
+
+
+def _ways(dev: torch.device, runtime: str | None, group: bool | None, models: dict[str, Any]) -> list:
+    """The ways --runtime and --group ask for (a runtime the device cannot run: a usage error)."""
+    from lowrank_cli.evaluation.bench_ways import device_runtimes, ways_for
+
+    runtimes = [runtime] if runtime not in (None, "all") else device_runtimes(dev.type, runtime == "all")
+    return ways_for(dev, runtimes, group, list(models.values()), console.info)
+
+
+def _measure(models: dict[str, Any], treatments: list | None, ways: list | None, group: bool | None,
+             common: dict[str, Any], profile: bool) -> tuple[list, list | None]:
+    """The bench rows of every way (or of every (compile, cuda_graphs) treatment, one after the other) and, with
+    --profile, one eager profile per model at the largest batch (else None), under a spinner."""
     from lowrank_cli.evaluation.bench import bench as run_bench
+    from lowrank_cli.evaluation.bench_ways import bench_ways, group_models
 
     status = console.err.status("benchmarking", spinner="dots") if console.is_main_process() else None
     if status:
         status.start()
+    progress = (lambda msg: status.update(f"benchmarking: {msg}")) if status else None
     try:
         rows = []
-        for compile_arg, cuda_graphs in treatments:
-            rows += run_bench(
-                models, device=dev, dtype=dt, batch_sizes=sizes, input_size=size, reference=reference,
-                compile=compile_arg, cuda_graphs=cuda_graphs, fused=fused, warmup=warmup, repeats=repeats,
-                min_time=min_time, warn=console.warn,
-                progress=(lambda msg: status.update(f"benchmarking: {msg}")) if status else None,
-            )
-        profiles = None
-        if profile:
-            from lowrank_cli.evaluation.profiling import profile as run_profile
-            from lowrank_cli.models.inputs import example_input
-
-            profiles = []
-            largest = max(sizes)
-            first = next(iter(models.values()))
-            x = example_input(first, size or _input_size(models, reference), largest, device=dev, dtype=dt,
-                              generator=torch.Generator().manual_seed(0))
-            for name, m in models.items():
-                if status:
-                    status.update(f"profiling {name} at batch {largest}")
-                profiles.append(run_profile(m, x, name=name))
+        if ways is not None:
+            rows = bench_ways(models, ways, warn=console.warn, progress=progress, **common)
+        for compile_arg, cuda_graphs in treatments or []:
+            group_models(models, group, console.info)
+            rows += run_bench(models, compile=compile_arg, cuda_graphs=cuda_graphs, warn=console.warn,
+                              progress=progress, **common)
+        profiles = _profiles(models, common, status) if profile else None
     finally:
         if status:
             status.stop()
     return rows, profiles
+
+
+def _profiles(models: dict[str, Any], common: dict[str, Any], status: Any) -> list:
+    """One eager profile per model at the largest batch size."""
+    import torch
+
+    from lowrank_cli.evaluation.profiling import profile as run_profile
+    from lowrank_cli.models.inputs import example_input
+
+    profiles = []
+    largest = max(common["batch_sizes"])
+    first = next(iter(models.values()))
+    size = common["input_size"] or _input_size(models, common["reference"])
+    x = example_input(first, size, largest, device=common["device"], dtype=common["dtype"],
+                      generator=torch.Generator().manual_seed(0))
+    for name, m in models.items():
+        if status:
+            status.update(f"profiling {name} at batch {largest}")
+        profiles.append(run_profile(m, x, name=name))
+    return profiles
 
 
 def _document(models: dict[str, Any], sources: list[str | None], reference: str | None,
@@ -266,11 +311,15 @@ def _memory_note(device_type: str) -> str:
 
 
 def mode_label(row: Any) -> str:
-    """How a row's models ran: eager, compiled, and whether from CUDA graphs."""
+    """How a row's models ran: eager, compiled, whether from CUDA graphs and grouped; `fastest:` before the
+    model's fastest way."""
     graphs = " + CUDA graphs" if row.cuda_graphs else ""
     if not row.compile:
-        return "eager" + graphs
-    return ("compiled" if row.compile in ("default", "reduce-overhead") else row.compile) + graphs
+        label = "eager" + graphs
+    else:
+        label = ("compiled" if row.compile in ("default", "reduce-overhead") else row.compile) + graphs
+    label += ", grouped" if getattr(row, "grouped", False) else ""
+    return ("fastest: " + label) if getattr(row, "fastest", False) else label
 
 
 def print_table(doc: dict, rows: list) -> None:
@@ -291,9 +340,10 @@ def print_table(doc: dict, rows: list) -> None:
         table.add_column(col, justify="right", no_wrap=True)
     last = None
     for r in rows:
-        if last is not None and (r.batch_size, mode_label(r)) != last:
+        way = (r.batch_size, r.compile, r.cuda_graphs, getattr(r, "fastest", False))  # a way's models together
+        if last is not None and way != last:
             table.add_section()
-        last = (r.batch_size, mode_label(r))
+        last = way
         speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         macs = "-" if r.mac_ratio is None else f"{r.mac_ratio:.2f}x"
         mem = "n/a" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:,.0f} MiB"
@@ -305,6 +355,9 @@ def print_table(doc: dict, rows: list) -> None:
     rss = doc["process_peak_rss_bytes"]
     notes = ["speed-up: reference median / model median (same mode); MAC ratio: reference MACs / model MACs"
              if doc["reference"] else "one model: pass --against MODEL for speed-up and MAC ratio"]
+    if any(getattr(r, "fastest", False) for r in rows):
+        notes.append("fastest: each model's fastest way (every way timed, both models alike); its speed-up is "
+                     "best against best")
     if doc.get("fused"):
         notes.append("(fused): the low-rank layers ran the fused Triton kernel (--no-fused: the two linears)")
     notes.append(f"peak memory: {doc['peak_memory_note']}"

@@ -5,7 +5,7 @@ and the overall score."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -13,6 +13,7 @@ from lowrank_cli.cli import console
 from lowrank_cli.cli.command import LrcCommand
 from lowrank_cli.cli.option_params import options_of, with_options
 from lowrank_cli.cli.options import Fused, Json, Model, Progress
+from lowrank_cli.models.runtime import RunOptions
 from lowrank_cli.models.source_options import SourceOptions
 
 EVAL_EPILOG = """\
@@ -62,6 +63,7 @@ Workers = Annotated[Optional[int], typer.Option(
 
 @with_options(options_of(SourceOptions, only=("arch", "model_args")))
 @with_options(options_of(SourceOptions, only=("device", "seq_len")), after="batch_size")
+@with_options(options_of(RunOptions), after="fused")
 def eval_command(
     model: Model,
     data: Data = None,
@@ -81,7 +83,8 @@ def eval_command(
     The images are DIR/val/<class>/..., or DIR/<class>/... when DIR is a class tree; texts a .jsonl / .csv file;
     a causal LM's text a .txt / .jsonl file or a folder of them, scored in windows of --seq-len tokens.
     A multi-task checkpoint takes one --task NAME=PATH per task to score instead (or --data for its first task).
-    --fused runs the low-rank layers through the fused Triton kernel on CUDA (default: the two linears).
+    --fused runs the low-rank layers through the fused Triton kernel on CUDA (default: the two linears);
+    --runtime compile / graphs (CUDA) torch.compiles it; --no-group runs shared-input low-rank layers one by one.
     """
     from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.data.labelled_texts import is_labelled_text_file
@@ -95,6 +98,7 @@ def eval_command(
 
     console.show_progress(progress)
     device, arch, model_args, seq_len = source["device"], source["arch"], source["model_args"], source["seq_len"]
+    run = _run_options(source, device, bool(task))  # --runtime graphs off CUDA: refused before anything is read
     if task:
         if data is not None:
             raise UsageError("--data and --task both say what to score: give --data for a model, or one --task "
@@ -108,7 +112,7 @@ def eval_command(
                          "multi-task checkpoint one --task NAME=PATH per task")
     if is_labelled_text_file(data) or looks_like_text_data(data):
         return _eval_text_data(model, data, arch, batch_size, device, json_out, tokenizer, max_length, seq_len,
-                               stride)
+                               stride, run)
     if tokenizer is not None or max_length is not None or seq_len is not None or stride is not None:
         raise UsageError("--tokenizer, --max-length, --seq-len and --stride are for text data; --data here is images")
     image_set = val_split(data)  # a wrong folder fails before the model loads
@@ -126,7 +130,7 @@ def eval_command(
         console.info(f"Model: {summary.describe()}")
     with console.progress() as bar:
         task = bar.add_task("accuracy", total=None, status="")
-        result = evaluate(loaded.model, image_set, batch_size=batch_size or 128, device=dev,
+        result = evaluate(_ready(loaded.model, dev, run), image_set, batch_size=batch_size or 128, device=dev,
                           num_workers=default_workers() if workers is None else workers,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     result = {"model": model, "data": str(image_set.root), **result, "fused": bool(summary and summary.layers)}
@@ -140,8 +144,37 @@ def eval_command(
     )
 
 
+def _run_options(source: dict, device: str, tasks: bool) -> Any:
+    """--runtime and --group taken out of `source`, the runtime checked for the device (and refused with --task:
+    each task's model is built by the multi-task evaluation, eager)."""
+    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.errors import UsageError
+    from lowrank_cli.models.runtime import RunOptions, check_runtime
+
+    run = RunOptions(source.pop("runtime"), source.pop("group"))
+    if tasks and (run.runtime != "eager" or run.group is not None):
+        raise UsageError("--runtime and --group set how one model runs; the tasks of --task run eager, grouped by "
+                         "default: leave them out, or score one task with --data")
+    check_runtime(run.runtime, resolve_device(device))
+    return run
+
+
+def _ready(model: Any, dev: Any, run: Any) -> Any:
+    """The model on its device grouped as --group says (unless fused) and set up as --runtime says."""
+    from lowrank_cli.evaluation.bench import is_fused
+    from lowrank_cli.models.grouping import apply_group
+    from lowrank_cli.models.runtime import apply_runtime
+
+    if not is_fused(model):
+        summary = apply_group(model, run.group, console.info)
+        if summary.groups:
+            console.info(f"Model: {summary.describe()}")
+    return apply_runtime(model, run.runtime, dev)
+
+
 def _eval_text_data(model: str, data: Path, arch: str | None, batch_size: int | None, device: str, json_out: bool,
-                    tokenizer: str | None, max_length: int | None, seq_len: int | None, stride: int | None) -> None:
+                    tokenizer: str | None, max_length: int | None, seq_len: int | None, stride: int | None,
+                    run: Any) -> None:
     """Text data: a causal LM's perplexity, or a fine-tuned text model's scores on labelled texts, as its family
     says (`metric`)."""
     from lowrank_cli.adapters.loading import load_model
@@ -153,15 +186,15 @@ def _eval_text_data(model: str, data: Path, arch: str | None, batch_size: int | 
     if family_of(loaded.model).metric == "perplexity":
         if max_length is not None:
             raise UsageError("--max-length cuts texts for a text classifier; a causal LM reads --seq-len windows")
-        return _eval_perplexity(model, loaded, data, batch_size, device, json_out, tokenizer, seq_len, stride)
+        return _eval_perplexity(model, loaded, data, batch_size, device, json_out, tokenizer, seq_len, stride, run)
     if seq_len is not None or stride is not None:
         raise UsageError("--seq-len and --stride cut a causal LM's text into windows; this model classifies whole "
                          "texts (--max-length)")
-    return _eval_texts(model, loaded, data, batch_size or 128, device, json_out, tokenizer, max_length)
+    return _eval_texts(model, loaded, data, batch_size or 128, device, json_out, tokenizer, max_length, run)
 
 
 def _eval_texts(model: str, loaded, data: Path, batch_size: int, device: str, json_out: bool, tokenizer: str | None,
-                max_length: int | None) -> None:
+                max_length: int | None, run: Any) -> None:
     """A fine-tuned text classifier (or regressor) on a labelled .jsonl / .csv file."""
     from lowrank_cli.data.labelled_texts import read_labelled_texts
     from lowrank_cli.data.texts import load_tokenizer
@@ -175,7 +208,8 @@ def _eval_texts(model: str, loaded, data: Path, batch_size: int, device: str, js
     if modality_of(loaded.model) != TEXT or getattr(loaded.model.config, "num_labels", 0) < 1:
         raise UsageError(f"--data '{data}' holds labelled texts: give a text classifier (an lrc finetune output)")
     loaded.model.to(dev).float()
-    result = evaluate_texts(loaded.model, data, load_tokenizer(_tokenizer_source(loaded, tokenizer)),
+    runnable = _ready(loaded.model, dev, run)
+    result = evaluate_texts(runnable, data, load_tokenizer(_tokenizer_source(loaded, tokenizer)),
                             max_length=max_length, batch_size=batch_size, device=dev)
     result = {"model": model, "data": str(data), **result}
     if json_out:
@@ -187,7 +221,7 @@ def _eval_texts(model: str, loaded, data: Path, batch_size: int, device: str, js
 
 
 def _eval_perplexity(model: str, loaded, data: Path, batch_size: int | None, device: str, json_out: bool,
-                     tokenizer: str | None, seq_len: int | None, stride: int | None) -> None:
+                     tokenizer: str | None, seq_len: int | None, stride: int | None, run: Any) -> None:
     """A causal LM (dense or lrc) on text: perplexity over windows of --seq-len tokens."""
     from lowrank_cli.data.texts import load_tokenizer
     from lowrank_cli.devices import resolve_device
@@ -198,7 +232,8 @@ def _eval_perplexity(model: str, loaded, data: Path, batch_size: int | None, dev
     loaded.model.to(dev).float()
     with console.progress() as bar:
         task = bar.add_task("perplexity", total=None, status="windows")
-        result = evaluate_perplexity(loaded.model, data, load_tokenizer(source), seq_len=seq_len, stride=stride,
+        runnable = _ready(loaded.model, dev, run)
+        result = evaluate_perplexity(runnable, data, load_tokenizer(source), seq_len=seq_len, stride=stride,
                                      batch_size=batch_size or DEFAULT_BATCH_SIZE, device=dev,
                                      progress=lambda done, total: bar.update(task, completed=done, total=total))
     result = {"model": model, "data": str(data), "tokenizer": str(source), **result}

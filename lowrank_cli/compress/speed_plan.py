@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.compress.plan import LayerStatus, Plan
+from lowrank_cli.compress.speed_groups import GroupTimer
 from lowrank_cli.errors import UsageError
 
 
@@ -220,23 +221,11 @@ def time_layer(shape: LayerShape, *, device: torch.device, dtype: torch.dtype, r
 # ------------------------------------------------------------------------------------------------ the plan
 
 
-def speed_plan(
-    model: nn.Module,
-    base_plan: Plan,
-    *,
-    device: str | torch.device | None = "auto",
-    dtype: str | torch.dtype | None = None,
-    batch_size: int = 1,
-    tokens: int | Sequence[int] | None = None,
-    input_size: Sequence[int] | None = None,
-    repeats: int = 5,
-    warmup: int = 2,
-    min_gain: float = 1.0,
-    cuda_graphs: bool = False,
-    fused: bool | None = None,
-    timer: Timer | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[Plan, dict[str, Any]]:
+def speed_plan(model: nn.Module, base_plan: Plan, *, device: str | torch.device | None = "auto",
+               dtype: str | torch.dtype | None = None, batch_size: int = 1, tokens: int | Sequence[int] | None = None,
+               input_size: Sequence[int] | None = None, min_gain: float = 1.0, group: bool | None = None,
+               timer: Timer | None = None, group_timer: GroupTimer | None = None,
+               progress: Callable[[str, int, int], None] | None = None, **timing: Any) -> tuple[Plan, dict[str, Any]]:
     """`base_plan` with every layer kept dense whose factorized form is not faster; and the timings, JSON-ready.
 
     model: the dense model the plan is for (only its shapes are read; one batch-1 forward finds the shape each
@@ -248,25 +237,59 @@ def speed_plan(
         default: measured by the forward pass.
     min_gain: a layer is factorized only if dense_ms / lowrank_ms > min_gain (1.0: strictly faster; a tie stays
         dense, since the point of this plan is speed).
-    cuda_graphs: time each layer replayed from a CUDA graph (CUDA only; for models deployed with CUDA graphs or
-        torch.compile mode="reduce-overhead": at batch 1 eager timing charges the factorized layer a second
-        kernel launch that graphs remove).
-    fused: time the factorized layers as the fused kernel runs them (`layers.fused_lowrank`): True (an
-        EnvironmentProblem without CUDA or Triton); None (default) as `lowrank_cli.load` and `lrc bench` run them
-        (models.fusion.FUSED_BY_DEFAULT: not fused) and False: the two linears.
+    group: time the layers that read one input (the family's shared-input groups) grouped, as `lowrank_cli.load`
+        runs them (compress.speed_groups; None: as models.grouping.GROUPED_BY_DEFAULT says; not when fused).
     timer: `timer(LayerShape) -> (dense_ms, lowrank_ms)`, called once per unique shape; default `time_layer` on
-        `device` / `dtype` with `repeats`, `warmup`, `cuda_graphs` and `fused`.
+        `device` / `dtype` with the `timing` keywords; group_timer: `group_timer(shapes) -> (dense_ms,
+        grouped_ms)` once per unique group, default `speed_groups.time_group`.
+    timing: repeats=5, warmup=2; cuda_graphs=False: replay each layer from a CUDA graph (CUDA only: a model
+        deployed with CUDA graphs / mode="reduce-overhead"); fused=None: time the fused kernel's form
+        (`layers.fused_lowrank`): True (an EnvironmentProblem without CUDA or Triton), None as `lowrank_cli.load`
+        runs them (not fused), False the two linears.
 
     Returns (plan, timings) where timings is
         {"kind": "speed", "device", "dtype", "batch_size", "repeats", "min_gain", "torch",
          "layers": {name: {"d_in", "d_out", "rank", "input_shape", "dense_ms", "lowrank_ms", "gain",
-                           "factorized"}},
-         "kept_dense": [names], "estimated_gain": sum of dense_ms / sum of the chosen forms' ms, "fused"}
+                           "factorized"[, "group_gain"]}}, "groups": [{"members", "dense_ms", "grouped_ms", "gain",
+         "factorized"}], "kept_dense": [names], "estimated_gain": sum of dense_ms / sum of the chosen forms' ms,
+         "fused"}
     for `CheckpointInfo.plan` (`lrc.plan` in the checkpoint).
     """
-    from lowrank_cli.devices import SHORT_DTYPE, device_name, resolve_device, resolve_dtype
+    from lowrank_cli.compress.speed_groups import planned_groups
+    from lowrank_cli.devices import SHORT_DTYPE, device_name
+    from lowrank_cli.models.grouping import resolve_group
+
+    dev, dt, fuse, timing = _resolve(model, device, dtype, batch_size, min_gain, timing)
+    shapes, uncalled = _planned_shapes(model, base_plan, batch_size=batch_size, tokens=tokens, input_size=input_size)
+    timer, group_timer = _timers(dev, dt, fuse, timing, timer, group_timer)
+    measured = _measure(list(dict.fromkeys(shapes.values())), timer, progress)
+    groups = planned_groups(model, shapes) if resolve_group(group) and not fuse else []
+    group_times = {tuple(g): group_timer(tuple(shapes[n] for n in g)) for g in groups}
+    where = f"{dev.type} {SHORT_DTYPE[dt]}{' fused' if fuse else ''}, batch {batch_size}"
+    layers_json, slower, totals, groups_json = _decide(base_plan, shapes, measured, min_gain, where, groups,
+                                                       group_times)
+    plan = _speed_annotated(base_plan.without(uncalled, LayerStatus.DENSE_UNCALLED)
+                            .without(slower, LayerStatus.DENSE_SLOWER), layers_json, where)
+    info = {
+        "kind": "speed", "device": device_name(dev), "device_type": dev.type, "dtype": SHORT_DTYPE[dt],
+        "batch_size": batch_size, "repeats": timing["repeats"], "min_gain": min_gain,
+        "cuda_graphs": timing["cuda_graphs"], "fused": fuse,
+        "torch": torch.__version__.split("+")[0], "unique_shapes": len(measured), "layers": layers_json,
+        "groups": groups_json, "kept_dense": [*uncalled, *slower],
+        "estimated_gain": round(totals[0] / totals[1], 4) if totals[1] > 0 else None,
+    }  # fmt: skip
+    return plan, info
+
+
+def _resolve(model: nn.Module, device: str | torch.device | None, dtype: str | torch.dtype | None, batch_size: int,
+             min_gain: float, timing: dict[str, Any]) -> tuple[torch.device, torch.dtype, bool, dict[str, Any]]:
+    """The checked options: (device, dtype, fused, the timing keywords with their defaults)."""
+    from lowrank_cli.devices import resolve_device, resolve_dtype
     from lowrank_cli.models.fusion import resolve_fused
 
+    unknown = sorted(set(timing) - {"repeats", "warmup", "cuda_graphs", "fused"})
+    if unknown:
+        raise TypeError(f"speed_plan() got an unexpected keyword argument '{unknown[0]}'")
     if batch_size < 1:
         raise UsageError(f"`batch_size` must be >= 1, got {batch_size}")
     if min_gain <= 0:
@@ -277,27 +300,23 @@ def speed_plan(
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dt = resolve_dtype(dtype, torch.float32)
-    fuse = resolve_fused(fused, dev, dtype=dt)
-    shapes, uncalled = _planned_shapes(model, base_plan, batch_size=batch_size, tokens=tokens, input_size=input_size)
-    if timer is None:
-        def timer(shape: LayerShape) -> tuple[float, float]:
-            return time_layer(shape, device=dev, dtype=dt, repeats=repeats, warmup=warmup,
-                              cuda_graphs=cuda_graphs and dev.type == "cuda", fused=fuse)
+    fuse = resolve_fused(timing.get("fused"), dev, dtype=dt)
+    resolved = {"repeats": timing.get("repeats", 5), "warmup": timing.get("warmup", 2),
+                "cuda_graphs": bool(timing.get("cuda_graphs", False) and dev.type == "cuda")}
+    return dev, dt, fuse, resolved
 
-    measured = _measure(list(dict.fromkeys(shapes.values())), timer, progress)
-    where = f"{dev.type} {SHORT_DTYPE[dt]}{' fused' if fuse else ''}, batch {batch_size}"
-    layers_json, slower, (total_dense, total_chosen) = _decide(base_plan, shapes, measured, min_gain, where)
-    plan = _speed_annotated(base_plan.without(uncalled, LayerStatus.DENSE_UNCALLED)
-                            .without(slower, LayerStatus.DENSE_SLOWER), layers_json, where)
-    info = {
-        "kind": "speed", "device": device_name(dev), "device_type": dev.type, "dtype": SHORT_DTYPE[dt],
-        "batch_size": batch_size, "repeats": repeats, "min_gain": min_gain,
-        "cuda_graphs": bool(cuda_graphs and dev.type == "cuda"), "fused": fuse,
-        "torch": torch.__version__.split("+")[0], "unique_shapes": len(measured), "layers": layers_json,
-        "kept_dense": [*uncalled, *slower],
-        "estimated_gain": round(total_dense / total_chosen, 4) if total_chosen > 0 else None,
-    }  # fmt: skip
-    return plan, info
+
+def _timers(dev: torch.device, dt: torch.dtype, fuse: bool, timing: dict[str, Any], timer: Timer | None,
+            group_timer: GroupTimer | None) -> tuple[Timer, GroupTimer]:
+    """The given timers, or time_layer / time_group on the device with the timing keywords."""
+    from lowrank_cli.compress.speed_groups import time_group
+    def layer_timer(shape: LayerShape) -> tuple[float, float]:
+        return time_layer(shape, device=dev, dtype=dt, fused=fuse, **timing)
+
+    def groups_timer(shapes: tuple[LayerShape, ...]) -> tuple[float, float]:
+        return time_group(shapes, device=dev, dtype=dt, **timing)
+
+    return timer or layer_timer, group_timer or groups_timer
 
 
 def _planned_shapes(model: nn.Module, plan: Plan, *, batch_size: int, tokens: int | Sequence[int] | None,
@@ -338,12 +357,16 @@ def _measure(unique: list[LayerShape], timer: Timer,
 
 
 def _decide(plan: Plan, shapes: dict[str, LayerShape], measured: dict[LayerShape, tuple[float, float]],
-            min_gain: float, where: str) -> tuple[dict[str, dict[str, Any]], dict[str, str], tuple[float, float]]:
+            min_gain: float, where: str, groups: list[list[str]],
+            group_times: dict[tuple[str, ...], tuple[float, float]]) -> tuple[dict, dict[str, str], list[float], list]:
     """Per timed layer: its timings (JSON-ready) and whether it is factorized; the layers kept dense as slower,
-    with why; and the summed ms of the linears dense and in the chosen forms."""
+    with why; the summed ms of the linears dense and in the chosen forms; the groups' timings
+    (compress.speed_groups.decide_groups: a group faster grouped is factorized as a whole)."""
+    from lowrank_cli.compress.speed_groups import decide_groups
+
     layers_json: dict[str, dict[str, Any]] = {}
     slower: dict[str, str] = {}
-    total_dense = total_chosen = 0.0
+    totals = [0.0, 0.0]
     for p in plan.layers:
         if p.name not in shapes:
             continue
@@ -352,20 +375,26 @@ def _decide(plan: Plan, shapes: dict[str, LayerShape], measured: dict[LayerShape
         factorized = gain > min_gain
         if not factorized:
             slower[p.name] = f"dense: factorized {low_ms:.3g} ms vs dense {dense_ms:.3g} ms ({gain:.2f}x) on {where}"
-        total_dense += dense_ms
-        total_chosen += low_ms if factorized else dense_ms
+        totals[0] += dense_ms
+        totals[1] += low_ms if factorized else dense_ms
         layers_json[p.name] = {
             "d_in": p.d_in, "d_out": p.d_out, "rank": p.rank, "input_shape": list(shapes[p.name].input_shape),
             "dense_ms": round(dense_ms, 5), "lowrank_ms": round(low_ms, 5),
             "gain": round(gain, 4) if gain != float("inf") else None, "factorized": factorized,
         }
-    return layers_json, slower, (total_dense, total_chosen)
+    groups_json = decide_groups(groups, group_times, layers_json, slower, totals, min_gain)
+    return layers_json, slower, totals, groups_json
 
 
 def _speed_annotated(plan: Plan, layers_json: dict[str, dict[str, Any]], where: str) -> Plan:
-    """The plan with each timed factorized layer's reason extended by its measured gain."""
+    """The plan with each timed factorized layer's reason extended by its measured gain (a grouped layer's: its
+    group's)."""
+    def gain(name: str) -> str:
+        layer = layers_json[name]
+        return f"{layer['group_gain']}x grouped" if layer.get("grouped") else f"{layer['gain']}x"
+
     return Plan([
-        replace(p, why=f"{p.why}; speed {layers_json[p.name]['gain']}x on {where}")
+        replace(p, why=f"{p.why}; speed {gain(p.name)} on {where}")
         if p.rank is not None and p.name in layers_json else p
         for p in plan.layers
     ])

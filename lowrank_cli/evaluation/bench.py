@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from lowrank_cli.devices import SHORT_DTYPE
-from lowrank_cli.evaluation.bench_options import BenchSetup, resolve_setup
+from lowrank_cli.evaluation.bench_options import BenchOptions, BenchSetup, resolve_setup
 from lowrank_cli.evaluation.bench_runner import Runner, allow_recompiles, capture_graph, cudagraph_skips, time_rounds
 from lowrank_cli.models.inputs import default_input_size, example_input, forward_failed
 from lowrank_cli.timing import quantile
@@ -91,6 +91,9 @@ class BenchRow:
     compile: str | None = None  # None, or the torch.compile mode ("default", "reduce-overhead", ...)
     cuda_graphs: bool = False
     fused: bool = False  # its low-rank layers ran through the fused kernel (models.fusion)
+    grouped: bool = False  # its low-rank layers that read one input ran grouped (models.grouping)
+    runtime: str | None = None  # the way it ran, eager / compile / graphs (bench_ways; None: as compile says)
+    fastest: bool = False  # bench_ways: this model's fastest way at this batch size (its speedup: best vs best)
     samples_ms: list[float] = field(default_factory=list)
 
     @property
@@ -130,30 +133,12 @@ def weight_bytes(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------ bench
 
 
-def bench(
-    models: Mapping[str, nn.Module],
-    *,
-    device: str | torch.device | None = "auto",
-    dtype: str | torch.dtype | None = "fp32",
-    batch_sizes: Sequence[int] | str = (1,),
-    input_size: Sequence[int] | None = None,
-    reference: str | None = None,
-    compile: bool | str = False,
-    cuda_graphs: bool = False,
-    fused: bool | None = None,
-    warmup: int | None = None,
-    repeats: int | None = None,
-    min_time: float | None = None,
-    max_repeats: int = 200,
-    min_sample_s: float | None = None,
-    interleave: bool = True,
-    count_macs: bool = True,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-    warn: Callable[[str], None] | None = None,
-) -> list[BenchRow]:
+def bench(models: Mapping[str, nn.Module], options: BenchOptions | None = None, *,
+          progress: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
+          **given: Any) -> list[BenchRow]:
     """Time every model at every batch size on one device; returns one BenchRow per (batch size, model).
 
+    The options are a BenchOptions, or its fields as keywords (`device="cuda", batch_sizes=[1, 256]`):
     models: name -> module. The modules are moved to `device` and `dtype`, put in eval mode and (see `fused`)
         fused, in place.
     reference: the model the others are compared with (speedup, mac_ratio); default the first one.
@@ -170,13 +155,12 @@ def bench(
     min_sample_s: one repeat is as many back-to-back calls as last this long (default 20 ms on CUDA, 50 ms on
         the CPU); a single call when one call is longer.
     interleave: alternate the models' repeats (A B B A A B ...) instead of timing them one after the other.
+    `evaluation.bench_ways.bench_ways` runs this once per way (runtime, grouping) and picks each model's fastest.
     """
+    options = replace(options or BenchOptions(), **given)
     warn = warn or (lambda msg: None)
     progress = progress or (lambda msg: None)
-    setup = resolve_setup(models, device=device, dtype=dtype, batch_sizes=batch_sizes, reference=reference,
-                          compile=compile, cuda_graphs=cuda_graphs, warmup=warmup, repeats=repeats,
-                          min_time=min_time, max_repeats=max_repeats, min_sample_s=min_sample_s,
-                          interleave=interleave)
+    setup = resolve_setup(models, options)
     if setup.cuda and setup.device.index is not None:
         torch.cuda.set_device(setup.device)  # CUDA events, graphs and streams below use the current device
     if setup.dtype in (torch.bfloat16, torch.float16) and not setup.cuda:
@@ -184,11 +168,22 @@ def bench(
              "timings say little about a GPU")
     from lowrank_cli.models.fusion import resolve_fused
 
-    fuse = resolve_fused(fused, setup.device, dtype=setup.dtype)  # `fused=True` where it cannot run: refused here
-    size = _prepare_models(models, setup, input_size)
+    fuse = resolve_fused(options.fused, setup.device, dtype=setup.dtype)  # `fused=True` where it cannot: refused
+    size = _prepare_models(models, setup, options.input_size)
     if fuse:
         _fuse(models, progress)
-    per_image_macs = _macs_per_image(models, setup, size, seed, warn) if count_macs else {}
+    per_image_macs = _macs_per_image(models, setup, size, options.seed, warn) if options.count_macs else {}
+    rows = _timed(models, setup, size, per_image_macs, options.seed, progress, warn)
+    message = noise_warning(rows)
+    if message:
+        warn(message)
+    return rows
+
+
+def _timed(models: Mapping[str, nn.Module], setup: BenchSetup, size: tuple[int, ...],
+           per_image_macs: dict[str, int | None], seed: int, progress: Callable[[str], None],
+           warn: Callable[[str], None]) -> list[BenchRow]:
+    """The rows of every batch size: each model compiled as asked, warmed up, timed in interleaved rounds."""
     fns = _compiled(models, setup)
     rows: list[BenchRow] = []
     gen = torch.Generator().manual_seed(seed)
@@ -203,9 +198,6 @@ def bench(
             del runners, x
             if setup.cuda:
                 torch.cuda.empty_cache()
-    message = noise_warning(rows)
-    if message:
-        warn(message)
     return rows
 
 
@@ -237,6 +229,12 @@ def is_fused(model: nn.Module) -> bool:
     from lowrank_cli.layers.fused_lowrank import FusedLowRankLinear
 
     return any(isinstance(m, FusedLowRankLinear) for m in model.modules())
+
+
+def is_grouped(model: nn.Module) -> bool:
+    from lowrank_cli.models.grouping import is_grouped as grouped
+
+    return grouped(model)
 
 
 def _macs_per_image(models: Mapping[str, nn.Module], setup: BenchSetup, size: tuple[int, ...], seed: int,
@@ -316,6 +314,7 @@ def _rows(setup: BenchSetup, runners: list[Runner], bs: int, per_image_macs: dic
             compile=setup.mode,
             cuda_graphs=setup.graphed,
             fused=is_fused(r.model),
+            grouped=is_grouped(r.model),
             samples_ms=list(r.samples),
         ))
     return rows

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowrank_cli.devices import resolve_dtype
 from lowrank_cli.errors import UsageError
+from lowrank_cli.option_fields import option
 
 # torch.compile modes that run the compiled graph through CUDA graphs.
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -52,6 +54,28 @@ def resolve_compile_mode(compile: bool | str, cuda_graphs: bool) -> str | None:
 
 
 @dataclass
+class BenchOptions:
+    """What `bench` measures and how (each option once; see `bench` for what they mean)."""
+
+    device: Any = option("auto", help="Where to run (auto: cuda when available).")
+    dtype: Any = option("fp32", help="Precision every model is cast to.")
+    batch_sizes: Any = option((1,), help="Batch sizes (a list, or comma-separated).")
+    input_size: Sequence[int] | None = option(None, help="Per-example input size (default: the reference's).")
+    reference: str | None = option(None, help="The model the others are compared with (default: the first).")
+    compile: bool | str = option(False, help="torch.compile: False, True (default mode) or a mode name.")
+    cuda_graphs: bool = option(False, help="Replay each model from a CUDA graph (CUDA only).")
+    fused: bool | None = option(None, help="Run the low-rank layers through the fused kernel.")
+    warmup: int | None = option(None, help="Calls before timing (default 3 on CUDA, 1 on the CPU; +2 compiled).")
+    repeats: int | None = option(None, help="Exactly this many timed repeats (default: min_time decides).")
+    min_time: float | None = option(None, help="Seconds of timed repeats (default 2 on CUDA, 1 on the CPU).")
+    max_repeats: int = option(200, help="At most this many timed repeats.")
+    min_sample_s: float | None = option(None, help="Seconds one repeat lasts at least (default 20 / 50 ms).")
+    interleave: bool = option(True, help="Alternate the models' repeats (A B B A ...).")
+    count_macs: bool = option(True, help="Count each model's MACs (fvcore) for the MAC ratio.")
+    seed: int = option(0, help="Seed of the random inputs.")
+
+
+@dataclass
 class BenchSetup:
     """The options of one `bench` run, checked, with the device's defaults filled in."""
 
@@ -75,13 +99,14 @@ class BenchSetup:
         return self.device.type == "cuda"
 
 
-def resolve_setup(models: Mapping[str, nn.Module], *, device: str | torch.device | None,
-                  dtype: str | torch.dtype | None, batch_sizes: Sequence[int] | str, reference: str | None,
-                  compile: bool | str, cuda_graphs: bool, warmup: int | None, repeats: int | None,
-                  min_time: float | None, max_repeats: int, min_sample_s: float | None,
-                  interleave: bool) -> BenchSetup:
+def resolve_setup(models: Mapping[str, nn.Module], options: BenchOptions) -> BenchSetup:
     """`bench`'s options checked (a UsageError for what cannot work) and resolved for the device."""
     from lowrank_cli.devices import resolve_device
+
+    o = options
+    device, dtype, batch_sizes, reference, compile, cuda_graphs = (o.device, o.dtype, o.batch_sizes, o.reference,
+                                                                   o.compile, o.cuda_graphs)
+    warmup, repeats, min_time, max_repeats, min_sample_s = o.warmup, o.repeats, o.min_time, o.max_repeats, o.min_sample_s
 
     if not models:
         raise UsageError("nothing to benchmark: give at least one model")
@@ -109,5 +134,5 @@ def resolve_setup(models: Mapping[str, nn.Module], *, device: str | torch.device
         min_sample_s=(0.02 if cuda else 0.05) if min_sample_s is None else min_sample_s,
         min_repeats=min_repeats,
         max_repeats=repeats if repeats is not None else max(max_repeats, min_repeats),
-        interleave=interleave,
+        interleave=o.interleave,
     )

@@ -76,9 +76,12 @@ def speed_plan_layers(checkpoint: CheckpointInfo | None) -> dict[str, dict[str, 
 def plan_speedup(entry: dict[str, Any] | None) -> float | None:
     """The speed gain of one layer from its speed-plan entry: the `gain` speed_plan recorded (dense_ms / lowrank_ms
     of the unrounded times, to 4 decimals; None when the low-rank time was 0), or, for an entry that has only the
-    two times (one written by other means than speed_plan), their ratio. None without an entry."""
+    two times (one written by other means than speed_plan), their ratio; a layer factorized with its shared-input
+    group (compress.speed_groups), its group's gain. None without an entry."""
     if entry is None:
         return None
+    if entry.get("grouped") and "group_gain" in entry:
+        return None if entry["group_gain"] is None else float(entry["group_gain"])
     if "gain" in entry:
         return None if entry["gain"] is None else float(entry["gain"])
     dense_ms, lowrank_ms = entry["dense_ms"], entry["lowrank_ms"]

@@ -294,7 +294,9 @@ def test_gpu_bench_fuses_and_shows_compiled_rows(checkpoints, capsys):
                               "2", "--repeats", "2", "--min-time", "0", "--json", "--fused"], capsys)
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["modes"] == ["eager", "compiled + CUDA graphs"] and doc["fused"] is True
+    # every way on CUDA (eager, compile, graphs), then each model's fastest
+    assert doc["modes"][:3] == ["eager", "compiled", "compiled + CUDA graphs"] and doc["fused"] is True
+    assert all(m.startswith("fastest: ") for m in doc["modes"][3:]) and sum(r["fastest"] for r in doc["rows"]) == 2
     assert {r["fused"] for r in doc["rows"] if r["model"] == "lr.safetensors"} == {True}
     code, out, err = run_cli(["bench", lr, "--device", "cuda", "--dtype", "bf16", "--batch-size", "2", "--repeats",
                               "2", "--min-time", "0", "--json", "--eager-only"], capsys)
