@@ -48,11 +48,16 @@ def mixed_precision(device: torch.device) -> Any:
 
 
 def shard_model(model: nn.Module, blocks: list[str], device: torch.device) -> nn.Module:
-    """fully_shard every block of `blocks` (names of submodules), then the root; in place, returns `model`."""
+    """fully_shard every block of `blocks` (names of submodules), then the root; in place, returns `model`. The
+    mesh is the run's device type over all processes (FSDP's default would be CUDA whenever CUDA is there, also
+    for a `device` cpu run)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     policy = mixed_precision(device)
-    kwargs = {"mp_policy": policy} if policy is not None else {}
+    kwargs: dict[str, Any] = {"mp_policy": policy} if policy is not None else {}
+    kwargs["mesh"] = init_device_mesh(device.type, (dist.get_world_size(),))
     modules = dict(model.named_modules())
     for name in blocks:
         fully_shard(modules[name], **kwargs)

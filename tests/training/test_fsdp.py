@@ -80,6 +80,13 @@ def pair(digits_folder, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, data=data, teacher=root / "teacher", student=root / "student.safetensors")
 
 
+def cli_of(pair: SimpleNamespace) -> list[str]:
+    """`python -m lowrank_cli recover ... --resume` with OPTIONS (batch size and output to add)."""
+    return ["-m", "lowrank_cli", "recover", str(pair.student), "--teacher", str(pair.teacher), "--data",
+            str(pair.data), "--steps", str(STEPS), "--lr", "2e-3", "--gamma", "0.5", "--save-every", "2", "--seed",
+            "1", "--workers", "0", "--device", "cpu", "--log-every", "1", "--resume"]
+
+
 def _driver(pair: SimpleNamespace, output: Path, stop_at: int | None = None, gathered: Path | None = None,
             **options) -> subprocess.CompletedProcess:
     spec = {"student": str(pair.student), "teacher": str(pair.teacher), "data": str(pair.data),
@@ -128,12 +135,16 @@ def test_resume_is_exact_also_on_another_number_of_processes(pair, runs, tmp_pat
     state = json.loads((tmp_path / "parts.train" / "state.json").read_text())
     assert (state["step"], state["processes"], state["layout"]) == (3, 2, "fsdp")
     assert not parts.exists()
+    # resumed as ddp (the default shard): refused, one Error line, the state kept
+    done = subprocess.run([sys.executable, *cli_of(pair), "--batch-size", "4", "-o", str(parts)], capture_output=True,
+                          text=True, env=_env(), cwd=tmp_path, timeout=300)
+    assert done.returncode != 0 and len(error_lines(done.stderr)) == 1, done.stderr
+    assert "the interrupted run was --shard fsdp" in done.stderr and "resume with --shard fsdp" in done.stderr
+    assert (tmp_path / "parts.train" / "state.json").is_file() and not parts.exists()
     # the same state resumed on one process with twice the batch (DCP reshards the weights and AdamW's state)
     shutil.copytree(tmp_path / "parts.train", tmp_path / "one.train")
     shutil.copy(metrics_path(parts), metrics_path(tmp_path / "one.safetensors"))
-    cli = ["-m", "lowrank_cli", "recover", str(pair.student), "--teacher", str(pair.teacher), "--data", str(pair.data),
-           "--steps", str(STEPS), "--lr", "2e-3", "--gamma", "0.5", "--save-every", "2", "--seed", "1",
-           "--workers", "0", "--device", "cpu", "--log-every", "1", "--shard", "fsdp", "--resume"]
+    cli = [*cli_of(pair), "--shard", "fsdp"]
     done = _torchrun(2, [*cli, "--batch-size", "4", "-o", str(parts)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Resuming at step 3/6" in done.stderr
@@ -149,7 +160,7 @@ def test_resume_is_exact_also_on_another_number_of_processes(pair, runs, tmp_pat
     assert _losses(resharded) == pytest.approx(_losses(runs.fsdp), rel=1e-5)
 
 
-def test_resume_with_another_shard_is_refused(pair, tmp_path, capsys, monkeypatch) -> None:
+def test_resume_of_a_ddp_state_as_fsdp_is_refused(pair, tmp_path, monkeypatch) -> None:
     # a state of a ddp run (one process), resumed as fsdp under torchrun's environment
     ddp = tmp_path / "ddp.safetensors"
     with pytest.raises(Interrupted):
@@ -162,15 +173,7 @@ def test_resume_with_another_shard_is_refused(pair, tmp_path, capsys, monkeypatc
                 resume=True, **OPTIONS)
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
-    # a sharded state (made by moving it to the fsdp layout's place) resumed as ddp: one Error line on the CLI
-    (tmp_path / "sharded.train").mkdir()
-    (tmp_path / "sharded.train" / "state.json").write_text("{}")
-    code, _, err = run_cli(["recover", str(pair.student), "--teacher", str(pair.teacher), "--data", str(pair.data),
-                            "--steps", "6", "--device", "cpu", "-o", str(tmp_path / "sharded.safetensors"),
-                            "--resume"], capsys)
-    assert code != 0 and len(error_lines(err)) == 1, err
-    assert "the interrupted run was --shard fsdp" in err and "resume with --shard fsdp" in err
-    assert not (tmp_path / "sharded.safetensors").exists() and ddp.with_name("ddp.train.safetensors").exists()
+    assert ddp.with_name("ddp.train.safetensors").exists()  # the ddp run's state is kept
 
 
 def test_fsdp_usage_errors(pair, tmp_path, capsys) -> None:
