@@ -203,3 +203,30 @@ def test_a_model_without_repeated_blocks_is_refused() -> None:
     env = SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cpu"), world_size=2), log=print)
     with pytest.raises(UsageError, match="per repeated block .* has none: use shard ddp"):
         FullyShard().prepare(env, SimpleNamespace(val=None), models, list(one_block.named_parameters()))
+
+
+def test_a_text_encoder_with_frozen_parameters(tmp_path) -> None:
+    """A tiny BERT on a text file: the pooler, which the loss does not reach, is frozen inside the root FSDP unit
+    (FSDP2 keeps requires_grad per parameter) and comes out as it went in; the rest trains."""
+    from hf_fixtures import write_corpus, write_tiny_bert
+
+    from lowrank_cli.checkpoint.format import record_source
+
+    write_tiny_bert(tmp_path / "bert", head=None, dropout=0.0)
+    write_corpus(tmp_path / "corpus.txt", n=32)
+    loaded = lowrank_cli.load_model(str(tmp_path / "bert"))
+    lowrank_cli.factorize(loaded.model, kappa=4, rank_multiple=1)
+    record_source(loaded.model, loaded.source)
+    lowrank_cli.save(loaded.model, tmp_path / "student.safetensors")
+    out = tmp_path / "out.safetensors"
+    done = _torchrun(2, ["-m", "lowrank_cli", "recover", str(tmp_path / "student.safetensors"), "--teacher",
+                         str(tmp_path / "bert"), "--data", str(tmp_path / "corpus.txt"), "--steps", "3",
+                         "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--shard", "fsdp",
+                         "-o", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = _weights(tmp_path / "student.safetensors"), _weights(out)
+    assert after.keys() == before.keys()
+    frozen = [k for k in before if k.startswith("pooler.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert max((before[k] - after[k]).abs().max().item() for k in before if k not in frozen) > 1e-4
+    lowrank_cli.load(str(out))
