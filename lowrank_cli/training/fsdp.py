@@ -89,6 +89,8 @@ class FullyShard:
     """The `distribution` of `shard` fsdp (training.parallel.DataParallel is the other)."""
 
     name = "fsdp"
+    shards = True  # a forward is collective: every process evaluates all the held-out data, in the same batches
+    keep = "last"  # what is kept without `keep` (best would hold a copy of the best weights with the state)
 
     def prepare(self, env: Any, data: Any, models: Any,
                 trainable: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
@@ -99,10 +101,6 @@ class FullyShard:
         if not models.blocks:
             raise UsageError("`shard` fsdp shards the model per repeated block (decoder layer, transformer block), "
                              "and this model has none: use `shard` ddp")
-        if data.val is not None:
-            raise UsageError("held-out evaluation is not supported with `shard` fsdp yet (it runs a different "
-                             "number of forwards on each process): pass `evaluate_accuracy` False and no `val_data` "
-                             "or `val_fraction`, or use `shard` ddp")
         dev = env.ctx.device
         if models.teacher is not None:
             teacher_blocks = innermost_blocks(models.teacher)

@@ -127,7 +127,7 @@ class Setup:
 
     @property
     def evaluator(self) -> Evaluator:
-        return evaluator(self.env, self.opts)
+        return evaluator(self.env, self.opts, whole=getattr(self.distribution, "shards", False))
 
     def resume_hint(self, lr: float | None = None) -> str:
         return resume_hint(self.env.resume_command, self.api, lr)
@@ -171,8 +171,11 @@ def build_setup(strategy: Strategy, env: RunEnv) -> Setup:
 # ---------------------------------------------------------------------------------------------- the steps
 
 
-def evaluator(env: RunEnv, opts: Any) -> Evaluator:
-    return Evaluator(opts.eval_batch_size or opts.batch_size, env.workers, env.ctx, env.progress)
+def evaluator(env: RunEnv, opts: Any, whole: bool = False) -> Evaluator:
+    """Accuracy as the run measures it: each rank its share of the images, or (`whole`: a sharded model, whose
+    forwards every rank must run together) every rank all of them, in the same batches."""
+    ctx = distributed.DistContext(device=env.ctx.device) if whole else env.ctx
+    return Evaluator(opts.eval_batch_size or opts.batch_size, env.workers, ctx, env.progress)
 
 
 def saved_state(env: RunEnv, fixed: dict[str, Any], resume: bool) -> TrainState | None:

@@ -77,7 +77,8 @@ def pair(digits_folder, tmp_path_factory) -> SimpleNamespace:
     lowrank_cli.factorize(loaded.model, kappa=4, rank_multiple=1)
     record_source(loaded.model, loaded.source)
     lowrank_cli.save(loaded.model, root / "student.safetensors")
-    return SimpleNamespace(root=root, data=data, teacher=root / "teacher", student=root / "student.safetensors")
+    return SimpleNamespace(root=root, data=data, teacher=root / "teacher", student=root / "student.safetensors",
+                           labelled=digits_folder(16, 4))
 
 
 def cli_of(pair: SimpleNamespace) -> list[str]:
@@ -160,6 +161,27 @@ def test_resume_is_exact_also_on_another_number_of_processes(pair, runs, tmp_pat
     assert _losses(resharded) == pytest.approx(_losses(runs.fsdp), rel=1e-5)
 
 
+def test_held_out_evaluation_as_one_process(pair, tmp_path) -> None:
+    """With a val/ split: accuracy before and after and the held-out score every 2 steps, every process scoring
+    all 10 images in the same batches (a sharded forward is collective); `keep` defaults to last."""
+    from lowrank_cli.checkpoint.format import read_info
+
+    options = dict(eval_every=2, eval_batch_size=8)
+    one = recover(str(pair.student), str(pair.teacher), pair.labelled, output=tmp_path / "one.safetensors",
+                  batch_size=8, keep="last", **OPTIONS, **options)
+    out = tmp_path / "fsdp.safetensors"
+    done = _driver(SimpleNamespace(**{**vars(pair), "data": pair.labelled}), out, **options)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = read_info(out)[0].recovery
+    assert record["accuracy"] == one.accuracy and record["accuracy"]["after"]["images"] == 10
+    assert record["kept"] == {"which": "last", "step": STEPS}
+    lines = [json.loads(line) for line in metrics_path(out).read_text().splitlines()]
+    expected = [json.loads(line) for line in metrics_path(one.output).read_text().splitlines()]
+    assert [line.get("val_top5") for line in lines] == [line.get("val_top5") for line in expected]
+    assert [line["step"] for line in lines if "val_top1" in line] == [2, 4, 6]
+    assert [line["loss"] for line in lines] == pytest.approx([line["loss"] for line in expected], rel=1e-5)
+
+
 def test_resume_of_a_ddp_state_as_fsdp_is_refused(pair, tmp_path, monkeypatch) -> None:
     # a state of a ddp run (one process), resumed as fsdp under torchrun's environment
     ddp = tmp_path / "ddp.safetensors"
@@ -222,8 +244,11 @@ def test_a_text_encoder_with_frozen_parameters(tmp_path) -> None:
     done = _torchrun(2, ["-m", "lowrank_cli", "recover", str(tmp_path / "student.safetensors"), "--teacher",
                          str(tmp_path / "bert"), "--data", str(tmp_path / "corpus.txt"), "--steps", "3",
                          "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--shard", "fsdp",
-                         "-o", str(out)], tmp_path)
+                         "--val-fraction", "0.25", "--eval-every", "1", "-o", str(out)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "keeping the last state" in done.stderr
+    scores = [json.loads(line).get("val_cosine") for line in metrics_path(out).read_text().splitlines()]
+    assert len(scores) == 3 and all(0 < score <= 1 for score in scores)  # the held-out data scored every step
     before, after = _weights(tmp_path / "student.safetensors"), _weights(out)
     assert after.keys() == before.keys()
     frozen = [k for k in before if k.startswith("pooler.")]
