@@ -90,7 +90,6 @@ class FullyShard:
 
     name = "fsdp"
     shards = True  # a forward is collective: every process evaluates all the held-out data, in the same batches
-    keep = "last"  # what is kept without `keep` (best would hold a copy of the best weights with the state)
 
     def prepare(self, env: Any, data: Any, models: Any,
                 trainable: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:

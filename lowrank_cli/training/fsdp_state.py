@@ -3,9 +3,11 @@
     <output stem>.train/                 replaced as a whole (written as .train.partial/, then renamed)
         .metadata, __R_0.distcp          DCP: the student's weights and AdamW's state, each process its shards
                                          (the state dicts of torch.distributed.checkpoint.state_dict, keyed by
-                                         parameter names, so a run on another number of processes reshards them)
+                                         parameter names, so a run on another number of processes reshards
+                                         them), and the extra tensors (`keep` best: the best weights, sharded)
         state.json                       step, epoch, batch, images seen, ... (training/state.py's TrainState),
-                                         the layout, the processes that wrote it and the trained parameters' names
+                                         the layout, the processes that wrote it, the trained parameters' names
+                                         and the extra tensors' shapes and dtypes
 
 No pickle of ours: tensors go through DCP, the rest is JSON. (DCP itself writes its `.metadata` index with
 pickle and reads it back so: resume only states that your own runs wrote, as with any torch checkpoint.) As for
@@ -48,6 +50,7 @@ class ShardedState:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.old = self.path.with_name(self.path.name + ".old")
+        self.loaded_into: nn.Module | None = None  # the model `load` filled (its layout is the extra tensors')
 
     def _current(self) -> Path:
         """The state folder; the previous one when a save died between its two renames."""
@@ -97,23 +100,40 @@ class ShardedState:
             raise InputError(f"training state '{self.path}' does not fit the student or is damaged ({first}): "
                              "resume with the same student, or start again without `resume=True`") from None
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        self.loaded_into = model
         return self.read()
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
-        return {}  # `keep` best, which saves the best weights with the state, is refused with `shard` fsdp
+        """The `extra_tensors` saved with the state (the best weights of `keep` best), read after `load`: one
+        named `<prefix>.<model tensor>` is sharded as that tensor of the model is."""
+        import torch.distributed.checkpoint as dcp
+
+        saved = self._document().get("extra_tensors") or {}
+        if not saved:
+            return {}
+        model = self.loaded_into
+        weights = model.state_dict() if model is not None else {}
+        extra = {}
+        for key, (shape, dtype) in saved.items():
+            like = weights.get(key.split(".", 1)[-1])
+            extra[key] = torch.empty_like(like) if like is not None and list(like.shape) == shape else \
+                torch.empty(shape, dtype=getattr(torch, dtype))
+        dcp.load({"extra": extra}, checkpoint_id=str(self._current()))
+        return extra
 
     def save(self, ctx: Any, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer,
              param_names: list[str], extra_tensors: dict[str, torch.Tensor] | None) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        if extra_tensors:
-            raise ValueError("a sharded training state keeps no extra tensors (`keep` best is refused with fsdp)")
         distributed.on_main(ctx, shutil.rmtree, self.partial, ignore_errors=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(self.partial))
+        extra = dict(extra_tensors or {})
+        dcp.save({"model": model_sd, "optimizer": optim_sd, **({"extra": extra} if extra else {})},
+                 checkpoint_id=str(self.partial))
+        shapes = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in extra.items()}
         document = {"schema": SCHEMA, "layout": LAYOUT, "processes": ctx.world_size, **asdict(state),
-                    "param_names": param_names}
+                    "param_names": param_names, "extra_tensors": shapes}
         distributed.on_main(ctx, self._publish, document)
 
     def _publish(self, document: dict[str, Any]) -> None:

@@ -215,8 +215,6 @@ class RecoverOptions(TrainingOptions):
             (self.beta == 0, "`beta` compares each whole factorized layer with the teacher's whole weight, which "
              "`shard` fsdp splits over the processes: use `beta` 0, or `shard` ddp"),
             (not self.compile, "`compile` is not supported with `shard` fsdp yet: leave it out, or use `shard` ddp"),
-            (self.keep != "best", "`keep` best holds a whole copy of the best weights on every process: use `keep` "
-             "last with `shard` fsdp, or `shard` ddp"),
         ]
 
     def _method_checks(self) -> list[tuple[bool, str]]:

@@ -29,7 +29,6 @@ class DataParallel:
     find_unused_parameters: bool = False
     name = "ddp"
     shards = False  # every process holds the whole model: each evaluates its share of the held-out data
-    keep = "best"  # what is kept without `keep`, when there is held-out data
 
     def prepare(self, env: Any, data: Any, models: Any,
                 trainable: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:

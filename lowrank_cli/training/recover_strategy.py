@@ -152,7 +152,7 @@ class RecoverStrategy:
         if d.val is None:
             return None
         scorer = self.scorer(setup)
-        keep = o.keep or self.distribution.keep
+        keep = o.keep or "best"
         held = held_out_eval(scorer, every=o.eval_every or max(1, setup.schedule.total // 10), keep=keep,
                              state=setup.state, saved=setup.store.extra_tensors, total=setup.schedule.total,
                              log=env.log)

@@ -81,10 +81,10 @@ def pair(digits_folder, tmp_path_factory) -> SimpleNamespace:
                            labelled=digits_folder(16, 4))
 
 
-def cli_of(pair: SimpleNamespace) -> list[str]:
+def cli_of(pair: SimpleNamespace, lr: float = OPTIONS["lr"]) -> list[str]:
     """`python -m lowrank_cli recover ... --resume` with OPTIONS (batch size and output to add)."""
     return ["-m", "lowrank_cli", "recover", str(pair.student), "--teacher", str(pair.teacher), "--data",
-            str(pair.data), "--steps", str(STEPS), "--lr", "2e-3", "--gamma", "0.5", "--save-every", "2", "--seed",
+            str(pair.data), "--steps", str(STEPS), "--lr", str(lr), "--gamma", "0.5", "--save-every", "2", "--seed",
             "1", "--workers", "0", "--device", "cpu", "--log-every", "1", "--resume"]
 
 
@@ -161,25 +161,41 @@ def test_resume_is_exact_also_on_another_number_of_processes(pair, runs, tmp_pat
     assert _losses(resharded) == pytest.approx(_losses(runs.fsdp), rel=1e-5)
 
 
-def test_held_out_evaluation_as_one_process(pair, tmp_path) -> None:
+def test_held_out_evaluation_and_keep_best_as_one_process(pair, tmp_path) -> None:
     """With a val/ split: accuracy before and after and the held-out score every 2 steps, every process scoring
-    all 10 images in the same batches (a sharded forward is collective); `keep` defaults to last."""
+    all 10 images in the same batches (a sharded forward is collective); `keep` best (the default) keeps the
+    best weights sharded, saves them with the sharded state, and a resumed run keeps the same."""
     from lowrank_cli.checkpoint.format import read_info
 
-    options = dict(eval_every=2, eval_batch_size=8)
+    options = dict(eval_every=2, eval_batch_size=8, lr=2e-2)  # at this lr the held-out score peaks before the end
     one = recover(str(pair.student), str(pair.teacher), pair.labelled, output=tmp_path / "one.safetensors",
-                  batch_size=8, keep="last", **OPTIONS, **options)
+                  batch_size=8, **{**OPTIONS, **options})
+    labelled = SimpleNamespace(**{**vars(pair), "data": pair.labelled})
     out = tmp_path / "fsdp.safetensors"
-    done = _driver(SimpleNamespace(**{**vars(pair), "data": pair.labelled}), out, **options)
+    done = _driver(labelled, out, **options)
     assert done.returncode == 0, done.stderr[-3000:]
     record = read_info(out)[0].recovery
     assert record["accuracy"] == one.accuracy and record["accuracy"]["after"]["images"] == 10
-    assert record["kept"] == {"which": "last", "step": STEPS}
+    assert record["kept"] == read_info(one.output)[0].recovery["kept"] and record["kept"]["which"] == "best"
+    assert record["kept"]["step"] < STEPS  # the best weights were put back: the restore of sharded weights ran
+    worst = _worst(_weights(one.output), _weights(out))
+    assert worst <= 0.05 * options["lr"], worst
     lines = [json.loads(line) for line in metrics_path(out).read_text().splitlines()]
     expected = [json.loads(line) for line in metrics_path(one.output).read_text().splitlines()]
     assert [line.get("val_top5") for line in lines] == [line.get("val_top5") for line in expected]
     assert [line["step"] for line in lines if "val_top1" in line] == [2, 4, 6]
     assert [line["loss"] for line in lines] == pytest.approx([line["loss"] for line in expected], rel=1e-5)
+    parts = tmp_path / "parts.safetensors"
+    stopped = _driver(labelled, parts, stop_at=3, **options)
+    assert stopped.returncode == 0 and "interrupted" in stopped.stdout, stopped.stderr[-3000:]
+    state = json.loads((tmp_path / "parts.train" / "state.json").read_text())
+    assert set(state["extra_tensors"]) == {f"best.{k}" for k in _weights(out)}
+    cli = [*cli_of(labelled, options["lr"]), "--shard", "fsdp", "--eval-every", "2", "--eval-batch-size", "8"]
+    done = _torchrun(2, [*cli, "--batch-size", "4", "-o", str(parts)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_info(parts)[0].recovery["kept"] == record["kept"]
+    worst = _worst(_weights(out), _weights(parts))
+    assert worst <= 1e-6, worst
 
 
 def test_resume_of_a_ddp_state_as_fsdp_is_refused(pair, tmp_path, monkeypatch) -> None:
@@ -205,7 +221,7 @@ def test_fsdp_usage_errors(pair, tmp_path, capsys) -> None:
     assert code != 0 and len(error_lines(err)) == 1, err
     assert "torchrun" in err and "--shard fsdp" in err
     for wrong, said in [(dict(beta=0.1), "^beta compares"), (dict(method="progressive", kappa=4.0), "^method progressive keeps"),
-                        (dict(keep="best"), "^keep best holds"), (dict(compile=True), "^compile is not supported")]:
+                        (dict(compile=True), "^compile is not supported")]:
         with pytest.raises(UsageError, match=said):
             recover(str(pair.student), str(pair.teacher), pair.data, output=out, shard="fsdp",
                     **{**OPTIONS, **wrong})
@@ -246,7 +262,7 @@ def test_a_text_encoder_with_frozen_parameters(tmp_path) -> None:
                          "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--shard", "fsdp",
                          "--val-fraction", "0.25", "--eval-every", "1", "-o", str(out)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "keeping the last state" in done.stderr
+    assert "keeping the best state" in done.stderr
     scores = [json.loads(line).get("val_cosine") for line in metrics_path(out).read_text().splitlines()]
     assert len(scores) == 3 and all(0 < score <= 1 for score in scores)  # the held-out data scored every step
     before, after = _weights(tmp_path / "student.safetensors"), _weights(out)
