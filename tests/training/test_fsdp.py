@@ -129,6 +129,22 @@ def test_the_output_is_the_gathered_model_and_loads(runs) -> None:
     assert read_info(runs.fsdp)[0].recovery["processes"] == 2
 
 
+def test_gradient_accumulation_without_a_reduction_per_micro_batch(pair, tmp_path) -> None:
+    """grad_accum 2: the first micro-batch of a step accumulates unreduced (FSDP2's set_requires_gradient_sync,
+    the step's no_sync), the second reduces; the gradient norms and weights are those of one process."""
+    options = dict(steps=3, grad_accum=2)
+    one = recover(str(pair.student), str(pair.teacher), pair.data, output=tmp_path / "one.safetensors",
+                  batch_size=4, **{**OPTIONS, **options})
+    out = tmp_path / "fsdp.safetensors"
+    done = _driver(pair, out, batch_size=2, **options)
+    assert done.returncode == 0, done.stderr[-3000:]
+    norms = [[json.loads(line)["grad_norm"] for line in metrics_path(o).read_text().splitlines()]
+             for o in (one.output, out)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+    worst = _worst(_weights(one.output), _weights(out))
+    assert worst <= 0.05 * OPTIONS["lr"], worst
+
+
 def test_resume_is_exact_also_on_another_number_of_processes(pair, runs, tmp_path) -> None:
     parts = tmp_path / "parts.safetensors"
     stopped = _driver(pair, parts, stop_at=3)
