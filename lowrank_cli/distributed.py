@@ -53,11 +53,12 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"environment variable {name}='{value}' is not a whole number (set by torchrun?)") from None
 
 
-def setup(device: str | torch.device | None = "auto", timeout_minutes: float = 30.0) -> DistContext:
+def setup(device: str | torch.device | None = "auto", timeout_minutes: float = 30.0, group: bool = False) -> DistContext:
     """Join the process group torchrun describes (if any) and pick this process's device.
 
     device: "auto" (cuda:LOCAL_RANK when CUDA is there, else cpu), "cpu", "cuda" or "cuda:N". A process group
-    that the caller created already (library use inside an existing DDP script) is used as it is.
+    that the caller created already (library use inside an existing DDP script) is used as it is. group: create
+    the process group under torchrun even for one process (FSDP and torch.distributed.checkpoint need one).
     """
     import torch.distributed as dist
 
@@ -79,7 +80,7 @@ def setup(device: str | torch.device | None = "auto", timeout_minutes: float = 3
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     owns = False
-    if world_size > 1 or dist.is_initialized():
+    if world_size > 1 or dist.is_initialized() or group:
         if not dist.is_available():
             raise EnvironmentProblem("this PyTorch build has no torch.distributed: run a single process")
         if not dist.is_initialized():

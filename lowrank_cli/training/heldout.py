@@ -162,6 +162,13 @@ def distillation_scores(student: nn.Module, teacher: nn.Module, distiller: Any, 
     return {k: v / count for k, v in sums.items()} if count else {}
 
 
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a weight to keep: on the CPU, or, for a sharded one (a DTensor, FSDP), this process's shard where
+    it is (a whole copy on the CPU is what sharding avoids)."""
+    tensor = tensor.detach()
+    return tensor.clone() if hasattr(tensor, "full_tensor") else tensor.to("cpu", copy=True)
+
+
 class KeepBest:
     """The weights at the best held-out score so far, on the CPU."""
 
@@ -176,7 +183,7 @@ class KeepBest:
         value = metrics.get(self.score.name)
         if value is not None and self.score.better(value, self.value):
             self.step, self.value = step, value
-            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.weights = {k: _kept(v) for k, v in model.state_dict().items()}
 
     def record(self) -> dict[str, Any]:
         return {"step": self.step, "value": self.value, "metric": self.score.name}

@@ -149,6 +149,10 @@ class RecoverOptions(TrainingOptions):
     eps: float = option(1e-3, low=0, panel=LOSS_PANEL, help="The weight perturbation the regulariser aims at, >= 0.")
     freeze_dense: bool = option(False, panel=TRAINING_PANEL,
                                 help="Train only the factorized layers (norms, embeddings, head stay).")
+    shard: str = option(
+        "ddp", choices=("ddp", "fsdp"), panel=TRAINING_PANEL,
+        help="Under torchrun: ddp, every process holds the whole student and teacher; fsdp, FSDP2 shards both per "
+        "block over the processes (for models that do not fit one GPU), its training state saved sharded (DCP).")
     kappa: float | None = option(None, low=1, low_open=True, note=" (the compression ratio of each layer)",
                                  panel=STUDENT_PANEL, help="Factorize a dense STUDENT on the fly at this ratio (> 1).")
     rank_multiple: int | str = RANK_MULTIPLE.field(
@@ -196,9 +200,22 @@ class RecoverOptions(TrainingOptions):
             (self.calib is None or self.kappa is not None or self.rank is not None,
              "`calib` makes the on-the-fly factorization of a dense student data-aware: give `kappa` or `rank` too"),
             *self._method_checks(),
+            *self._shard_checks(),
         ]:
             if not ok:
                 raise UsageError(message)
+
+    def _shard_checks(self) -> list[tuple[bool, str]]:
+        """What `shard` fsdp does not do (yet): each needs a whole layer or a whole model on one process."""
+        if self.shard != "fsdp":
+            return []
+        return [
+            (self.method != "progressive", "`method` progressive keeps the dense weights beside the factors and is "
+             "not sharded: use `shard` ddp, or `method` pela"),
+            (self.beta == 0, "`beta` compares each whole factorized layer with the teacher's whole weight, which "
+             "`shard` fsdp splits over the processes: use `beta` 0, or `shard` ddp"),
+            (not self.compile, "`compile` is not supported with `shard` fsdp yet: leave it out, or use `shard` ddp"),
+        ]
 
     def _method_checks(self) -> list[tuple[bool, str]]:
         progressive_only = ("init", "decay", "decay_end", "lora_alpha")
@@ -215,7 +232,16 @@ class RecoverOptions(TrainingOptions):
         ]
 
     def fixed_for_resume(self, processes: int, samples: int) -> dict[str, Any]:
-        """What a resumed run must share with the interrupted one: the data order and the batch shape depend on it."""
+        """What a resumed run must share with the interrupted one: the data order and the batch shape depend on it.
+        A sharded state (`shard` fsdp) reshards on another number of processes: the run continues exactly when
+        `batch_size` x processes stays (the global batches are then the same images)."""
+        fixed = self._fixed_for_resume(processes, samples)
+        if self.shard == "fsdp":
+            del fixed["batch_size"], fixed["number of processes"]
+            fixed["images per micro-batch over all processes"] = self.batch_size * processes
+        return fixed
+
+    def _fixed_for_resume(self, processes: int, samples: int) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed,
                 "freeze_dense": self.freeze_dense, "val_fraction": self.val_fraction,
                 "val_data": None if self.val_data is None else str(self.val_data), "number of processes": processes,

@@ -152,11 +152,12 @@ class RecoverStrategy:
         if d.val is None:
             return None
         scorer = self.scorer(setup)
-        held = held_out_eval(scorer, every=o.eval_every or max(1, setup.schedule.total // 10), keep=o.keep or "best",
+        keep = o.keep or "best"
+        held = held_out_eval(scorer, every=o.eval_every or max(1, setup.schedule.total // 10), keep=keep,
                              state=setup.state, saved=setup.store.extra_tensors, total=setup.schedule.total,
                              log=env.log)
         env.log(f"Held-out: {d.val_from} ({len(d.val)} samples), {scorer.score.name} every {held.every} steps; "
-                f"keeping the {o.keep or 'best'} state")
+                f"keeping the {keep} state")
         if not d.labelled_val:  # labelled images: the accuracy before is measured with the teacher's
             measured_before(setup.state, scorer)
         return held

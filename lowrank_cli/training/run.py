@@ -15,7 +15,7 @@ from lowrank_cli.data.sampling import default_workers
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError
 from lowrank_cli.training.metrics import check_metrics_path, metrics_path
 from lowrank_cli.training.setup import Hooks, RunEnv, build_setup
-from lowrank_cli.training.state import state_store
+from lowrank_cli.training.stores import check_layout, state_store
 from lowrank_cli.training.trainer import NoUsableData, Trainer
 
 
@@ -36,13 +36,13 @@ def train(strategy: Any, output: str | os.PathLike, hooks: Hooks) -> Any:
     it; an interrupted run keeps its state to resume."""
     opts, output = strategy.opts, Path(output)
     store = state_store(opts, output)
-    _check_outputs(output, store.path, opts)
-    ctx = distributed.setup(opts.device)
+    _check_outputs(output, store, opts)
+    ctx = distributed.setup(opts.device, group=getattr(opts, "shard", "ddp") == "fsdp")
     workers = default_workers(ctx.local_world_size) if opts.num_workers is None else opts.num_workers
     try:
         return run_training(strategy, RunEnv.create(ctx, workers, output, store, hooks))
     except torch.cuda.OutOfMemoryError:
-        _forget_failed_run(output, store.path, opts, ctx)
+        _forget_failed_run(output, store, opts, ctx)
         raise EnvironmentProblem(
             f"out of GPU memory at `batch_size` {opts.batch_size}: use a smaller `batch_size` with a larger "
             "`grad_accum` (same images per step)"
@@ -50,34 +50,36 @@ def train(strategy: Any, output: str | os.PathLike, hooks: Hooks) -> Any:
     except (Interrupted, TrainingError):
         raise  # the saved training state and its metrics are what a resume continues from
     except BaseException as e:
-        _forget_failed_run(output, store.path, opts, ctx, drop_state=isinstance(e, NoUsableData))
+        _forget_failed_run(output, store, opts, ctx, drop_state=isinstance(e, NoUsableData))
         raise
     finally:
         distributed.teardown(ctx)
 
 
-def _forget_failed_run(output: Path, state_path: Path, opts: Any, ctx, drop_state: bool = False) -> None:
+def _forget_failed_run(output: Path, store: Any, opts: Any, ctx, drop_state: bool = False) -> None:
     """A fresh run that failed leaves nothing behind: its metrics log (and, when it trained on nothing, its state).
     A resumed run keeps both: they belong to the run it continues."""
     if opts.resume or not ctx.is_main:
         return
     if drop_state:
-        state_path.unlink(missing_ok=True)
-    if not state_path.exists():
+        store.remove()
+    if not store.exists():
         metrics_path(output).unlink(missing_ok=True)
 
 
-def _check_outputs(output: Path, state_path: Path, opts: Any) -> None:
+def _check_outputs(output: Path, store: Any, opts: Any) -> None:
     """The output and the training state of an earlier run, checked before anything is loaded."""
     from lowrank_cli.atomic import check_output
 
     check_output(output, force=opts.force)
     check_metrics_path(output)
-    if opts.resume and not state_path.is_file():
+    state_path = store.path
+    check_layout(store, output, opts.resume)
+    if opts.resume and not store.exists():
         raise InputError(f"`resume=True`: there is no training state '{state_path}' to continue (it is written every "
                          "`save_every` steps, and removed when a run finishes): start without `resume=True`")
-    if not opts.resume and state_path.exists():
+    if not opts.resume and store.exists():
         if not opts.force:
             raise OutputError(f"the training state of an earlier, unfinished run is at '{state_path}': continue it "
                               "with `resume=True`, or pass `force=True` to start again")
-        state_path.unlink(missing_ok=True)  # starting again: a later resume must not find the old run
+        store.remove()  # starting again: a later resume must not find the old run

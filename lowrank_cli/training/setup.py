@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ class Setup:
     step: Distiller | None = None
     callbacks: list[Callback] = field(default_factory=list)
     held_out: HeldOutEval | None = None  # also among the callbacks
+    distribution: Any = None  # how the models are spread (training.parallel): its `gathered` state dict is written
 
     @property
     def ctx(self) -> distributed.DistContext:
@@ -125,7 +127,7 @@ class Setup:
 
     @property
     def evaluator(self) -> Evaluator:
-        return evaluator(self.env, self.opts)
+        return evaluator(self.env, self.opts, whole=getattr(self.distribution, "shards", False))
 
     def resume_hint(self, lr: float | None = None) -> str:
         return resume_hint(self.env.resume_command, self.api, lr)
@@ -144,13 +146,15 @@ def build_setup(strategy: Strategy, env: RunEnv) -> Setup:
     schedule = Schedule(opts.lr, warmup_steps(opts, total), total)
     callbacks = strategy.method_callbacks(schedule)
     trainable = strategy.trainable(env, data, models, loss)
+    trainable = strategy.distribution.prepare(env, data, models, trainable)  # FSDP shards the models here
     optimizer, groups = adamw(trainable, opts, ctx.device)
     fingerprint = {**fixed, **strategy.changeable_on_resume(data, models, schedule)}
     state = start_state(env, saved, models.model, optimizer, groups, trainable, fingerprint, schedule)
     for callback in callbacks:
         callback.on_state(state)
     setup = Setup(env, opts, strategy.api, strategy.phase, data, models, loss, loader, sampler, schedule, trainable,
-                  optimizer, state, metrics_path(env.output), callbacks=callbacks)
+                  optimizer, state, metrics_path(env.output), callbacks=callbacks,
+                  distribution=strategy.distribution)
     strategy.before_training(setup)
     start_metrics(setup)
     setup.step = build_step(setup, strategy.distribution)
@@ -167,8 +171,11 @@ def build_setup(strategy: Strategy, env: RunEnv) -> Setup:
 # ---------------------------------------------------------------------------------------------- the steps
 
 
-def evaluator(env: RunEnv, opts: Any) -> Evaluator:
-    return Evaluator(opts.eval_batch_size or opts.batch_size, env.workers, env.ctx, env.progress)
+def evaluator(env: RunEnv, opts: Any, whole: bool = False) -> Evaluator:
+    """Accuracy as the run measures it: each rank its share of the images, or (`whole`: a sharded model, whose
+    forwards every rank must run together) every rank all of them, in the same batches."""
+    ctx = distributed.DistContext(device=env.ctx.device) if whole else env.ctx
+    return Evaluator(opts.eval_batch_size or opts.batch_size, env.workers, ctx, env.progress)
 
 
 def saved_state(env: RunEnv, fixed: dict[str, Any], resume: bool) -> TrainState | None:
@@ -270,4 +277,6 @@ def write_checkpoint(setup: Setup) -> None:
         save(setup.model, setup.env.output, force=True, dtype=dtype if dtype != torch.float32 else None)
         setup.store.remove()
 
-    distributed.on_main(setup.ctx, write)
+    gathered = setup.distribution.gathered(setup.model) if setup.distribution is not None else nullcontext()
+    with gathered:  # every process takes part in gathering a sharded model
+        distributed.on_main(setup.ctx, write)

@@ -195,8 +195,13 @@ class StateFile:
     written by the main process. The one place a run saves or loads its state, so that another layout (a sharded
     model saved by every process with torch.distributed.checkpoint) is another class with these methods."""
 
+    layout = "ddp"
+
     def __init__(self, path: Path):
         self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.exists()
 
     def visible_everywhere(self, ctx: Any) -> bool:
         from lowrank_cli import distributed
@@ -221,9 +226,3 @@ class StateFile:
     def remove(self) -> None:
         """A finished run leaves no state (called on the main process, after the output is written)."""
         self.path.unlink(missing_ok=True)
-
-
-def state_store(opts: Any, output: str | Path) -> StateFile:
-    """Where the run writing `output` keeps its training state, and in which layout: the one place a run picks
-    it (`opts` are the run's options)."""
-    return StateFile(train_state_path(output))

@@ -128,6 +128,7 @@ class Distiller:
             images_seen += count
             skipped += batch.skipped
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad if self.clip_grad > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor for sharded parameters
         counts = torch.tensor([weight, images_seen, skipped], dtype=torch.float32)
         stats = torch.cat([sums, norm.detach().float().reshape(1), counts.to(self.device)])
         if self.ctx.enabled:
