@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_cli.atomic import check_output, utf8_path, write_safetensors
+from lowrank_cli.atomic import check_output, write_safetensors
 from lowrank_cli.checkpoint.format import (
     TASKS_PREFIX,
     CheckpointInfo,
@@ -79,8 +79,7 @@ def with_ranks(model: nn.Module, ranks: dict[str, int], what: str) -> nn.Module:
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fused: bool | None = False):
     """Rebuild the model from the file alone; returns a LoadedModel (model, spec, source, checkpoint info).
     `fused`: see `load` (default False here: the model is not fused)."""
-    from safetensors.torch import load_file
-
+    from lowrank_cli.checkpoint.shards import TensorSet
     from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
     from lowrank_cli.models.loaded import LoadedModel
 
@@ -96,8 +95,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fus
     tied = {k: v for k, v in family_of_spec(info.spec).tied_copies(model).items() if k not in shapes and v in shapes}
     check_fits(model, {**shapes, **{k: shapes[v] for k, v in tied.items()}}, what)
     check_dtypes(model, header_dtypes(path), what)
-    with utf8_path(path) as name:
-        state_dict = load_file(name, device=str(device)) if info.multitask is None else _model_tensors(name, device)
+    state_dict = TensorSet.open(path).mapped(list(shapes))  # the files' pages, read when touched: no second copy
     model.load_state_dict(state_dict, strict=not tied, assign=True)
     finish(model, info.spec)  # transformers: tie the tensors the file holds once, or re-tie those it holds twice
     _check_tied(model, tied, what)
@@ -143,14 +141,6 @@ def check_dtypes(model: nn.Module, dtypes: dict[str, str], what: str) -> None:
 
 def _is_floating(dtype: str) -> bool:
     return dtype.startswith(("float", "bfloat", "F8", "F4", "F6"))
-
-
-def _model_tensors(name: str, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """The model's tensors of a multi-task checkpoint (not its tasks' own)."""
-    from safetensors import safe_open
-
-    with safe_open(name, framework="pt", device=str(device)) as f:
-        return {k: f.get_tensor(k) for k in f.keys() if not k.startswith(TASKS_PREFIX)}
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str | None = None,
