@@ -162,7 +162,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str 
 
 
 def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch.dtype | None = None,
-         extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+         extra_tensors: dict[str, torch.Tensor] | None = None, max_shard_size: int | None = None) -> Path:
     """`lowrank_cli.save(model, path)`: write the model as an lrc checkpoint, atomically.
 
     `dtype` casts floating tensors on the way out. With force=False an existing file is refused. `extra_tensors`
@@ -173,11 +173,13 @@ def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch
     info = info_for_saving(model)
     if info.multitask is not None and not any(k.startswith(TASKS_PREFIX) for k in extra_tensors or {}):
         info = dataclasses.replace(info, multitask=None)
-    return write_checkpoint(model, path, info, force=force, dtype=dtype, extra_tensors=extra_tensors)
+    return write_checkpoint(model, path, info, force=force, dtype=dtype, extra_tensors=extra_tensors,
+                            max_shard_size=max_shard_size)
 
 
 def write_checkpoint(model: nn.Module, path: str | Path, info: CheckpointInfo, *, force: bool = True,
-                     dtype: torch.dtype | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                     dtype: torch.dtype | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
+                     max_shard_size: int | None = None) -> Path:
     """`save` with the record to write given (`info`, e.g. the model's with a multi-task record added)."""
     path = check_output(path, force=force)
     info.provenance.setdefault("saved", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -200,9 +202,17 @@ def write_checkpoint(model: nn.Module, path: str | Path, info: CheckpointInfo, *
             t = t.clone()
         seen[key] = name
         tensors[name] = t.to("cpu").contiguous()
-    check_output(path, force=True, needed_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
-    write_safetensors(path, tensors, metadata_of(model, info))
-    return path
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    check_output(path, force=True, needed_bytes=total)
+    if max_shard_size is None or total <= max_shard_size:
+        write_safetensors(path, tensors, metadata_of(model, info))
+        return path
+    from lowrank_cli.checkpoint.shard_writer import SetWriter
+
+    with SetWriter(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, max_shard_size) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
+        return writer.finish(metadata_of(model, info))[-1]
 
 
 def _stored_once(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

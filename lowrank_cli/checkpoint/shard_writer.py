@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,25 +20,6 @@ import torch
 
 from lowrank_cli.atomic import TMP_INFIX, _fsync_dir, cannot_write, check_output, write_text
 from lowrank_cli.checkpoint.shards import CODES, INDEX_SUFFIX
-from lowrank_cli.errors import UsageError
-
-DEFAULT_SHARD_SIZE = "5GB"  # as transformers' save_pretrained
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: str | int) -> int:
-    """`max_shard_size` in bytes: an int, or '500MB', '5GB', '1.5GiB' (KB/MB/GB powers of 10, KiB/MiB/GiB of 2)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS:
-        raise UsageError(f"`max_shard_size` '{value}' is not a size: give bytes or a number with KB, MB, GB "
-                         "(or KiB, MiB, GiB), e.g. 500MB")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise UsageError(f"`max_shard_size` must be more than 0 bytes, got '{value}': give e.g. 5GB (the default)")
-    return size
-
 
 def _write_at(fd: int, data: memoryview, offset: int) -> None:
     """os.pwrite until every byte is down (tests replace it to fill the disk)."""

@@ -98,6 +98,11 @@ def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, 
                                                    zeros=True))
     except Exception:
         pass
+    if any(p.device.type == "meta" for p in model.parameters()):
+        # A skeleton (streaming factorize: no weights in memory) runs on hollow weights: zeros of every shape that
+        # take no memory (a stride-0 view of one number), each expanded only while its own layer runs.
+        model = copy.deepcopy(model, {id(p): nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape),
+                                                          requires_grad=False) for p in model.parameters()})
     try:
         return _uncalled(model, names, spec.example(size, dtype=next(model.parameters()).dtype,
                                                     device=next(model.parameters()).device, zeros=True))

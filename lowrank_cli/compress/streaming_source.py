@@ -1,0 +1,79 @@
+"""Whether `lrc factorize` streams (compress.streaming) or loads the source whole, decided before any weight is read.
+
+It streams when the source is a local folder whose weights are safetensors (`model.safetensors`, or shards with
+`model.safetensors.index.json` as save_pretrained writes them), its family builds a skeleton from the folder's
+config (models.families: timm, transformers encoders and causal LMs), and no step needs the whole model at once: a
+rank budget and the speed plan do, and so does parallel calibration (every layer's statistics in one forward pass).
+`stream=None` (the default) streams whenever it can and says why not otherwise; `stream=True` where it cannot is a
+usage error that says why; `stream=False` loads the model whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lowrank_cli.checkpoint.shards import INDEX_SUFFIX, TensorSet
+from lowrank_cli.compress.factorize_options import FactorizeOptions
+from lowrank_cli.errors import UsageError
+
+SAFE_WEIGHTS = "model.safetensors"
+
+
+def weights_of(folder: Path) -> Path | None:
+    """The folder's safetensors set: its index when sharded, else model.safetensors; None without either."""
+    index = folder / (SAFE_WEIGHTS + INDEX_SUFFIX)
+    if index.is_file():
+        return index
+    single = folder / SAFE_WEIGHTS
+    return single if single.is_file() else None
+
+
+def why_not(opts: FactorizeOptions, family: Any) -> str | None:
+    """What in the options needs the whole model in memory (None: nothing)."""
+    r, cal = opts.ranking, opts.calibration
+    if r.budgets:
+        return f"`{r.budgets[0]}` allocates the ranks from every layer at once"
+    if r.plan_kind == "speed":
+        return "`plan_kind` speed times the whole model"
+    if cal.calib is not None:
+        mode = cal.calib_mode or family.calib_mode
+        if mode != "sequential":
+            return "parallel calibration runs every layer in one forward pass (`calib_mode` sequential streams)"
+    return None
+
+
+def stream_source(source: str, opts: FactorizeOptions, *, stream: bool | None, arch: str | None,
+                  model_args: dict[str, Any] | None, library: str | None,
+                  log: Callable[[str], None]) -> tuple[Any, TensorSet] | None:
+    """(skeleton LoadedModel, its TensorSet) when this run streams; None when it loads the model whole."""
+    if stream is False:
+        return None
+    from lowrank_cli.models.lrc_folder import is_lrc_folder
+    from lowrank_cli.models.pretrained import check_library, folder_family, local_folder
+
+    folder = local_folder(source) if "://" not in source and not source.startswith("hf-hub:") else None
+    reason, family, weights = None, None, None
+    if folder is None or is_lrc_folder(folder):
+        reason = "it is not a local folder of a model (a Hub repo, a timm name, a file or an lrc checkpoint)"
+    else:
+        family = folder_family(folder, check_library(library))
+        weights = weights_of(folder)
+        reason = ("its weights are not safetensors (model.safetensors or shards with an index)" if weights is None
+                  else why_not(opts, family))
+    loaded = None
+    if reason is None:
+        loaded = family.open_skeleton(folder, what=f"'{folder}'", arch=arch, model_args=dict(model_args or {}))
+        if loaded is None:
+            reason = f"the {family.name} family reads this folder whole"
+    if reason is not None:
+        if stream:
+            raise UsageError(f"`stream` cannot stream '{source}': {reason}; leave out `stream`")
+        if folder is not None:
+            log(f"loading the whole model (not streaming: {reason})")
+        return None
+    tensors = TensorSet.open(weights)
+    log(f"streaming factorize: one block at a time from {len(tensors.files)} safetensors file(s) "
+        f"({tensors.nbytes / 2**30:.2f} GiB), the model is never held whole")
+    return loaded, tensors
