@@ -188,7 +188,7 @@ def size_check(name: str) -> Callable[[Any], str | None]:
         try:
             parse_bytes(value, name)
         except UsageError as e:
-            return str(e)
+            return e.args[0]  # as raised, `name` in backticks: the CLI shows its flag
         return None
 
     return check

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.atomic import TMP_INFIX, _fsync_dir, cannot_write, check_output, write_text
+from lowrank_cli.atomic import TMP_INFIX, cannot_write, check_output, fsync_dir, write_text
 from lowrank_cli.checkpoint.shards import CODES, INDEX_SUFFIX
+
 
 def _write_at(fd: int, data: memoryview, offset: int) -> None:
     """os.pwrite until every byte is down (tests replace it to fill the disk)."""
@@ -148,7 +149,7 @@ class SetWriter:
                     os.unlink(index)
             for f in self.files:
                 os.replace(f.tmp, f.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as e:
             self.abort()
             raise cannot_write(self.path, e) from e

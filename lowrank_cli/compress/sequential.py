@@ -78,7 +78,8 @@ def first_layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor
         inputs.calls.setdefault(len(hidden), (_to(rest, device), _to(kwargs, device)))
         raise _Caught
 
-    home = next(model.parameters()).device
+    # where the model's weights are; a skeleton's (streaming factorize) are on meta until they are read: the CPU
+    home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for start in range(0, len(windows), batch_size):

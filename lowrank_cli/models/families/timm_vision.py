@@ -74,15 +74,16 @@ class TimmVision(Family):
         from lowrank_cli.models.spec import json_safe
         from lowrank_cli.models.weights import sha256_later
 
-        weights = folder_weights(folder)
-        if weights.suffix != ".safetensors":
+        sharded = (folder / "model.safetensors.index.json").is_file()
+        weights = None if sharded else folder_weights(folder)
+        if weights is not None and weights.suffix != ".safetensors":
             return None
         name, args, pretrained_cfg = read_folder_config(folder)
         args.update(model_args)
         spec = self._spec(name, args, json_safe(pretrained_cfg))
         with parameters_on_meta():
             model = self._construct(spec, meta=False, what=what, fix="fix the `model_args` values")
-        source = {"kind": "local-dir", "id": str(folder.resolve()), "sha256": sha256_later(weights)}
+        source = {"kind": "local-dir", "id": str(folder.resolve()), **({"sha256": sha256_later(weights)} if weights else {})}
         return LoadedModel(model, spec, source)
 
     def load_name(self, name: str, model_args: dict[str, Any], log: Callable[[str], None]) -> Any:
