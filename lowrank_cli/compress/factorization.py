@@ -125,7 +125,7 @@ def factorize(
     extra: dict[str, Any] = {}
     stats = None
     if run is not None and run.mode == "parallel":
-        stats, extra["calibration"] = _calibration_step(model, plan, run)
+        stats, extra["calibration"] = calibration_step(model, plan, run)
         factor_fn = factor_fn or data_aware_factor_fn(stats)
     if r.budgets:
         plan, extra["budget"] = budget_plan(model, plan, keep_fraction=r.budget, target_macs=r.target_macs,
@@ -255,7 +255,7 @@ def _calibration(model: nn.Module, cal: Calibration, input_size: tuple[int, ...]
     return _Calib(str(cal.calib), mode, cal.calib_samples, cal.tokenizer, seq_len, device, progress)
 
 
-def _calibration_step(model: nn.Module, plan: Plan, cal: _Calib) -> tuple[dict[str, InputStats], dict[str, Any]]:
+def calibration_step(model: nn.Module, plan: Plan, cal: _Calib) -> tuple[dict[str, InputStats], dict[str, Any]]:
     """Input statistics of the layers the plan factorizes, or that a rank budget may (those whose rank rule
     saves nothing), on `samples` of the data, in one pass; and the summary for the record."""
     started, samples, progress = time.perf_counter(), cal.samples, cal.progress

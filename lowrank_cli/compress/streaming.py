@@ -27,9 +27,11 @@ from torch import nn
 from lowrank_cli.checkpoint.format import info_of, metadata_of, record_source
 from lowrank_cli.checkpoint.shard_writer import SetWriter
 from lowrank_cli.checkpoint.shards import TensorSet
+from lowrank_cli.compress.calibration import data_aware_factor_fn
 from lowrank_cli.compress.factorization import (
     FactorizeResult,
     Swap,
+    calibration_step,
     plan_step,
     record,
     sequential_step,
@@ -59,10 +61,12 @@ class Stream:
     tensors: TensorSet
     stored: list[str]
 
-    def read(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The tensors of module `prefix`, by their local names, read from the files."""
+    def read(self, prefix: str, *, direct: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors of module `prefix` (with `direct`, its own, not its children's), by their local names, read
+        from the files."""
         start = f"{prefix}." if prefix else ""
-        return {k[len(start):]: self.tensors.read(k) for k in self.tensors.entries if k.startswith(start)}
+        names = [k for k in self.tensors.entries if k.startswith(start) and not (direct and "." in k[len(start):])]
+        return {k[len(start):]: self.tensors.read(k) for k in names}
 
 
 def open_stream(model: nn.Module, tensors: TensorSet, what: str) -> Stream:
@@ -159,14 +163,13 @@ def lazy_outside(stream: Stream, inside: list[str]) -> Iterator[None]:
     model, done = stream.model, []
 
     def load(module: nn.Module, args: Any) -> None:
-        prefix = names[module]
-        own = {k: v for k, v in stream.read(prefix).items() if "." not in k}
+        own = stream.read(names[module], direct=True)
         if own:
             materialise(module, own)
             done.append(module)
 
     names = {m: n for n, m in model.named_modules()
-             if n and not any(n == i or n.startswith(f"{i}.") for i in inside)
+             if not any(n == i or n.startswith(f"{i}.") for i in inside)
              and any(p.device.type == "meta" for p in m.parameters(recurse=False))}
     hooks = [m.register_forward_pre_hook(load) for m in names]
     try:
@@ -176,6 +179,30 @@ def lazy_outside(stream: Stream, inside: list[str]) -> Iterator[None]:
             h.remove()
         for module in done:
             release(module)
+
+
+@contextlib.contextmanager
+def lazy_forward(stream: Stream, units: list[Unit]) -> Iterator[None]:
+    """While open, every forward pass reads each unit module (block) from the files when it is called and frees it
+    when it returns, and the modules outside them read their own tensors when called (freed on exit): one block
+    in memory at a time, for parallel calibration (each batch re-reads the blocks)."""
+    model = stream.model
+    modules = [u.module for u in units if u.module is not None]
+
+    def enter(module: nn.Module, args: Any) -> None:
+        materialise(module, stream.read(block_of[module]))
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        release(module)
+
+    block_of = {model.get_submodule(m): m for m in modules}
+    hooks = [h for m in block_of for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with lazy_outside(stream, modules):
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def stream_sequential(stream: Stream, units: list[Unit], plan: Plan, result: FactorizeResult, swap: Swap,
@@ -224,6 +251,13 @@ def factorize_stream(stream: Stream, output: str, opts: FactorizeOptions, *, sou
             spectra, result.extra["calibration"] = stream_sequential(stream, units, plan, result, swap, writer, setup,
                                                                      log)
         else:
+            if run is not None:  # parallel: every layer's statistics in one pass, one block in memory at a time
+                if log is not None:
+                    log("parallel calibration streamed: each batch reads the blocks one at a time; every target "
+                        "layer's second moments are held in memory until its SVD")
+                with lazy_forward(stream, units):
+                    stats, result.extra["calibration"] = calibration_step(model, plan, run)
+                swap = dataclasses.replace(swap, factor_fn=swap.factor_fn or data_aware_factor_fn(stats))
             spectra = stream_plain(stream, units, plan, result, swap, writer)
         result.params_after = count_params(model).total
         result.seconds = time.perf_counter() - start

@@ -3,7 +3,7 @@
 It streams when the source is a local folder whose weights are safetensors (`model.safetensors`, or shards with
 `model.safetensors.index.json` as save_pretrained writes them), its family builds a skeleton from the folder's
 config (models.families: timm, transformers encoders and causal LMs), and no step needs the whole model at once: a
-rank budget and the speed plan do, and so does parallel calibration (every layer's statistics in one forward pass).
+rank budget and the speed plan do (parallel calibration streams too: each batch reads the blocks one at a time).
 `stream=None` (the default) streams whenever it can and says why not otherwise; `stream=True` where it cannot is a
 usage error that says why; `stream=False` loads the model whole.
 """
@@ -32,15 +32,11 @@ def weights_of(folder: Path) -> Path | None:
 
 def why_not(opts: FactorizeOptions, family: Any) -> str | None:
     """What in the options needs the whole model in memory (None: nothing)."""
-    r, cal = opts.ranking, opts.calibration
+    r = opts.ranking
     if r.budgets:
         return f"`{r.budgets[0]}` allocates the ranks from every layer at once"
     if r.plan_kind == "speed":
         return "`plan_kind` speed times the whole model"
-    if cal.calib is not None:
-        mode = cal.calib_mode or family.calib_mode
-        if mode != "sequential":
-            return "parallel calibration runs every layer in one forward pass (`calib_mode` sequential streams)"
     return None
 
 

@@ -112,17 +112,24 @@ def test_vit_streamed_is_bit_identical(vit, tmp_path, layout):
     _assert_identical(tmp_path / "s.safetensors", tmp_path / "m.safetensors")
 
 
-def test_vit_parallel_calibration_loads_whole_and_says_why(vit, tmp_path):
+@pytest.mark.parametrize("layout", ["plain", "sharded"])
+def test_vit_parallel_calibration_streams_bit_identical(vit, tmp_path, layout):
     from digits import write_flat_images
 
-    images = write_flat_images(tmp_path / "images", 8, image_size=16)
-    run = _run(vit["plain"], tmp_path / "m.safetensors", False, kappa=2, calib=str(images), calib_samples=8)
+    images = write_flat_images(tmp_path / "images", 12, image_size=16)
+    options = {"kappa": 2, "calib": str(images), "calib_samples": 10}
+    streamed = _run(vit[layout], tmp_path / "s.safetensors", True, **options)
+    _run(vit["plain"], tmp_path / "m.safetensors", False, **options)
+    assert "parallel calibration streamed" in streamed["log"]
+    assert streamed["result"].extra["calibration"]["mode"] == "parallel"
+    _assert_identical(tmp_path / "s.safetensors", tmp_path / "m.safetensors")
+
+
+def test_a_rank_budget_loads_the_model_whole_and_says_why(vit, tmp_path):
     logs: list[str] = []
-    result = factorize_file(str(vit["plain"]), str(tmp_path / "a.safetensors"), kappa=2, calib=str(images),
-                            calib_samples=8, log=logs.append)
-    assert result.extra["streamed"] is False and "not streaming: parallel calibration" in "\n".join(logs)
-    assert run["result"].extra["calibration"]["mode"] == "parallel"
-    _assert_identical(tmp_path / "a.safetensors", tmp_path / "m.safetensors")
+    result = factorize_file(str(vit["plain"]), str(tmp_path / "a.safetensors"), budget=0.5, log=logs.append)
+    assert result.extra["streamed"] is False
+    assert "not streaming: `budget` allocates the ranks" in "\n".join(logs)
 
 
 def test_sharded_output_reloads_identically_everywhere(llama, tmp_path, capsys):
