@@ -72,6 +72,7 @@ class Stream:
 def open_stream(model: nn.Module, tensors: TensorSet, what: str) -> Stream:
     """Check the files against the skeleton (names and shapes, as loading does) before any tensor is read."""
     family = family_of(model)
+    family.finish(model)  # tie what the config ties (stored once), as loading does
     state = model.state_dict(keep_vars=True)
     tied = {copy for copy, original in family.tied_copies(model).items()
             if copy in state and original in state and state[copy] is state[original]}
@@ -157,7 +158,7 @@ def stream_plain(stream: Stream, units: list[Unit], plan: Plan, result: Factoriz
 
 
 @contextlib.contextmanager
-def lazy_outside(stream: Stream, inside: list[str]) -> Iterator[None]:
+def lazy_outside(stream: Stream, inside: list[str], device: torch.device | None = None) -> Iterator[None]:
     """While open, a module outside `inside` (the decoder layers) that runs gets its own tensors from the files
     first (the token embeddings, when the calibration windows pass through them); all are freed on exit."""
     model, done = stream.model, []
@@ -165,7 +166,7 @@ def lazy_outside(stream: Stream, inside: list[str]) -> Iterator[None]:
     def load(module: nn.Module, args: Any) -> None:
         own = stream.read(names[module], direct=True)
         if own:
-            materialise(module, own)
+            materialise(module, {k: v.to(device) if device is not None else v for k, v in own.items()})
             done.append(module)
 
     names = {m: n for n, m in model.named_modules()
@@ -182,7 +183,7 @@ def lazy_outside(stream: Stream, inside: list[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def lazy_forward(stream: Stream, units: list[Unit]) -> Iterator[None]:
+def lazy_forward(stream: Stream, units: list[Unit], device: torch.device) -> Iterator[None]:
     """While open, every forward pass reads each unit module (block) from the files when it is called and frees it
     when it returns, and the modules outside them read their own tensors when called (freed on exit): one block
     in memory at a time, for parallel calibration (each batch re-reads the blocks)."""
@@ -191,6 +192,7 @@ def lazy_forward(stream: Stream, units: list[Unit]) -> Iterator[None]:
 
     def enter(module: nn.Module, args: Any) -> None:
         materialise(module, stream.read(block_of[module]))
+        module.to(device)  # `device` cuda: the block runs there, one at a time
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
         release(module)
@@ -198,7 +200,7 @@ def lazy_forward(stream: Stream, units: list[Unit]) -> Iterator[None]:
     block_of = {model.get_submodule(m): m for m in modules}
     hooks = [h for m in block_of for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
-        with lazy_outside(stream, modules):
+        with lazy_outside(stream, modules, device):
             yield
     finally:
         for h in hooks:
@@ -255,7 +257,7 @@ def factorize_stream(stream: Stream, output: str, opts: FactorizeOptions, *, sou
                 if log is not None:
                     log("parallel calibration streamed: each batch reads the blocks one at a time; every target "
                         "layer's second moments are held in memory until its SVD")
-                with lazy_forward(stream, units):
+                with lazy_forward(stream, units, run.device):
                     stats, result.extra["calibration"] = calibration_step(model, plan, run)
                 swap = dataclasses.replace(swap, factor_fn=swap.factor_fn or data_aware_factor_fn(stats))
             spectra = stream_plain(stream, units, plan, result, swap, writer)

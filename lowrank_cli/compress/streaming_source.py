@@ -40,6 +40,20 @@ def why_not(opts: FactorizeOptions, family: Any) -> str | None:
     return None
 
 
+def layout_problem(model: Any, tensors: TensorSet) -> str | None:
+    """Why the files cannot be read into the skeleton as they are (None: they can): names the loader would rename
+    (a checkpoint with a head prefix), or tensors stored in another layout (GPT-2's Conv1D, transposed)."""
+    from lowrank_cli.models.families import family_of
+
+    state = model.state_dict(keep_vars=True)
+    tied = {c for c, o in family_of(model).tied_copies(model).items() if c in state and o in state}
+    stored = tensors.shapes
+    if set(stored) - set(state) or set(state) - set(stored) - tied:
+        return "its tensor names are not the model's own (the loader would rename them)"
+    odd = next((k for k, shape in stored.items() if tuple(state[k].shape) != tuple(shape)), None)
+    return f"'{odd}' is stored in another layout than lrc runs it" if odd else None
+
+
 def stream_source(source: str, opts: FactorizeOptions, *, stream: bool | None, arch: str | None,
                   model_args: dict[str, Any] | None, library: str | None,
                   log: Callable[[str], None]) -> tuple[Any, TensorSet] | None:
@@ -58,18 +72,18 @@ def stream_source(source: str, opts: FactorizeOptions, *, stream: bool | None, a
         weights = weights_of(folder)
         reason = ("its weights are not safetensors (model.safetensors or shards with an index)" if weights is None
                   else why_not(opts, family))
-    loaded = None
+    loaded, tensors = None, None
     if reason is None:
+        tensors = TensorSet.open(weights)  # a missing or truncated shard fails here, as it would on loading
         loaded = family.open_skeleton(folder, what=f"'{folder}'", arch=arch, model_args=dict(model_args or {}))
-        if loaded is None:
-            reason = f"the {family.name} family reads this folder whole"
+        reason = f"the {family.name} family reads this folder whole" if loaded is None else layout_problem(
+            loaded.model, tensors)
     if reason is not None:
         if stream:
             raise UsageError(f"`stream` cannot stream '{source}': {reason}; leave out `stream`")
         if folder is not None:
             log(f"loading the whole model (not streaming: {reason})")
         return None
-    tensors = TensorSet.open(weights)
     log(f"streaming factorize: one block at a time from {len(tensors.files)} safetensors file(s) "
         f"({tensors.nbytes / 2**30:.2f} GiB), the model is never held whole")
     return loaded, tensors

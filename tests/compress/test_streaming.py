@@ -232,3 +232,31 @@ def test_stream_forced_where_it_cannot(vit, tmp_path, capsys):
     code, _, err = run_cli(["factorize", str(vit["plain"]), "--budget", "0.5", "--stream",
                             "-o", str(tmp_path / "o.safetensors")], capsys)
     _error(code, err, 2, "--stream", "--budget")
+
+
+@pytest.mark.parametrize("kind", ["tied-llama", "bert", "bert-calib"])
+def test_other_layouts_stream_bit_identical(tmp_path, kind):
+    from hf_fixtures import write_corpus, write_tiny_bert
+
+    if kind == "tied-llama":
+        source, options = write_tiny_causal_lm(tmp_path / "src", "llama", tie=True), {"kappa": 2}
+    else:
+        source, options = write_tiny_bert(tmp_path / "src"), {"kappa": 2}
+        if kind == "bert-calib":
+            options.update(calib=str(write_corpus(tmp_path / "corpus.txt", 24)), calib_samples=16)
+    _run(source, tmp_path / "s.safetensors", True, **options)
+    _run(source, tmp_path / "m.safetensors", False, **options)
+    _assert_identical(tmp_path / "s.safetensors", tmp_path / "m.safetensors")
+    if kind == "tied-llama":  # stored once, tied again on loading
+        import lowrank_cli
+
+        assert "lm_head.weight" not in TensorSet.open(tmp_path / "s.safetensors").entries
+        model = lowrank_cli.load(tmp_path / "s.safetensors")
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_gpt2_conv1d_layout_loads_whole_and_says_why(tmp_path):
+    logs: list[str] = []
+    source = write_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    result = factorize_file(str(source), str(tmp_path / "o.safetensors"), kappa=2, log=logs.append)
+    assert result.extra["streamed"] is False and "stored in another layout" in "\n".join(logs)
