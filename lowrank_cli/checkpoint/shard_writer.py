@@ -54,6 +54,8 @@ class SetWriter:
         self.written: set[str] = set()
         self.files = self._split(max_size)
         self.sharded = len(self.files) > 1
+        total = sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout.values())
+        check_output(self.path, force=True, needed_bytes=total)  # a disk that cannot hold the set: before any write
         for f in self.files:
             check_output(f.path, force=True)
             f.tmp = f.path.with_name(f".{f.path.name}{TMP_INFIX}{os.getpid()}")

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lowrank_cli.checkpoint.format import info_of, record_source
 from lowrank_cli.checkpoint.io import save
+from lowrank_cli.checkpoint.shards import INDEX_SUFFIX
 from lowrank_cli.compress.factorization import FactorizeResult, factorize
 from lowrank_cli.compress.factorize_options import FactorizeOptions
 from lowrank_cli.devices import resolve_device, resolve_dtype
@@ -52,6 +54,9 @@ def factorize_file(
     opts.check()
     shard_bytes = parse_bytes(max_shard_size)
     check_output(output, force=force)
+    index = Path(output).with_name(Path(output).name + INDEX_SUFFIX)
+    if index.exists():  # a sharded checkpoint written there before is an existing output too
+        check_output(index, force=force)
     _refuse_before_loading(opts)
     log = log or (lambda msg: None)
     streamed = stream_source(source, opts, stream=stream, arch=arch, model_args=model_args, library=library, log=log)

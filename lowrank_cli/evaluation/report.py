@@ -46,7 +46,7 @@ from lowrank_cli.models.inputs import check_input_size, default_input_size
 REPORT_SCHEMA = 1
 
 # Provenance keys that lrc factorize writes; anything else goes to provenance["other"].
-_PROVENANCE_KEYS = ("source", "kappa", "rank_multiple", "svd", "dtype", "saved", "streamed")
+_PROVENANCE_KEYS = ("source", "kappa", "rank_multiple", "svd", "dtype", "saved")
 # Batch-norm statistics are tensors in a state dict but not parameters.
 _NOT_PARAMS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -150,6 +150,9 @@ def test_sharded_output_reloads_identically_everywhere(llama, tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(sharded(tokens).logits, single(tokens).logits)
     assert lowrank_cli.load(index) is not None
+    code, _, err = run_cli(["factorize", str(llama["plain"]), "--ratio", "0.4", "--max-shard-size", "30KB",
+                            "-o", str(tmp_path / "big.safetensors")], capsys)  # the set exists: --force needed
+    _error(code, err, 4, "exists", "--force")
     code, out, err = run_cli(["report", str(tmp_path / "big.safetensors"), "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["params"]["total"] == json.loads(
