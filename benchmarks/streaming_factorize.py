@@ -31,6 +31,7 @@ from pathlib import Path
 KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
 LLAMAS = {"8b": dict(zip(KEYS, (4096, 32, 32, 8, 14336, 128256))),
           "1g": dict(zip(KEYS, (2048, 8, 16, 4, 6144, 32000))),  # 0.96 GiB in bf16
+          "mid": dict(zip(KEYS, (1024, 4, 8, 2, 4096, 32000))),  # 0.23 GiB: a quick check of the memory shape
           "smoke": dict(zip(KEYS, (256, 2, 4, 2, 512, 1024)))}
 
 
@@ -106,14 +107,18 @@ def reload_and_generate(output: Path) -> dict:
     return {"reload_generate_s": round(time.perf_counter() - start, 1), "generated": tokens[0, 3:].tolist()}
 
 
-def run_llama(root: Path, name: str, layers: int | None, rank_args: list[str]) -> dict:
+def run_llama(root: Path, name: str, layers: int | None, rank_args: list[str], whole: bool = False) -> list[dict]:
+    """The streamed run (and with `whole`, the same run loaded whole, --no-stream, for the comparison)."""
     c = dict(LLAMAS[name], **({"layers": layers} if layers else {}))
     source, output = root / f"llama-{name}", root / f"llama-{name}-lr.safetensors"
     size = write_llama(source, c)
-    row = {"model": f"random Llama {name}", **c, "file_gib": round(size / 2**30, 3), "args": " ".join(rank_args),
-           **factorize_child(source, output, rank_args)}
-    row.update(reload_and_generate(output))
-    return row
+    rows = []
+    for extra in [[], ["--no-stream"]] if whole else [[]]:
+        row = {"model": f"random Llama {name}", **c, "file_gib": round(size / 2**30, 3),
+               "args": " ".join(rank_args + extra), **factorize_child(source, output, rank_args + extra + ["--force"])}
+        row.update(reload_and_generate(output))
+        rows.append(row)
+    return rows
 
 
 def run_vit(root: Path, arch: str, rank_args: list[str]) -> dict:
@@ -186,6 +191,7 @@ def main() -> None:
     parser.add_argument("--vit", help="A timm ViT to factorize at kappa 2 (e.g. vit_large_patch16_224).")
     parser.add_argument("--overhead", help="A timm model for the streaming / bare cost ratio (deit_base_patch16_224).")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--whole", action="store_true", help="--llama: also run it loaded whole (--no-stream).")
     parser.add_argument("--smoke", action="store_true", help="A tiny Llama, vit_tiny and deit_tiny.")
     parser.add_argument("--dir", help="Where the temporary files go (deleted at the end).")
     args = parser.parse_args()
@@ -195,10 +201,10 @@ def main() -> None:
     rows = []
     try:
         if args.smoke:
-            rows += [run_llama(root, "smoke", None, rank), run_vit(root, "vit_tiny_patch16_224", ["--kappa", "2"]),
+            rows += [*run_llama(root, "smoke", None, rank), run_vit(root, "vit_tiny_patch16_224", ["--kappa", "2"]),
                      run_overhead(root, "deit_tiny_patch16_224", 1)]
         if args.llama:
-            rows.append(run_llama(root, args.llama, args.layers, rank))
+            rows += run_llama(root, args.llama, args.layers, rank, args.whole)
         if args.vit:
             rows.append(run_vit(root, args.vit, ["--kappa", "2"]))
         if args.overhead:
