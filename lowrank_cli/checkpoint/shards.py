@@ -60,6 +60,9 @@ def read_header(file: Path) -> tuple[dict[str, str], dict[str, Entry]]:
     with open(file, "rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if size - 8 < n <= MAX_HEADER:
+            raise InputError(f"'{file}' is truncated: it ends at byte {size:,}, inside its {n:,}-byte header: copy or "
+                             "download the file again")
         if not 0 < n <= min(MAX_HEADER, size - 8):
             raise InputError(f"'{file}' is not a safetensors file (no header): it is truncated or corrupt; write it "
                              "again")
