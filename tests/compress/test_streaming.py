@@ -263,3 +263,37 @@ def test_gpt2_conv1d_layout_loads_whole_and_says_why(tmp_path):
     source = write_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
     result = factorize_file(str(source), str(tmp_path / "o.safetensors"), kappa=2, log=logs.append)
     assert result.extra["streamed"] is False and "stored in another layout" in "\n".join(logs)
+
+
+def test_a_record_larger_than_its_room_is_rewritten_whole(tmp_path):
+    from lowrank_cli.checkpoint.shard_writer import SetWriter
+
+    tensors = {"a": torch.randn(7, 5), "b": torch.arange(6), "c": torch.randn(3).bfloat16()}
+    layout = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    with SetWriter(tmp_path / "x.safetensors", layout, 10**9, reserve=0) as writer:
+        for name in ("c", "a", "b"):  # any order: each tensor has its place
+            writer.write(name, tensors[name])
+        writer.finish({"format": "pt", "lrc.note": "x" * 5000})
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:  # safetensors itself reads it
+        assert f.metadata()["lrc.note"] == "x" * 5000
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+@pytest.mark.parametrize(("text", "size"), [("500MB", 500 * 10**6), ("1.5GiB", 3 * 2**29), (4096, 4096),
+                                            ("5GB", 5 * 10**9)])
+def test_shard_sizes(text, size):
+    from lowrank_cli.option_fields import parse_bytes
+
+    assert parse_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "-1MB", "5 parsecs", "MB"])
+def test_bad_shard_sizes(text):
+    from lowrank_cli.errors import UsageError
+    from lowrank_cli.option_fields import parse_bytes
+
+    with pytest.raises(UsageError, match="max_shard_size"):
+        parse_bytes(text)
