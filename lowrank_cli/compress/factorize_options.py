@@ -164,8 +164,7 @@ class Writing:
     stream: bool | None = option(
         None, flag="--stream/--no-stream", panel=OUTPUT_PANEL,
         help="Factorize block by block from the source's safetensors files, never holding the model (default: "
-        "whenever the source allows it: a local folder of safetensors, no --budget, --plan speed or parallel "
-        "calibration).")
+        "whenever the source allows it: a local folder of safetensors, no --budget or --plan speed).")
     max_shard_size: str | int = option(
         DEFAULT_SHARD_SIZE, check=size_check("max_shard_size"), panel=OUTPUT_PANEL, metavar="SIZE",
         help="Write the checkpoint as shards of at most this size with an index (e.g. 500MB, 2GiB) when it is "
