@@ -297,3 +297,14 @@ def test_bad_shard_sizes(text):
 
     with pytest.raises(UsageError, match="max_shard_size"):
         parse_bytes(text)
+
+
+@pytest.mark.parametrize("calib", [False, True])
+def test_a_storage_dtype_streams_bit_identical(llama, tmp_path, calib):
+    options = {"ratio": 0.4, "dtype": "bfloat16"}
+    if calib:
+        options.update(calib=str(llama["text"]), calib_samples=4, seq_len=32)
+    _run(llama["sharded"], tmp_path / "s.safetensors", True, **options)
+    _run(llama["plain"], tmp_path / "m.safetensors", False, **options)
+    _assert_identical(tmp_path / "s.safetensors", tmp_path / "m.safetensors")
+    assert {e.dtype for e in TensorSet.open(tmp_path / "s.safetensors").entries.values()} == {"BF16"}
