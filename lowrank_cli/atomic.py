@@ -81,7 +81,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         raise cannot_write(path, e) from e
     finally:
@@ -166,7 +166,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
         tmp.write_bytes(data)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # The rename is durable only once the folder entry is on disk too (POSIX).
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)

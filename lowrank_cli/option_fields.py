@@ -159,3 +159,36 @@ def rank_multiple_check(name: str) -> Callable[[Any], str | None]:
         return f"`{name}` '{value}' is not a whole number >= 1 or auto"
 
     return check
+
+
+DEFAULT_SHARD_SIZE = "5GB"  # as transformers' save_pretrained
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: Any, name: str = "max_shard_size") -> int:
+    """A size in bytes: an int, or '500MB', '5GB', '1.5GiB' (KB / MB / GB powers of 10, KiB / MiB / GiB of 2)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise UsageError(f"`{name}` '{value}' is not a size: give bytes or a number with KB, MB, GB (or KiB, MiB, "
+                         "GiB), e.g. 500MB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise UsageError(f"`{name}` must be more than 0 bytes, got '{value}': give e.g. {DEFAULT_SHARD_SIZE} (the "
+                         "default)")
+    return size
+
+
+def size_check(name: str) -> Callable[[Any], str | None]:
+    """An Opt `check` for a size option (see parse_bytes)."""
+    def check(value: Any) -> str | None:
+        try:
+            parse_bytes(value, name)
+        except UsageError as e:
+            return e.args[0]  # as raised, `name` in backticks: the CLI shows its flag
+        return None
+
+    return check

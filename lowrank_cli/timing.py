@@ -45,3 +45,19 @@ def cuda_graphed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable
 
     replay.graph = graph  # keep the graph (and its memory pool) alive with the callable
     return replay
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM of /proc/self/status; getrusage's ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -19,6 +19,7 @@ from torch import nn
 from lowrank_cli.adapters.task_models import model_for_task
 from lowrank_cli.checkpoint.format import is_lrc_checkpoint, read_info
 from lowrank_cli.checkpoint.io import read_checkpoint
+from lowrank_cli.checkpoint.shards import index_of
 from lowrank_cli.errors import UsageError
 from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
 from lowrank_cli.models.loaded import LoadedModel
@@ -59,6 +60,9 @@ def lrc_source(source: str, revision: str | None = None) -> LrcFiles | None:
     if folder is not None:
         return folder_files(folder) if is_lrc_folder(folder) else None
     path = Path(source).expanduser()
+    index = index_of(path)  # a sharded lrc checkpoint: its index (or X.safetensors beside X.safetensors.index.json)
+    if index is not None and index.is_file():
+        return LrcFiles(index, index.parent) if is_lrc_checkpoint(index) else None
     if path.is_file():
         is_lrc = path.suffix == ".safetensors" and is_lrc_checkpoint(path)  # a corrupt header fails here
         return LrcFiles(path, path.parent) if is_lrc else None

@@ -114,6 +114,11 @@ def lowrank_ranks(model: nn.Module) -> dict[str, int]:
 def open_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     from safetensors import safe_open
 
+    from lowrank_cli.checkpoint.shards import TensorSet, index_of
+
+    if index_of(path) is not None:  # a sharded set: the record sits in its index, the shapes in the shards
+        tensors = TensorSet.open(path)
+        return tensors.metadata, tensors.shapes
     if not path.exists():
         raise InputError(f"'{path}' does not exist: check the path")
     if not path.is_file():
@@ -134,6 +139,10 @@ def header_dtypes(path: Path) -> dict[str, str]:
     """{tensor name: its dtype as the header says it (torch's name: float32, int8, ...)}, without reading a tensor."""
     from safetensors import safe_open
 
+    from lowrank_cli.checkpoint.shards import TensorSet, index_of
+
+    if index_of(path) is not None:
+        return {k: DTYPE_NAMES.get(e.dtype, e.dtype) for k, e in TensorSet.open(path).entries.items()}
     with utf8_path(path) as name, safe_open(name, framework="pt") as f:
         return {k: DTYPE_NAMES.get(f.get_slice(k).get_dtype(), f.get_slice(k).get_dtype()) for k in f.keys()}
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_cli.atomic import check_output, utf8_path, write_safetensors
+from lowrank_cli.atomic import check_output, write_safetensors
 from lowrank_cli.checkpoint.format import (
     TASKS_PREFIX,
     CheckpointInfo,
@@ -79,8 +79,7 @@ def with_ranks(model: nn.Module, ranks: dict[str, int], what: str) -> nn.Module:
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fused: bool | None = False):
     """Rebuild the model from the file alone; returns a LoadedModel (model, spec, source, checkpoint info).
     `fused`: see `load` (default False here: the model is not fused)."""
-    from safetensors.torch import load_file
-
+    from lowrank_cli.checkpoint.shards import TensorSet
     from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
     from lowrank_cli.models.loaded import LoadedModel
 
@@ -96,8 +95,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, fus
     tied = {k: v for k, v in family_of_spec(info.spec).tied_copies(model).items() if k not in shapes and v in shapes}
     check_fits(model, {**shapes, **{k: shapes[v] for k, v in tied.items()}}, what)
     check_dtypes(model, header_dtypes(path), what)
-    with utf8_path(path) as name:
-        state_dict = load_file(name, device=str(device)) if info.multitask is None else _model_tensors(name, device)
+    state_dict = TensorSet.open(path).mapped(list(shapes))  # the files' pages, read when touched: no second copy
     model.load_state_dict(state_dict, strict=not tied, assign=True)
     finish(model, info.spec)  # transformers: tie the tensors the file holds once, or re-tie those it holds twice
     _check_tied(model, tied, what)
@@ -145,14 +143,6 @@ def _is_floating(dtype: str) -> bool:
     return dtype.startswith(("float", "bfloat", "F8", "F4", "F6"))
 
 
-def _model_tensors(name: str, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """The model's tensors of a multi-task checkpoint (not its tasks' own)."""
-    from safetensors import safe_open
-
-    with safe_open(name, framework="pt", device=str(device)) as f:
-        return {k: f.get_tensor(k) for k in f.keys() if not k.startswith(TASKS_PREFIX)}
-
-
 def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str | None = None,
          fused: bool | None = None) -> nn.Module:
     """`lowrank_cli.load(path)`: the low-rank model of an lrc checkpoint, in eval mode, ready to run.
@@ -172,7 +162,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, revision: str 
 
 
 def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch.dtype | None = None,
-         extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+         extra_tensors: dict[str, torch.Tensor] | None = None, max_shard_size: int | None = None) -> Path:
     """`lowrank_cli.save(model, path)`: write the model as an lrc checkpoint, atomically.
 
     `dtype` casts floating tensors on the way out. With force=False an existing file is refused. `extra_tensors`
@@ -183,11 +173,13 @@ def save(model: nn.Module, path: str | Path, *, force: bool = True, dtype: torch
     info = info_for_saving(model)
     if info.multitask is not None and not any(k.startswith(TASKS_PREFIX) for k in extra_tensors or {}):
         info = dataclasses.replace(info, multitask=None)
-    return write_checkpoint(model, path, info, force=force, dtype=dtype, extra_tensors=extra_tensors)
+    return write_checkpoint(model, path, info, force=force, dtype=dtype, extra_tensors=extra_tensors,
+                            max_shard_size=max_shard_size)
 
 
 def write_checkpoint(model: nn.Module, path: str | Path, info: CheckpointInfo, *, force: bool = True,
-                     dtype: torch.dtype | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                     dtype: torch.dtype | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
+                     max_shard_size: int | None = None) -> Path:
     """`save` with the record to write given (`info`, e.g. the model's with a multi-task record added)."""
     path = check_output(path, force=force)
     info.provenance.setdefault("saved", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -210,9 +202,17 @@ def write_checkpoint(model: nn.Module, path: str | Path, info: CheckpointInfo, *
             t = t.clone()
         seen[key] = name
         tensors[name] = t.to("cpu").contiguous()
-    check_output(path, force=True, needed_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
-    write_safetensors(path, tensors, metadata_of(model, info))
-    return path
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    check_output(path, force=True, needed_bytes=total)
+    if max_shard_size is None or total <= max_shard_size:
+        write_safetensors(path, tensors, metadata_of(model, info))
+        return path
+    from lowrank_cli.checkpoint.shard_writer import SetWriter
+
+    with SetWriter(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, max_shard_size) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
+        return writer.finish(metadata_of(model, info))[-1]
 
 
 def _stored_once(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

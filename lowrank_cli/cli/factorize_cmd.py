@@ -12,7 +12,15 @@ from lowrank_cli.cli import console
 from lowrank_cli.cli.command import LrcCommand
 from lowrank_cli.cli.option_params import given, options_of, with_options
 from lowrank_cli.cli.options import Force, Json, Model, Output, Progress
-from lowrank_cli.compress.factorize_options import CONFIGS, Calibration, FactorizeOptions, Ranking, Targets, Truncation
+from lowrank_cli.compress.factorize_options import (
+    CONFIGS,
+    Calibration,
+    FactorizeOptions,
+    Ranking,
+    Targets,
+    Truncation,
+    Writing,
+)
 from lowrank_cli.models.source_options import SourceOptions
 
 EPILOG = """\
@@ -47,7 +55,7 @@ _SPEED = ("plan_kind", "plan_batch_size", "plan_dtype", "plan_fused")
 CONFIG_FIELDS = [f.name for cls in CONFIGS for f in dataclasses.fields(cls)]
 
 
-@with_options(options_of(Ranking, only=("budget", "target_macs")), options_of(Calibration),
+@with_options(options_of(Ranking, only=("budget", "target_macs")), options_of(Calibration), options_of(Writing),
               options_of(Ranking, only=_SPEED), options_of(SourceOptions, only=("arch", "model_args", "revision",
                                                                                 "library", "input_size", "seq_len")))
 @with_options(options_of(Ranking, only=("kappa", "ratio", "rank_multiple")), options_of(Targets),
@@ -91,8 +99,13 @@ def factorize(
             log=lambda msg: console.info(f"Model: {msg}"), **configs.keywords(), progress=advance,
             calib_progress=calibrated, warn=console.warn,
         )
+    from lowrank_cli.timing import peak_rss_bytes
+
     summary = result.summary()
     summary["output"] = str(output)
+    summary["peak_rss_bytes"] = peak_rss_bytes()
+    console.info(f"Peak resident memory: {summary['peak_rss_bytes'] / 2**30:.2f} GiB "
+                 f"({'streamed block by block' if summary.get('streamed') else 'model loaded whole'})")
     if json_out:
         console.print_json(summary)
         return
@@ -130,6 +143,10 @@ def print_summary(s: dict) -> None:
                       f"{len(p.get('kept_dense') or [])} layer(s), estimated gain {p.get('estimated_gain') or 1:.2f}x on the linears")
     if s.get("tokenizer"):
         table.add_row("tokenizer", f"{', '.join(s['tokenizer']['files'])} -> {s['tokenizer']['folder']}")
+    if s.get("files") and len(s["files"]) > 1:
+        table.add_row("files", f"{len(s['files']) - 1} shards + {Path(s['files'][-1]).name}")
+    table.add_row("peak memory", f"{s['peak_rss_bytes'] / 2**30:.2f} GiB resident"
+                  f"{', streamed block by block' if s.get('streamed') else ''}")
     table.add_row("elapsed", f"{s['seconds']:.1f} s")
     console.out.print(table)
 

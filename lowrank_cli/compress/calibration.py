@@ -137,7 +137,7 @@ def collect_second_moments(
     if max_samples is not None and max_samples < 1:
         raise UsageError(f"`max_samples` must be at least 1, got {max_samples}")
     device = torch.device(device)
-    param = next(model.parameters(), None)
+    param = next((p for p in model.parameters() if p.device.type != "meta"), None)  # meta: a skeleton's, see on_device
     model_device = param.device if param is not None else device
     was_training = model.training
     moments = MomentHooks(linears, device)
@@ -203,7 +203,8 @@ def calibrate(
 
 @contextlib.contextmanager
 def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
-    param = next(model.parameters(), None)
+    # a skeleton's parameters on meta (streaming factorize) are read where they are needed: they do not count
+    param = next((p for p in model.parameters() if p.device.type != "meta"), None)
     home = param.device if param is not None else device
     if home == device:
         yield

@@ -117,9 +117,58 @@ def factorize(
     """
     opts = FactorizeOptions.of(targets, ranking, truncation, calibration, **keywords)
     opts.check()
-    r, t, cal = opts.ranking, opts.truncation, opts.calibration
+    r, t = opts.ranking, opts.truncation
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))  # 3: the line of factorize that ran the step
     start = time.perf_counter()
+    setup = plan_step(model, opts, plan, input_size, check_calls, warn, calib_progress)
+    plan, run, size, multiple, dev = setup.plan, setup.run, setup.size, setup.multiple, setup.device
+    extra: dict[str, Any] = {}
+    stats = None
+    if run is not None and run.mode == "parallel":
+        stats, extra["calibration"] = calibration_step(model, plan, run)
+        factor_fn = factor_fn or data_aware_factor_fn(stats)
+    if r.budgets:
+        plan, extra["budget"] = budget_plan(model, plan, keep_fraction=r.budget, target_macs=r.target_macs,
+                                            rank_multiple=multiple, stats=stats, input_size=size)
+    timings = None
+    if r.plan_kind == "speed":
+        plan, timings, extra["speed_plan"] = _speed_step(model, plan, dev, setup.runs_in, size, r.plan_batch_size,
+                                                         r.plan_fused)
+    note = check_left(plan)
+    if note:
+        warn(note)
+    result = FactorizeResult(model, plan, params_before=count_params(model).total, dense=plan.dense, extra=extra)
+    swap = Swap(factor_fn=factor_fn, svd=t.method, device=dev, dtype=setup.out_dtype, progress=progress)
+    if run is not None and run.mode == "sequential":
+        spectra, extra["calibration"] = sequential_step(model, plan, result, run, swap, log)
+    else:
+        spectra = swap_planned(model, plan, result.layers, swap)
+    result.params_after = count_params(model).total
+    result.seconds = time.perf_counter() - start
+    record(model, result, spectra, timings, opts, setup)
+    return result
+
+
+@dataclass
+class Setup:
+    """What one factorize call works out before any SVD: the plan, the calibration run, the input size, the rank
+    multiple, where the SVDs run, the storage dtype and the dtype the plan times in."""
+
+    plan: Plan
+    run: _Calib | None
+    size: tuple[int, ...] | None
+    multiple: int | str
+    device: torch.device
+    out_dtype: torch.dtype | None
+    runs_in: torch.dtype
+
+
+def plan_step(model: nn.Module, opts: FactorizeOptions, plan: Plan | None, input_size: tuple[int, ...] | None,
+              check_calls: bool, warn: Callable[[str], None],
+              calib_progress: Callable[[int, int], None] | None) -> Setup:
+    """The steps before the SVDs that need shapes only (a model on the meta device will do): the plan (rank rule
+    or given), checked; the calibration settings; the linears the model never calls, kept dense."""
+    r, t, cal = opts.ranking, opts.truncation, opts.calibration
     family_of(model).prepare(model)  # GPT-2's Conv1D as nn.Linear, no KV cache: also for a model made elsewhere
     dev, out_dtype = resolve_device(t.device), resolve_dtype(t.dtype)
     runs_in = run_dtype(r.plan_dtype, out_dtype, dev, next(model.parameters()).dtype)
@@ -135,33 +184,16 @@ def factorize(
     run = _calibration(model, cal, size, dev, calib_progress, budgeted=bool(r.budgets))
     if check_calls:
         plan = _keep_uncalled_dense(model, plan, size, warn)
-    extra: dict[str, Any] = {}
-    stats = None
-    if run is not None and run.mode == "parallel":
-        stats, extra["calibration"] = _calibration_step(model, plan, run)
-        factor_fn = factor_fn or data_aware_factor_fn(stats)
-    if r.budgets:
-        plan, extra["budget"] = budget_plan(model, plan, keep_fraction=r.budget, target_macs=r.target_macs,
-                                            rank_multiple=multiple, stats=stats, input_size=size)
-    timings = None
-    if r.plan_kind == "speed":
-        plan, timings, extra["speed_plan"] = _speed_step(model, plan, dev, runs_in, size, r.plan_batch_size,
-                                                         r.plan_fused)
-    note = check_left(plan)
-    if note:
-        warn(note)
-    result = FactorizeResult(model, plan, params_before=count_params(model).total, dense=plan.dense, extra=extra)
-    swap = _Swap(factor_fn=factor_fn, svd=t.method, device=dev, dtype=out_dtype, progress=progress)
-    if run is not None and run.mode == "sequential":
-        spectra, extra["calibration"] = _sequential_step(model, plan, result, run, swap, log)
-    else:
-        spectra = _swap_planned(model, plan, result.layers, swap)
-    result.params_after = count_params(model).total
-    result.seconds = time.perf_counter() - start
-    _record(model, result, spectra, timings, kappa=None if "budget" in extra else r.per_layer_kappa, ratio=r.ratio,
-            rank_multiple=multiple, asked_multiple=r.rank_multiple, plan_kind=r.plan_kind,
-            svd="data-aware" if run is not None else t.method, dtype=out_dtype)
-    return result
+    return Setup(plan, run, size, multiple, dev, out_dtype, runs_in)
+
+
+def record(model: nn.Module, result: FactorizeResult, spectra: dict[str, list[float]], timings: dict | None,
+           opts: FactorizeOptions, setup: Setup) -> None:
+    """Attach the run's record to the model (what `lowrank_cli.save` writes)."""
+    r = opts.ranking
+    _record(model, result, spectra, timings, kappa=None if "budget" in result.extra else r.per_layer_kappa,
+            ratio=r.ratio, rank_multiple=setup.multiple, asked_multiple=r.rank_multiple, plan_kind=r.plan_kind,
+            svd="data-aware" if setup.run is not None else opts.truncation.method, dtype=setup.out_dtype)
 
 
 def _input_size(model: nn.Module, input_size: tuple[int, ...] | None, needed: bool) -> tuple[int, ...] | None:
@@ -223,7 +255,7 @@ def _calibration(model: nn.Module, cal: Calibration, input_size: tuple[int, ...]
     return _Calib(str(cal.calib), mode, cal.calib_samples, cal.tokenizer, seq_len, device, progress)
 
 
-def _calibration_step(model: nn.Module, plan: Plan, cal: _Calib) -> tuple[dict[str, InputStats], dict[str, Any]]:
+def calibration_step(model: nn.Module, plan: Plan, cal: _Calib) -> tuple[dict[str, InputStats], dict[str, Any]]:
     """Input statistics of the layers the plan factorizes, or that a rank budget may (those whose rank rule
     saves nothing), on `samples` of the data, in one pass; and the summary for the record."""
     started, samples, progress = time.perf_counter(), cal.samples, cal.progress
@@ -235,10 +267,11 @@ def _calibration_step(model: nn.Module, plan: Plan, cal: _Calib) -> tuple[dict[s
                    "tokens": first.tokens if first else 0, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _sequential_step(model: nn.Module, plan: Plan, result: FactorizeResult, cal: _Calib, swap: _Swap,
-                     log: Callable[[str], None] | None) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Calibrate and factorize the decoder layers one at a time (compress.sequential); the spectra and the
-    summary for the record."""
+def sequential_step(model: nn.Module, plan: Plan, result: FactorizeResult, cal: _Calib, swap: Swap,
+                    log: Callable[[str], None] | None,
+                    layer_scope: Any = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Calibrate and factorize the decoder layers one at a time (compress.sequential; `layer_scope(i, layer)`, a
+    context manager around each layer's turn, see there); the spectra and the summary for the record."""
     windows = calibration_windows(model, cal.data, samples=cal.samples, seq_len=cal.seq_len, tokenizer=cal.tokenizer)
     spectra: dict[str, list[float]] = {}
     planned = {p.name: p for p in plan.layers}
@@ -246,17 +279,17 @@ def _sequential_step(model: nn.Module, plan: Plan, result: FactorizeResult, cal:
     def factorize_layer(names: list[str], stats: dict[str, InputStats]) -> None:
         layer_swap = dataclasses.replace(swap, factor_fn=swap.factor_fn or data_aware_factor_fn(stats), dtype=None,
                                          offset=len(result.layers), total=len(plan.ranks))
-        spectra.update(_swap_planned(model, Plan([planned[n] for n in names]), result.layers, layer_swap))
+        spectra.update(swap_planned(model, Plan([planned[n] for n in names]), result.layers, layer_swap))
 
     summary = sequential_calibration(model, plan.named(LayerStatus.FACTORIZED), windows, factorize_layer,
-                                     device=cal.device, progress=cal.progress, log=log)
-    if swap.dtype is not None:  # stored in `dtype` at the end: every layer ran in the model's own dtype until then
+                                     device=cal.device, progress=cal.progress, log=log, layer_scope=layer_scope)
+    if swap.dtype is not None and swap.cast_model:  # stored in `dtype` at the end: every layer ran in the model's own dtype until then
         model.to(swap.dtype)
     return spectra, {"data": cal.data, **summary}
 
 
 @dataclass
-class _Swap:
+class Swap:
     """How planned linears become low-rank layers: the factors (`factor_fn`, else the plain SVD `svd` on `device`),
     the storage dtype (None: each weight's), progress over `total` layers of which `offset` are done."""
 
@@ -267,9 +300,10 @@ class _Swap:
     progress: Callable[[str, int, int], None] | None
     offset: int = 0
     total: int | None = None
+    cast_model: bool = True  # False: the caller casts each layer's tensors itself (streaming writes them out)
 
 
-def _swap_planned(model: nn.Module, plan: Plan, results: list[LayerResult], swap: _Swap) -> dict[str, list[float]]:
+def swap_planned(model: nn.Module, plan: Plan, results: list[LayerResult], swap: Swap) -> dict[str, list[float]]:
     """Swap every planned linear for its LowRankLinear (stored in `swap.dtype`, default the weight's), appending
     each layer's result to `results`; returns the singular values of each."""
     spectra: dict[str, list[float]] = {}
@@ -286,7 +320,7 @@ def _swap_planned(model: nn.Module, plan: Plan, results: list[LayerResult], swap
                                    factors.kept_energy, factors.rel_error, factors.method))
         if swap.progress:
             swap.progress(name, done, total)
-    if swap.dtype is not None:
+    if swap.dtype is not None and swap.cast_model:
         model.to(swap.dtype)
     return spectra
 

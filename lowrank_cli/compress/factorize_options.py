@@ -20,12 +20,22 @@ from typing import TYPE_CHECKING, Any
 
 from lowrank_cli.errors import UsageError
 from lowrank_cli.models.source_options import DEVICE
-from lowrank_cli.option_fields import Opt, check_values, given_fields, option, rank_multiple_check, whole_or_auto
+from lowrank_cli.option_fields import (
+    DEFAULT_SHARD_SIZE,
+    Opt,
+    check_values,
+    given_fields,
+    option,
+    rank_multiple_check,
+    size_check,
+    whole_or_auto,
+)
 
 if TYPE_CHECKING:
     import torch
 
 BUDGET_PANEL, CALIB_PANEL, SPEED_PANEL = "Rank budget (instead of --kappa)", "Data-aware truncation", "Speed plan"
+OUTPUT_PANEL = "Reading and writing"
 DEFAULT_KAPPA = 2.0
 DEFAULT_SVD = "exact"
 SVD_METHODS = ("exact", "randomized")  # compress.svd.SVD_METHODS (that module imports torch; test_help pins them)
@@ -145,6 +155,20 @@ class Calibration:
         "default for causal LMs); parallel: every layer in one pass (the default elsewhere).")
     tokenizer: Any = option(None, cli_type=str, metavar="DIR|REPO", panel=CALIB_PANEL,
                             help="Text --calib: folder or Hub repo of the tokenizer (default: the source's).")
+
+
+@dataclass
+class Writing:
+    """How `factorize_file` reads the source and writes the checkpoint (not options of `factorize` itself)."""
+
+    stream: bool | None = option(
+        None, flag="--stream/--no-stream", panel=OUTPUT_PANEL,
+        help="Factorize block by block from the source's safetensors files, never holding the model (default: "
+        "whenever the source allows it: a local folder of safetensors, no --budget or --plan speed).")
+    max_shard_size: str | int = option(
+        DEFAULT_SHARD_SIZE, check=size_check("max_shard_size"), panel=OUTPUT_PANEL, metavar="SIZE",
+        help="Write the checkpoint as shards of at most this size with an index (e.g. 500MB, 2GiB) when it is "
+        "larger.")
 
 
 CONFIGS = (Targets, Ranking, Truncation, Calibration)

@@ -7,13 +7,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from lowrank_cli.checkpoint.format import record_source
+from lowrank_cli.checkpoint.format import info_of, record_source
+from lowrank_cli.checkpoint.io import save
+from lowrank_cli.checkpoint.shards import INDEX_SUFFIX
 from lowrank_cli.compress.factorization import FactorizeResult, factorize
 from lowrank_cli.compress.factorize_options import FactorizeOptions
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import UsageError
+from lowrank_cli.option_fields import DEFAULT_SHARD_SIZE, parse_bytes
 
 
 def factorize_file(
@@ -27,6 +31,8 @@ def factorize_file(
     library: str | None = None,
     seq_len: int | None = None,
     save_tokenizer: str | None = None,
+    stream: bool | None = None,
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
     log: Callable[[str], None] | None = None,
     **options: Any,
 ) -> FactorizeResult:
@@ -34,43 +40,78 @@ def factorize_file(
 
     `options` are `factorize`'s (its configs, or their fields as keywords). They and the output are checked
     first, so a doomed run fails before the loading and the SVDs rather than after them. Text models run their
-    checks at `seq_len` tokens; `save_tokenizer` copies a transformers source's tokenizer files there.
+    checks at `seq_len` tokens; `save_tokenizer` copies a transformers source's tokenizer files there. A local
+    folder of safetensors is factorized block by block from its files (`stream`, compress.streaming_source); the
+    checkpoint is one file, or shards with an index above `max_shard_size` ('5GB', '500MB', bytes).
     """
     from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.atomic import check_output
-    from lowrank_cli.checkpoint.io import save
+    from lowrank_cli.compress.streaming_source import stream_source
 
     configs = {k: options.pop(k) for k in ("targets", "ranking", "truncation", "calibration") if k in options}
     steps = {k: options.pop(k) for k in _STEP_OPTIONS if k in options}
     opts = FactorizeOptions.of(**configs, **options)
     opts.check()
+    shard_bytes = parse_bytes(max_shard_size)
     check_output(output, force=force)
+    index = Path(output).with_name(Path(output).name + INDEX_SUFFIX)
+    if index.exists():  # a sharded checkpoint written there before is an existing output too
+        check_output(index, force=force)
     _refuse_before_loading(opts)
-    loaded = load_model(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
+    log = log or (lambda msg: None)
+    streamed = stream_source(source, opts, stream=stream, arch=arch, model_args=model_args, library=library, log=log)
+    loaded = streamed[0] if streamed else load_model(source, arch=arch, model_args=model_args, revision=revision,
+                                                     library=library, log=log)
     if loaded.checkpoint is not None and loaded.checkpoint.ranks:  # a dense lrc file (a full fine-tuning) is fine
         raise UsageError(f"'{source}' is already factorized (an lrc checkpoint with {len(loaded.checkpoint.ranks)} "
                          "low-rank layers): factorize its dense source model instead")
     steps["input_size"] = _input_size(loaded.model, steps.get("input_size"), seq_len)
-    from lowrank_cli.models.families import TEXT, modality_of
-
-    text = modality_of(loaded.model) == TEXT
-    cal = opts.calibration
-    calib_needs_tokenizer = text and cal.calib is not None and cal.tokenizer is None
-    tokenizer_dir = None
-    if save_tokenizer or calib_needs_tokenizer:
-        from lowrank_cli.models.hub import tokenizer_folder
-
-        tokenizer_dir = tokenizer_folder(loaded)  # once, before the SVDs: a source without one fails at once
-    if calib_needs_tokenizer:
-        cal.tokenizer = tokenizer_dir
-    result = factorize(loaded.model, **dict(zip(("targets", "ranking", "truncation", "calibration"), opts.parts())),
-                       log=log, **steps)
-    record_source(result.model, loaded.source)
-    save(result.model, output, force=force)
+    tokenizer_dir = _tokenizer(loaded, opts, save_tokenizer)
+    if streamed:
+        result = _streamed(streamed, output, opts, steps, shard_bytes, log)
+    else:
+        result = factorize(loaded.model, **dict(zip(("targets", "ranking", "truncation", "calibration"),
+                                                    opts.parts())), log=log, **steps)
+        info_of(result.model).provenance["streamed"] = result.extra["streamed"] = False
+        record_source(result.model, loaded.source)
+        save(result.model, output, force=force, max_shard_size=shard_bytes)
     if save_tokenizer:
         from lowrank_cli.models.transformers_models import copy_tokenizer
 
         result.extra["tokenizer"] = {"folder": save_tokenizer, "files": copy_tokenizer(tokenizer_dir, save_tokenizer)}
+    return result
+
+
+def _tokenizer(loaded: Any, opts: FactorizeOptions, save_tokenizer: str | None) -> Any:
+    """The source's tokenizer folder, found once before the SVDs when `save_tokenizer` or a text `calib` needs it
+    (a source without one fails at once); a text `calib` without its own `tokenizer` gets it."""
+    from lowrank_cli.models.families import TEXT, modality_of
+
+    cal = opts.calibration
+    calib_needs_tokenizer = modality_of(loaded.model) == TEXT and cal.calib is not None and cal.tokenizer is None
+    if not (save_tokenizer or calib_needs_tokenizer):
+        return None
+    from lowrank_cli.models.hub import tokenizer_folder
+
+    tokenizer_dir = tokenizer_folder(loaded)
+    if calib_needs_tokenizer:
+        cal.tokenizer = tokenizer_dir
+    return tokenizer_dir
+
+
+def _streamed(streamed: tuple[Any, Any], output: str, opts: FactorizeOptions, steps: dict[str, Any],
+              shard_bytes: int, log: Callable[[str], None]) -> FactorizeResult:
+    """Streaming factorize (compress.streaming) of a skeleton and its files."""
+    import warnings
+
+    from lowrank_cli.compress.streaming import factorize_stream, open_stream
+
+    loaded, tensors = streamed
+    stream = open_stream(loaded.model, tensors, f"'{tensors.path}'")
+    warn = steps.pop("warn", None) or (lambda msg: warnings.warn(msg, stacklevel=3))
+    result, files = factorize_stream(stream, output, opts, source=lambda: loaded.source, max_shard_size=shard_bytes,
+                                     steps=steps, log=log, warn=warn)
+    result.extra["files"] = [str(f) for f in files]
     return result
 
 

@@ -18,6 +18,7 @@ than the device's memory is calibrated one layer at a time.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +78,8 @@ def first_layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor
         inputs.calls.setdefault(len(hidden), (_to(rest, device), _to(kwargs, device)))
         raise _Caught
 
-    home = next(model.parameters()).device
+    # where the model's weights are; a skeleton's (streaming factorize) are on meta until they are read: the CPU
+    home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for start in range(0, len(windows), batch_size):
@@ -140,9 +142,12 @@ def stack_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def sequential_calibration(model: nn.Module, names: list[str], windows: torch.Tensor, factorize_layer: FactorizeLayer,
                            *, device: torch.device, batch_size: int = 8,
                            progress: Callable[[int, int], None] | None = None,
-                           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                           log: Callable[[str], None] | None = None,
+                           layer_scope: Callable[[int, nn.Module], Any] | None = None) -> dict[str, Any]:
     """Calibrate and factorize the planned linears `names` of `model` layer by layer (see the module docstring),
-    through `factorize_layer(layer_names, stats)`; returns the summary for the record."""
+    through `factorize_layer(layer_names, stats)`; returns the summary for the record. `layer_scope(i, layer)`: a
+    context manager around layer i's turn (streaming factorize materialises the layer from its files on entry and
+    writes and frees it on exit)."""
     started = time.perf_counter()
     stack_name, stack = stack_of(model)
     prefixes = [f"{stack_name}.{i}." for i in range(len(stack))]
@@ -158,11 +163,12 @@ def sequential_calibration(model: nn.Module, names: list[str], windows: torch.Te
             if log is not None:
                 h = inputs.hidden[0]
                 log(f"Sequential calibration: {len(windows)} windows of {windows.shape[1]} tokens; the hidden states "
-                    f"entering each decoder layer are held on {device}: {inputs.bytes / 2**20:.1f} MiB "
+                    f"entering each decoder layer are held in memory on {device}: {inputs.bytes / 2**20:.1f} MiB "
                     f"({str(h.dtype).removeprefix('torch.')}, one layer at a time)")
             for i, layer in enumerate(stack):
                 mine = [n for n in names if n.startswith(prefixes[i])]
-                with on_device(layer, device):
+                scope = layer_scope(i, layer) if layer_scope is not None else contextlib.nullcontext()
+                with scope, on_device(layer, device):
                     if mine:
                         factorize_layer(mine, _layer_stats(layer, prefixes[i], mine, inputs, len(windows), device))
                     if i + 1 < len(stack):

@@ -202,6 +202,9 @@ def _provenance_rows(doc: dict[str, Any]) -> Rows:
         parts.insert(0, f"from {src_info.get('id', '?')}{revision}")
     elif src_info:
         parts.insert(0, f"from {src_info}")
+    streamed = (prov.get("other") or {}).get("streamed")  # lrc factorize read the source block by block, or whole
+    if streamed is not None:
+        parts.append("streamed block by block" if streamed else "loaded whole")
     parts.append(f"lrc {prov['lrc_version']}")
     if prov["saved"]:
         parts.append(f"saved {prov['saved']}")

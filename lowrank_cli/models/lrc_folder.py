@@ -146,7 +146,7 @@ def checkpoint_path(source: str | Path, revision: str | None = None) -> Path:
     if files is not None:
         return files.checkpoint
     path = Path(source).expanduser()
-    if not path.exists():
+    if not path.exists() and not path.with_name(path.name + ".index.json").is_file():  # shards: X.safetensors.index.json
         raise InputError(f"'{source}' does not exist: check the path (an lrc checkpoint on the Hub is written "
                          "hf-hub:ORG/REPO)")
     return path

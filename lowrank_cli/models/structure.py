@@ -98,11 +98,37 @@ def uncalled_linears(model: nn.Module, names: list[str], input_size: tuple[int, 
                                                    zeros=True))
     except Exception:
         pass
+    if any(p.device.type == "meta" for p in model.parameters()):
+        model = _hollow(model)
     try:
         return _uncalled(model, names, spec.example(size, dtype=next(model.parameters()).dtype,
                                                     device=next(model.parameters()).device, zeros=True))
     except Exception as e:
         raise forward_failed(e, model, size, ", so lrc cannot check which linears the model calls") from None
+
+
+def _hollow(model: nn.Module) -> nn.Module:
+    """A skeleton's twin (streaming factorize: no weights in memory) that runs: each module's own weights are zeros
+    while it runs (real, contiguous: the fast kernels) and a stride-0 view of one number otherwise (no memory)."""
+    def view(p: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+
+    def fill(module: nn.Module, args: tuple) -> None:
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype), requires_grad=False)
+
+    def empty(module: nn.Module, args: tuple, output: object) -> None:
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = view(p)
+
+    twin = copy.deepcopy(model, {id(p): view(p) for p in model.parameters()})
+    for module in twin.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(fill)
+            module.register_forward_hook(empty)
+    return twin
 
 
 def _uncalled(model: nn.Module, names: list[str], batch: torch.Tensor) -> list[str]:

@@ -132,7 +132,7 @@ def config_from_dict(args: dict[str, Any]) -> Any:
 
 
 @contextlib.contextmanager
-def _no_init() -> Iterator[None]:
+def no_init() -> Iterator[None]:
     """Skip random initialisation: every weight is loaded right after (2.3 s -> 0.03 s for BERT-base)."""
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5
@@ -146,7 +146,7 @@ def empty_model(spec: ModelSpec) -> nn.Module:
     """The architecture of `spec`, uninitialised (non-persistent buffers such as position ids are real)."""
     config = config_from_dict(spec.model_args)
     cls = model_class(config, spec.architecture)
-    with _no_init(), quiet():
+    with no_init(), quiet():
         model = cls._from_config(config)
     attach_pretrained_cfg(model, spec.pretrained_cfg)
     return model.eval()

@@ -158,7 +158,12 @@ def test_a_failing_write_is_exit_4_and_leaves_nothing(files, tmp_path, capsys, m
         real_write(self, data[: len(data) // 2])
         raise OSError(code, os.strerror(code))
 
+    def fail_half_way_at(fd, data, offset):  # streaming factorize writes each tensor at its offset
+        os.pwrite(fd, data[: len(data) // 2], offset)
+        raise OSError(code, os.strerror(code))
+
     monkeypatch.setattr(Path, "write_bytes", fail_half_way)
+    monkeypatch.setattr("lowrank_cli.checkpoint.shard_writer._write_at", fail_half_way_at)
     got, _, err = run_cli(["factorize", files["teacher"], "-o", out / "x.safetensors"], capsys)
     lines = error_lines(err)
     assert got == 4 and len(lines) == 1 and words in lines[0] and "x.safetensors" in lines[0], err

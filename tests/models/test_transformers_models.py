@@ -82,7 +82,7 @@ def test_corrupt_weights_in_a_transformers_folder(bert_folder, tmp_path, capsys)
     (broken / "model.safetensors").write_bytes((bert_folder / "model.safetensors").read_bytes()[:3000])
     code, _, err = run_cli(["factorize", broken, "--kappa", "2", "-o", tmp_path / "x.safetensors"], capsys)
     assert code == 3 and len(error_lines(err)) == 1
-    assert "cannot load the weights of" in err and "truncated or corrupt" in err
+    assert "model.safetensors" in err and "truncated" in err  # streaming factorize reads the header itself
     assert not (tmp_path / "x.safetensors").exists()
 
 

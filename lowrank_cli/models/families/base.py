@@ -158,6 +158,11 @@ class Family:
     def load_name(self, name: str, model_args: dict[str, Any], log: Callable[[str], None]) -> Any:
         raise UsageError(f"{self.library} models have no names lrc knows")
 
+    def open_skeleton(self, folder: Path, *, what: str, arch: str | None, model_args: dict[str, Any]) -> Any:
+        """A LoadedModel of a local folder whose parameters are on the meta device (models.skeleton), its weights
+        left unread, for streaming factorize; None: this family cannot build one (the folder is read whole)."""
+        return None
+
     def load_weights_file(self, path: Path, arch: str, model_args: dict[str, Any]) -> Any:
         raise UsageError(f"'{path}' is a bare weights file: a {self.library} model is read from its folder")
 

@@ -102,6 +102,14 @@ class HfCausalLM(Family):
         self.prepare(loaded.model)
         return loaded
 
+    def open_skeleton(self, folder: Path, *, what: str, arch: str | None, model_args: dict[str, Any]) -> Any:
+        from lowrank_cli.models.families.transformers_sources import folder_skeleton
+
+        loaded = folder_skeleton(folder, what=what, arch=arch, model_args=model_args, family=self.name,
+                                 auto=AUTO_CLASS)
+        self.prepare(loaded.model)
+        return loaded
+
     def load_hub(self, repo: str, revision: str | None, config: Path, *, arch: str | None,
                  model_args: dict[str, Any]) -> Any:
         from lowrank_cli.models.families.transformers_sources import open_hub

@@ -54,6 +54,11 @@ class HfEncoder(Family):
 
         return open_folder(folder, what=what, arch=arch, model_args=model_args, family=self.name)
 
+    def open_skeleton(self, folder: Path, *, what: str, arch: str | None, model_args: dict[str, Any]) -> Any:
+        from lowrank_cli.models.families.transformers_sources import folder_skeleton
+
+        return folder_skeleton(folder, what=what, arch=arch, model_args=model_args, family=self.name)
+
     def load_hub(self, repo: str, revision: str | None, config: Path, *, arch: str | None,
                  model_args: dict[str, Any]) -> Any:
         from lowrank_cli.models.families.transformers_sources import open_hub

@@ -68,6 +68,24 @@ class TimmVision(Family):
         spec = self._spec(arch, args, json_safe(pretrained_cfg))
         return LoadedModel(fill(self.build_empty(spec), read_state_dict(weights), what), spec)
 
+    def open_skeleton(self, folder: Path, *, what: str, arch: str | None, model_args: dict[str, Any]) -> Any:
+        from lowrank_cli.models.loaded import LoadedModel
+        from lowrank_cli.models.skeleton import parameters_on_meta
+        from lowrank_cli.models.spec import json_safe
+        from lowrank_cli.models.weights import sha256_later
+
+        sharded = (folder / "model.safetensors.index.json").is_file()
+        weights = None if sharded else folder_weights(folder)
+        if weights is not None and weights.suffix != ".safetensors":
+            return None
+        name, args, pretrained_cfg = read_folder_config(folder)
+        args.update(model_args)
+        spec = self._spec(name, args, json_safe(pretrained_cfg))
+        with parameters_on_meta():
+            model = self._construct(spec, meta=False, what=what, fix="fix the `model_args` values")
+        source = {"kind": "local-dir", "id": str(folder.resolve()), **({"sha256": sha256_later(weights)} if weights else {})}
+        return LoadedModel(model, spec, source)
+
     def load_name(self, name: str, model_args: dict[str, Any], log: Callable[[str], None]) -> Any:
         """A timm name (`deit_base` -> its registered default); weights from its Hub repo, else timm's own loader."""
         import timm

@@ -21,6 +21,42 @@ def open_folder(folder: Path, *, what: str, arch: str | None, model_args: dict[s
     return opened(str(folder), folder, None, arch, model_args, what, source, family, auto)
 
 
+def folder_skeleton(folder: Path, *, what: str, arch: str | None, model_args: dict[str, Any], family: str,
+                    auto: str = "AutoModel") -> Any:
+    """A transformers folder's model as a skeleton (parameters on meta, computed buffers real; models.skeleton),
+    built from its config.json alone: its weights are read later, block by block."""
+    from lowrank_cli.models.loaded import LoadedModel
+    from lowrank_cli.models.skeleton import parameters_on_meta
+    from lowrank_cli.models.transformers_models import (
+        attach_pretrained_cfg,
+        check_remote_code,
+        model_class,
+        no_init,
+        quiet,
+        require,
+        transformers_spec,
+        vision_pretrained_cfg,
+    )
+
+    check_no_model_args(model_args, what)
+    transformers = require()
+    check_remote_code(read_json(folder / "config.json") or {}, what)
+    with quiet():
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    cls = model_class(config, arch, auto)
+    with parameters_on_meta(), no_init(), quiet():
+        model = cls._from_config(config)
+    model.eval()
+    if getattr(model, "main_input_name", None) == "pixel_values":
+        attach_pretrained_cfg(model, vision_pretrained_cfg(config, read_json(folder / PREPROCESSOR)))
+    from lowrank_cli.models.weights import SAFE_WEIGHTS, sha256_later
+
+    weights = folder / SAFE_WEIGHTS
+    source = {"kind": "local-dir", "id": str(folder.resolve()), "library": LIBRARY,
+              **({"sha256": sha256_later(weights)} if weights.is_file() else {})}
+    return LoadedModel(model, transformers_spec(model, family), source, files=str(folder))
+
+
 def open_hub(repo: str, revision: str | None, config: Path, *, arch: str | None, model_args: dict[str, Any],
              family: str, auto: str = "AutoModel") -> Any:
     """A LoadedModel of a transformers Hub repo (its files fetched through the cache)."""
