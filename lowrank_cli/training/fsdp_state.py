@@ -9,8 +9,8 @@
                                          the layout, the processes that wrote it, the trained parameters' names
                                          and the extra tensors' shapes and dtypes
 
-No pickle of ours: tensors go through DCP, the rest is JSON. (DCP itself writes its `.metadata` index with
-pickle and reads it back so: resume only states that your own runs wrote, as with any torch checkpoint.) As for
+No pickle of ours: tensors go through DCP, the rest is JSON. DCP itself writes its `.metadata` index with
+pickle and reads it back so: lrc first unpickles it with an allow-list (training/dcp_index.py). As for
 the one-file state, randomness needs no saved generator: it is reseeded from (seed, step, rank) every step.
 """
 
@@ -29,6 +29,7 @@ from torch import nn
 from lowrank_cli import distributed
 from lowrank_cli.atomic import write_text
 from lowrank_cli.errors import InputError, UsageError
+from lowrank_cli.training.dcp_index import check_index
 from lowrank_cli.training.state import SCHEMA, TrainState
 
 LAYOUT = "fsdp"
@@ -93,6 +94,7 @@ class ShardedState:
                 f"({len(document.get('param_names') or [])} then, {len(param_names)} now): was `freeze_dense` "
                 "changed? resume with the same options")
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        check_index(self._current())
         try:
             dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(self._current()))
         except Exception as e:  # noqa: BLE001 - DCP wraps every rank's failure in its own exception types
@@ -118,6 +120,7 @@ class ShardedState:
             like = weights.get(key.split(".", 1)[-1])
             extra[key] = torch.empty_like(like) if like is not None and list(like.shape) == shape else \
                 torch.empty(shape, dtype=getattr(torch, dtype))
+        check_index(self._current())
         dcp.load({"extra": extra}, checkpoint_id=str(self._current()))
         return extra
 
