@@ -50,8 +50,9 @@ class WindowBatch(NamedTuple):
     skipped: int = 0
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """(token ids, labels: none, all 0, no attention mask): what a training step needs of any batch."""
-        return self.input_ids, torch.zeros(len(self.input_ids), dtype=torch.long), None
+        """(token ids, labels: the same ids, whose next tokens a next-token loss predicts, no attention mask): what
+        a training step needs of any batch (a recovery uses no labels)."""
+        return self.input_ids, self.input_ids, None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> WindowBatch:
         return WindowBatch(self.input_ids.to(device, non_blocking=non_blocking), self.skipped)
@@ -101,9 +102,15 @@ class StreamData:
         from lowrank_cli.data.texts import load_tokenizer
         from lowrank_cli.models.inputs import position_limit
 
+        if self.train is not None:
+            return  # prepared already (a fine-tuning reads its windows before the adapters go on)
         if max_length is not None:
             raise UsageError("`max_length` is for texts read one by one; a causal LM reads its text as one token "
                              "stream in windows of `seq_len` tokens: use `seq_len`")
+        if tokenizer is None and teacher.files is None:
+            from lowrank_cli.data.task_data import recorded_tokenizer
+
+            tokenizer = recorded_tokenizer(teacher.checkpoint)
         if tokenizer is None:
             from lowrank_cli.models.hub import tokenizer_folder
             from lowrank_cli.models.loaded import name_of

@@ -86,7 +86,7 @@ class DistillationScorer:
 
 class PerplexityScorer:
     """A causal LM on held-out token windows: its perplexity (next-token, every position of each window after the
-    first; lower is better, decides the best state) and the distillation terms against its teacher."""
+    first; lower is better, decides the best state) and the distillation terms against its teacher, if any."""
 
     score = Score("val_perplexity", False)
 
@@ -95,8 +95,8 @@ class PerplexityScorer:
         self.windows, self.batch_size = windows, batch_size
 
     def __call__(self, phase: str = "eval") -> dict[str, float]:
-        terms = distillation_scores(self.step.student, self.step.teacher, self.step, self.loader, self.device,
-                                    text=False)
+        terms = {} if self.step.teacher is None else distillation_scores(
+            self.step.student, self.step.teacher, self.step, self.loader, self.device, text=False)
         return {**terms, "val_perplexity": windows_perplexity(self.step.student, self.windows, self.device,
                                                               self.batch_size)}
 

@@ -16,6 +16,7 @@ from helpers import error_lines, run_cli
 
 import lowrank_cli
 from lowrank_cli.errors import Interrupted
+from lowrank_cli.compress.factorize_source import factorize_file
 from lowrank_cli.models.pretrained import open_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,9 +29,7 @@ def lms(tmp_path_factory):
     found = {"text": text, "root": root}
     for kind in ("llama", "gpt2"):
         folder = write_tiny_causal_lm(root / kind, kind)
-        model = open_pretrained(str(folder)).model
-        lowrank_cli.factorize(model, kappa=3, rank_multiple=1)
-        lowrank_cli.save(model, root / f"{kind}_lr.safetensors")
+        factorize_file(str(folder), str(root / f"{kind}_lr.safetensors"), kappa=3, rank_multiple=1)
         found[kind] = folder
     return found
 
