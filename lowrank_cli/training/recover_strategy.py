@@ -32,7 +32,7 @@ from lowrank_cli.training.result import RecoverResult
 from lowrank_cli.training.setup import loss_summary, write_checkpoint
 from lowrank_cli.training.step import params_reached
 from lowrank_cli.training.strategy import Models, RunData, training_loader
-from lowrank_cli.training.teacher import load_pair, name_of
+from lowrank_cli.training.teacher import load_pair, name_of, reads_token_stream
 
 SKIPPED_WARNING = 0.01  # the share of unreadable training samples above which a run warns (once, at the end)
 
@@ -61,7 +61,10 @@ class RecoverStrategy:
     def read_data(self, env: Any) -> RunData:
         o = self.opts
         modality = modality_for(self.data)
-        train, val, val_from = modality.find(self.data, evaluate=o.evaluate_accuracy, seed=o.seed,
+        # A causal LM holds out the tail of its token stream (data.token_stream), not a share of the lines.
+        stream = modality.name == "texts" and reads_token_stream(self.teacher if self.teacher is not None
+                                                                 else self.student)
+        train, val, val_from = modality.find(self.data, evaluate=o.evaluate_accuracy and not stream, seed=o.seed,
                                              val_data=None if o.val_data is None else Path(o.val_data),
                                              val_fraction=o.val_fraction)
         return RunData(modality, train, val, val_from=val_from)

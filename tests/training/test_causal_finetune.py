@@ -87,3 +87,21 @@ def test_finetune_cli_on_a_causal_lm_and_its_usage_errors(lms, tmp_path, capsys)
         lines = error_lines(err)
         assert code == 2 and len(lines) == 1 and message in lines[0], err
         assert not list(tmp_path.glob(f"bad{i}*"))
+
+
+def test_next_token_finetune_of_gpt2_resumes_to_the_same_weights(lms, tmp_path):
+    from safetensors.torch import load_file
+
+    from lowrank_cli.errors import Interrupted
+
+    whole = _finetune(lms, "gpt2", tmp_path / "whole.safetensors", save_every=3)
+    out = tmp_path / "parts.safetensors"
+    with pytest.raises(Interrupted, match="interrupted by request at step 5/12"):
+        _finetune(lms, "gpt2", out, save_every=3, on_step=lambda step, m: step == 5)
+    resumed = _finetune(lms, "gpt2", out, save_every=3, resume=True)
+    assert resumed.resumed_from == 5
+    a, b = load_file(str(whole.output)), load_file(str(out))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert resumed.scores["after"]["val_perplexity"] == pytest.approx(whole.scores["after"]["val_perplexity"],
+                                                                      rel=1e-5)
