@@ -5,6 +5,9 @@ Eq. 7 with the terms the data allows; held-out data: accuracy on labelled images
 the distillation terms (and a text encoder's pooled-output cosine); written: the student with `lrc.recovery`.
 `method` progressive (training.progressive) swaps in its layers when the models load, sets lambda every step as a
 callback, and converts the layers back before the output is scored and written.
+A causal LM (a family whose text is a stream) reads its text as windows of `seq_len` tokens once its teacher is
+loaded (data.token_stream.as_stream); its loss adds the token-level KL by default and its held-out windows are
+scored by perplexity (training.heldout.PerplexityScorer), the teacher's measured once.
 """
 
 from __future__ import annotations
