@@ -148,13 +148,17 @@ def print_summary(s: dict) -> None:
     table.add_column(style="bold")
     table.add_column()
     merged = "merged" if settings["merged"] else "not merged: an adapter file"
-    table.add_row("method", f"{settings['method']} ({merged}); head {', '.join(settings['head']['modules'])} with "
-                  f"{settings['head']['outputs']} output(s)")
+    stream = settings.get("data_kind") == "token stream"
+    head = (f"next-token training, its own head ({settings['head']['outputs']} tokens)" if stream else
+            f"head {', '.join(settings['head']['modules'])} with {settings['head']['outputs']} output(s)")
+    table.add_row("method", f"{settings['method']} ({merged}); {head}")
     table.add_row("trainable", f"{s['trainable_parameters']:,} of {s['parameters']:,} parameters "
                   f"({100 * s['trainable_share']:.2f} %)")
     resumed = f" (resumed at step {s['resumed_from']})" if s["resumed_from"] else ""
     table.add_row("steps", f"{s['steps']} x {settings['batch_size'] * settings['grad_accum'] * settings['processes']}"
-                  f" samples{resumed}, {s['seconds']:.1f} s")
+                  f" {'windows' if stream else 'samples'}{resumed}, {s['seconds']:.1f} s")
+    if stream:
+        table.add_row("tokens seen", f"{s['samples_seen'] * settings['seq_len']:,} (windows of {settings['seq_len']})")
     for term, values in s["losses"].items():
         table.add_row(term, f"{values['first']:.4g} -> {values['last']:.4g}")
     scores = s["scores"]

@@ -190,12 +190,14 @@ def print_summary(s: dict) -> None:
     table.add_column()
     settings = s["settings"]
     resumed = f" (resumed at step {s['resumed_from']})" if s["resumed_from"] else ""
-    unit = "texts" if settings.get("data_kind") == "text" else "images"
+    unit = {"text": "texts", "token stream": "windows"}.get(settings.get("data_kind"), "images")
     table.add_row("steps", f"{s['steps']} x {settings['images_per_step']} {unit}{resumed}")
     if settings.get("method") == "progressive":
         table.add_row("method", f"progressive (init {settings['init']}, {settings['decay']} decay; lambda 0 from step "
                       f"{settings['decay_steps']})")
     table.add_row(f"{unit} seen", f"{s['images_seen']:,} ({s['images_per_second']:.0f} {unit}/s, {s['seconds']:.1f} s)")
+    if unit == "windows":
+        table.add_row("tokens seen", f"{s['images_seen'] * settings['seq_len']:,} (windows of {settings['seq_len']})")
     if s["skipped_images"]:
         table.add_row("unreadable images", f"{s['skipped_images']} skipped")
     for term, values in s["losses"].items():
@@ -208,7 +210,7 @@ def print_summary(s: dict) -> None:
             if a:
                 table.add_row(f"  {name}", f"{_percent(a, 'top1')} / {_percent(a, 'top5')}  ({a['images']} images)")
     else:
-        why = "text data: distillation only" if unit == "texts" else console.cli_text(
+        why = "text data: distillation only" if unit != "images" else console.cli_text(
             settings.get("accuracy_not_measured", "no labelled val/ split"))
         table.add_row("accuracy", f"not measured ({why})")
     _held_out_rows(table, settings)
@@ -225,6 +227,8 @@ def _held_out_rows(table, settings: dict) -> None:
             before = held["before"].get(name)
             table.add_row(f"  {name}", f"{before:.4g} -> {held['after'][name]:.4g}" if before is not None else
                           f"{held['after'][name]:.4g}")
+        if held.get("teacher_perplexity") is not None:
+            table.add_row("  teacher perplexity", f"{held['teacher_perplexity']:.4g}")
     if kept:
         value = f", {kept['metric']} {kept['value']:.4g}" if kept.get("value") is not None else ""
         table.add_row("kept", f"{kept['which']} state (step {kept['step']}{value})")

@@ -23,6 +23,7 @@ from lowrank_cli.errors import InputError
 from lowrank_cli.models.families import TEXT, family_of_spec
 from lowrank_cli.models.lrc_folder import LrcFiles, checkpoint_path, lrc_files
 from lowrank_cli.models.spec import ModelSpec
+from lowrank_cli.publish.card_perplexity import perplexity_results
 from lowrank_cli.publish.inputs import EvalFacts, dataset_name, read_bench, read_eval, read_json_file
 
 LIBRARY_NAME = "lowrank-cli"  # the Hub's library_name: the package users install to load the repo
@@ -100,7 +101,7 @@ def build_card(
     if license is None:
         notes.append("no license is known for the source model: pass `license` (e.g. apache-2.0)")
     name = repo_id.split("/")[-1] if repo_id else path.stem
-    data = card_data(info, license=license, name=name, results=accuracy_results(info, eval_facts))
+    data = card_data(info, license=license, name=name, results=accuracy_results(info, eval_facts) + perplexity_results(info, eval_facts))
     body = card_body(info, report, name=name, repo_id=repo_id, bench=bench_facts, evals=eval_facts,
                      text=is_text_spec(info.spec), tokenizer=tokenizer)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
@@ -184,7 +185,8 @@ def accuracy_results(info: CheckpointInfo, evals: list[EvalFacts]) -> list[dict[
         dataset, _ = dataset_name(str(info.recovery.get("data") or "recovery data"))
         results += _top_k(dataset, "val", after.get("top1"), after.get("top5"))
     for e in evals:
-        results += _top_k(e.dataset, e.split, e.top1, e.top5)
+        if e.top1 is not None:
+            results += _top_k(e.dataset, e.split, e.top1, e.top5)
     latest = {(r["dataset"], r["split"], r["metric"]): r for r in results}
     return list(latest.values())
 

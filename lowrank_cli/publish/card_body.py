@@ -16,6 +16,7 @@ from lowrank_cli.evaluation.report_format import flat_text
 from lowrank_cli.models.families import family_of_spec, source_label
 from lowrank_cli.models.lrc_folder import CHECKPOINT_FILE, MARKER
 from lowrank_cli.models.spec import ModelSpec
+from lowrank_cli.publish.card_perplexity import perplexity_section
 from lowrank_cli.publish.inputs import BenchFacts, EvalFacts, dataset_name
 
 LRC_URL = "https://pypi.org/project/lowrank-cli/"
@@ -37,6 +38,7 @@ def card_body(info: CheckpointInfo, report: dict[str, Any], *, name: str, repo_i
               bench: BenchFacts | None, evals: list[EvalFacts], text: bool, tokenizer: list[str] | None) -> str:
     sections = [
         intro(info, name), size_section(report), method_section(info, report), accuracy_section(info, evals),
+        perplexity_section(info, evals),
         speed_section(bench), usage_section(repo_id, info.spec, text, tokenizer),
         files_section(tokenizer), citation_section(info),
     ]
@@ -163,7 +165,8 @@ def accuracy_section(info: CheckpointInfo, evals: list[EvalFacts]) -> str:
         a = accuracy.get(key)
         if a and isinstance(a.get("top1"), (int, float)):
             rows.append((data, "val", label, a["top1"], a.get("top5"), a.get("images")))
-    rows += [(e.dataset, e.split or "-", "this model (lrc eval)", e.top1, e.top5, e.images) for e in evals]
+    rows += [(e.dataset, e.split or "-", "this model (lrc eval)", e.top1, e.top5, e.images) for e in evals
+             if e.top1 is not None]
     if not rows:
         return ""
 

@@ -30,13 +30,16 @@ class BenchFacts:
 
 @dataclass
 class EvalFacts:
-    """One `lrc eval --json` result: top-1 / top-5 on a labelled image folder."""
+    """One `lrc eval --json` result: top-1 / top-5 on a labelled image folder, or a causal LM's perplexity on text."""
 
     dataset: str  # the folder's name (its parent's for .../val)
     split: str | None
-    top1: float
+    top1: float | None
     top5: float | None
     images: int
+    perplexity: float | None = None
+    tokens: int = 0  # the tokens a perplexity scored
+    seq_len: int | None = None
 
 
 def read_json_file(path: str | Path, parameter: str, what: str) -> dict[str, Any]:
@@ -78,9 +81,16 @@ def read_bench(path: str | Path, params: int) -> BenchFacts:
 def read_eval(path: str | Path) -> EvalFacts:
     what = "lrc eval CHECKPOINT --data DIR --json > FILE"
     doc = read_json_file(path, "evals", what)
+    perplexity = doc.get("perplexity")
+    if isinstance(perplexity, (int, float)) and perplexity >= 1 and isinstance(doc.get("data"), str):
+        dataset, split = dataset_name(doc["data"])
+        seq_len = doc.get("seq_len")
+        return EvalFacts(dataset, split, None, None, 0, float(perplexity), int(doc.get("tokens") or 0),
+                         seq_len if isinstance(seq_len, int) else None)
     top1, top5 = doc.get("top1"), doc.get("top5")
     if not isinstance(top1, (int, float)) or not 0 <= top1 <= 1 or not isinstance(doc.get("data"), str):
-        raise InputError(f"`evals` '{path}' is not an lrc eval --json document (no top1 in [0, 1] and data): "
+        raise InputError(f"`evals` '{path}' is not an lrc eval --json document (no top1 in [0, 1] or perplexity, "
+                         "and data): "
                          f"write it with {what}")
     dataset, split = dataset_name(doc["data"])
     return EvalFacts(dataset, split, float(top1), float(top5) if isinstance(top5, (int, float)) else None,

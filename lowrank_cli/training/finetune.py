@@ -60,4 +60,23 @@ def finetune(
     opts = dataclasses.replace(opts, lr=opts.peak_lr)
     hooks = Hooks(log or (lambda msg: None), warn or (lambda msg: warnings.warn(msg, stacklevel=2)), progress,
                   resume_command, on_step)
-    return train(FinetuneStrategy(opts, model, DataFile(Path(data).expanduser())), output, hooks)
+    path = Path(data).expanduser()
+    return train(strategy_for(opts, model, path, hooks), output, hooks)
+
+
+def strategy_for(opts: FinetuneOptions, model: Any, path: Path, hooks: Hooks) -> Any:
+    """Labelled data for a classifier or a regression (FinetuneStrategy); text for a causal LM, whose family reads
+    it as a token stream: next-token training (NextTokenStrategy). Only text data loads the model this early."""
+    from lowrank_cli.data.texts import looks_like_text_data
+
+    if looks_like_text_data(path):
+        from lowrank_cli.models.families import family_of
+        from lowrank_cli.training.lm_strategy import NextTokenStrategy
+        from lowrank_cli.training.teacher import load_participant
+
+        log = hooks.log if os.environ.get("RANK", "0") == "0" else (lambda msg: None)  # torchrun: rank 0 says it
+        loaded = load_participant(model, "model", opts.arch, opts.model_args, log, opts.library)
+        if family_of(loaded.model).text_data == "stream":
+            return NextTokenStrategy(opts, loaded, path)
+        model = loaded
+    return FinetuneStrategy(opts, model, DataFile(path))

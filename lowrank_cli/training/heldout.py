@@ -84,6 +84,46 @@ class DistillationScorer:
                                    text=self.text)
 
 
+class PerplexityScorer:
+    """A causal LM on held-out token windows: its perplexity (next-token, every position of each window after the
+    first; lower is better, decides the best state) and the distillation terms against its teacher, if any."""
+
+    score = Score("val_perplexity", False)
+
+    def __init__(self, step: Any, loader: Any, device: torch.device, windows: torch.Tensor, batch_size: int):
+        self.step, self.loader, self.device = step, loader, device
+        self.windows, self.batch_size = windows, batch_size
+
+    def __call__(self, phase: str = "eval") -> dict[str, float]:
+        terms = {} if self.step.teacher is None else distillation_scores(
+            self.step.student, self.step.teacher, self.step, self.loader, self.device, text=False)
+        return {**terms, "val_perplexity": windows_perplexity(self.step.student, self.windows, self.device,
+                                                              self.batch_size)}
+
+
+@torch.no_grad()
+def windows_perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int) -> float:
+    """exp(mean next-token NLL) of `model` over token windows (N, L): each window predicts its tokens 2..L. The
+    model runs without a KV cache, in eval mode, and is put back in its mode."""
+    import math
+
+    from lowrank_cli.evaluation.perplexity import window_nll
+    from lowrank_cli.models.families import family_of
+
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    try:
+        with family_of(model).plain_outputs(model), autocast_for(device):
+            for start in range(0, len(windows), batch_size):
+                batch = windows[start:start + batch_size].to(device)
+                part_nll, part_tokens = window_nll(model, batch[:, :-1], batch[:, 1:], [batch.shape[1] - 1] * len(batch))
+                nll, tokens = nll + part_nll, tokens + part_tokens
+    finally:
+        model.train(was_training)
+    return math.exp(nll / max(tokens, 1))
+
+
 class TaskScorer:
     """A fine-tuned text task on held-out batches: accuracy (classes) or Pearson / Spearman (a score)."""
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lowrank_cli.compress.factorize_options import CALIB_SAMPLES, RANK_MULTIPLE
 from lowrank_cli.errors import UsageError
-from lowrank_cli.models.source_options import ARCH, DEVICE, LIBRARY, MODEL_ARGS
+from lowrank_cli.models.source_options import ARCH, DEVICE, LIBRARY, MODEL_ARGS, SEQ_LEN
 from lowrank_cli.option_fields import check_values, option
 
 if TYPE_CHECKING:
@@ -103,6 +103,9 @@ class TrainingOptions:
     max_length: int | None = option(
         None, low=1, panel=DATA_PANEL, help="Text data: tokens per text at most (default: the model's positions, at "
         "most 512).")
+    seq_len: int | None = SEQ_LEN.field(
+        panel=DATA_PANEL, help="Causal LMs: the text is one token stream cut into windows of this many tokens "
+        "(default 128, at most the model's positions).")
     evaluate_accuracy: bool = option(True, flag="--eval/--no-eval", panel=DATA_PANEL,  # False: no held-out evaluation
                                      help="Measure accuracy on the val split before and after.")
     eval_batch_size: int | None = option(None, low=1, panel=DATA_PANEL,
@@ -142,8 +145,9 @@ class RecoverOptions(TrainingOptions):
                           help="Weight of the feature distillation (block outputs, MSE), >= 0.")
     beta: float = option(0.0, low=0, panel=LOSS_PANEL,
                          help="Weight of the weight-perturbation regulariser (max|second@first - W| - eps)^2, >= 0.")
-    gamma: float = option(0.0, low=0, panel=LOSS_PANEL,
-                          help="Weight of the logit distillation (KL at --temperature), >= 0.")
+    gamma: float | None = option(None, low=0, panel=LOSS_PANEL,
+                                 help="Weight of the logit distillation (KL at --temperature), >= 0 (default: 1 for "
+                                 "causal LMs, token-level KL; else 0).")
     delta: float = option(0.0, low=0, panel=LOSS_PANEL,
                           help="Text models: weight of the MSE on the final pooled output, >= 0.")
     eps: float = option(1e-3, low=0, panel=LOSS_PANEL, help="The weight perturbation the regulariser aims at, >= 0.")
@@ -188,8 +192,15 @@ class RecoverOptions(TrainingOptions):
     def weights(self) -> LossWeights:
         from lowrank_cli.training.losses import LossWeights
 
-        return LossWeights(self.alpha, self.beta, self.gamma, self.eps, self.temperature, self.label_smoothing,
+        return LossWeights(self.alpha, self.beta, self.gamma or 0.0, self.eps, self.temperature, self.label_smoothing,
                            self.delta)
+
+    def weights_for(self, stream: bool) -> LossWeights:
+        """The loss weights of a run: `gamma` unset is CAUSAL_LM_KD (token-level KL) for a causal LM, else 0."""
+        import dataclasses
+
+        gamma = self.gamma if self.gamma is not None else (CAUSAL_LM_KD if stream else 0.0)
+        return dataclasses.replace(self.weights, gamma=gamma)
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the parameter, before anything is loaded."""
@@ -263,6 +274,7 @@ class RecoverOptions(TrainingOptions):
 # The peak learning rate of each method when `lr` is not given: a new head or a few scales take large steps, every
 # weight of a pretrained model small ones.
 METHOD_LR = {"head": 1e-3, "full": 1e-4, "lora": 5e-4, "dora": 5e-4, "rlrr": 1e-3}
+CAUSAL_LM_KD = 1.0  # the weight of the token-level KL of a causal LM's recovery when `gamma` is not given
 KD_WEIGHT = 1.0  # the weight of the logit distillation with a `teacher` and no `gamma`
 
 

@@ -5,6 +5,9 @@ Eq. 7 with the terms the data allows; held-out data: accuracy on labelled images
 the distillation terms (and a text encoder's pooled-output cosine); written: the student with `lrc.recovery`.
 `method` progressive (training.progressive) swaps in its layers when the models load, sets lambda every step as a
 callback, and converts the layers back before the output is scored and written.
+A causal LM (a family whose text is a stream) reads its text as windows of `seq_len` tokens once its teacher is
+loaded (data.token_stream.as_stream); its loss adds the token-level KL by default and its held-out windows are
+scored by perplexity (training.heldout.PerplexityScorer), the teacher's measured once.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from torch import nn
 
 from lowrank_cli.checkpoint.format import record_recovery
 from lowrank_cli.data.modality import check_model, modality_for
+from lowrank_cli.data.token_stream import as_stream
 from lowrank_cli.errors import UsageError
 from lowrank_cli.evaluation.accuracy import check_classes
 from lowrank_cli.models.structure import innermost_blocks
 from lowrank_cli.training.callbacks import held_out_eval, measured_before
-from lowrank_cli.training.heldout import AccuracyScorer, DistillationScorer
+from lowrank_cli.training.heldout import (AccuracyScorer, DistillationScorer, PerplexityScorer,
+                                          windows_perplexity)
 from lowrank_cli.training.losses import RecoveryLoss
 from lowrank_cli.training.parallel import distribution
 from lowrank_cli.training.progressive import Progressive, factorized_layer_types
@@ -30,7 +35,7 @@ from lowrank_cli.training.result import RecoverResult
 from lowrank_cli.training.setup import loss_summary, write_checkpoint
 from lowrank_cli.training.step import params_reached
 from lowrank_cli.training.strategy import Models, RunData, training_loader
-from lowrank_cli.training.teacher import load_pair, name_of
+from lowrank_cli.training.teacher import load_pair, name_of, reads_token_stream
 
 SKIPPED_WARNING = 0.01  # the share of unreadable training samples above which a run warns (once, at the end)
 
@@ -59,7 +64,10 @@ class RecoverStrategy:
     def read_data(self, env: Any) -> RunData:
         o = self.opts
         modality = modality_for(self.data)
-        train, val, val_from = modality.find(self.data, evaluate=o.evaluate_accuracy, seed=o.seed,
+        # A causal LM holds out the tail of its token stream (data.token_stream), not a share of the lines.
+        stream = modality.name == "texts" and reads_token_stream(self.teacher if self.teacher is not None
+                                                                 else self.student)
+        train, val, val_from = modality.find(self.data, evaluate=o.evaluate_accuracy and not stream, seed=o.seed,
                                              val_data=None if o.val_data is None else Path(o.val_data),
                                              val_fraction=o.val_fraction)
         return RunData(modality, train, val, val_from=val_from)
@@ -78,14 +86,15 @@ class RecoverStrategy:
         save_dtype = next(raw.parameters()).dtype
         raw.to(device=dev, dtype=torch.float32).train()
         tea.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
-        d.modality.prepare(t, tokenizer=self.opts.tokenizer, max_length=self.opts.max_length)
+        if not as_stream(d, self.data, t, self.opts, evaluate=self.opts.evaluate_accuracy):
+            d.modality.prepare(t, tokenizer=self.opts.tokenizer, max_length=self.opts.max_length)
         return Pair(model=raw, teacher=tea, save_dtype=save_dtype, input_size=d.modality.input_size(tea),
                     blocks=innermost_blocks(raw), student=s, teacher_loaded=t, pairs=pairs)
 
     def loss(self, env: Any, d: RunData, m: Pair) -> RecoveryLoss:
         """Eq. 7 with the terms the data allows: labels only when they fit the student, accuracy only when the
         val split fits the teacher."""
-        weights = self.opts.weights
+        weights = self.opts.weights_for(d.modality.name == "tokens")
         if weights.alpha > 0 and not m.blocks:
             raise UsageError(f"{name_of(m.student)} has no repeated transformer blocks to distil features from: use "
                              "`alpha` 0 with labels or `gamma` > 0")
@@ -138,6 +147,9 @@ class RecoverStrategy:
         """Accuracy of the teacher and of the student before training (a resumed run reuses the first run's)."""
         d, m, state, evaluate = setup.data, setup.models, setup.state, setup.evaluator
         setup.env.log(d.modality.describe(d.train, d.val, d.why_not_scored(self.opts)))
+        if d.modality.name == "tokens" and d.val is not None and "teacher_perplexity" not in state.extra:
+            state.extra["teacher_perplexity"] = windows_perplexity(m.teacher, d.val.windows, setup.ctx.device,
+                                                                   self.opts.eval_batch_size or self.opts.batch_size)
         if d.labelled_val:
             teacher = state.extra.get("teacher") or evaluate(m.teacher, d.val, "eval teacher", m.teacher)
             before = state.extra.get("before") or evaluate(m.model, d.val, "eval before", m.teacher)
@@ -167,8 +179,11 @@ class RecoverStrategy:
         d, o = setup.data, self.opts
         if d.labelled_val:
             return AccuracyScorer(setup.model, d.val, setup.evaluator, setup.models.teacher)
-        loader = d.modality.held_out_loader(d.val, setup.models.teacher, batch_size=o.eval_batch_size or o.batch_size,
+        batch_size = o.eval_batch_size or o.batch_size
+        loader = d.modality.held_out_loader(d.val, setup.models.teacher, batch_size=batch_size,
                                             num_workers=setup.env.workers)
+        if d.modality.name == "tokens":
+            return PerplexityScorer(setup.step, loader, setup.ctx.device, d.val.windows, batch_size)
         return DistillationScorer(setup.step, loader, setup.ctx.device, text=d.modality.name == "texts")
 
     def after_training(self, setup: Any, trainer: Any) -> dict[str, Any]:
@@ -181,8 +196,10 @@ class RecoverStrategy:
             return {}
         d, before = setup.data, setup.state.extra.get("held_out_before")
         after = None if d.labelled_val else held.scorer()  # labelled images: accuracy after, below
+        teacher = setup.state.extra.get("teacher_perplexity")
         return {"held_out": {"data": d.val_from, "samples": len(d.val), "metric": held.scorer.score.name,
-                             "every": held.every, "before": None if d.labelled_val else before, "after": after},
+                             "every": held.every, "before": None if d.labelled_val else before, "after": after,
+                             **({"teacher_perplexity": teacher} if teacher is not None else {})},
                 "kept": kept}
 
     def write(self, setup: Any, trainer: Any, ended: dict[str, Any]) -> RecoverResult:
@@ -218,7 +235,8 @@ class RecoverStrategy:
             "steps": setup.schedule.total, "lr": o.lr, "schedule": "warmup-cosine",
             "warmup_steps": setup.schedule.warmup, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
             "processes": ctx.world_size, "images_per_step": o.batch_size * o.grad_accum * ctx.world_size,
-            "alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "eps": o.eps, "temperature": o.temperature,
+            "alpha": o.alpha, "beta": o.beta,
+            "gamma": o.weights_for(d.modality.name == "tokens").gamma, "eps": o.eps, "temperature": o.temperature,
             "label_smoothing": o.label_smoothing, "weight_decay": o.weight_decay, "clip_grad": o.clip_grad,
             "freeze_dense": o.freeze_dense, "augment": o.augment,
             "trained_parameters": sum(p.numel() for _, p in setup.trainable), "seed": o.seed,

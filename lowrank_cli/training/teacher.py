@@ -162,3 +162,31 @@ def factorize_student(s, t, opts: Any, *, device: torch.device, log, warn) -> di
     if lora:
         provenance["svd"] = "none (progressive init lora: random factors)"
     return dense
+
+
+def reads_token_stream(source: Any) -> bool:
+    """Whether the model `source` names reads text as one token stream (a causal LM), told without building it:
+    a LoadedModel, an lrc file (its spec) or a folder (its config.json). False when that cannot be told cheaply
+    (a Hub repo, a timm name): the run then finds out once the model is loaded."""
+    from pathlib import Path
+
+    from lowrank_cli.checkpoint.format import is_lrc_checkpoint, read_info
+    from lowrank_cli.errors import LrcError
+    from lowrank_cli.models.families import family_of, family_of_config, family_of_spec
+    from lowrank_cli.models.families.base import CONFIG_NAME, read_config_json
+    from lowrank_cli.models.loaded import LoadedModel
+
+    if isinstance(source, LoadedModel):
+        return family_of(source.model).text_data == "stream"
+    if not isinstance(source, (str, Path)):
+        return False
+    path = Path(source).expanduser()
+    try:
+        if path.is_file() and is_lrc_checkpoint(path):
+            return family_of_spec(read_info(path)[0].spec).text_data == "stream"
+        if (path / CONFIG_NAME).is_file():
+            family = family_of_config(read_config_json(path))
+            return family is not None and family.text_data == "stream"
+    except (LrcError, OSError, ValueError):
+        return False  # a broken source is reported when it loads
+    return False

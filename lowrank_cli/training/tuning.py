@@ -67,8 +67,9 @@ def adapt(env: Any, opts: Any, loaded: Any, head: Head, modality: Any, *, save_d
         p.requires_grad_(name in chosen)
     trained, total = sum(p.numel() for _, p in named), sum(p.numel() for p in raw.parameters())
     targets = config.targets
+    new_head = f", the new head ({', '.join(head.modules)})" if head.modules else ""
     where = (f"adapters on {len(targets)} linear(s){f' and {len(config.norms)} norm(s)' if config.norms else ''}"
-             f", the new head ({', '.join(head.modules)})" if targets else
+             f"{new_head}" if targets else
              "every parameter" if opts.method == "full" else f"the new head ({', '.join(head.modules)})")
     env.log(f"Method {opts.method}: {trained:,} trainable parameters of {total:,} ({100 * trained / total:.2f} %): "
             f"{where}")

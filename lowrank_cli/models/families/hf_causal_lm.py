@@ -7,7 +7,8 @@ What sets them apart from the encoders (hf_encoder, which shares the transformer
   `prepare` swaps each for the nn.Linear it is (weight transposed once), so every later step (plan, calibration,
   SVD, adapters, counting) sees plain linears and a factorized c_attn is a LowRankLinear whose product is W^T.
 - A forward returns a KV cache object by default (transformers 5: DynamicCache), which fvcore and torch.jit reject:
-  lrc runs them with `config.use_cache` off (`generate()` still caches: it asks for the cache itself).
+  lrc runs them with `config.use_cache` off (`generate()` still caches: it asks for the cache itself). The
+  source's generation settings travel in the spec (pretrained_cfg["generation_config"]) and come back on loading.
 - Tied embeddings (GPT-2, OPT; a Llama with tie_word_embeddings): `lm_head.weight` is the embedding's tensor, stored
   once in a checkpoint and tied again on loading.
 - Text is a token stream: calibration and perplexity cut it into windows (data.token_windows); the decoder layers
@@ -40,6 +41,9 @@ AUTO_CLASS = "AutoModelForCausalLM"
 DEFAULT_SEQ_LEN = 128
 # Linears of one decoder layer that read the very same hidden states (Llama, Mistral, Qwen, OPT: q/k/v of the
 # attention and gate/up of a gated MLP; GPT-2, GPT-NeoX and Phi-3 fuse them into one linear already).
+# Where a checkpoint keeps the source's generation settings (generation_config.json: eos ids, sampling defaults,
+# max_new_tokens), so that `lowrank_cli.load(file).generate()` generates as the source did.
+GENERATION_KEY = "generation_config"
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -125,6 +129,12 @@ class HfCausalLM(Family):
 
         model = empty_model(spec)
         self.prepare(model)
+        stored = (spec.pretrained_cfg or {}).get(GENERATION_KEY)
+        if isinstance(stored, dict) and getattr(model, "generation_config", None) is not None:
+            from transformers import GenerationConfig
+
+            with contextlib.suppress(ValueError, TypeError):  # a setting this transformers refuses: its defaults
+                model.generation_config = GenerationConfig.from_dict(stored)
         return model
 
     def finish(self, model: nn.Module) -> None:
@@ -145,10 +155,16 @@ class HfCausalLM(Family):
 
     def spec_of(self, model: nn.Module) -> ModelSpec:
         """The model's spec, its config as transformers would save it (use_cache is lrc's own setting)."""
+        from lowrank_cli.models.spec import json_safe
         from lowrank_cli.models.transformers_models import transformers_spec
 
         spec = transformers_spec(model, self.name)
         spec.model_args.pop("use_cache", None)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            stored = generation.to_diff_dict()
+            stored.pop("transformers_version", None)
+            spec.pretrained_cfg = {**spec.pretrained_cfg, GENERATION_KEY: json_safe(stored)}
         return spec
 
     def describe(self, model: nn.Module) -> tuple[str | None, str | None]:
