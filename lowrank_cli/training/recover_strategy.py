@@ -140,8 +140,11 @@ class RecoverStrategy:
         return named
 
     def changeable_on_resume(self, d: RunData, m: Pair, schedule: Any) -> dict[str, Any]:
-        return self.opts.changeable_on_resume(total=schedule.total, warmup=schedule.warmup,
-                                              teacher=name_of(m.teacher_loaded), data=str(self.data.resolve()))
+        changeable = self.opts.changeable_on_resume(total=schedule.total, warmup=schedule.warmup,
+                                                    teacher=name_of(m.teacher_loaded), data=str(self.data.resolve()))
+        # `gamma` unset means the family's default: compare the weight the run used (a state written before that
+        # default existed says 0.0 for a model that is not a causal LM)
+        return {**changeable, "gamma": self.opts.weights_for(d.modality.name == "tokens").gamma}
 
     def before_training(self, setup: Any) -> None:
         """Accuracy of the teacher and of the student before training (a resumed run reuses the first run's)."""
