@@ -112,6 +112,20 @@ CASES = [
           "shrink the images (a model reads a few hundred pixels a side)"),
     _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "1", "--batch-size", "4",
            "--workers", "0", "--alpha", "0", "-o", "{out}/r.safetensors"], 2, "nothing to learn from"),
+    # issue 26, second part
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{unreadable}", "--steps", "2", "--batch-size", "4",
+           "--workers", "0", "-o", "{out}/r.safetensors"], 3, "is not an image Pillow reads"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{root}/huge", "--steps", "2", "--batch-size", "4",
+           "--workers", "0", "--no-eval", "-o", "{out}/r.safetensors"], 3, "more than Pillow's limit"),
+    _case(["factorize", "{teacher}", "--kappa", "2", "-o", "{out}/x.bin"], 2,
+          "--output '{out}/x.bin' does not end in .safetensors, the format lrc writes: use -o {out}/x.safetensors"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "99999999999999999999",
+           "-o", "{out}/r.safetensors"], 2, "--steps must be at most 2147483648 (2^31), got 99999999999999999999"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--epochs", "1e12",
+           "-o", "{out}/r.safetensors"], 2, "--epochs must be at most 2147483648 (2^31), got 1e+12"),
+    _case(["bench", "{lr}", "--threads", "100000"], 2, "--threads must be at most"),
+    _case(["report", "{lr}", "--input-size", "3,200000,200000"], 2,
+          "--input-size '3,200000,200000' makes 120,000,000,000 values per example, more than lrc accepts"),
 ]
 
 
@@ -123,7 +137,7 @@ def test_bad_input(files, tmp_path, capsys, args, code, message):
     argv = [a.format(out=out, **names) for a in args]
     got, _, err = run_cli(argv, capsys)
     lines = error_lines(err)
-    assert got == code and len(lines) == 1 and message in lines[0], err
+    assert got == code and len(lines) == 1 and message.format(out=out) in lines[0], err
     assert err.splitlines()[-1] == lines[0]  # the Error line is the last word
     assert list(out.iterdir()) == []  # nothing written, nothing half-written
 
