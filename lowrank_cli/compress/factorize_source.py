@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lowrank_cli.atomic import locked_output
 from lowrank_cli.checkpoint.format import record_source
 from lowrank_cli.compress.factorization import FactorizeResult, factorize
 from lowrank_cli.compress.factorize_options import FactorizeOptions
@@ -16,6 +17,7 @@ from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import UsageError
 
 
+@locked_output
 def factorize_file(
     source: str,
     output: str,

@@ -306,3 +306,33 @@ def test_runs_with_loader_workers_leave_nothing_in_the_temporary_folder(files, t
     code, _, err = run_cli(["report", files["lr"], "--json"], capsys)
     assert code == 0, err
     assert (os.environ.get("TMPDIR"), tempfile.gettempdir(), os.environ.get("TORCHINDUCTOR_CACHE_DIR")) == before
+
+
+LOCKED = {"recover": ["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "1"],
+          "factorize": ["factorize", "{teacher}", "--kappa", "2"],
+          "finetune": ["finetune", "{teacher}", "--data", "{mismatched}", "--steps", "1"]}
+
+
+@pytest.mark.parametrize("command", sorted(LOCKED))
+def test_a_second_run_with_the_same_output_fails_at_once_naming_the_first(files, tmp_path, capsys, command):
+    """Another process holds the output (its lock next to it): the second run is exit 4 at once, with its pid, and
+    leaves the other run's files alone."""
+    out = tmp_path / "r.safetensors"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lowrank_cli.atomic import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        names = {k: v for k, v in files.items() if isinstance(v, Path)}
+        argv = [a.format(**names) for a in LOCKED[command]] + ["-o", out]
+        started = time.perf_counter()
+        code, _, err = run_cli(argv, capsys)
+        lines = error_lines(err)
+        assert code == 4 and len(lines) == 1 and f"is being written by another lrc run (pid {holder.pid};" in lines[0]
+        assert "--output" in lines[0] and err.splitlines()[-1] == lines[0], err
+        assert time.perf_counter() - started < 30 and [p.name for p in tmp_path.iterdir()] == [".r.safetensors.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli(LOCKED["factorize"][:1] + [str(files["teacher"]), "--kappa", "2", "-o", out], capsys)
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"], err  # lock removed
