@@ -50,7 +50,8 @@ def train(strategy: Any, output: str | os.PathLike, hooks: Hooks) -> Any:
             "`grad_accum` (same images per step)"
         ) from None
     except (Interrupted, TrainingError):
-        raise  # the saved training state and its metrics are what a resume continues from
+        _forget_failed_run(output, store.path, opts, ctx)  # a saved training state keeps its metrics: a resume's
+        raise
     except BaseException as e:
         _forget_failed_run(output, store.path, opts, ctx, drop_state=isinstance(e, NoUsableData))
         raise

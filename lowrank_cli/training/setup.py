@@ -138,6 +138,7 @@ def build_setup(strategy: Strategy, env: RunEnv) -> Setup:
     fixed = strategy.fixed_for_resume(env, data)
     saved = saved_state(env, fixed, opts.resume)
     models = strategy.load_models(env, data)
+    _check_finite(models)
     loss = strategy.loss(env, data, models)
     total = total_steps(opts, data.samples, ctx.world_size)
     loader, sampler = strategy.loader(env, data, models, total)
@@ -271,3 +272,12 @@ def write_checkpoint(setup: Setup) -> None:
         setup.store.remove()
 
     distributed.on_main(setup.ctx, write)
+
+
+def _check_finite(models: Any) -> None:
+    """A student or teacher with NaN / inf weights is named before any step (not as a NaN loss at step 1)."""
+    from lowrank_cli.models.weights import check_finite
+
+    check_finite(models.model, "the student")
+    if models.teacher is not None:
+        check_finite(models.teacher, "the teacher")

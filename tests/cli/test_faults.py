@@ -50,6 +50,9 @@ def files(tmp_path_factory, tiny_vit_folder, bert_folder):
     odd = "blocks.0.mlp.fc2.second.weight"
     for dtype, name in ((torch.int8, "int8"), (torch.float16, "fp16")):
         save_file({**tensors, odd: tensors[odd].to(dtype)}, str(root / f"{name}_tensor.safetensors"), metadata=meta)
+    nan = {**tensors, odd: tensors[odd].clone()}
+    nan[odd][0, 0] = float("nan")
+    save_file(nan, str(root / "nan.safetensors"), metadata=meta)
     for c in range(10):  # a class per output of the tiny ViT, every image past Pillow's limit
         for split in ("train", "val"):
             write_huge_image(root / "huge" / split / str(c) / "big.png")
@@ -123,6 +126,13 @@ CASES = [
            "-o", "{out}/r.safetensors"], 2, "--steps must be at most 2147483648 (2^31), got 99999999999999999999"),
     _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--epochs", "1e12",
            "-o", "{out}/r.safetensors"], 2, "--epochs must be at most 2147483648 (2^31), got 1e+12"),
+    _case(["eval", "{root}/nan.safetensors", "--data", "{mismatched}", "--workers", "0"], 3,
+          "nan.safetensors': tensor 'blocks.0.mlp.fc2.second.weight' holds 1 NaN or infinite value(s)"),
+    _case(["recover", "{root}/nan.safetensors", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "2",
+           "--batch-size", "4", "--workers", "0", "-o", "{out}/r.safetensors"], 3,
+          "the student: tensor 'blocks.0.mlp.fc2.second.weight' holds 1 NaN"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "3", "--lr", "1e30",
+           "--batch-size", "4", "--workers", "0", "--no-eval", "-o", "{out}/r.safetensors"], 5, "lower `lr`"),
     _case(["bench", "{lr}", "--threads", "100000"], 2, "--threads must be at most"),
     _case(["report", "{lr}", "--input-size", "3,200000,200000"], 2,
           "--input-size '3,200000,200000' makes 120,000,000,000 values per example, more than lrc accepts"),
