@@ -27,7 +27,7 @@ from lowrank_cli.training.losses import RecoveryLoss
 from lowrank_cli.training.parallel import distribution
 from lowrank_cli.training.progressive import Progressive, factorized_layer_types
 from lowrank_cli.training.result import RecoverResult
-from lowrank_cli.training.setup import loss_summary, write_checkpoint
+from lowrank_cli.training.setup import loss_summary, resume_changes, write_checkpoint
 from lowrank_cli.training.step import params_reached
 from lowrank_cli.training.strategy import Models, RunData, training_loader
 from lowrank_cli.training.teacher import load_pair, name_of
@@ -230,5 +230,6 @@ class RecoverStrategy:
             settings["augment_reason"] = d.augment_reason
         if not d.labelled_val and d.modality.name == "images":
             settings["accuracy_not_measured"] = d.why_not_scored(o)
+        settings.update(resume_changes(setup))
         return settings
 

@@ -204,6 +204,16 @@ def adamw(named: list[tuple[str, nn.Parameter]], opts: Any, device: torch.device
     return torch.optim.AdamW(groups, lr=opts.lr, fused=True if device.type == "cuda" else None), groups
 
 
+CHANGED_ON_RESUME = "changed_on_resume"  # state.extra: the options a resume changed, kept in the checkpoint's record
+
+
+def resume_changes(setup: Any) -> dict[str, Any]:
+    """{"changed_on_resume": [{at_step, option, then, now}, ...]} when a resume changed an option (the run is then
+    not the uninterrupted one), else {}: what the checkpoint's record and --json carry."""
+    changes = setup.state.extra.get(CHANGED_ON_RESUME)
+    return {CHANGED_ON_RESUME: changes} if changes else {}
+
+
 def start_state(env: RunEnv, saved: TrainState | None, model: nn.Module, optimizer: torch.optim.Optimizer,
                 groups: list[dict], named: list[tuple[str, nn.Parameter]], fingerprint: dict[str, Any],
                 schedule: Schedule) -> TrainState:
@@ -212,9 +222,12 @@ def start_state(env: RunEnv, saved: TrainState | None, model: nn.Module, optimiz
     if saved is None:
         return TrainState(schedule=schedule.record(), fingerprint=fingerprint)
     state = env.store.load(model, optimizer, [n for n, _ in named])
-    for option, then, now in changed_options(saved.fingerprint, fingerprint):
+    changes = changed_options(saved.fingerprint, fingerprint)
+    for option, then, now in changes:
         env.warn(f"{option} was {then} in the interrupted run and is {now} now: the result will differ from an "
-                 "uninterrupted run")
+                 "uninterrupted run (recorded in the checkpoint as `changed_on_resume`)")
+    state.extra.setdefault(CHANGED_ON_RESUME, []).extend(
+        {"at_step": state.step, "option": option.strip("`"), "then": then, "now": now} for option, then, now in changes)
     state.schedule, state.fingerprint = schedule.record(), fingerprint
     for group, fresh in zip(optimizer.param_groups, groups):  # the saved groups carry the old decay
         group["weight_decay"] = fresh["weight_decay"]

@@ -235,6 +235,14 @@ def test_resume_refusals(student, teacher, small_digits, tmp_path) -> None:
     messages = []
     done = _run(student, teacher, small_digits, out, resume=True, lr=5e-4, steps=3, warn=messages.append)
     assert done.resumed_from == 1 and any("`lr` was 0.001" in m for m in messages)
+    assert any("recorded in the checkpoint as `changed_on_resume`" in m for m in messages)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:  # the run is no longer the uninterrupted one: its record says so
+        recorded = [v for v in f.metadata().values() if "changed_on_resume" in v]
+    changes = {c["option"]: (c["then"], c["now"], c["at_step"]) for c in json.loads(recorded[0])["changed_on_resume"]}
+    assert changes["lr"] == (1e-3, 5e-4, 1) and changes["steps"] == (10, 3, 1)
+    assert done.settings["changed_on_resume"] == json.loads(recorded[0])["changed_on_resume"]
 
 
 def test_sigterm_finishes_the_step_saves_and_stops(student, teacher, small_digits, tmp_path) -> None:
