@@ -182,7 +182,7 @@ class RecoverStrategy:
         after = None if d.labelled_val else held.scorer()  # labelled images: accuracy after, below
         return {"held_out": {"data": d.val_from, "samples": len(d.val), "metric": held.scorer.score.name,
                              "every": held.every, "before": None if d.labelled_val else before, "after": after},
-                "kept": kept}
+                "kept": kept, "after_is": after_is(kept)}
 
     def write(self, setup: Any, trainer: Any, ended: dict[str, Any]) -> RecoverResult:
         d, m, state, raw = setup.data, setup.models, setup.state, setup.model
@@ -233,3 +233,14 @@ class RecoverStrategy:
         settings.update(resume_changes(setup))
         return settings
 
+
+SELECTION = "selection score"
+
+
+def after_is(kept: dict[str, Any] | None) -> str:
+    """What the "after" figure is: with keep best, the held-out data that scores it also chose the kept step, so it
+    is the selection score (optimistic); with the last state kept, an unbiased held-out score."""
+    if kept and kept.get("which") == "best":
+        return (f"{SELECTION}: the held-out data that chose the kept step (of every eval_every) scored it too, so "
+                "it is optimistic; measure the output on other data (lrc eval) for an unbiased figure")
+    return "held-out score: the last state is kept, the held-out data chose nothing"
