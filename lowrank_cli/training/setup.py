@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lowrank_cli import distributed
-from lowrank_cli.errors import InputError
+from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.training.callbacks import Callback, HeldOutEval, OnStep
 from lowrank_cli.training.heldout import Evaluator
 from lowrank_cli.training.metrics import metrics_path, truncate_metrics
@@ -145,6 +145,9 @@ def build_setup(strategy: Strategy, env: RunEnv) -> Setup:
     schedule = Schedule(opts.lr, warmup_steps(opts, total), total)
     callbacks = strategy.method_callbacks(schedule)
     trainable = strategy.trainable(env, data, models, loss)
+    if not trainable:  # the no-op rule: a run that trains nothing writes nothing
+        raise UsageError("no parameter of the model would train (nothing to train): check the method, its targets "
+                         "and what is frozen")
     optimizer, groups = adamw(trainable, opts, ctx.device)
     fingerprint = {**fixed, **strategy.changeable_on_resume(data, models, schedule)}
     state = start_state(env, saved, models.model, optimizer, groups, trainable, fingerprint, schedule)

@@ -60,6 +60,8 @@ def files(tmp_path_factory, tiny_vit_folder, bert_folder):
     for c in range(2):
         for i in range(6):
             write_corrupt_image(unreadable / "train" / str(c) / f"{i}.png", kind="garbage")
+    for c in range(10):  # a val/ split of one unreadable image per class of the tiny ViT: eval has no sample
+        write_corrupt_image(root / "unreadable_val" / "val" / str(c) / "0.png", kind="garbage")
     mismatched = write_digits_imagefolder(root / "mismatched", image_size=32, max_per_class=8)
     for split in ("train", "val"):  # 3 classes, for a model with 10 outputs
         for digit in range(3, 10):
@@ -136,6 +138,7 @@ CASES = [
           "--lr must be at most 2147483648 (2^31), got 1e+30"),
     _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "4", "--lr", "1e9",
            "--batch-size", "4", "--workers", "0", "--no-eval", "-o", "{out}/r.safetensors"], 5, "lower"),
+    _case(["eval", "{teacher}", "--data", "{root}/unreadable_val", "--workers", "0"], 3, "is not an image Pillow reads"),
     _case(["bench", "{lr}", "--threads", "100000"], 2, "--threads must be at most"),
     _case(["report", "{lr}", "--input-size", "3,200000,200000"], 2,
           "--input-size '3,200000,200000' makes 120,000,000,000 values per example, more than lrc accepts"),
