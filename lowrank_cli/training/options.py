@@ -144,8 +144,9 @@ class RecoverOptions(TrainingOptions):
                          help="Weight of the weight-perturbation regulariser (max|second@first - W| - eps)^2, >= 0.")
     gamma: float = option(0.0, low=0, panel=LOSS_PANEL,
                           help="Weight of the logit distillation (KL at --temperature), >= 0.")
-    delta: float = option(0.0, low=0, panel=LOSS_PANEL,
-                          help="Text models: weight of the MSE on the final pooled output, >= 0.")
+    delta: float | None = option(None, low=0, panel=LOSS_PANEL,
+                                 help="Text models: weight of the MSE on the final pooled output (a sentence-"
+                                 "transformers model's embedding), >= 0 (default: 1 for those models, else 0).")
     eps: float = option(1e-3, low=0, panel=LOSS_PANEL, help="The weight perturbation the regulariser aims at, >= 0.")
     freeze_dense: bool = option(False, panel=TRAINING_PANEL,
                                 help="Train only the factorized layers (norms, embeddings, head stay).")
@@ -185,7 +186,7 @@ class RecoverOptions(TrainingOptions):
         from lowrank_cli.training.losses import LossWeights
 
         return LossWeights(self.alpha, self.beta, self.gamma, self.eps, self.temperature, self.label_smoothing,
-                           self.delta)
+                           0.0 if self.delta is None else self.delta)
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the parameter, before anything is loaded."""
