@@ -102,3 +102,34 @@ def test_recovery_distils_and_scores_the_embedding(st_folder, tmp_path, capsys, 
     cosine = (t * s).sum(-1).mean().item()
     assert 0.5 < held["after"]["val_cosine"] <= 1 and 0.5 < cosine <= 1
     assert held["after"]["val_cosine"] > held["before"]["val_cosine"]
+
+
+def test_sentence_transformer_runs_the_compressed_model_with_the_original_modules(st_folder, tmp_path, capsys):
+    st = pytest.importorskip("sentence_transformers")
+    out = _factorize(st_folder, tmp_path / "lr.safetensors", capsys)
+    model = lowrank_cli.sentence_transformer(out)
+    assert isinstance(model, st.SentenceTransformer)
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    assert model.max_seq_length == 48
+    from lowrank_cli.layers.lowrank_linear import LowRankLinear
+
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 12
+    texts = corpus_sentences(5, seed=4)
+    got = model.encode(texts, convert_to_tensor=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(st_folder)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
+    with torch.no_grad():
+        expected = embed(lowrank_cli.load(out)(**batch).last_hidden_state, batch["attention_mask"],
+                         read_embedding(st_folder))
+    assert torch.allclose(got.float(), expected, atol=1e-5)
+    dense = st.SentenceTransformer(str(st_folder), device="cpu").encode(texts, convert_to_tensor=True)
+    assert not torch.allclose(got, dense, atol=1e-3)  # the low-rank layers run, not the dense ones
+    with pytest.raises(InputError, match="which is not here: pass .?source"):
+        import shutil
+
+        moved = tmp_path / "moved"
+        shutil.copytree(st_folder, moved)
+        out2 = _factorize(moved, tmp_path / "lr2.safetensors", capsys)
+        shutil.rmtree(moved)
+        lowrank_cli.sentence_transformer(out2)
+    assert lowrank_cli.sentence_transformer(out2, source=st_folder)[0].max_seq_length == 48
