@@ -80,7 +80,9 @@ class RecoverStrategy:
         save_dtype = next(raw.parameters()).dtype
         raw.to(device=dev, dtype=torch.float32).train()
         tea.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
-        d.modality.prepare(t, tokenizer=self.opts.tokenizer, max_length=self.opts.max_length)
+        # a sentence-transformers model: at its own max_seq_length, as its users run it
+        max_length = self.opts.max_length or (embedding_of(t) or {}).get("max_seq_length")
+        d.modality.prepare(t, tokenizer=self.opts.tokenizer, max_length=max_length)
         return Pair(model=raw, teacher=tea, save_dtype=save_dtype, input_size=d.modality.input_size(tea),
                     blocks=innermost_blocks(raw), student=s, teacher_loaded=t, pairs=pairs)
 

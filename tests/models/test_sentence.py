@@ -133,3 +133,20 @@ def test_sentence_transformer_runs_the_compressed_model_with_the_original_module
         shutil.rmtree(moved)
         lowrank_cli.sentence_transformer(out2)
     assert lowrank_cli.sentence_transformer(out2, source=st_folder)[0].max_seq_length == 48
+
+
+def test_sentence_pairs_feed_both_texts_and_missing_pairs_are_counted(tmp_path, caplog):
+    from lowrank_cli.data.texts import find_texts
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"text": "the sun is up", "text_pair": "it is day"}, {"text": "a tree grows"},
+            {"text": "the city sleeps", "text_pair": "it is night"}, {"text": "water", "text_pair": ""}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        found = find_texts(path)
+    assert found.texts == ["the sun is up", "it is day", "a tree grows", "the city sleeps", "it is night", "water"]
+    assert (found.pairs, found.unpaired) == (2, 2)
+    assert "2 of 4 records" in caplog.text and "text_pair" in caplog.text
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
+    assert (find_texts(plain).pairs, find_texts(plain).unpaired) == (0, 0)
