@@ -150,3 +150,22 @@ def test_sentence_pairs_feed_both_texts_and_missing_pairs_are_counted(tmp_path, 
     plain = tmp_path / "plain.jsonl"
     plain.write_text('{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
     assert (find_texts(plain).pairs, find_texts(plain).unpaired) == (0, 0)
+
+
+def test_eval_measures_embedding_cosine_and_pair_top1(st_folder, tmp_path, capsys):
+    out = _factorize(st_folder, tmp_path / "lr.safetensors", capsys, kappa="4")
+    texts = write_corpus(tmp_path / "t.txt", n=24)
+    code, stdout, err = run_cli(["eval", out, "--data", texts, "--against", st_folder, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["texts"] == 24 and 0.3 < result["cosine"] < 0.999
+    code, stdout, err = run_cli(["eval", st_folder, "--data", texts, "--against", st_folder, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["cosine"] == pytest.approx(1.0, abs=1e-5)
+    pairs = tmp_path / "p.jsonl"
+    lines = corpus_sentences(12, seed=8)
+    pairs.write_text("\n".join(json.dumps({"text": a, "text_pair": a}) for a in lines) + "\n", encoding="utf-8")
+    code, stdout, err = run_cli(["eval", st_folder, "--data", pairs, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["pairs"] == 12 and json.loads(stdout)["top1"] == pytest.approx(1.0)
+    code, _, err = run_cli(["eval", out, "--data", texts], capsys)
+    assert code != 0 and len(error_lines(err)) == 1 and "against" in err
