@@ -45,6 +45,7 @@ _API = {
     "read_info": "lowrank_cli.checkpoint.format",
     "CheckpointInfo": "lowrank_cli.checkpoint.format",
     "load_model": "lowrank_cli.adapters.loading",
+    "sentence_transformer": "lowrank_cli.adapters.sentence",
     "LoadedModel": "lowrank_cli.models.loaded",
     "LowRankLinear": "lowrank_cli.layers.lowrank_linear",
     "fuse_lowrank": "lowrank_cli.models.fusion",
@@ -72,6 +73,7 @@ __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:
     from lowrank_cli.adapters.loading import load, load_model
+    from lowrank_cli.adapters.sentence import sentence_transformer
     from lowrank_cli.checkpoint.format import CheckpointInfo, read_info
     from lowrank_cli.checkpoint.io import save
     from lowrank_cli.compress.factorization import FactorizeResult, factorize

@@ -101,10 +101,12 @@ def write_tiny_bert(folder: str | Path, *, head: str | None = "sequence-classifi
     return folder
 
 
-def write_sentence_transformers(folder: str | Path, **kw) -> Path:
-    """A sentence-transformers model folder: a BertModel (write_tiny_bert, head=None) at the root, a mean
-    pooling module in 1_Pooling/, and modules.json / config_sentence_transformers.json /
-    sentence_bert_config.json as sentence-transformers saves them."""
+def write_sentence_transformers(folder: str | Path, *, pooling_mode: str = "mean", normalize: bool = False,
+                                max_seq_length: int = 64, **kw) -> Path:
+    """A sentence-transformers model folder: a BertModel (write_tiny_bert, head=None) at the root, a pooling
+    module in 1_Pooling/ (`pooling_mode`: mean, cls, max, mean_sqrt_len_tokens; "" sets none), a 2_Normalize
+    module when `normalize`, and modules.json / config_sentence_transformers.json / sentence_bert_config.json as
+    sentence-transformers saves them."""
     import transformers
 
     kw["head"] = None
@@ -119,19 +121,17 @@ def write_sentence_transformers(folder: str | Path, **kw) -> Path:
                         "pytorch": torch.__version__},
         "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
     }
-    pooling = {
-        "word_embedding_dimension": hidden,
-        "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True,
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": False,
-        "include_prompt": True,
-    }
+    modes = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens"}
+    pooling = {"word_embedding_dimension": hidden, "include_prompt": True,
+               **{f"pooling_mode_{key}": mode == pooling_mode for mode, key in modes.items()},
+               "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False}
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir(exist_ok=True)
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                               "do_lower_case": False}))
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
     return folder

@@ -57,6 +57,10 @@ Stride = Annotated[Optional[int], typer.Option(
     help="Perplexity: tokens between the starts of windows of --seq-len tokens (default --seq-len: disjoint windows, "
     "the WikiText-2 protocol); "
     "a smaller stride scores each token with more context.")]
+Against = Annotated[Optional[str], typer.Option(
+    "--against", metavar="MODEL", show_default=False,
+    help="A sentence-transformers model on a text file: the dense MODEL to compare the embeddings with (mean "
+    "cosine).")]
 Workers = Annotated[Optional[int], typer.Option(
     "--workers", min=0, show_default=False, help="Data-loading processes (default: the CPUs, at most 8).")]
 
@@ -76,6 +80,7 @@ def eval_command(
     tokenizer: Tokenizer = None,
     max_length: MaxLength = None,
     stride: Stride = None,
+    against: Against = None,
     **source,
 ) -> None:
     """Measure the accuracy of any MODEL on labelled images or texts, or a causal LM's perplexity on text.
@@ -113,7 +118,10 @@ def eval_command(
                          "multi-task checkpoint one --task NAME=PATH per task")
     if is_labelled_text_file(data) or looks_like_text_data(data):
         return _eval_text_data(model, data, arch, batch_size, device, json_out, tokenizer, max_length, seq_len,
-                               stride, run)
+                               stride, run, against)
+    if against is not None:
+        raise UsageError("--against compares a sentence-transformers model's embeddings on a text file; --data here "
+                         "is images")
     if tokenizer is not None or max_length is not None or seq_len is not None or stride is not None:
         raise UsageError("--tokenizer, --max-length, --seq-len and --stride are for text data; --data here is images")
     image_set = val_split(data)  # a wrong folder fails before the model loads
@@ -176,7 +184,7 @@ def _ready(model: Any, dev: Any, run: Any) -> Any:
 
 def _eval_text_data(model: str, data: Path, arch: str | None, batch_size: int | None, device: str, json_out: bool,
                     tokenizer: str | None, max_length: int | None, seq_len: int | None, stride: int | None,
-                    run: Any) -> None:
+                    run: Any, against: str | None = None) -> None:
     """Text data: a causal LM's perplexity, or a fine-tuned text model's scores on labelled texts, as its family
     says (`metric`)."""
     from lowrank_cli.adapters.loading import load_model
@@ -184,9 +192,17 @@ def _eval_text_data(model: str, data: Path, arch: str | None, batch_size: int | 
     from lowrank_cli.models.families import family_of
     from lowrank_cli.models.weights import check_finite
 
+    from lowrank_cli.evaluation.embedding import has_labels
+    from lowrank_cli.models.sentence import embedding_of
+
     loaded = load_model(model, arch=arch, log=lambda msg: console.info(f"Model: {msg}"))
     check_finite(loaded.model, f"'{model}'")
     _first_task(loaded)
+    if embedding_of(loaded) is not None and not has_labels(data):
+        return _eval_embeddings(model, loaded, data, batch_size or 64, device, json_out, tokenizer, max_length,
+                                against)
+    if against is not None:
+        raise UsageError(f"--against compares the embeddings of a sentence-transformers model; {model} is not one")
     if family_of(loaded.model).metric == "perplexity":
         if max_length is not None:
             raise UsageError("--max-length cuts texts for a text classifier; a causal LM reads --seq-len windows")
@@ -222,6 +238,29 @@ def _eval_texts(model: str, loaded, data: Path, batch_size: int, device: str, js
     scores = (f"accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else
               f"Pearson {result['pearson']:.4f}  Spearman {result['spearman']:.4f}")
     console.out.print(f"{scores}  ({result['texts']} texts of {result['data']})")
+
+
+def _eval_embeddings(model: str, loaded, data: Path, batch_size: int, device: str, json_out: bool,
+                     tokenizer: str | None, max_length: int | None, against: str | None) -> None:
+    """A sentence-transformers model on a text file: embedding cosine to the dense model, retrieval top-1 of pairs."""
+    from lowrank_cli.adapters.loading import load_model
+    from lowrank_cli.data.texts import load_tokenizer
+    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.evaluation.embedding import evaluate_embeddings
+    from lowrank_cli.models.sentence import embedding_of
+
+    dev = resolve_device(device)
+    dense = None if against is None else load_model(against, log=lambda msg: console.info(f"Against: {msg}")).model
+    result = evaluate_embeddings(loaded.model, data, load_tokenizer(_tokenizer_source(loaded, tokenizer)),
+                                 embedding_of(loaded), against=dense, max_length=max_length, batch_size=batch_size,
+                                 device=dev)
+    result = {"model": model, "data": str(data), **({"against": against} if against else {}), **result}
+    if json_out:
+        console.print_json(result)
+        return
+    scores = [f"embedding cosine {result['cosine']:.4f} to {against}" if "cosine" in result else "",
+              f"retrieval top-1 {100 * result['top1']:.2f}% of {result['pairs']} pairs" if "top1" in result else ""]
+    console.out.print(f"{'  '.join(x for x in scores if x)}  ({result['texts']} texts of {result['data']})")
 
 
 def _eval_perplexity(model: str, loaded, data: Path, batch_size: int | None, device: str, json_out: bool,

@@ -38,6 +38,7 @@ from lowrank_cli.models.transformers_models import quiet, require
 log = logging.getLogger(__name__)
 
 TEXT_EXTENSIONS: tuple[str, ...] = (".txt", ".jsonl")
+PAIR_KEY = "text_pair"  # the second text of a .jsonl record of sentence pairs
 # Files that carry a vocabulary. tokenizer_config.json / special_tokens_map.json alone do not: from a folder
 # with only config.json, transformers 5 builds a BERT tokenizer that knows nothing but its 5 special tokens.
 VOCAB_FILES: tuple[str, ...] = (
@@ -62,6 +63,8 @@ class TextSet:
     texts: list[str]
     files: list[Path]
     skipped: int = 0
+    pairs: int = 0  # records of sentence pairs ({"text", "text_pair"}): both texts are in `texts`, in order
+    unpaired: int = 0  # in a file of pairs, the records without a "text_pair" (their text alone is in `texts`)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -89,8 +92,10 @@ def _text_files_in(folder: Path) -> list[Path]:
     return walk_files(folder, is_text_file)
 
 
-def _records(path: Path) -> Iterator[tuple[int, str | None]]:
-    """(line number, text or None when unusable) for every non-blank line of one file, read lazily."""
+def _records(path: Path) -> Iterator[tuple[int, str | None, str | bool]]:
+    """(line number, text or None when unusable, its pair) for every non-blank line of one file, read lazily: the
+    pair is a .jsonl record's "text_pair" string (sentence pairs), True when the record has the key but no text in
+    it, False when it has no such key."""
     jsonl = path.suffix.lower() == ".jsonl"
     try:
         # Bytes, decoded line by line, so that a decoding error names its line.
@@ -106,15 +111,17 @@ def _records(path: Path) -> Iterator[tuple[int, str | None]]:
                 if not line.strip():
                     continue
                 if not jsonl:
-                    yield number, line
+                    yield number, line, False
                     continue
                 try:
                     record = json.loads(line)
                 except ValueError:
-                    yield number, None
+                    yield number, None, False
                     continue
                 text = record.get("text") if isinstance(record, dict) else None
-                yield number, text if isinstance(text, str) and text.strip() else None
+                pair = record.get(PAIR_KEY, False) if isinstance(record, dict) else False
+                pair = pair if isinstance(pair, str) and pair.strip() else pair is not False
+                yield number, text if isinstance(text, str) and text.strip() else None, pair
     except OSError as exc:
         raise InputError(f"cannot read text file '{path}' ({exc.strerror or exc}): check its permissions") from None
 
@@ -138,18 +145,23 @@ def find_texts(path: str | os.PathLike[str], *, limit: int | None = None) -> Tex
 
     texts: list[str] = []
     read: list[Path] = []
-    skipped = 0
+    skipped, pairs, unpaired = 0, 0, 0
     for file in files:
         if limit is not None and len(texts) >= limit:
             break
         read.append(file)
         bad: list[int] = []
         with contextlib.closing(_records(file)) as records:  # closes the file when the limit stops early
-            for number, text in records:
+            for number, text, pair in records:
                 if text is None:
                     bad.append(number)
                     continue
                 texts.append(text)
+                if isinstance(pair, str):  # a sentence pair: both texts are read
+                    texts.append(pair)
+                    pairs += 1
+                else:
+                    unpaired += 1
                 if limit is not None and len(texts) >= limit:
                     break
         if bad:
@@ -161,7 +173,11 @@ def find_texts(path: str | os.PathLike[str], *, limit: int | None = None) -> Tex
             raise InputError(f"text data '{root}' has no usable text: all {skipped} line(s) were skipped as invalid"
                              f' JSON or without a non-empty string "text" field; {_FORMAT_HINT}')
         raise InputError(f"text data '{root}' has no text, only blank lines: {_FORMAT_HINT}")
-    return TextSet(root=root, texts=texts, files=read, skipped=skipped)
+    if pairs and unpaired:
+        log.warning("%d of %d records of '%s' have no \"%s\" (sentence pairs): their \"text\" alone is used; add "
+                    "the pair or remove those lines", unpaired, pairs + unpaired, root, PAIR_KEY)
+    return TextSet(root=root, texts=texts, files=read, skipped=skipped, pairs=pairs,
+                   unpaired=unpaired if pairs else 0)
 
 
 # -------------------------------------------------------------------------------------------- tokenizer

@@ -105,6 +105,10 @@ def snapshot_revision(path: Path) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
+# What a sentence-transformers repo says of its embedding (models.sentence), fetched beside the weights when present.
+SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
+
+
 def hub_transformers_files(repo: str, revision: str | None) -> Path:
     """Fetch what transformers needs of a Hub repo (weights, shards, image preprocessing) through hub_download,
     so that the cache, HF_TOKEN, HF_HUB_OFFLINE and the error messages are lrc's everywhere; returns the local
@@ -135,10 +139,11 @@ def hub_transformers_files(repo: str, revision: str | None) -> Path:
     if folder is None:
         raise InputError(f"hf-hub:{repo} has no model.safetensors or {PICKLE_WEIGHTS} (nor sharded ones): it is "
                          "not a transformers model repo")
-    try:  # vision models keep their mean / std / size there; text models have none
-        optional(PREPROCESSOR)
-    except InputError:  # offline, and never downloaded
-        pass
+    for name in (PREPROCESSOR, *SENTENCE_FILES):  # vision models keep their mean / std / size in the first;
+        try:  # sentence-transformers repos their embedding in the others
+            optional(name)
+        except InputError:  # offline, and never downloaded
+            pass
     return folder
 
 

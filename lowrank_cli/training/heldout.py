@@ -190,8 +190,9 @@ def distillation_scores(student: nn.Module, teacher: nn.Module, distiller: Any, 
                                             teacher_blocks=t_blocks, mask=mask)
             if text:
                 s_last, t_last = (s_blocks[-1], t_blocks[-1]) if s_blocks else (None, None)
-                cos = F.cosine_similarity(pooled_output(s_out, mask, s_last).float(),
-                                          pooled_output(t_out, mask, t_last).float(), dim=-1)
+                pooled = getattr(distiller.loss, "pooled", None) or pooled_output
+                cos = F.cosine_similarity(pooled(s_out, mask, s_last).float(), pooled(t_out, mask, t_last).float(),
+                                          dim=-1)
                 terms["cosine"] = cos.mean()
             n = len(inputs)
             for name, value in terms.items():

@@ -145,9 +145,9 @@ class RecoveryLoss:
     """Eq. 7 over one batch. `pairs` ((LowRankLinear, teacher W) per factorized layer) is needed when beta > 0."""
 
     def __init__(self, weights: LossWeights, *, use_labels: bool,
-                 pairs: Sequence[tuple[LowRankLinear, torch.Tensor]] = ()):
+                 pairs: Sequence[tuple[LowRankLinear, torch.Tensor]] = (), embedding: dict | None = None):
         weights.check()
-        self.weights = weights
+        self.weights, self.embedding = weights, embedding  # embedding: a sentence model's (models.sentence)
         self.use_labels = use_labels
         self.pairs = list(pairs)
         if weights.beta > 0 and not self.pairs:
@@ -195,9 +195,27 @@ class RecoveryLoss:
             terms["kd"] = logit_distillation(logits_of(student_out), logits_of(teacher_out), w.temperature, mask)
         if w.delta > 0:
             s_last, t_last = (student_blocks[-1], teacher_blocks[-1]) if student_blocks else (None, None)
-            terms["pool"] = masked_mse(pooled_output(student_out, mask, s_last),
-                                       pooled_output(teacher_out, mask, t_last), None)
+            terms["pool"] = masked_mse(self.pooled(student_out, mask, s_last), self.pooled(teacher_out, mask, t_last),
+                                       None)
         return terms
+
+    def pooled(self, output: object, mask: torch.Tensor | None, last_block: torch.Tensor | None) -> torch.Tensor:
+        """What the pooled term and held-out cosine compare: a sentence model's embedding as its folder defines it
+        (scaled by sqrt(dim) when normalized, so the MSE weighs like a hidden state's), else `pooled_output`."""
+        if self.embedding is None:
+            return pooled_output(output, mask, last_block)
+        from lowrank_cli.models.sentence import embed
+
+        hidden = output.get("last_hidden_state") if isinstance(output, dict) else None
+        if not isinstance(hidden, torch.Tensor):
+            hidden = last_block
+        if not self.embedding.get("pooling") or not isinstance(hidden, torch.Tensor):
+            from lowrank_cli.errors import UsageError
+
+            raise UsageError("`delta` distils the embedding, and this sentence-transformers model has no Pooling "
+                             "module: leave out `delta`")
+        out = embed(hidden, mask, self.embedding)
+        return out * out.shape[-1] ** 0.5 if self.embedding.get("normalize") else out
 
     def _total(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         w = self.weights

@@ -148,8 +148,9 @@ class RecoverOptions(TrainingOptions):
     gamma: float | None = option(None, low=0, panel=LOSS_PANEL,
                                  help="Weight of the logit distillation (KL at --temperature), >= 0 (default: 1 for "
                                  "causal LMs, token-level KL; else 0).")
-    delta: float = option(0.0, low=0, panel=LOSS_PANEL,
-                          help="Text models: weight of the MSE on the final pooled output, >= 0.")
+    delta: float | None = option(None, low=0, panel=LOSS_PANEL,
+                                 help="Text models: weight of the MSE on the final pooled output (a sentence-"
+                                 "transformers model's embedding), >= 0 (default: 1 for those models, else 0).")
     eps: float = option(1e-3, low=0, panel=LOSS_PANEL, help="The weight perturbation the regulariser aims at, >= 0.")
     freeze_dense: bool = option(False, panel=TRAINING_PANEL,
                                 help="Train only the factorized layers (norms, embeddings, head stay).")
@@ -193,7 +194,7 @@ class RecoverOptions(TrainingOptions):
         from lowrank_cli.training.losses import LossWeights
 
         return LossWeights(self.alpha, self.beta, self.gamma or 0.0, self.eps, self.temperature, self.label_smoothing,
-                           self.delta)
+                           0.0 if self.delta is None else self.delta)
 
     def weights_for(self, stream: bool) -> LossWeights:
         """The loss weights of a run: `gamma` unset is CAUSAL_LM_KD (token-level KL) for a causal LM, else 0."""

@@ -12,7 +12,7 @@ scored by perplexity (training.heldout.PerplexityScorer), the teacher's measured
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from lowrank_cli.data.modality import check_model, modality_for
 from lowrank_cli.data.token_stream import as_stream
 from lowrank_cli.errors import UsageError
 from lowrank_cli.evaluation.accuracy import check_classes
+from lowrank_cli.models.sentence import embedding_of
 from lowrank_cli.models.structure import innermost_blocks
 from lowrank_cli.training.callbacks import held_out_eval, measured_before
 from lowrank_cli.training.heldout import (AccuracyScorer, DistillationScorer, PerplexityScorer,
@@ -37,6 +38,7 @@ from lowrank_cli.training.step import params_reached
 from lowrank_cli.training.strategy import Models, RunData, training_loader
 from lowrank_cli.training.teacher import load_pair, name_of, reads_token_stream
 
+SENTENCE_DELTA = 1.0  # the pooled term's weight for a sentence-transformers model, unless `delta` says otherwise
 SKIPPED_WARNING = 0.01  # the share of unreadable training samples above which a run warns (once, at the end)
 
 
@@ -87,14 +89,16 @@ class RecoverStrategy:
         raw.to(device=dev, dtype=torch.float32).train()
         tea.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
         if not as_stream(d, self.data, t, self.opts, evaluate=self.opts.evaluate_accuracy):
-            d.modality.prepare(t, tokenizer=self.opts.tokenizer, max_length=self.opts.max_length)
+            # a sentence-transformers model: at its own max_seq_length, as its users run it
+            max_length = self.opts.max_length or (embedding_of(t) or {}).get("max_seq_length")
+            d.modality.prepare(t, tokenizer=self.opts.tokenizer, max_length=max_length)
         return Pair(model=raw, teacher=tea, save_dtype=save_dtype, input_size=d.modality.input_size(tea),
                     blocks=innermost_blocks(raw), student=s, teacher_loaded=t, pairs=pairs)
 
     def loss(self, env: Any, d: RunData, m: Pair) -> RecoveryLoss:
         """Eq. 7 with the terms the data allows: labels only when they fit the student, accuracy only when the
         val split fits the teacher."""
-        weights = self.opts.weights_for(d.modality.name == "tokens")
+        weights, embedding = self._weights(m, d)
         if weights.alpha > 0 and not m.blocks:
             raise UsageError(f"{name_of(m.student)} has no repeated transformer blocks to distil features from: use "
                              "`alpha` 0 with labels or `gamma` > 0")
@@ -108,7 +112,23 @@ class RecoverStrategy:
         if not d.use_labels and not (weights.alpha or weights.gamma or weights.beta or weights.delta):
             raise UsageError("the data has no labels (or none that fit the model) and alpha, beta, gamma and delta "
                              "are 0: nothing to learn from; keep `alpha` 1")
-        return RecoveryLoss(weights, use_labels=d.use_labels, pairs=[(layer, w) for _, layer, w in m.pairs])
+        return RecoveryLoss(weights, use_labels=d.use_labels, pairs=[(layer, w) for _, layer, w in m.pairs],
+                            embedding=embedding)
+
+    def _weights(self, m: Pair, d: RunData) -> tuple[Any, dict[str, Any] | None]:
+        """The loss weights and the embedding of a sentence-transformers model (models.sentence), whose pooled
+        term is on by default; a sentence model without a Pooling module has no embedding to distil."""
+        weights, o = self.opts.weights_for(d.modality.name == "tokens"), self.opts
+        embedding = embedding_of(m.student) or embedding_of(m.teacher_loaded)
+        if embedding is not None and not embedding.get("pooling"):
+            if o.delta:
+                raise UsageError("`delta` distils the pooled embedding, and this sentence-transformers model has no "
+                                 "Pooling module: leave out `delta`")
+            embedding = None
+        if embedding is not None and o.delta is None:
+            weights = replace(weights, delta=SENTENCE_DELTA)
+        self.delta = weights.delta
+        return weights, embedding
 
     def loader(self, env: Any, d: RunData, m: Pair, total: int) -> tuple[Any, Any]:
         return training_loader(env, self.opts, d, m.teacher, m.input_size, total)
@@ -246,7 +266,7 @@ class RecoverStrategy:
             "precision": "bf16" if ctx.device.type == "cuda" else "fp32", "compile": o.compile,
             **(self.method.settings() if self.method is not None else {"method": "pela"}),
         }
-        settings.update(d.modality.settings(o.delta))
+        settings.update(d.modality.settings(getattr(self, "delta", o.delta or 0.0)))
         settings["augment"] = d.augment
         if d.modality.augments:
             settings["augment_reason"] = d.augment_reason

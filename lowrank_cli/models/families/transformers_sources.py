@@ -83,8 +83,12 @@ def check_no_model_args(model_args: dict[str, Any], what: str) -> None:
 def opened(where: str, folder: Path, revision: str | None, arch: str | None, model_args: dict[str, Any], what: str,
             source: dict[str, Any], family: str, auto: str) -> Any:
     from lowrank_cli.models.loaded import LoadedModel
+    from lowrank_cli.models.sentence import read_embedding
 
     check_no_model_args(model_args, what)
+    embedding = read_embedding(Path(folder)) if Path(folder).is_dir() else None  # before the weights: refusals first
+    if embedding is not None:
+        source = {**source, "embedding": embedding}
     model, spec = load_pretrained(str(folder), what=what, arch=arch, preprocessor=read_json(folder / PREPROCESSOR),
                                   family=family, auto=auto)
     return LoadedModel(model, spec, source, files=where, revision=revision)

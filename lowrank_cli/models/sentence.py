@@ -1,0 +1,119 @@
+"""Sentence-transformers folders: the embedding a model defines (modules.json: the transformer, then 1_Pooling,
+then 2_Normalize), read once when lrc opens the folder and recorded with the source (`source["embedding"]`, so
+the checkpoint's provenance says it), and computed here for recovery, held-out scoring and `lrc eval`.
+
+    read_embedding(folder)        # {"pooling": ["mean"], "normalize": True, "max_seq_length": 256, ...} or None
+    embed(hidden, mask, emb)      # (batch, dim) embeddings from a last hidden state and its attention mask
+    embedding_of(loaded)          # the record of a LoadedModel (a dense folder or an lrc file); None: a plain model
+
+Only the module types sentence-transformers ships for this (Transformer, Pooling, Normalize) are read; any other
+(Dense, a custom code module) is refused with its name: lrc never runs code from a model folder. Files written
+before this record keep behaving as before (no embedding: the pooler or the mean of the last hidden state).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lowrank_cli.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+MODULES_FILE = "modules.json"
+ST_CONFIG = "sentence_bert_config.json"
+KNOWN = {"sentence_transformers.models.Transformer": "transformer",
+         "sentence_transformers.models.Pooling": "pooling",
+         "sentence_transformers.models.Normalize": "normalize"}
+# Pooling config keys -> lrc's mode names, in the order sentence-transformers concatenates them.
+POOLING_MODES = (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
+                 ("pooling_mode_mean_tokens", "mean"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"))
+UNSUPPORTED_MODES = ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"'{path}' is not valid JSON ({e}): fix or re-export the sentence-transformers folder") from None
+
+
+def read_embedding(folder: Path) -> dict[str, Any] | None:
+    """The embedding a sentence-transformers folder defines; None when it has no modules.json (a plain
+    transformers folder)."""
+    path = Path(folder) / MODULES_FILE
+    if not path.is_file():
+        return None
+    modules = _json(path)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
+        raise InputError(f"'{path}' is not a list of modules with a `type` each: fix or re-export the folder")
+    kinds = []
+    for m in modules:
+        kind = KNOWN.get(str(m["type"]))
+        if kind is None:
+            raise InputError(f"'{path}' names module type '{m['type']}', which lrc does not know (it reads "
+                             "Transformer, Pooling and Normalize only, never code from a model folder): use a model "
+                             "without it")
+        kinds.append(kind)
+    if not kinds or kinds[0] != "transformer" or kinds.count("transformer") != 1 or str(modules[0].get("path", "")):
+        raise InputError(f"'{path}' must start with the one Transformer module at the folder's root: fix the folder")
+    pooling = [m for m, k in zip(modules, kinds) if k == "pooling"]
+    modes = read_pooling(Path(folder) / str(pooling[0].get("path", "")) / "config.json") if pooling else []
+    config = Path(folder) / ST_CONFIG
+    max_len = _json(config).get("max_seq_length") if config.is_file() else None
+    return {"modules": kinds, "pooling": modes, "normalize": "normalize" in kinds,
+            "max_seq_length": int(max_len) if isinstance(max_len, int) and max_len > 0 else None}
+
+
+def read_pooling(path: Path) -> list[str]:
+    """The pooling modes a 1_Pooling/config.json sets, in sentence-transformers' order of concatenation."""
+    if not path.is_file():
+        raise InputError(f"the Pooling module has no '{path}': fix or re-export the sentence-transformers folder")
+    cfg = _json(path)
+    if not isinstance(cfg, dict):
+        raise InputError(f"'{path}' is not a JSON object: fix the pooling config")
+    for key in UNSUPPORTED_MODES:
+        if cfg.get(key):
+            raise InputError(f"'{path}' sets {key}, a pooling lrc does not compute: use a model with cls, mean, max "
+                             "or mean_sqrt_len pooling")
+    modes = [mode for key, mode in POOLING_MODES if cfg.get(key)]
+    if not modes:
+        raise InputError(f"'{path}' sets no pooling mode (pooling_mode_mean_tokens, pooling_mode_cls_token, ...): "
+                         "set the one the model was trained with")
+    return modes
+
+
+def embed(hidden: torch.Tensor, mask: torch.Tensor | None, embedding: dict[str, Any]) -> torch.Tensor:
+    """The embeddings of a batch as sentence-transformers computes them: each pooling over the real tokens
+    (`mask`), concatenated, then L2-normalised when the model normalizes."""
+    import torch
+    import torch.nn.functional as F
+
+    h = hidden.float()
+    m = (torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device)).float().unsqueeze(-1)
+    count = m.sum(1).clamp_min(1e-9)
+    parts = []
+    for mode in embedding["pooling"] or ["mean"]:
+        if mode == "cls":
+            parts.append(h[:, 0])
+        elif mode == "max":
+            parts.append(h.masked_fill(m == 0, -1e9).amax(1))
+        elif mode == "mean":
+            parts.append((h * m).sum(1) / count)
+        else:  # mean_sqrt_len
+            parts.append((h * m).sum(1) / count.sqrt())
+    out = torch.cat(parts, dim=-1)
+    return F.normalize(out, p=2, dim=-1) if embedding.get("normalize") else out
+
+
+def embedding_of(loaded: Any) -> dict[str, Any] | None:
+    """The embedding record of a LoadedModel: its source's (a dense folder), else its checkpoint's provenance."""
+    source = getattr(loaded, "source", None) or {}
+    if isinstance(source.get("embedding"), dict):
+        return source["embedding"]
+    info = getattr(getattr(loaded, "model", loaded), "lrc_info", None)
+    recorded = ((info.provenance or {}).get("source") or {}) if info is not None else {}
+    found = recorded.get("embedding") if isinstance(recorded, dict) else None
+    return found if isinstance(found, dict) else None
