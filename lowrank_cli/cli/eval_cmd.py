@@ -91,16 +91,9 @@ def eval_command(
     --fused runs the low-rank layers through the fused Triton kernel on CUDA (default: the two linears);
     --runtime compile / graphs (CUDA) torch.compiles it; --no-group runs shared-input low-rank layers one by one.
     """
-    from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.data.labelled_texts import is_labelled_text_file
-    from lowrank_cli.data.sampling import default_workers
     from lowrank_cli.data.texts import looks_like_text_data
-    from lowrank_cli.devices import resolve_device
-    from lowrank_cli.errors import InputError, UsageError
-    from lowrank_cli.evaluation.accuracy import evaluate, val_split
-    from lowrank_cli.models.families import family_of
-    from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
-    from lowrank_cli.models.weights import check_finite
+    from lowrank_cli.errors import UsageError
 
     console.show_progress(progress)
     device, arch, model_args, seq_len = source["device"], source["arch"], source["model_args"], source["seq_len"]
@@ -124,6 +117,21 @@ def eval_command(
                          "is images")
     if tokenizer is not None or max_length is not None or seq_len is not None or stride is not None:
         raise UsageError("--tokenizer, --max-length, --seq-len and --stride are for text data; --data here is images")
+    _eval_images(model, data, arch, model_args, batch_size, device, workers, fused, json_out, run)
+
+
+def _eval_images(model: str, data: Path, arch: str | None, model_args: dict, batch_size: int | None, device: str,
+                 workers: int | None, fused: bool | None, json_out: bool, run: Any) -> None:
+    """Top-1 / top-5 of MODEL on the labelled images of `data` (its val split)."""
+    from lowrank_cli.adapters.loading import load_model
+    from lowrank_cli.data.sampling import default_workers
+    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.errors import InputError
+    from lowrank_cli.evaluation.accuracy import evaluate, val_split
+    from lowrank_cli.models.families import family_of
+    from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
+    from lowrank_cli.models.weights import check_finite
+
     image_set = val_split(data)  # a wrong folder fails before the model loads
     dev = resolve_device(device)
     fuse = resolve_fused(fused, dev)  # --fused without CUDA or Triton: exit 6 before the loading
@@ -152,6 +160,8 @@ def eval_command(
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
         f"({result['images']} images of {result['data']}{skipped})"
     )
+
+
 
 
 def _run_options(source: dict, device: str, tasks: bool) -> Any:

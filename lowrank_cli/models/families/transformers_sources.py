@@ -39,9 +39,12 @@ def folder_skeleton(folder: Path, *, what: str, arch: str | None, model_args: di
         vision_pretrained_cfg,
     )
 
+    from lowrank_cli.models.sentence import read_embedding
+
     check_no_model_args(model_args, what)
     transformers = require()
     check_remote_code(read_json(folder / "config.json") or {}, what)
+    embedding = read_embedding(Path(folder))  # a sentence-transformers folder, as `opened` reads it: refusals first
     with quiet():
         config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     cls = model_class(config, arch, auto)
@@ -58,7 +61,8 @@ def folder_skeleton(folder: Path, *, what: str, arch: str | None, model_args: di
 
     weights = folder / SAFE_WEIGHTS
     source = {"kind": "local-dir", "id": str(folder.resolve()), "library": LIBRARY,
-              **({"sha256": sha256_later(weights)} if weights.is_file() else {})}
+              **({"sha256": sha256_later(weights)} if weights.is_file() else {}),
+              **({"embedding": embedding} if embedding is not None else {})}
     return LoadedModel(model, transformers_spec(model, family), source, files=str(folder))
 
 
