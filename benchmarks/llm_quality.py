@@ -74,9 +74,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--recover-steps", type=int, default=None)
+    parser.add_argument("--train-steps", type=int, default=None, help="the dense model's training steps")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "llm_quality.json")
     args = parser.parse_args()
-    settings = llm_corpus.QUICK if args.quick else llm_corpus.FULL
+    settings = dict(llm_corpus.QUICK if args.quick else llm_corpus.FULL)
+    settings["steps"] = args.train_steps or settings["steps"]
     args.seq_len = settings["seq_len"]
     args.calib_samples = args.calib_samples or (16 if args.quick else 64)
     args.recover_steps = args.recover_steps or (10 if args.quick else 100)
