@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,8 +84,9 @@ def main() -> None:
     args.calib_samples = args.calib_samples or (16 if args.quick else 64)
     args.recover_steps = args.recover_steps or (10 if args.quick else 100)
     dense, paths = llm_corpus.build(args.work_dir, settings, log=lambda m: print(m, file=sys.stderr))
-    runs = args.work_dir / "runs"
-    runs.mkdir(exist_ok=True)
+    runs = args.work_dir / f"runs_{dense.name}"  # one model's factorizations; a rerun starts them afresh
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir()
     doc = {"settings": settings | {"calib_samples": args.calib_samples, "recover_steps": args.recover_steps,
                                    "quick": args.quick},
            "dense": perplexity(str(dense), paths["test"], dense, args.seq_len), "perplexity": {r: {} for r in ROWS}}
