@@ -174,3 +174,85 @@ def fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+LOCK_SUFFIX = ".lock"  # .NAME.lock next to an output: held (flock) by the run that writes it
+_HELD: dict[Path, int] = {}  # the outputs this process holds, with how often (a run inside a run: the same lock)
+
+
+def lock_path(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.with_name(f".{output.name}{LOCK_SUFFIX}")
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[None]:
+    """Hold `output` (and what lives next to it: its training state, its metrics) for this run alone: an exclusive
+    flock on .NAME.lock, which holds the pid, removed at the end. A second run with the same output fails at once
+    (OutputError, exit 4) naming the process that holds it. Ranks other than 0 of a torchrun take none (rank 0
+    holds it for them); a folder that does not exist is left to check_output to refuse."""
+    path = lock_path(output).absolute()
+    if os.environ.get("RANK", "0") != "0" or not path.parent.is_dir():
+        yield
+        return
+    if path in _HELD:  # this process holds it already (a run inside a run)
+        _HELD[path] += 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
+    fd = _acquire(path, Path(output))
+    _HELD[path] = 1
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def _acquire(path: Path, output: Path) -> int:
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # as check_output says it
+            raise OutputError(f"cannot write in '{path.parent}' ({e.strerror or e}): choose a writable folder for "
+                              "the output") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputError(f"output '{output}' is being written by another lrc run (pid {holder}; its lock is "
+                              f"'{path}'): wait for it to end, or choose another `output`") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:  # the holder removed it between our open and our lock: take a fresh one
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def locked_output(fn):
+    """Decorate a function whose parameter `output` it writes: the call holds output_lock(output) throughout."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        output = signature.bind_partial(*args, **kwargs).arguments.get("output")
+        if output is None:
+            return fn(*args, **kwargs)
+        with output_lock(output):
+            return fn(*args, **kwargs)
+
+    return call

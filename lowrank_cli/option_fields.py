@@ -21,6 +21,7 @@ from typing import Any
 from lowrank_cli.errors import UsageError
 
 KEY = "lrc.option"  # where a field's Opt sits in its metadata
+LIMIT = 2 ** 31  # the upper bound of every number option without its own (a count, a size, a step, a ratio)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Opt:
     --help group), `metavar`, `cli_type` when the command line reads another type than the API takes (Path,
     list[str]), `parse(value)` from what it reads to what the API takes (KEY=VALUE strings -> a dict),
     `show_default` (False to leave the default out of --help), `cli=False` for an option of the API alone.
+    A number without its own `high` is still bounded by LIMIT (2^31) unless `limit=False` (a count of MACs).
     `help` may name another option's default as {name} (it is formatted with the class's defaults).
     """
 
@@ -53,6 +55,7 @@ class Opt:
     parse: Callable[[Any], Any] | None = None
     show_default: bool | None = None
     cli: bool = True
+    limit: bool = True
 
     def field(self, **changes: Any) -> Any:
         """A dataclass field for this option (`changes`: another default, help, panel, ... for one command)."""
@@ -70,8 +73,9 @@ class Opt:
             if message:
                 return message
         if self.low is None and self.high is None:
-            return None
-        return _range_violation(self, name, value, whole)
+            return _limit_violation(name, value) if self.limit else None
+        message = _range_violation(self, name, value, whole)
+        return message or (_limit_violation(name, value) if self.limit and self.high is None else None)
 
     def wanted(self, whole: bool) -> str:
         """The range in words: at least 1, a number > 0, in (0, 0.5]."""
@@ -96,6 +100,14 @@ def _range_violation(opt: Opt, name: str, value: Any, whole: bool) -> str | None
         return None
     shown = f"{value:g}" if number and isinstance(value, float) else f"{value}"
     return f"`{name}` must be {opt.wanted(whole)}{opt.note}, got {shown}"
+
+
+def _limit_violation(name: str, value: Any) -> str | None:
+    """Every number option has an upper bound (2^31) though its own range names none: `--steps 1e20` is a typo."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > LIMIT:
+        return f"`{name}` must be at most {LIMIT} (2^31), got {value:g}" if isinstance(value, float) else \
+            f"`{name}` must be at most {LIMIT} (2^31), got {value}"
+    return None
 
 
 def option(default: Any = None, **spec: Any) -> Any:

@@ -45,6 +45,10 @@ def load_model(source: str, *, arch: str | None = None, model_args: dict[str, An
     check_library(library)
     files = lrc_source(source, revision)
     if files is None:
+        from lowrank_cli.adapters.adapter_source import is_adapter_file, load_adapted
+
+        if is_adapter_file(source):  # finetune --no-merge's file: its base, with the adapters merged
+            return load_adapted(source, lambda base: load_model(base, library=library, log=log), log)
         return open_pretrained(source, arch=arch, model_args=model_args, revision=revision, library=library, log=log)
     loaded = read_lrc(files)
     return as_first_task(loaded) if first_task else loaded

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -146,6 +148,9 @@ def _refuse_bad_options(device: str, dtype: str, batch_size: str | None, threads
     from lowrank_cli.evaluation.bench_options import parse_batch_sizes, resolve_compile_mode
 
     if threads is not None:
+        cores = os.cpu_count() or 1
+        if threads > cores:
+            raise UsageError(f"--threads must be at most {cores} (the CPU cores there are), got {threads}")
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, torch.float32)

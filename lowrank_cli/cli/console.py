@@ -60,7 +60,10 @@ def progress_wanted() -> bool:
 
 
 def progress(description: str = "working"):
-    """A rich progress bar on stderr with rate and ETA, on a terminal (or with --progress), on rank 0 only."""
+    """A rich progress bar on stderr with rate and ETA, on a terminal (or with --progress), on rank 0 only; off a
+    terminal (no --progress / --no-progress) the same calls print plain lines (PlainBars)."""
+    if plain_progress_wanted():
+        return PlainBars()
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -130,3 +133,43 @@ class PhaseProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class PlainBars:
+    """What `progress()` gives off a terminal: rich's add_task / update / start / stop, written as PhaseProgress's
+    plain lines (a task's first and last state and at most one line every 10 s between), so that a long factorize
+    or eval in a CI log says how far it is."""
+
+    def __init__(self) -> None:
+        self.lines = PhaseProgress("")
+        self.tasks: list[list[Any]] = []  # [description, total, completed, status]
+
+    def __enter__(self) -> PlainBars:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, completed: int = 0, status: str = "",
+                 **_: Any) -> int:
+        self.tasks.append([description, total, completed, status])
+        self._show(len(self.tasks) - 1)
+        return len(self.tasks) - 1
+
+    def update(self, task: int, completed: int | None = None, total: float | None = None, status: str | None = None,
+               **_: Any) -> None:
+        entry = self.tasks[task]
+        for i, value in ((1, total), (2, completed), (3, status)):
+            if value is not None:
+                entry[i] = value
+        self._show(task)
+
+    def _show(self, task: int) -> None:
+        description, total, completed, status = self.tasks[task]
+        self.lines._line(description, int(completed or 0), int(total or 0), status or None)

@@ -95,6 +95,7 @@ def eval_command(
     from lowrank_cli.evaluation.accuracy import evaluate, val_split
     from lowrank_cli.models.families import family_of
     from lowrank_cli.models.fusion import fuse_lowrank, resolve_fused
+    from lowrank_cli.models.weights import check_finite
 
     console.show_progress(progress)
     device, arch, model_args, seq_len = source["device"], source["arch"], source["model_args"], source["seq_len"]
@@ -120,6 +121,7 @@ def eval_command(
     fuse = resolve_fused(fused, dev)  # --fused without CUDA or Triton: exit 6 before the loading
     loaded = load_model(model, arch=arch, model_args=model_args,
                         log=lambda msg: console.info(f"Model: {msg}"))
+    check_finite(loaded.model, f"'{model}'")
     _first_task(loaded)
     if family_of(loaded.model).metric == "perplexity":
         raise InputError(f"--data '{data}' holds images, and {model} is a causal LM, scored by its perplexity on "
@@ -180,8 +182,10 @@ def _eval_text_data(model: str, data: Path, arch: str | None, batch_size: int | 
     from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.errors import UsageError
     from lowrank_cli.models.families import family_of
+    from lowrank_cli.models.weights import check_finite
 
     loaded = load_model(model, arch=arch, log=lambda msg: console.info(f"Model: {msg}"))
+    check_finite(loaded.model, f"'{model}'")
     _first_task(loaded)
     if family_of(loaded.model).metric == "perplexity":
         if max_length is not None:

@@ -109,10 +109,19 @@ Model = Annotated[
         show_default=False,
     ),
 ]
+def model_output(ctx, param, value):
+    """-o of a command that writes a model: a .safetensors name (lrc reads any other name back as a foreign file)."""
+    if value is not None and Path(value).suffix != ".safetensors":
+        shown = Path(value)
+        refuse(ctx, f"{flag_of(param)} '{shown}' does not end in .safetensors, the format lrc writes: use "
+               f"-o {shown.with_suffix('.safetensors') if shown.suffix else shown.with_name(shown.name + '.safetensors')}")
+    return value
+
+
 Output = Annotated[
     Path,
     typer.Option("--output", "-o", metavar="FILE", help="Output .safetensors file (written atomically).",
-                 show_default=False),
+                 show_default=False, callback=model_output),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]

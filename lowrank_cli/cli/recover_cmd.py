@@ -205,10 +205,12 @@ def print_summary(s: dict) -> None:
     acc = s["accuracy"]
     if acc.get("after") or acc.get("teacher"):
         table.add_row("top-1 / top-5 (%)", "")
+        selection = str(settings.get("after_is", "")).startswith("selection")
         for name in ("teacher", "before", "after"):
             a = acc.get(name)
             if a:
-                table.add_row(f"  {name}", f"{_percent(a, 'top1')} / {_percent(a, 'top5')}  ({a['images']} images)")
+                label = "after (selection score)" if name == "after" and selection else name
+                table.add_row(f"  {label}", f"{_percent(a, 'top1')} / {_percent(a, 'top5')}  ({a['images']} images)")
     else:
         why = "text data: distillation only" if unit != "images" else console.cli_text(
             settings.get("accuracy_not_measured", "no labelled val/ split"))
@@ -225,7 +227,8 @@ def _held_out_rows(table, settings: dict) -> None:
         table.add_row(f"held-out ({held['samples']})", held["data"])
         for name in sorted(held["after"]):
             before = held["before"].get(name)
-            table.add_row(f"  {name}", f"{before:.4g} -> {held['after'][name]:.4g}" if before is not None else
+            shown = f"{name} (selection score)" if str(settings.get("after_is", "")).startswith("selection") else name
+            table.add_row(f"  {shown}", f"{before:.4g} -> {held['after'][name]:.4g}" if before is not None else
                           f"{held['after'][name]:.4g}")
         if held.get("teacher_perplexity") is not None:
             table.add_row("  teacher perplexity", f"{held['teacher_perplexity']:.4g}")

@@ -96,7 +96,7 @@ class Ranking:
         note=" (the fraction of the target layers' parameters to keep)",
         help="Fraction of the target layers' parameters to keep, between 0 and 1; ranks allocated per layer.")
     target_macs: int | None = option(
-        None, low=1, cli_type=str, parse=macs_of, metavar="MACS", panel=BUDGET_PANEL,
+        None, low=1, limit=False, cli_type=str, parse=macs_of, metavar="MACS", panel=BUDGET_PANEL,
         help="MACs of the whole model to aim for (e.g. 9G), ranks allocated per layer.")
     plan_kind: str = option(
         "pela", choices=PLAN_KINDS, flag="--plan", panel=SPEED_PANEL,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lowrank_cli.atomic import locked_output
 from lowrank_cli.checkpoint.format import info_of, record_source
 from lowrank_cli.checkpoint.io import save
 from lowrank_cli.checkpoint.shards import INDEX_SUFFIX
@@ -20,6 +21,7 @@ from lowrank_cli.errors import UsageError
 from lowrank_cli.option_fields import DEFAULT_SHARD_SIZE, parse_bytes
 
 
+@locked_output
 def factorize_file(
     source: str,
     output: str,

@@ -56,6 +56,13 @@ class ImageData:
         if tokenizer is not None or max_length is not None:
             raise UsageError("`tokenizer` and `max_length` are for text data; the data here is images")
 
+    def unreadable(self, train_set: Any) -> str:
+        """Why the first training image cannot be read, in words (for the error that none could be)."""
+        from lowrank_cli.data.pillow_limits import read_problem
+
+        cause, fix = read_problem(train_set.samples[0][0])
+        return f"{cause}; {fix}" if fix else cause
+
     def input_size(self, teacher: nn.Module) -> tuple[int, ...]:
         from lowrank_cli.models.inputs import data_config
 

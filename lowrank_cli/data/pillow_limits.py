@@ -47,6 +47,15 @@ def read_problem(path: str | os.PathLike[str]) -> tuple[str, str | None]:
             im.convert("RGB")
     except Image.DecompressionBombError as exc:
         return f"'{path}': {too_large(exc)}", TOO_LARGE_FIX
+    except Image.UnidentifiedImageError:
+        return f"'{path}' is not an image Pillow reads (not an image, or a format it lacks)", None
+    except FileNotFoundError:
+        return f"'{path}' is gone (removed or moved during the run)", None
+    except PermissionError:
+        return f"'{path}' cannot be opened (no permission to read it)", None
+    except OSError as exc:
+        kind = "truncated" if "truncated" in str(exc) else "corrupt"
+        return f"'{path}' is {kind}: {str(exc)[:200]}", None
     except Exception as exc:
-        return f"'{path}' is corrupt, truncated or not an image ({type(exc).__name__})", None
+        return f"'{path}' could not be decoded ({type(exc).__name__}: {str(exc)[:200]})", None
     return f"'{path}' reads now (did it change?)", None

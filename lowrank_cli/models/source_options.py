@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,16 +27,30 @@ def model_args_of(items: Any) -> Any:
     return parse_model_args(items)
 
 
+MAX_INPUT_VALUES = 2 ** 26  # values in one example (3 x 4096 x 4096 fits): past it, the first forward runs out of memory
+
+
 def input_size_of(text: Any) -> tuple[int, ...] | None:
-    """--input-size C,H,W (or CxHxW) -> (C, H, W); a tuple or list (the API's form) is kept."""
-    if text is None or not isinstance(text, str):
-        return None if text is None else tuple(text)
+    """--input-size C,H,W (or CxHxW) -> (C, H, W); a tuple or list (the API's form) is kept. A size past
+    MAX_INPUT_VALUES is refused here, before anything is allocated."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return _bounded(tuple(text), ",".join(str(v) for v in text))
     try:
         size = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         size = ()
     if len(size) != 3 or min(size) < 1:
         raise UsageError(f"`input_size` '{text}' is not C,H,W (e.g. 3,224,224)")
+    return _bounded(size, text)
+
+
+def _bounded(size: tuple[int, ...], text: str) -> tuple[int, ...]:
+    values = math.prod(size)
+    if values > MAX_INPUT_VALUES:
+        raise UsageError(f"`input_size` '{text}' makes {values:,} values per example, more than lrc accepts "
+                         f"({MAX_INPUT_VALUES:,}): give the size the model reads, e.g. 3,224,224")
     return size
 
 

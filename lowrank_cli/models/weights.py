@@ -148,3 +148,17 @@ def fill(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> nn
         if t.is_meta:
             raise InputError(f"{what}: tensor {name} was not filled by the weights: the file does not fit the model")
     return model
+
+
+def check_finite(model: nn.Module, what: str, fix: str = "the file is corrupt or a run diverged: use an earlier "
+                 "checkpoint, or write it again") -> None:
+    """Refuse a model whose weights hold NaN or inf, naming the first such tensor (InputError, exit 3): before
+    training or evaluation, not as a NaN loss at step 1 or a chance-level score with exit 0."""
+    from lowrank_cli.errors import InputError
+
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise InputError(f"{what}: tensor '{name}' holds {bad:,} NaN or infinite value(s) of "
+                                 f"{tensor.numel():,}: {fix}")

@@ -32,7 +32,7 @@ from lowrank_cli.training.losses import RecoveryLoss
 from lowrank_cli.training.parallel import distribution
 from lowrank_cli.training.progressive import Progressive, factorized_layer_types
 from lowrank_cli.training.result import RecoverResult
-from lowrank_cli.training.setup import loss_summary, write_checkpoint
+from lowrank_cli.training.setup import loss_summary, resume_changes, write_checkpoint
 from lowrank_cli.training.step import params_reached
 from lowrank_cli.training.strategy import Models, RunData, training_loader
 from lowrank_cli.training.teacher import load_pair, name_of, reads_token_stream
@@ -140,8 +140,11 @@ class RecoverStrategy:
         return named
 
     def changeable_on_resume(self, d: RunData, m: Pair, schedule: Any) -> dict[str, Any]:
-        return self.opts.changeable_on_resume(total=schedule.total, warmup=schedule.warmup,
-                                              teacher=name_of(m.teacher_loaded), data=str(self.data.resolve()))
+        changeable = self.opts.changeable_on_resume(total=schedule.total, warmup=schedule.warmup,
+                                                    teacher=name_of(m.teacher_loaded), data=str(self.data.resolve()))
+        # `gamma` unset means the family's default: compare the weight the run used (a state written before that
+        # default existed says 0.0 for a model that is not a causal LM)
+        return {**changeable, "gamma": self.opts.weights_for(d.modality.name == "tokens").gamma}
 
     def before_training(self, setup: Any) -> None:
         """Accuracy of the teacher and of the student before training (a resumed run reuses the first run's)."""
@@ -200,7 +203,7 @@ class RecoverStrategy:
         return {"held_out": {"data": d.val_from, "samples": len(d.val), "metric": held.scorer.score.name,
                              "every": held.every, "before": None if d.labelled_val else before, "after": after,
                              **({"teacher_perplexity": teacher} if teacher is not None else {})},
-                "kept": kept}
+                "kept": kept, "after_is": after_is(kept)}
 
     def write(self, setup: Any, trainer: Any, ended: dict[str, Any]) -> RecoverResult:
         d, m, state, raw = setup.data, setup.models, setup.state, setup.model
@@ -249,5 +252,17 @@ class RecoverStrategy:
             settings["augment_reason"] = d.augment_reason
         if not d.labelled_val and d.modality.name == "images":
             settings["accuracy_not_measured"] = d.why_not_scored(o)
+        settings.update(resume_changes(setup))
         return settings
 
+
+SELECTION = "selection score"
+
+
+def after_is(kept: dict[str, Any] | None) -> str:
+    """What the "after" figure is: with keep best, the held-out data that scores it also chose the kept step, so it
+    is the selection score (optimistic); with the last state kept, an unbiased held-out score."""
+    if kept and kept.get("which") == "best":
+        return (f"{SELECTION}: the held-out data that chose the kept step (of every eval_every) scored it too, so "
+                "it is optimistic; measure the output on other data (lrc eval) for an unbiased figure")
+    return "held-out score: the last state is kept, the held-out data chose nothing"

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lowrank_cli import distributed
+from lowrank_cli.atomic import locked_output
 from lowrank_cli.data.sampling import default_workers
 from lowrank_cli.errors import EnvironmentProblem, InputError, Interrupted, OutputError, TrainingError
 from lowrank_cli.training.metrics import check_metrics_path, metrics_path
@@ -31,6 +32,7 @@ def run_training(strategy: Any, env: RunEnv) -> Any:
     return strategy.write(setup, trainer, ended)
 
 
+@locked_output
 def train(strategy: Any, output: str | os.PathLike, hooks: Hooks) -> Any:
     """`strategy`'s run writing `output` (its training state next to it), with what every training needs around
     it; an interrupted run keeps its state to resume."""
@@ -48,7 +50,8 @@ def train(strategy: Any, output: str | os.PathLike, hooks: Hooks) -> Any:
             "`grad_accum` (same images per step)"
         ) from None
     except (Interrupted, TrainingError):
-        raise  # the saved training state and its metrics are what a resume continues from
+        _forget_failed_run(output, store.path, opts, ctx)  # a saved training state keeps its metrics: a resume's
+        raise
     except BaseException as e:
         _forget_failed_run(output, store, opts, ctx, drop_state=isinstance(e, NoUsableData))
         raise

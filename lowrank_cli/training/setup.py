@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowrank_cli import distributed
-from lowrank_cli.errors import InputError
+from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.training.callbacks import Callback, HeldOutEval, OnStep
 from lowrank_cli.training.heldout import Evaluator
 from lowrank_cli.training.metrics import metrics_path, truncate_metrics
@@ -140,12 +140,16 @@ def build_setup(strategy: Strategy, env: RunEnv) -> Setup:
     fixed = strategy.fixed_for_resume(env, data)
     saved = saved_state(env, fixed, opts.resume)
     models = strategy.load_models(env, data)
+    _check_finite(models)
     loss = strategy.loss(env, data, models)
     total = total_steps(opts, data.samples, ctx.world_size)
     loader, sampler = strategy.loader(env, data, models, total)
     schedule = Schedule(opts.lr, warmup_steps(opts, total), total)
     callbacks = strategy.method_callbacks(schedule)
     trainable = strategy.trainable(env, data, models, loss)
+    if not trainable:  # the no-op rule: a run that trains nothing writes nothing
+        raise UsageError("no parameter of the model would train (nothing to train): check the method, its targets "
+                         "and what is frozen")
     trainable = strategy.distribution.prepare(env, data, models, trainable)  # FSDP shards the models here
     optimizer, groups = adamw(trainable, opts, ctx.device)
     fingerprint = {**fixed, **strategy.changeable_on_resume(data, models, schedule)}
@@ -210,6 +214,16 @@ def adamw(named: list[tuple[str, nn.Parameter]], opts: Any, device: torch.device
     return torch.optim.AdamW(groups, lr=opts.lr, fused=True if device.type == "cuda" else None), groups
 
 
+CHANGED_ON_RESUME = "changed_on_resume"  # state.extra: the options a resume changed, kept in the checkpoint's record
+
+
+def resume_changes(setup: Any) -> dict[str, Any]:
+    """{"changed_on_resume": [{at_step, option, then, now}, ...]} when a resume changed an option (the run is then
+    not the uninterrupted one), else {}: what the checkpoint's record and --json carry."""
+    changes = setup.state.extra.get(CHANGED_ON_RESUME)
+    return {CHANGED_ON_RESUME: changes} if changes else {}
+
+
 def start_state(env: RunEnv, saved: TrainState | None, model: nn.Module, optimizer: torch.optim.Optimizer,
                 groups: list[dict], named: list[tuple[str, nn.Parameter]], fingerprint: dict[str, Any],
                 schedule: Schedule) -> TrainState:
@@ -218,9 +232,12 @@ def start_state(env: RunEnv, saved: TrainState | None, model: nn.Module, optimiz
     if saved is None:
         return TrainState(schedule=schedule.record(), fingerprint=fingerprint)
     state = env.store.load(model, optimizer, [n for n, _ in named])
-    for option, then, now in changed_options(saved.fingerprint, fingerprint):
+    changes = changed_options(saved.fingerprint, fingerprint)
+    for option, then, now in changes:
         env.warn(f"{option} was {then} in the interrupted run and is {now} now: the result will differ from an "
-                 "uninterrupted run")
+                 "uninterrupted run (recorded in the checkpoint as `changed_on_resume`)")
+    state.extra.setdefault(CHANGED_ON_RESUME, []).extend(
+        {"at_step": state.step, "option": option.strip("`"), "then": then, "now": now} for option, then, now in changes)
     state.schedule, state.fingerprint = schedule.record(), fingerprint
     for group, fresh in zip(optimizer.param_groups, groups):  # the saved groups carry the old decay
         group["weight_decay"] = fresh["weight_decay"]
@@ -280,3 +297,13 @@ def write_checkpoint(setup: Setup) -> None:
     gathered = setup.distribution.gathered(setup.model) if setup.distribution is not None else nullcontext()
     with gathered:  # every process takes part in gathering a sharded model
         distributed.on_main(setup.ctx, write)
+
+
+
+def _check_finite(models: Any) -> None:
+    """A student or teacher with NaN / inf weights is named before any step (not as a NaN loss at step 1)."""
+    from lowrank_cli.models.weights import check_finite
+
+    check_finite(models.model, "the student")
+    if models.teacher is not None:
+        check_finite(models.teacher, "the teacher")

@@ -139,8 +139,10 @@ class Trainer:
         state.seconds += time.perf_counter() - start
         tried_enough = state.skipped >= min(self.setup.data.samples, NO_DATA_AFTER) or state.step >= self.total
         if state.images_seen == 0 and tried_enough:
-            raise NoUsableData(f"none of the {state.skipped} training samples tried so far could be read (corrupt, "
-                               "truncated or not images): nothing to train on; check the files of `data`")
+            data = self.setup.data
+            why = data.modality.unreadable(data.train) if hasattr(data.modality, "unreadable") else "unreadable"
+            raise NoUsableData(f"none of the {state.skipped} training samples tried so far could be read (the "
+                               f"first: {why}): nothing to train on; check the files of `data`")
         return stats
 
     def _log(self, stats: StepStats, first_step: int, held_out: dict[str, float] | None = None) -> None:

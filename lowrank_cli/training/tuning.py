@@ -118,4 +118,7 @@ def finetune_settings(setup: Any, d: RunData, task: Task, head: Head, *, teacher
     }
     if d.modality.name == "texts":
         settings.update(d.modality.settings(0.0))
+    from lowrank_cli.training.setup import resume_changes
+
+    settings.update(resume_changes(setup))
     return settings

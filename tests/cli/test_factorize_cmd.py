@@ -163,3 +163,19 @@ def test_speed_plan_and_auto_multiple_are_recorded(tiny_vit_folder, tmp_path, ca
     code, stdout, _ = run_cli(["report", out, "--per-layer", "--json"], capsys)
     rows = {r["name"]: r for r in json.loads(stdout)["layers"]}
     assert all(rows[n]["speedup"] == pytest.approx(timed[n]["gain"], rel=1e-6) for n in info.ranks)
+
+
+def test_off_a_terminal_long_commands_print_plain_progress_lines(tiny_vit_folder, tmp_path, capsys, monkeypatch):
+    """A CI log (stderr not a terminal, no --progress): factorize prints a plain line when a phase starts, at most
+    every 10 s (here: every call) and when it ends, not nothing until its table; --no-progress prints none."""
+    from lowrank_cli.cli import console
+
+    monkeypatch.setattr(console.PhaseProgress.__init__, "__defaults__", (0.0,))  # every: a line per update
+    code, _, err = run_cli(["factorize", tiny_vit_folder, "--kappa", "2", "-o", tmp_path / "a.safetensors"], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("SVD ")]
+    assert code == 0 and lines[0] == "SVD 0/16" and lines[-1] == "SVD 16/16 (blocks.3.mlp.fc2)", err
+    assert len(lines) == 17 and "SVD 1/16 (blocks.0.attn.qkv)" in lines  # one per layer when each takes >= every
+    code, _, err = run_cli(["factorize", tiny_vit_folder, "--kappa", "2", "--no-progress", "-o",
+                            tmp_path / "b.safetensors"], capsys)
+    console.show_progress(None)  # the next command (or test) decides again
+    assert code == 0 and not [line for line in err.splitlines() if line.startswith("SVD ")], err

@@ -50,6 +50,9 @@ def files(tmp_path_factory, tiny_vit_folder, bert_folder):
     odd = "blocks.0.mlp.fc2.second.weight"
     for dtype, name in ((torch.int8, "int8"), (torch.float16, "fp16")):
         save_file({**tensors, odd: tensors[odd].to(dtype)}, str(root / f"{name}_tensor.safetensors"), metadata=meta)
+    nan = {**tensors, odd: tensors[odd].clone()}
+    nan[odd][0, 0] = float("nan")
+    save_file(nan, str(root / "nan.safetensors"), metadata=meta)
     for c in range(10):  # a class per output of the tiny ViT, every image past Pillow's limit
         for split in ("train", "val"):
             write_huge_image(root / "huge" / split / str(c) / "big.png")
@@ -57,6 +60,8 @@ def files(tmp_path_factory, tiny_vit_folder, bert_folder):
     for c in range(2):
         for i in range(6):
             write_corrupt_image(unreadable / "train" / str(c) / f"{i}.png", kind="garbage")
+    for c in range(10):  # a val/ split of one unreadable image per class of the tiny ViT: eval has no sample
+        write_corrupt_image(root / "unreadable_val" / "val" / str(c) / "0.png", kind="garbage")
     mismatched = write_digits_imagefolder(root / "mismatched", image_size=32, max_per_class=8)
     for split in ("train", "val"):  # 3 classes, for a model with 10 outputs
         for digit in range(3, 10):
@@ -112,6 +117,31 @@ CASES = [
           "shrink the images (a model reads a few hundred pixels a side)"),
     _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "1", "--batch-size", "4",
            "--workers", "0", "--alpha", "0", "-o", "{out}/r.safetensors"], 2, "nothing to learn from"),
+    # issue 26, second part
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{unreadable}", "--steps", "2", "--batch-size", "4",
+           "--workers", "0", "-o", "{out}/r.safetensors"], 3, "is not an image Pillow reads"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{root}/huge", "--steps", "2", "--batch-size", "4",
+           "--workers", "0", "--no-eval", "-o", "{out}/r.safetensors"], 3, "more than Pillow's limit"),
+    _case(["factorize", "{teacher}", "--kappa", "2", "-o", "{out}/x.bin"], 2,
+          "--output '{out}/x.bin' does not end in .safetensors, the format lrc writes: use -o {out}/x.safetensors"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "99999999999999999999",
+           "-o", "{out}/r.safetensors"], 2, "--steps must be at most 2147483648 (2^31), got 99999999999999999999"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--epochs", "1e12",
+           "-o", "{out}/r.safetensors"], 2, "--epochs must be at most 2147483648 (2^31), got 1e+12"),
+    _case(["eval", "{root}/nan.safetensors", "--data", "{mismatched}", "--workers", "0"], 3,
+          "nan.safetensors': tensor 'blocks.0.mlp.fc2.second.weight' holds 1 NaN or infinite value(s)"),
+    _case(["recover", "{root}/nan.safetensors", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "2",
+           "--batch-size", "4", "--workers", "0", "-o", "{out}/r.safetensors"], 3,
+          "the student: tensor 'blocks.0.mlp.fc2.second.weight' holds 1 NaN"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "3", "--lr", "1e30",
+           "--batch-size", "4", "--workers", "0", "--no-eval", "-o", "{out}/r.safetensors"], 2,
+          "--lr must be at most 2147483648 (2^31), got 1e+30"),
+    _case(["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "4", "--lr", "1e9",
+           "--batch-size", "4", "--workers", "0", "--no-eval", "-o", "{out}/r.safetensors"], 5, "lower"),
+    _case(["eval", "{teacher}", "--data", "{root}/unreadable_val", "--workers", "0"], 3, "is not an image Pillow reads"),
+    _case(["bench", "{lr}", "--threads", "100000"], 2, "--threads must be at most"),
+    _case(["report", "{lr}", "--input-size", "3,200000,200000"], 2,
+          "--input-size '3,200000,200000' makes 120,000,000,000 values per example, more than lrc accepts"),
 ]
 
 
@@ -123,7 +153,7 @@ def test_bad_input(files, tmp_path, capsys, args, code, message):
     argv = [a.format(out=out, **names) for a in args]
     got, _, err = run_cli(argv, capsys)
     lines = error_lines(err)
-    assert got == code and len(lines) == 1 and message in lines[0], err
+    assert got == code and len(lines) == 1 and message.format(out=out) in lines[0], err
     assert err.splitlines()[-1] == lines[0]  # the Error line is the last word
     assert list(out.iterdir()) == []  # nothing written, nothing half-written
 
@@ -297,3 +327,33 @@ def test_runs_with_loader_workers_leave_nothing_in_the_temporary_folder(files, t
     code, _, err = run_cli(["report", files["lr"], "--json"], capsys)
     assert code == 0, err
     assert (os.environ.get("TMPDIR"), tempfile.gettempdir(), os.environ.get("TORCHINDUCTOR_CACHE_DIR")) == before
+
+
+LOCKED = {"recover": ["recover", "{lr}", "--teacher", "{teacher}", "--data", "{mismatched}", "--steps", "1"],
+          "factorize": ["factorize", "{teacher}", "--kappa", "2"],
+          "finetune": ["finetune", "{teacher}", "--data", "{mismatched}", "--steps", "1"]}
+
+
+@pytest.mark.parametrize("command", sorted(LOCKED))
+def test_a_second_run_with_the_same_output_fails_at_once_naming_the_first(files, tmp_path, capsys, command):
+    """Another process holds the output (its lock next to it): the second run is exit 4 at once, with its pid, and
+    leaves the other run's files alone."""
+    out = tmp_path / "r.safetensors"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lowrank_cli.atomic import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        names = {k: v for k, v in files.items() if isinstance(v, Path)}
+        argv = [a.format(**names) for a in LOCKED[command]] + ["-o", out]
+        started = time.perf_counter()
+        code, _, err = run_cli(argv, capsys)
+        lines = error_lines(err)
+        assert code == 4 and len(lines) == 1 and f"is being written by another lrc run (pid {holder.pid};" in lines[0]
+        assert "--output" in lines[0] and err.splitlines()[-1] == lines[0], err
+        assert time.perf_counter() - started < 30 and [p.name for p in tmp_path.iterdir()] == [".r.safetensors.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli(LOCKED["factorize"][:1] + [str(files["teacher"]), "--kappa", "2", "-o", out], capsys)
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"], err  # lock removed

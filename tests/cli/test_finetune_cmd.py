@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from pathlib import Path
 
 import pytest
 from digits import relabel_imagefolder
@@ -62,6 +63,17 @@ def test_json_summary_and_no_merge(vit_lr, parity, tmp_path, capsys):
     summary = json.loads(stdout)
     assert summary["settings"]["merged"] is False and 0 < summary["trainable_share"] < 1
     assert lowrank_cli.load(vit_lr, adapters=out).num_classes == 2
+    code, stdout, err = run_cli(["eval", out, "--data", parity, "--workers", "0", "--json"], capsys)  # self-describing
+    assert code == 0 and json.loads(stdout)["images"] == 20 and "is an adapter file: applying it to its base" in err
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    base_gone = out.rename(moved / out.name)
+    Path(vit_lr).rename(moved / "base_elsewhere.safetensors")
+    try:
+        code, _, err = run_cli(["eval", base_gone, "--data", parity, "--workers", "0"], capsys)
+        assert code == 3 and error_lines(err) == [error_lines(err)[0]] and "whose base" in err and "cannot be found" in err
+    finally:
+        (moved / "base_elsewhere.safetensors").rename(vit_lr)
 
 
 def _no_peft(monkeypatch):

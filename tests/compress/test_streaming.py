@@ -308,3 +308,17 @@ def test_a_storage_dtype_streams_bit_identical(llama, tmp_path, calib):
     _run(llama["plain"], tmp_path / "m.safetensors", False, **options)
     _assert_identical(tmp_path / "s.safetensors", tmp_path / "m.safetensors")
     assert {e.dtype for e in TensorSet.open(tmp_path / "s.safetensors").entries.values()} == {"BF16"}
+
+
+def test_streamed_output_keeps_the_sources_generation_settings(tmp_path):
+    """The skeleton is built from config.json; generation_config.json beside it travels too, as from_pretrained's
+    in-memory path reads it."""
+    import lowrank_cli
+
+    folder = write_tiny_causal_lm(tmp_path / "llama", "llama")
+    settings = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**settings, "max_new_tokens": 7}))
+    for stream in (True, False):
+        _run(folder, tmp_path / f"lr_{stream}.safetensors", stream, kappa=2, rank_multiple=1)
+        loaded = lowrank_cli.load(tmp_path / f"lr_{stream}.safetensors")
+        assert loaded.generation_config.max_new_tokens == 7, stream

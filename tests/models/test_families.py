@@ -216,3 +216,19 @@ def test_the_registry_lists_libraries_and_refuses_a_name_twice(toy):
     assert families.libraries() == ("toy", "timm", "transformers")
     with pytest.raises(ValueError, match="'toy' is registered already"):
         families.register(ToyFamily())
+
+
+def test_swin_factorizes_its_blocks_and_keeps_the_patch_merging_dense():
+    """README: everything outside the blocks stays dense. Swin's stages (`layers.N`) repeat and so hold
+    `downsample.reduction`, but that patch merging is a stage transition, not a transformer block."""
+    import timm
+
+    import lowrank_cli
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=(2, 2),
+                              num_heads=(2, 2), img_size=64, window_size=4, num_classes=10)
+    lowrank_cli.factorize(model, kappa=2, rank_multiple=1)
+    low = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert type(model.get_submodule("layers.1.downsample.reduction")) is torch.nn.Linear
+    assert {f"layers.{s}.blocks.{b}.{leaf}" for s in range(2) for b in range(2)
+            for leaf in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")} == low

@@ -235,6 +235,14 @@ def test_resume_refusals(student, teacher, small_digits, tmp_path) -> None:
     messages = []
     done = _run(student, teacher, small_digits, out, resume=True, lr=5e-4, steps=3, warn=messages.append)
     assert done.resumed_from == 1 and any("`lr` was 0.001" in m for m in messages)
+    assert any("recorded in the checkpoint as `changed_on_resume`" in m for m in messages)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:  # the run is no longer the uninterrupted one: its record says so
+        recorded = [v for v in f.metadata().values() if "changed_on_resume" in v]
+    changes = {c["option"]: (c["then"], c["now"], c["at_step"]) for c in json.loads(recorded[0])["changed_on_resume"]}
+    assert changes["lr"] == (1e-3, 5e-4, 1) and changes["steps"] == (10, 3, 1)
+    assert done.settings["changed_on_resume"] == json.loads(recorded[0])["changed_on_resume"]
 
 
 def test_sigterm_finishes_the_step_saves_and_stops(student, teacher, small_digits, tmp_path) -> None:
@@ -532,6 +540,7 @@ def test_held_out_evaluation_keeps_the_best_state_and_resumes_exactly(student, t
     best_step = max(scored, key=lambda s: (scored[s], -s))
     assert kept == {"which": "best", "step": best_step, "value": scored[best_step], "metric": "val_top1"}
     assert whole.accuracy["after"]["top1"] == pytest.approx(scored[best_step])  # the kept state is the one scored
+    assert whole.settings["after_is"].startswith("selection score: the held-out data that chose the kept step")
     assert whole.settings["held_out"]["data"].endswith("val") and whole.settings["held_out"]["every"] == 2
 
     out = tmp_path / "parts.safetensors"
@@ -542,6 +551,15 @@ def test_held_out_evaluation_keeps_the_best_state_and_resumes_exactly(student, t
     assert resumed.settings["kept"] == kept and not messages  # same options: nothing to warn about
     a, b = _weights(whole.output), _weights(out)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_keep_best_labels_after_as_the_selection_score(student, teacher, small_digits, tmp_path, capsys):
+    """keep best chooses the state on val/ and "after" is scored on the same images: the table says so."""
+    code, stdout, err = run_cli(["recover", student, "--teacher", teacher, "--data", small_digits, "--steps", "4",
+                                 "--eval-every", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+                                 "-o", tmp_path / "r.safetensors"], capsys)
+    assert code == 0 and "after (selection score)" in stdout, err
+    assert read_info(tmp_path / "r.safetensors")[0].recovery["after_is"].startswith("selection score")
 
 
 def test_defaults_fit_small_images_and_hold_out_data(student, teacher, digits_folder, tmp_path):

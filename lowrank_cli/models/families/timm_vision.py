@@ -38,6 +38,13 @@ class TimmVision(Family):
     def claims_model(self, model: nn.Module) -> bool:
         return type(model).__module__.startswith("timm.")
 
+    def target_linears(self, model: nn.Module) -> list[str]:
+        """The blocks' linears less those of a stage's patch merging (Swin's `layers.N.downsample.reduction`): the
+        repeated stages hold it, but it is a transition between stages like the patch embedding, not part of a
+        transformer block, and PELA factorizes the blocks. `--include` still reaches it."""
+        merging = tuple(n + "." for n, m in model.named_modules() if type(m).__name__ == "PatchMerging")
+        return [n for n in super().target_linears(model) if not n.startswith(merging)]
+
     # ---- sources
 
     def load_folder(self, folder: Path, *, what: str, arch: str | None, model_args: dict[str, Any]) -> Any:

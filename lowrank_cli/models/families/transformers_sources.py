@@ -3,6 +3,7 @@ families (hf_encoder, hf_causal_lm) share to read their sources, with the toolbo
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,10 @@ def folder_skeleton(folder: Path, *, what: str, arch: str | None, model_args: di
     with parameters_on_meta(), no_init(), quiet():
         model = cls._from_config(config)
     model.eval()
+    if (folder / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        # what from_pretrained reads beside the config (eos ids, max_new_tokens): the in-memory path has it too
+        with contextlib.suppress(ValueError, TypeError, OSError), quiet():
+            model.generation_config = transformers.GenerationConfig.from_pretrained(str(folder))
     if getattr(model, "main_input_name", None) == "pixel_values":
         attach_pretrained_cfg(model, vision_pretrained_cfg(config, read_json(folder / PREPROCESSOR)))
     from lowrank_cli.models.weights import SAFE_WEIGHTS, sha256_later
