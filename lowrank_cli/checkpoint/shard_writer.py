@@ -43,6 +43,9 @@ class _File:
     fd: int = -1
 
 
+COMPACT_BYTES = 64 * 1024  # empty header room a one-file set may keep (over 1 % of its data, it is rewritten)
+
+
 class SetWriter:
     """`with SetWriter(path, layout, max_size) as w: w.write(name, t) ...; w.finish(metadata)`. `reserve`: bytes
     kept for the metadata of a one-file set, whose record is known only at the end (a larger one is rewritten)."""
@@ -137,8 +140,8 @@ class SetWriter:
             self.abort()
             raise RuntimeError(f"{len(missing)} tensor(s) of the set were never written: {missing[:3]}")
         try:
-            if not self.sharded and not self._put_header(self.files[0], metadata):
-                self._rewrite(self.files[0], metadata)
+            if not self.sharded:
+                self._put_record(self.files[0], metadata)
             for f in self.files:
                 os.fsync(f.fd)
                 os.close(f.fd)
@@ -163,8 +166,17 @@ class SetWriter:
             return [*(f.path for f in self.files), index]
         return [self.path]
 
+    def _put_record(self, f: _File, metadata: dict[str, str]) -> None:
+        """A one-file set's header with its record, in the room kept for it; rewritten when the record outgrew
+        the room, or left most of it empty (a small model's file would otherwise carry the padding: 300 kB of
+        spaces beside 70 kB of weights)."""
+        empty = f.data_start - 8 - len(self._header(f, metadata))
+        data = sum(end - begin for _, begin, end in self.offsets.values())
+        if empty < 0 or empty > max(COMPACT_BYTES, data // 100) or not self._put_header(f, metadata):
+            self._rewrite(f, metadata)
+
     def _rewrite(self, f: _File, metadata: dict[str, str]) -> None:
-        """The record outgrew the room kept for it: the file again with a header of the right size."""
+        """The file again with a header of the right size (the record outgrew its room, or left much of it empty)."""
         header = self._header(f, metadata)
         room = len(header) + (-(len(header) + 8)) % 8
         old_start, f.data_start = f.data_start, 8 + room

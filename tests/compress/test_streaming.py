@@ -322,3 +322,13 @@ def test_streamed_output_keeps_the_sources_generation_settings(tmp_path):
         _run(folder, tmp_path / f"lr_{stream}.safetensors", stream, kappa=2, rank_multiple=1)
         loaded = lowrank_cli.load(tmp_path / f"lr_{stream}.safetensors")
         assert loaded.generation_config.max_new_tokens == 7, stream
+
+
+def test_a_small_streamed_file_carries_no_empty_header_room(vit, tmp_path):
+    """The room kept for the record (known only at the end) is given back: a small model's streamed file is the
+    size of the in-memory one, not 300 kB of padding larger."""
+    _run(vit["plain"], tmp_path / "s.safetensors", True, kappa=2, rank_multiple=1)
+    _run(vit["plain"], tmp_path / "m.safetensors", False, kappa=2, rank_multiple=1)
+    streamed, in_memory = (tmp_path / "s.safetensors").stat().st_size, (tmp_path / "m.safetensors").stat().st_size
+    assert abs(streamed - in_memory) < 1024, (streamed, in_memory)
+    _assert_identical(tmp_path / "s.safetensors", tmp_path / "m.safetensors")
