@@ -85,7 +85,7 @@ def stage_folder(card: Card, folder: Path, tokenizer: Path | None) -> list[str]:
     """Fill the empty `folder` with what is uploaded; returns the file names, sorted. `card.card` must already
     name the tokenizer files (build_card's `tokenizer`)."""
     names = tokenizer_names(tokenizer) if tokenizer is not None else []
-    _link_or_copy(card.checkpoint, folder / CHECKPOINT_FILE)
+    _place_checkpoint(card.checkpoint, folder / CHECKPOINT_FILE)
     for name in names:
         _link_or_copy(tokenizer / name, folder / name)
     (folder / CARD_FILE).write_text(str(card.card), encoding="utf-8")
@@ -133,6 +133,23 @@ def write_folder(card: Card, out: str | Path, tokenizer: Path | None, *, force: 
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return names
+
+
+def _place_checkpoint(src: Path, dst: Path) -> None:
+    """The checkpoint as the folder's one file: linked, or, for a sharded set (its index), its shards joined into
+    one safetensors file tensor by tensor (never the whole set in memory), with the set's lrc record."""
+    from lowrank_cli.checkpoint.shard_writer import SetWriter
+    from lowrank_cli.checkpoint.shards import TensorSet, index_of
+
+    if index_of(src) is None:
+        _link_or_copy(src, dst)
+        return
+    tensors = TensorSet.open(src)
+    layout = {name: (tensors.dtype(name), e.shape) for name, e in tensors.entries.items()}
+    with SetWriter(dst, layout, max_size=tensors.nbytes + 1) as writer:
+        for name in layout:
+            writer.write(name, tensors.read(name))
+        writer.finish(tensors.metadata)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

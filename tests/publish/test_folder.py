@@ -128,3 +128,25 @@ def test_tokenizer_errors(bert_folder, checkpoint, tmp_path):
         push(ckpt, "acme/bert-lr2", dry_run=tmp_path / "x", tokenizer=str(source))
     with pytest.raises(UsageError, match="tokenizer is for text models"):
         push(checkpoint, "acme/vit-lr2", dry_run=tmp_path / "x", tokenizer=str(bert_folder))
+
+
+def test_dry_run_of_a_sharded_checkpoint_is_one_loadable_file(tmp_path, capsys):
+    """Seam stream x push: a --max-shard-size output (its index) used to be hard-linked as model.safetensors, a
+    JSON file no reader opens; the folder now holds the shards joined, with the same lrc record."""
+    from causal_fixtures import write_tiny_causal_lm
+    from safetensors import safe_open
+
+    source = write_tiny_causal_lm(tmp_path / "llama", "llama", hidden=64, intermediate=128)
+    code, _, err = run_cli(["factorize", str(source), "-o", str(tmp_path / "lr.safetensors"), "--stream",
+                            "--max-shard-size", "40KB", "--no-progress"], capsys)
+    assert code == 0, err
+    index = tmp_path / "lr.safetensors.index.json"
+    assert len(list(tmp_path.glob("lr-*-of-*.safetensors"))) > 1
+    out = tmp_path / "out"
+    result = push(index, "acme/llama-lr", dry_run=out)
+    assert "model.safetensors" in result.files
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["lrc.ranks"] == json.loads(index.read_text())["metadata"]["lrc.ranks"]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(lowrank_cli.load(out)(ids).logits, lowrank_cli.load(index)(ids).logits)
