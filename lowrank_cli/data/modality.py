@@ -132,19 +132,9 @@ class TextData:
 
     def prepare(self, teacher: Any, *, tokenizer: Any, max_length: int | None) -> None:
         """Find the tokenizer (default: the teacher's) and the text length the model's positions allow."""
-        from lowrank_cli.data.texts import load_tokenizer
         from lowrank_cli.models.inputs import default_max_length, position_limit
 
-        if tokenizer is None:
-            from lowrank_cli.models.hub import tokenizer_folder
-            from lowrank_cli.models.loaded import name_of
-
-            if teacher.files is None:
-                raise UsageError(f"no tokenizer for the text data: the teacher {name_of(teacher)} is not a "
-                                 "transformers folder or Hub repo; pass `tokenizer` DIR_OR_REPO")
-            tokenizer = tokenizer_folder(teacher)
-        self.tokenizer_source = tokenizer
-        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        self.tokenizer_source, self.tokenizer = teacher_tokenizer(teacher, tokenizer)
         longest = position_limit(teacher.model)
         if max_length is not None and longest is not None and max_length > longest:
             raise UsageError(f"`max_length` {max_length} is above the {longest} tokens the model's positions "
@@ -237,3 +227,19 @@ def check_model(modality: ImageData | TextData, teacher: nn.Module, teacher_name
         raise UsageError(f"`data` '{data}' holds {modality.name} but {role} {teacher_name} is "
                          f"{'a text' if text_model else 'an image'} model: give it "
                          f"{'a .txt / .jsonl file or folder' if text_model else 'an image folder'}")
+
+
+def teacher_tokenizer(teacher: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """(where the tokenizer comes from, the tokenizer): `tokenizer` (a folder, repo or tokenizer object), else the
+    teacher's own (a transformers folder or Hub repo)."""
+    from lowrank_cli.data.texts import load_tokenizer
+
+    if tokenizer is None:
+        from lowrank_cli.models.hub import tokenizer_folder
+        from lowrank_cli.models.loaded import name_of
+
+        if teacher.files is None:
+            raise UsageError(f"no tokenizer for the text data: the teacher {name_of(teacher)} is not a "
+                             "transformers folder or Hub repo; pass `tokenizer` DIR_OR_REPO")
+        tokenizer = tokenizer_folder(teacher)
+    return tokenizer, load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer

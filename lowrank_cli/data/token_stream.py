@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from lowrank_cli.data.modality import teacher_tokenizer
 from lowrank_cli.data.token_windows import token_stream
 from lowrank_cli.errors import InputError, UsageError
 
@@ -99,7 +100,6 @@ class StreamData:
     def prepare(self, teacher: Any, *, tokenizer: Any, max_length: int | None) -> None:
         """The tokenizer (default: the teacher's), the window length (`seq_len`, at most the model's positions)
         and the windows of the training and held-out text."""
-        from lowrank_cli.data.texts import load_tokenizer
         from lowrank_cli.models.inputs import position_limit
 
         if self.train is not None:
@@ -111,16 +111,7 @@ class StreamData:
             from lowrank_cli.data.task_data import recorded_tokenizer
 
             tokenizer = recorded_tokenizer(teacher.checkpoint)
-        if tokenizer is None:
-            from lowrank_cli.models.hub import tokenizer_folder
-            from lowrank_cli.models.loaded import name_of
-
-            if teacher.files is None:
-                raise UsageError(f"no tokenizer for the text data: the teacher {name_of(teacher)} is not a "
-                                 "transformers folder or Hub repo; pass `tokenizer` DIR_OR_REPO")
-            tokenizer = tokenizer_folder(teacher)
-        self.tokenizer_source = tokenizer
-        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        self.tokenizer_source, self.tokenizer = teacher_tokenizer(teacher, tokenizer)
         longest = position_limit(teacher.model)
         if longest is not None and self.seq_len > longest:
             if self.asked_seq_len is not None:

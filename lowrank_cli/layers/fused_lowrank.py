@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.layers.lowrank_linear import LowRankLinear, take_pending
 
 log = logging.getLogger("lowrank_cli.fused")
 
@@ -233,12 +233,8 @@ class LowRankGroup:
 
     def output(self, member: FusedLowRankLinear, x: torch.Tensor) -> torch.Tensor:
         index = member.group_index
-        pending = self.pending
-        if pending is not None and pending[0] is x and pending[1][index] is not None:
-            out = pending[1][index]
-            pending[1][index] = None
-            if all(o is None for o in pending[1]):
-                self.pending = None
+        out = take_pending(self, index, x)
+        if out is not None:
             return out
         if not all(m.plain() for m in self.members):
             return run_fused(x, (member,), member.activation)

@@ -27,7 +27,7 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_cli.layers.lowrank_linear import LowRankLinear
+from lowrank_cli.layers.lowrank_linear import LowRankLinear, take_pending
 
 
 class GroupedLowRankLinear(LowRankLinear):
@@ -132,12 +132,8 @@ class SharedInputGroup:
 
     def output(self, member: GroupedLowRankLinear, x: torch.Tensor) -> torch.Tensor:
         index = member.group_index
-        pending = self.pending
-        if pending is not None and pending[0] is x and pending[1][index] is not None:
-            out = pending[1][index]
-            pending[1][index] = None
-            if all(o is None for o in pending[1]):
-                self.pending = None
+        out = take_pending(self, index, x)
+        if out is not None:
             return out
         if not self.usable():
             return member.second(member.first(x))

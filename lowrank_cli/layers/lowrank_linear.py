@@ -48,3 +48,16 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.second.bias is not None}"
         )
+
+
+def take_pending(group, index: int, x) -> "torch.Tensor | None":
+    """A group that computed all its members' outputs for input `x` keeps them in `group.pending` (the input, one
+    output per member); member `index` called with that same tensor takes its own (None otherwise). The pending
+    set is dropped once every member took its output."""
+    pending = group.pending
+    if pending is None or pending[0] is not x or pending[1][index] is None:
+        return None
+    out, pending[1][index] = pending[1][index], None
+    if all(o is None for o in pending[1]):
+        group.pending = None
+    return out
