@@ -125,7 +125,7 @@ def bench(
     if generate is not None:
         from lowrank_cli.cli.bench_generate import run_generate
 
-        return run_generate(models, reference, common, generate, runtime, group, json_out)
+        return run_generate(models, reference, common, generate, runtime, group, json_out, seq_len)
     ways = None if treatments else _ways(dev, runtime, False if fused else group, models)  # fused: its own groups
     rows, profiles = _measure(models, treatments, ways, group, common, profile)
     document = _document(models, [model, against], reference, size, dev, dt, rows, profiles, cuda_graphs)

@@ -16,20 +16,22 @@ def generate_runtime(runtime: str | None, device_type: str) -> str:
 
 
 def run_generate(models: dict[str, Any], reference: str | None, common: dict[str, Any], new_tokens: int,
-                 runtime: str | None, group: bool | None, json_out: bool) -> None:
-    """Time generation (evaluation.generation_bench) and print the table or the --json document."""
+                 runtime: str | None, group: bool | None, json_out: bool, seq_len: int | None = None) -> None:
+    """Time generation (evaluation.generation_bench) and print the table or the --json document. The prompt is
+    --seq-len tokens; without it, the default input length, shortened so that it and the new tokens fit the
+    models' positions (a small model's default length is all of them)."""
     import torch
 
     from lowrank_cli.devices import SHORT_DTYPE, device_name
     from lowrank_cli.evaluation.bench_ways import group_models
     from lowrank_cli.evaluation.generation_bench import bench_generate, check_generates
-    from lowrank_cli.models.inputs import default_input_size
+    from lowrank_cli.evaluation.generation_bench import default_prompt_tokens
 
     check_generates(models)
     dev = common["device"]
     way = generate_runtime(runtime, dev.type)
     group_models(models, group, console.info)
-    prompt = (common["input_size"] or default_input_size(next(iter(models.values()))))[0]
+    prompt = seq_len if seq_len is not None else default_prompt_tokens(models, new_tokens)
     status = console.err.status("timing generation", spinner="dots") if console.is_main_process() else None
     if status:
         status.start()

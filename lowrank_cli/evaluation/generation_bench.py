@@ -78,6 +78,34 @@ def check_generates(models: Mapping[str, nn.Module]) -> None:
                              "to fill): leave `generate` out to time its forward pass")
 
 
+def context_limit(models: Mapping[str, nn.Module]) -> tuple[str, int] | None:
+    """(name, positions) of the model with the fewest learned positions; None when no model has a limit."""
+    from lowrank_cli.models.inputs import input_spec
+
+    limits = [(name, input_spec(m).positions) for name, m in models.items() if input_spec(m).positions]
+    return min(limits, key=lambda item: item[1]) if limits else None
+
+
+def default_prompt_tokens(models: Mapping[str, nn.Module], new_tokens: int) -> int:
+    """The prompt length when none is given: the default input length, shortened so that the prompt and the new
+    tokens fit every model's positions (at least 1 token; a longer `generate` is refused by check_context)."""
+    from lowrank_cli.models.inputs import default_input_size
+
+    prompt = default_input_size(next(iter(models.values())))[0]
+    limit = context_limit(models)
+    return prompt if limit is None else max(1, min(prompt, limit[1] - new_tokens))
+
+
+def check_context(models: Mapping[str, nn.Module], prompt_tokens: int, new_tokens: int) -> None:
+    """The prompt and the new tokens fit every model's learned positions, else a UsageError saying what to lower
+    (past them a model with absolute positions fails mid-run, and a rotary one times tokens it never learned)."""
+    limit = context_limit(models)
+    if limit is not None and prompt_tokens + new_tokens > limit[1]:
+        name, positions = limit
+        raise UsageError(f"a prompt of {prompt_tokens} tokens and {new_tokens} new ones need {prompt_tokens + new_tokens}"
+                         f" positions, and '{name}' has {positions}: lower `seq_len` or `generate`")
+
+
 def bench_generate(models: Mapping[str, nn.Module], *, new_tokens: int, batch_sizes: Sequence[int] = (1,),
                    prompt_tokens: int = 128, device: str | torch.device = "auto", dtype: Any = "fp32",
                    runtime: str = "eager", reference: str | None = None, repeats: int = 3, seed: int = 0,
@@ -89,6 +117,7 @@ def bench_generate(models: Mapping[str, nn.Module], *, new_tokens: int, batch_si
     if new_tokens < 2:
         raise UsageError(f"`generate` must be at least 2 (a prefill and one decode step), got {new_tokens}")
     check_generates(models)
+    check_context(models, prompt_tokens, new_tokens)
     dev, dt = resolve_device(device), resolve_dtype(dtype, torch.float32)
     reference = reference or next(iter(models))
     progress = progress or (lambda msg: None)

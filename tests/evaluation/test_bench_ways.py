@@ -120,6 +120,26 @@ def test_bench_generate_times_prefill_and_decode_of_both_models(llama, capsys):
     assert rows[0]["grouped"] and not rows[1]["grouped"]
 
 
+def test_bench_generate_without_seq_len_fits_the_prompt_to_the_models_positions(llama, capsys):
+    # The tiny model's default input length is all of its 128 positions: the default prompt leaves room for the
+    # new tokens instead of running past them.
+    lr, dense, _ = llama
+    code, out, err = run_cli(["bench", str(lr), "--against", str(dense), "--device", "cpu", "--generate", "5",
+                              "--batch-size", "1", "--repeats", "1", "--threads", "1", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["prompt_tokens"] == 128 - 5 and all(r["prompt_tokens"] == 123 for r in doc["rows"])
+
+
+def test_bench_generate_refuses_a_prompt_and_new_tokens_past_the_positions(llama, capsys):
+    lr, dense, _ = llama
+    code, out, err = run_cli(["bench", str(lr), "--against", str(dense), "--device", "cpu", "--generate", "10",
+                              "--seq-len", "120", "--threads", "1"], capsys)
+    expected = ("Error: a prompt of 120 tokens and 10 new ones need 130 positions, and 'llama_lr.safetensors' has "
+                "128: lower --seq-len or --generate")
+    assert code == 2 and out == "" and error_lines(err) == [expected]
+
+
 def test_bench_generate_refuses_a_model_that_does_not_generate(bert, capsys):
     lr, _ = bert
     code, out, err = run_cli(["bench", str(lr), "--device", "cpu", "--generate", "4"], capsys)
