@@ -5,7 +5,9 @@
 
 `stop_at`: interrupt after that step (as the caller's on_step may), leaving the sharded training state.
 `gathered`: after the run, the trained (sharded) model's full state dict gathered on rank 0 and written there as
-plain safetensors, for the test to compare with the lrc file the run wrote."""
+plain safetensors, for the test to compare with the lrc file the run wrote.
+`probe`: {"ids": safetensors file of token ids (key "ids"), "logits": path}: at the last step the sharded model
+itself (every rank, a sharded forward is collective) runs on those ids, and rank 0 writes its logits there."""
 
 from __future__ import annotations
 
@@ -27,12 +29,28 @@ def gather(model, path: str) -> None:
         save_file({k: v.contiguous() for k, v in full.items()}, path)
 
 
+def probe_logits(model, probe: dict) -> None:
+    """The sharded model's logits on the probe's ids, written on rank 0 (every rank takes part)."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    ids = load_file(probe["ids"])["ids"]
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    if dist.get_rank() == 0:
+        save_file({"logits": logits.contiguous()}, probe["logits"])
+
+
 def main(spec: dict) -> int:
     stop_at, steps, gathered = spec.get("stop_at"), spec["options"]["steps"], spec.get("gathered")
+    probe = spec.get("probe")
 
     def on_step(step, model) -> bool:
         if gathered and step == steps:  # the last step: the model as the run writes it (keep last)
             gather(model, gathered)
+        if probe and step == steps:
+            probe_logits(model, probe)
         return step == stop_at
 
     try:
