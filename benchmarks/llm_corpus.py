@@ -112,7 +112,7 @@ def train_model(folder: Path, train: Path, settings: dict, log=print) -> None:
     model.eval().save_pretrained(folder)
 
 
-FULL = dict(vocab=2048, hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512, seq_len=128, batch=16, steps=2000,
+FULL = dict(vocab=2048, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, seq_len=128, batch=16, steps=800,
             lr=3e-3)
 QUICK = dict(vocab=1024, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seq_len=64, batch=8, steps=40,
              lr=3e-3)
