@@ -26,7 +26,7 @@ def test_loads_and_computes_the_same_logits():
     with torch.no_grad():
         logits = model(x)
     # Bit-exact on the host that wrote it; other CPUs' kernels round differently in the last bits.
-    torch.testing.assert_close(logits, torch.tensor(EXPECTED["logits"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, torch.tensor(EXPECTED["logits"]), rtol=1e-5, atol=1e-5)  # the reference came from another CPU: BLAS differs in the last bits
 
 
 def test_reports_the_same_document(capsys, monkeypatch):
@@ -69,7 +69,7 @@ def test_text_checkpoint_computes_the_same_logits():
     ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    torch.testing.assert_close(logits, torch.tensor(BERT_EXPECTED["logits"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, torch.tensor(BERT_EXPECTED["logits"]), rtol=1e-5, atol=1e-5)  # the reference came from another CPU: BLAS differs in the last bits
 
 
 def test_text_checkpoint_reports_the_same_document(capsys, monkeypatch):
@@ -93,7 +93,7 @@ def test_multitask_checkpoint_computes_the_same_logits_per_task():
     for task, expected in MULTI_EXPECTED["logits"].items():
         with torch.no_grad():
             logits = lowrank_cli.load(MULTI, task=task)(x)
-        torch.testing.assert_close(logits, torch.tensor(expected), rtol=0, atol=1e-6)
+        torch.testing.assert_close(logits, torch.tensor(expected), rtol=1e-5, atol=1e-5)  # the reference came from another CPU: BLAS differs in the last bits
 
 
 def test_multitask_checkpoint_reports_the_same_document(capsys, monkeypatch):
