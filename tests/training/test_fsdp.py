@@ -7,7 +7,6 @@ permutation), so their loss curves and weights agree up to the order of the floa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fsdp_runs import assert_stopped_at, env, largest_difference, torchrun
 from helpers import error_lines, run_cli
 
 import lowrank_cli
@@ -32,15 +32,8 @@ OPTIONS = dict(steps=STEPS, lr=2e-3, alpha=1.0, gamma=0.5, save_every=2, seed=1,
 DRIVER = Path(__file__).with_name("fsdp_driver.py")
 
 
-def _env() -> dict[str, str]:
-    tests = str(Path(__file__).parents[1])
-    path = os.pathsep.join(p for p in [os.environ.get("PYTHONPATH"), tests] if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
 
-def _torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=300)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -49,9 +42,6 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def _losses(output: Path) -> list[float]:
@@ -93,7 +83,7 @@ def _driver(pair: SimpleNamespace, output: Path, stop_at: int | None = None, gat
     spec = {"student": str(pair.student), "teacher": str(pair.teacher), "data": str(pair.data),
             "output": str(output), "stop_at": stop_at, "gathered": None if gathered is None else str(gathered),
             "options": {**OPTIONS, "batch_size": 4, **options}}
-    return _torchrun(2, [str(DRIVER), json.dumps(spec)], output.parent)
+    return torchrun(2, [str(DRIVER), json.dumps(spec)], output.parent)
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +103,17 @@ def test_two_fsdp_processes_follow_the_one_process_run(runs) -> None:
     assert one[0] != one[-1]  # the run trains: the curve moves
     assert two == pytest.approx(one, rel=1e-5, abs=1e-7)
     # AdamW divides by sqrt(v): float noise in a tiny gradient moves a weight by up to a few % of one step (lr)
-    worst = _worst(_weights(runs.one.output), _weights(runs.fsdp))
+    worst = largest_difference(_weights(runs.one.output), _weights(runs.fsdp))
     assert worst <= 0.05 * OPTIONS["lr"], worst
     assert not (runs.fsdp.parent / "fsdp.train").exists()  # a finished run leaves no training state
 
 
 def test_the_output_is_the_gathered_model_and_loads(runs) -> None:
     written, gathered = _weights(runs.fsdp), _weights(runs.gathered)
-    assert _worst(written, gathered) == 0
+    assert largest_difference(written, gathered) == 0
     model = lowrank_cli.load(str(runs.fsdp))
     state = model.state_dict()
-    assert _worst({k: state[k] for k in gathered}, gathered) == 0
+    assert largest_difference({k: state[k] for k in gathered}, gathered) == 0
     from lowrank_cli.checkpoint.format import read_info
 
     assert read_info(runs.fsdp)[0].recovery["processes"] == 2
@@ -141,20 +131,17 @@ def test_gradient_accumulation_without_a_reduction_per_micro_batch(pair, tmp_pat
     norms = [[json.loads(line)["grad_norm"] for line in metrics_path(o).read_text().splitlines()]
              for o in (one.output, out)]
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)
-    worst = _worst(_weights(one.output), _weights(out))
+    worst = largest_difference(_weights(one.output), _weights(out))
     assert worst <= 0.05 * OPTIONS["lr"], worst
 
 
 def test_resume_is_exact_also_on_another_number_of_processes(pair, runs, tmp_path) -> None:
     parts = tmp_path / "parts.safetensors"
     stopped = _driver(pair, parts, stop_at=3)
-    assert stopped.returncode == 0 and "interrupted" in stopped.stdout, stopped.stderr[-3000:]
-    state = json.loads((tmp_path / "parts.train" / "state.json").read_text())
-    assert (state["step"], state["processes"], state["layout"]) == (3, 2, "fsdp")
-    assert not parts.exists()
+    assert_stopped_at(stopped, parts, 3)
     # resumed as ddp (the default shard): refused, one Error line, the state kept
     done = subprocess.run([sys.executable, *cli_of(pair), "--batch-size", "4", "-o", str(parts)], capture_output=True,
-                          text=True, env=_env(), cwd=tmp_path, timeout=300)
+                          text=True, env=env(), cwd=tmp_path, timeout=300)
     assert done.returncode != 0 and len(error_lines(done.stderr)) == 1, done.stderr
     assert "the interrupted run was --shard fsdp" in done.stderr and "resume with --shard fsdp" in done.stderr
     assert (tmp_path / "parts.train" / "state.json").is_file() and not parts.exists()
@@ -162,17 +149,17 @@ def test_resume_is_exact_also_on_another_number_of_processes(pair, runs, tmp_pat
     shutil.copytree(tmp_path / "parts.train", tmp_path / "one.train")
     shutil.copy(metrics_path(parts), metrics_path(tmp_path / "one.safetensors"))
     cli = [*cli_of(pair), "--shard", "fsdp"]
-    done = _torchrun(2, [*cli, "--batch-size", "4", "-o", str(parts)], tmp_path)
+    done = torchrun(2, [*cli, "--batch-size", "4", "-o", str(parts)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Resuming at step 3/6" in done.stderr
     assert "FSDP: student and teacher sharded over 2 processes, 2 blocks each (fp32)" in done.stderr
-    worst = _worst(_weights(runs.fsdp), _weights(parts))
+    worst = largest_difference(_weights(runs.fsdp), _weights(parts))
     assert worst <= 1e-6, worst
     assert _losses(parts) == pytest.approx(_losses(runs.fsdp), rel=1e-6)
     resharded = tmp_path / "one.safetensors"
-    done = _torchrun(1, [*cli, "--batch-size", "8", "-o", str(resharded)], tmp_path)
+    done = torchrun(1, [*cli, "--batch-size", "8", "-o", str(resharded)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    worst = _worst(_weights(runs.fsdp), _weights(resharded))  # other sums: as one process against two
+    worst = largest_difference(_weights(runs.fsdp), _weights(resharded))  # other sums: as one process against two
     assert worst <= 0.05 * OPTIONS["lr"], worst
     assert _losses(resharded) == pytest.approx(_losses(runs.fsdp), rel=1e-5)
 
@@ -194,7 +181,7 @@ def test_held_out_evaluation_and_keep_best_as_one_process(pair, tmp_path) -> Non
     assert record["accuracy"] == one.accuracy and record["accuracy"]["after"]["images"] == 10
     assert record["kept"] == read_info(one.output)[0].recovery["kept"] and record["kept"]["which"] == "best"
     assert record["kept"]["step"] < STEPS  # the best weights were put back: the restore of sharded weights ran
-    worst = _worst(_weights(one.output), _weights(out))
+    worst = largest_difference(_weights(one.output), _weights(out))
     assert worst <= 0.05 * options["lr"], worst
     lines = [json.loads(line) for line in metrics_path(out).read_text().splitlines()]
     expected = [json.loads(line) for line in metrics_path(one.output).read_text().splitlines()]
@@ -207,10 +194,10 @@ def test_held_out_evaluation_and_keep_best_as_one_process(pair, tmp_path) -> Non
     state = json.loads((tmp_path / "parts.train" / "state.json").read_text())
     assert set(state["extra_tensors"]) == {f"best.{k}" for k in _weights(out)}
     cli = [*cli_of(labelled, options["lr"]), "--shard", "fsdp", "--eval-every", "2", "--eval-batch-size", "8"]
-    done = _torchrun(2, [*cli, "--batch-size", "4", "-o", str(parts)], tmp_path)
+    done = torchrun(2, [*cli, "--batch-size", "4", "-o", str(parts)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_info(parts)[0].recovery["kept"] == record["kept"]
-    worst = _worst(_weights(out), _weights(parts))
+    worst = largest_difference(_weights(out), _weights(parts))
     assert worst <= 1e-6, worst
 
 
@@ -273,7 +260,7 @@ def test_a_text_encoder_with_frozen_parameters(tmp_path) -> None:
     record_source(loaded.model, loaded.source)
     lowrank_cli.save(loaded.model, tmp_path / "student.safetensors")
     out = tmp_path / "out.safetensors"
-    done = _torchrun(2, ["-m", "lowrank_cli", "recover", str(tmp_path / "student.safetensors"), "--teacher",
+    done = torchrun(2, ["-m", "lowrank_cli", "recover", str(tmp_path / "student.safetensors"), "--teacher",
                          str(tmp_path / "bert"), "--data", str(tmp_path / "corpus.txt"), "--steps", "3",
                          "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--shard", "fsdp",
                          "--val-fraction", "0.25", "--eval-every", "1", "-o", str(out)], tmp_path)

@@ -11,14 +11,13 @@ model gave at its last step."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from fsdp_runs import assert_stopped_at, largest_difference, torchrun
 from causal_fixtures import write_tiny_causal_lm, write_token_text
 from safetensors.torch import load_file, save_file
 
@@ -36,21 +35,12 @@ OPTIONS = dict(steps=STEPS, lr=3e-3, seq_len=32, save_every=2, eval_every=2, kee
 DRIVER = Path(__file__).with_name("fsdp_driver.py")
 
 
-def _torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    tests = str(Path(__file__).parents[1])
-    path = os.pathsep.join(p for p in [os.environ.get("PYTHONPATH"), tests] if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
 def _lines(output: Path) -> list[dict]:
     return [json.loads(line) for line in metrics_path(output).read_text().splitlines()]
 
 
-def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +61,7 @@ def lm(tmp_path_factory) -> SimpleNamespace:
 def _driver(lm: SimpleNamespace, output: Path, stop_at: int | None = None, **extra) -> subprocess.CompletedProcess:
     spec = {"student": str(lm.student), "teacher": str(lm.teacher), "data": str(lm.text), "output": str(output),
             "stop_at": stop_at, "options": {**OPTIONS, "batch_size": 4}, **extra}
-    return _torchrun(2, [str(DRIVER), json.dumps(spec)], output.parent)
+    return torchrun(2, [str(DRIVER), json.dumps(spec)], output.parent)
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +93,16 @@ def test_two_fsdp_processes_follow_the_one_process_run(runs) -> None:
         assert held[when]["val_perplexity"] == pytest.approx(held_one[when]["val_perplexity"], rel=1e-5)
     assert read_info(runs.fsdp)[0].recovery["processes"] == 2
     # AdamW divides by sqrt(v): float noise in a tiny gradient moves a weight by up to a few % of one step (lr)
-    worst = _worst(load_file(str(runs.one.output)), load_file(str(runs.fsdp)))
+    worst = largest_difference(load_file(str(runs.one.output)), load_file(str(runs.fsdp)))
     assert 0 < worst <= 0.05 * OPTIONS["lr"], worst  # > 0: two processes do not merely copy one
     assert not (runs.fsdp.parent / "fsdp.train").exists()  # a finished run leaves no training state
 
 
 def test_the_gathered_file_loads_and_gives_the_logits_the_run_trained(lm, runs) -> None:
     written = load_file(str(runs.fsdp))
-    assert _worst(written, load_file(str(runs.gathered))) == 0
+    assert largest_difference(written, load_file(str(runs.gathered))) == 0
     before = load_file(str(lm.student))
-    assert written.keys() == before.keys() and _worst(written, before) > 1e-4  # the trained weights, not the input
+    assert written.keys() == before.keys() and largest_difference(written, before) > 1e-4  # the trained weights, not the input
     model = lowrank_cli.load(str(runs.fsdp)).eval()
     with torch.no_grad():
         logits = model(lm.ids, use_cache=False).logits
@@ -124,19 +114,16 @@ def test_the_gathered_file_loads_and_gives_the_logits_the_run_trained(lm, runs) 
 def test_resume_from_the_dcp_state_is_exact(lm, runs, tmp_path) -> None:
     parts = tmp_path / "parts.safetensors"
     stopped = _driver(lm, parts, stop_at=3)
-    assert stopped.returncode == 0 and "interrupted" in stopped.stdout, stopped.stderr[-3000:]
-    state = json.loads((tmp_path / "parts.train" / "state.json").read_text())
-    assert (state["step"], state["processes"], state["layout"]) == (3, 2, "fsdp")
-    assert not parts.exists()
+    assert_stopped_at(stopped, parts, 3)
     cli = ["-m", "lowrank_cli", "recover", str(lm.student), "--teacher", str(lm.teacher), "--data", str(lm.text),
            "--steps", str(STEPS), "--lr", str(OPTIONS["lr"]), "--seq-len", "32", "--save-every", "2", "--eval-every",
            "2", "--keep", "last", "--seed", "1", "--workers", "0", "--device", "cpu", "--log-every", "1", "--resume",
            "--shard", "fsdp", "--batch-size", "4", "-o", str(parts)]
-    done = _torchrun(2, cli, tmp_path)
+    done = torchrun(2, cli, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Resuming at step 3/6" in done.stderr
     assert "FSDP: student and teacher sharded over 2 processes, 2 blocks each (fp32)" in done.stderr
-    worst = _worst(load_file(str(runs.fsdp)), load_file(str(parts)))
+    worst = largest_difference(load_file(str(runs.fsdp)), load_file(str(parts)))
     assert worst <= 1e-6, worst
     lines, expected = _lines(parts), _lines(runs.fsdp)
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
