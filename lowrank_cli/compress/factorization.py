@@ -237,6 +237,8 @@ class _Calib:
     seq_len: int | None
     device: torch.device
     progress: Callable[[int, int], None] | None
+    spill: bool | None = None  # where sequential calibration holds its hidden states (compress.layer_inputs)
+    spill_dir: str | None = None
 
 
 def _calibration(model: nn.Module, cal: Calibration, input_size: tuple[int, ...] | None, device: torch.device,
@@ -251,8 +253,13 @@ def _calibration(model: nn.Module, cal: Calibration, input_size: tuple[int, ...]
         mode = "parallel"
     if mode == "sequential":
         stack_of(model)
+    elif cal.calib_spill is not None:
+        who = "a rank budget" if budgeted else f"{type(model).__name__} (its family's default)"
+        raise UsageError(f"`calib_spill` says where sequential calibration holds its hidden states, and {who} "
+                         "calibrates every layer in one pass (`calib_mode` parallel), which holds none: drop it")
     seq_len = input_size[0] if input_size is not None and len(input_size) == 1 else None
-    return _Calib(str(cal.calib), mode, cal.calib_samples, cal.tokenizer, seq_len, device, progress)
+    return _Calib(str(cal.calib), mode, cal.calib_samples, cal.tokenizer, seq_len, device, progress,
+                  cal.calib_spill, None if cal.calib_spill_dir is None else str(cal.calib_spill_dir))
 
 
 def calibration_step(model: nn.Module, plan: Plan, cal: _Calib) -> tuple[dict[str, InputStats], dict[str, Any]]:
@@ -282,7 +289,8 @@ def sequential_step(model: nn.Module, plan: Plan, result: FactorizeResult, cal: 
         spectra.update(swap_planned(model, Plan([planned[n] for n in names]), result.layers, layer_swap))
 
     summary = sequential_calibration(model, plan.named(LayerStatus.FACTORIZED), windows, factorize_layer,
-                                     device=cal.device, progress=cal.progress, log=log, layer_scope=layer_scope)
+                                     device=cal.device, progress=cal.progress, log=log, layer_scope=layer_scope,
+                                     spill=cal.spill, spill_dir=cal.spill_dir)
     if swap.dtype is not None and swap.cast_model:  # stored in `dtype` at the end: every layer ran in the model's own dtype until then
         model.to(swap.dtype)
     return spectra, {"data": cal.data, **summary}

@@ -3,7 +3,7 @@
     Targets      what to factorize      include, exclude, rank_pattern
     Ranking      how to rank            kappa (or ratio), rank_multiple, budget, target_macs, plan_kind and its timing
     Truncation   how to truncate        svd, device, dtype
-    Calibration  data-aware truncation  calib, calib_samples, calib_mode, tokenizer
+    Calibration  data-aware truncation  calib, calib_samples, calib_mode, tokenizer, calib_spill(_dir)
 
 `factorize(model, ranking=Ranking(kappa=3))` and `factorize(model, kappa=3)` are one call: a keyword is the field
 of its config (`FactorizeOptions.of`). `FactorizeOptions.check` refuses the values and the combinations that
@@ -155,6 +155,13 @@ class Calibration:
         "default for causal LMs); parallel: every layer in one pass (the default elsewhere).")
     tokenizer: Any = option(None, cli_type=str, metavar="DIR|REPO", panel=CALIB_PANEL,
                             help="Text --calib: folder or Hub repo of the tokenizer (default: the source's).")
+    calib_spill: bool | None = option(
+        None, flag="--calib-spill/--no-calib-spill", panel=CALIB_PANEL,
+        help="--calib-mode sequential: hold the hidden states entering each decoder layer on disk (or in memory; "
+        "default: on disk when they are over 25% of the available memory).")
+    calib_spill_dir: str | None = option(
+        None, cli_type=Path, metavar="DIR", panel=CALIB_PANEL,
+        help="Folder for the temporary file of --calib-spill (default: the output's folder).")
 
 
 @dataclass
@@ -243,7 +250,10 @@ class FactorizeOptions:
              "`plan_dtype` is the precision that `plan_kind=speed` and `rank_multiple=auto` time in: add one of "
              "them, or drop it"),
             *[(name in given and c.calib is None, f"`{name}` applies to the `calib` data: add `calib` PATH, or drop it")
-              for name in ("calib_samples", "calib_mode", "tokenizer")],
+              for name in ("calib_samples", "calib_mode", "tokenizer", "calib_spill", "calib_spill_dir")],
+            (c.calib_mode == "parallel" and ("calib_spill" in given or "calib_spill_dir" in given),
+             "`calib_spill` and `calib_spill_dir` say where `calib_mode` sequential holds its hidden states; "
+             "parallel holds none: drop them"),
             (self.truncation.svd is not None and c.calib is not None,
              "`calib` truncates each layer by its own decomposition of the whitened weight, so `svd` does not apply: "
              "drop `svd`"),

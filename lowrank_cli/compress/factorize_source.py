@@ -44,7 +44,8 @@ def factorize_file(
     first, so a doomed run fails before the loading and the SVDs rather than after them. Text models run their
     checks at `seq_len` tokens; `save_tokenizer` copies a transformers source's tokenizer files there. A local
     folder of safetensors is factorized block by block from its files (`stream`, compress.streaming_source); the
-    checkpoint is one file, or shards with an index above `max_shard_size` ('5GB', '500MB', bytes).
+    checkpoint is one file, or shards with an index above `max_shard_size` ('5GB', '500MB', bytes). Sequential
+    calibration's hidden states, when they go to disk (`calib_spill`), go beside the output by default.
     """
     from lowrank_cli.adapters.loading import load_model
     from lowrank_cli.atomic import check_output
@@ -60,6 +61,9 @@ def factorize_file(
     if index.exists():  # a sharded checkpoint written there before is an existing output too
         check_output(index, force=force)
     _refuse_before_loading(opts)
+    cal = opts.calibration
+    if cal.calib is not None and cal.calib_mode != "parallel" and cal.calib_spill_dir is None:
+        cal.calib_spill_dir = str(Path(output).absolute().parent)  # spilled hidden states: on the output's disk
     log = log or (lambda msg: None)
     streamed = stream_source(source, opts, stream=stream, arch=arch, model_args=model_args, library=library, log=log)
     loaded = streamed[0] if streamed else load_model(source, arch=arch, model_args=model_args, revision=revision,

@@ -11,7 +11,7 @@ truncation sees the inputs it will really get, and calibration memory does not g
        replace the held hidden states, batch by batch, as the next layer's inputs.
 
 What is held between layers is one (windows, seq_len, hidden) tensor set, the size of one layer's activations
-(logged), and one layer's second moments; the parallel mode instead keeps every layer's second moments for the
+(logged: in memory, or on disk above a memory budget, compress.layer_inputs), and one layer's second moments; the parallel mode instead keeps every layer's second moments for the
 whole run. Each layer runs on `device` (moved there and back when the model lives elsewhere), so a model larger
 than the device's memory is calibrated one layer at a time.
 """
@@ -19,6 +19,7 @@ than the device's memory is calibrated one layer at a time.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +29,14 @@ import torch
 from torch import nn
 
 from lowrank_cli.compress.calibration import InputStats, MomentHooks, linears_named, on_device
+from lowrank_cli.compress.layer_inputs import HeldStates
 from lowrank_cli.errors import InputError, UsageError
 from lowrank_cli.models.families import family_of
 
 # (names of one layer's planned linears, their input statistics) -> factorize them in place
 FactorizeLayer = Callable[[list[str], dict[str, InputStats]], None]
+# (shape of all the held hidden states, dtype) -> the tensor to hold them in, or None: in memory on the device
+Hold = Callable[[tuple[int, ...], torch.dtype], torch.Tensor | None]
 
 
 class _Caught(Exception):
@@ -46,6 +50,8 @@ class LayerInputs:
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     calls: dict[int, tuple[tuple, dict]] = field(default_factory=dict)
+    device: torch.device | None = None  # where the layer runs; None: where the held batches are
+    on_disk: bool = False  # the batches are views of one file-backed tensor (compress.layer_inputs)
 
     @property
     def bytes(self) -> int:
@@ -53,7 +59,15 @@ class LayerInputs:
 
     def arguments(self, index: int) -> tuple[tuple, dict]:
         rest, kwargs = self.calls[len(self.hidden[index])]
-        return (self.hidden[index], *rest), kwargs
+        hidden = self.hidden[index]
+        return (hidden.to(self.device) if self.device is not None else hidden, *rest), kwargs
+
+    def replace(self, index: int, out: torch.Tensor) -> None:
+        """The layer's outputs for batch `index` become its held hidden states (on disk: copied into its view)."""
+        if self.on_disk:
+            self.hidden[index].copy_(out)
+        else:
+            self.hidden[index] = out
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -68,13 +82,23 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 def first_layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor, *, batch_size: int,
-                       device: torch.device) -> LayerInputs:
-    """Run `model` on `windows` (N, seq_len) up to its layer `first`; what enters that layer, kept on `device`."""
-    inputs = LayerInputs()
+                       device: torch.device, hold: Hold | None = None) -> LayerInputs:
+    """Run `model` on `windows` (N, seq_len) up to its layer `first`; what enters that layer, kept on `device`, or
+    in the tensor that `hold(shape of all of them, dtype)` gives for them at the first batch (None: on `device`)."""
+    inputs = LayerInputs(device=device)
+    store: torch.Tensor | None = None  # the one tensor that holds every batch, when `hold` gives one
 
     def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        nonlocal store
         hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-        inputs.hidden.append(hidden.detach().to(device))
+        if not inputs.hidden and hold is not None:
+            store = hold((len(windows), *hidden.shape[1:]), hidden.dtype)
+            inputs.on_disk = store is not None
+        if store is not None:
+            start = sum(len(h) for h in inputs.hidden)
+            inputs.hidden.append(store[start:start + len(hidden)].copy_(hidden.detach()))
+        else:
+            inputs.hidden.append(hidden.detach().to(device))
         inputs.calls.setdefault(len(hidden), (_to(rest, device), _to(kwargs, device)))
         raise _Caught
 
@@ -100,7 +124,7 @@ def _run(layer: nn.Module, inputs: LayerInputs, *, keep: bool) -> None:
         args, kwargs = inputs.arguments(i)
         out = layer(*args, **kwargs)
         if keep:
-            inputs.hidden[i] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+            inputs.replace(i, (out[0] if isinstance(out, (tuple, list)) else out).detach())
 
 
 def _layer_stats(layer: nn.Module, prefix: str, names: list[str], inputs: LayerInputs, windows: int,
@@ -143,11 +167,15 @@ def sequential_calibration(model: nn.Module, names: list[str], windows: torch.Te
                            *, device: torch.device, batch_size: int = 8,
                            progress: Callable[[int, int], None] | None = None,
                            log: Callable[[str], None] | None = None,
-                           layer_scope: Callable[[int, nn.Module], Any] | None = None) -> dict[str, Any]:
+                           layer_scope: Callable[[int, nn.Module], Any] | None = None, spill: bool | None = None,
+                           memory_budget: int | None = None,
+                           spill_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Calibrate and factorize the planned linears `names` of `model` layer by layer (see the module docstring),
     through `factorize_layer(layer_names, stats)`; returns the summary for the record. `layer_scope(i, layer)`: a
     context manager around layer i's turn (streaming factorize materialises the layer from its files on entry and
-    writes and frees it on exit)."""
+    writes and frees it on exit). The held hidden states are in memory, or on disk in a temporary folder in
+    `spill_dir` (default: the system's) when `spill`, or by default when they are over `memory_budget` bytes
+    (default: a share of the memory available, compress.layer_inputs)."""
     started = time.perf_counter()
     stack_name, stack = stack_of(model)
     prefixes = [f"{stack_name}.{i}." for i in range(len(stack))]
@@ -157,14 +185,14 @@ def sequential_calibration(model: nn.Module, names: list[str], windows: torch.Te
                          f"{outside[0]} is outside them: leave it out, or use `calib_mode` parallel")
     was_training = model.training
     model.eval()
+    held = HeldStates(device, spill=spill, budget=memory_budget, folder=spill_dir)
     try:
-        with torch.no_grad(), family_of(model).plain_outputs(model):
-            inputs = first_layer_inputs(model, stack[0], windows, batch_size=batch_size, device=device)
+        with torch.no_grad(), family_of(model).plain_outputs(model), held:
+            inputs = first_layer_inputs(model, stack[0], windows, batch_size=batch_size, device=device,
+                                        hold=held.place)
             if log is not None:
-                h = inputs.hidden[0]
                 log(f"Sequential calibration: {len(windows)} windows of {windows.shape[1]} tokens; the hidden states "
-                    f"entering each decoder layer are held in memory on {device}: {inputs.bytes / 2**20:.1f} MiB "
-                    f"({str(h.dtype).removeprefix('torch.')}, one layer at a time)")
+                    f"entering each decoder layer are {held.describe(inputs.bytes, inputs.hidden[0].dtype)}")
             for i, layer in enumerate(stack):
                 mine = [n for n in names if n.startswith(prefixes[i])]
                 scope = layer_scope(i, layer) if layer_scope is not None else contextlib.nullcontext()
@@ -178,4 +206,4 @@ def sequential_calibration(model: nn.Module, names: list[str], windows: torch.Te
     finally:
         model.train(was_training)
     return {"mode": "sequential", "samples": len(windows), "tokens": int(windows.numel()),
-            "held_bytes": inputs.bytes, "seconds": round(time.perf_counter() - started, 2)}
+            "held_bytes": inputs.bytes, "held": held.held, "seconds": round(time.perf_counter() - started, 2)}
