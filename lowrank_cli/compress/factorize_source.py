@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ def factorize_file(
     _refuse_before_loading(opts)
     cal = opts.calibration
     if cal.calib is not None and cal.calib_mode != "parallel" and cal.calib_spill_dir is None:
-        cal.calib_spill_dir = str(Path(output).absolute().parent)  # spilled hidden states: on the output's disk
+        # spilled hidden states go on the output's disk (a copy: the caller's config object stays as it was)
+        opts.calibration = dataclasses.replace(cal, calib_spill_dir=str(Path(output).absolute().parent))
     log = log or (lambda msg: None)
     streamed = stream_source(source, opts, stream=stream, arch=arch, model_args=model_args, library=library, log=log)
     loaded = streamed[0] if streamed else load_model(source, arch=arch, model_args=model_args, revision=revision,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import shutil
 import tempfile
@@ -77,10 +78,8 @@ class HeldStates:
     def place(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """Where all the held hidden states go, `shape` (windows, seq_len, hidden): None in memory, else the one
         file-backed tensor (on the CPU) to hold them."""
-        numel = 1
-        for n in shape:
-            numel *= n
-        needed = numel * torch.empty((), dtype=dtype).element_size()
+        numel = math.prod(shape)
+        needed = numel * dtype.itemsize
         if self.spill is False:
             return None
         if self.spill is None:

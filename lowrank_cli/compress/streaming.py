@@ -9,7 +9,8 @@ written at its place in the output (checkpoint.shard_writer) and sent back to me
 written and dropped. Sequential calibration walks the decoder layers the same way (compress.sequential's
 `layer_scope`); the modules before the first layer (token embeddings) are materialised while the calibration
 windows pass through them. What is held at any time: one block in its file dtype, its SVD's float32 work, and
-(with `calib`) one layer's calibration activations, in memory. The output is the in-memory path's, bit for bit.
+(with `calib`) one layer's calibration activations, in memory or, over the memory budget, in a temporary file
+beside the output (compress.layer_inputs). The output is the in-memory path's, bit for bit.
 """
 
 from __future__ import annotations
