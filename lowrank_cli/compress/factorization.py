@@ -241,6 +241,13 @@ class _Calib:
     spill_dir: str | None = None
 
 
+def calib_mode_of(model: nn.Module, cal: Calibration, *, budgeted: bool) -> str:
+    """`calib_mode`, defaulting to the model family's (parallel when a rank budget needs every layer's statistics
+    at once)."""
+    mode = cal.calib_mode or family_of(model).calib_mode
+    return "parallel" if mode == "sequential" and cal.calib_mode is None and budgeted else mode
+
+
 def _calibration(model: nn.Module, cal: Calibration, input_size: tuple[int, ...] | None, device: torch.device,
                  progress: Callable[[int, int], None] | None, *, budgeted: bool) -> _Calib | None:
     """The calibration settings of this call, `calib_mode` defaulting to the model family's (parallel when a rank
@@ -248,15 +255,14 @@ def _calibration(model: nn.Module, cal: Calibration, input_size: tuple[int, ...]
     refused here, before any pass over the data."""
     if cal.calib is None:
         return None
-    mode = cal.calib_mode or family_of(model).calib_mode
-    if mode == "sequential" and cal.calib_mode is None and budgeted:
-        mode = "parallel"
+    mode = calib_mode_of(model, cal, budgeted=budgeted)
     if mode == "sequential":
         stack_of(model)
-    elif cal.calib_spill is not None:
+    elif cal.calib_spill is not None or cal.calib_spill_dir is not None:
         who = "a rank budget" if budgeted else f"{type(model).__name__} (its family's default)"
-        raise UsageError(f"`calib_spill` says where sequential calibration holds its hidden states, and {who} "
-                         "calibrates every layer in one pass (`calib_mode` parallel), which holds none: drop it")
+        raise UsageError(f"`calib_spill` and `calib_spill_dir` say where sequential calibration holds its hidden "
+                         f"states, and {who} calibrates every layer in one pass (`calib_mode` parallel), which holds "
+                         "none: drop them")
     seq_len = input_size[0] if input_size is not None and len(input_size) == 1 else None
     return _Calib(str(cal.calib), mode, cal.calib_samples, cal.tokenizer, seq_len, device, progress,
                   cal.calib_spill, None if cal.calib_spill_dir is None else str(cal.calib_spill_dir))

@@ -15,7 +15,7 @@ from lowrank_cli.atomic import locked_output
 from lowrank_cli.checkpoint.format import info_of, record_source
 from lowrank_cli.checkpoint.io import save
 from lowrank_cli.checkpoint.shards import INDEX_SUFFIX
-from lowrank_cli.compress.factorization import FactorizeResult, factorize
+from lowrank_cli.compress.factorization import FactorizeResult, calib_mode_of, factorize
 from lowrank_cli.compress.factorize_options import FactorizeOptions
 from lowrank_cli.devices import resolve_device, resolve_dtype
 from lowrank_cli.errors import UsageError
@@ -62,10 +62,6 @@ def factorize_file(
     if index.exists():  # a sharded checkpoint written there before is an existing output too
         check_output(index, force=force)
     _refuse_before_loading(opts)
-    cal = opts.calibration
-    if cal.calib is not None and cal.calib_mode != "parallel" and cal.calib_spill_dir is None:
-        # spilled hidden states go on the output's disk (a copy: the caller's config object stays as it was)
-        opts.calibration = dataclasses.replace(cal, calib_spill_dir=str(Path(output).absolute().parent))
     log = log or (lambda msg: None)
     streamed = stream_source(source, opts, stream=stream, arch=arch, model_args=model_args, library=library, log=log)
     loaded = streamed[0] if streamed else load_model(source, arch=arch, model_args=model_args, revision=revision,
@@ -74,6 +70,7 @@ def factorize_file(
         raise UsageError(f"'{source}' is already factorized (an lrc checkpoint with {len(loaded.checkpoint.ranks)} "
                          "low-rank layers): factorize its dense source model instead")
     steps["input_size"] = _input_size(loaded.model, steps.get("input_size"), seq_len)
+    _spill_beside(loaded.model, opts, output)
     tokenizer_dir = _tokenizer(loaded, opts, save_tokenizer)
     if streamed:
         result = _streamed(streamed, output, opts, steps, shard_bytes, log)
@@ -88,6 +85,16 @@ def factorize_file(
 
         result.extra["tokenizer"] = {"folder": save_tokenizer, "files": copy_tokenizer(tokenizer_dir, save_tokenizer)}
     return result
+
+
+def _spill_beside(model: Any, opts: FactorizeOptions, output: str) -> None:
+    """Sequential calibration's hidden states, when they go to disk, go on the output's disk unless
+    `calib_spill_dir` says otherwise (set on a copy: the caller's config object stays as it was)."""
+    cal = opts.calibration
+    if cal.calib is None or cal.calib_spill_dir is not None:
+        return
+    if calib_mode_of(model, cal, budgeted=bool(opts.ranking.budgets)) == "sequential":
+        opts.calibration = dataclasses.replace(cal, calib_spill_dir=str(Path(output).absolute().parent))
 
 
 def _tokenizer(loaded: Any, opts: FactorizeOptions, save_tokenizer: str | None) -> Any:

@@ -183,5 +183,18 @@ def test_spill_options_where_they_do_not_apply(llama, tmp_path):
         lowrank_cli.factorize(model, kappa=2, calib_spill=True)
     with pytest.raises(UsageError, match="calib_spill and calib_spill_dir say where .* parallel holds none"):
         lowrank_cli.factorize(model, kappa=2, calib=str(text), calib_mode="parallel", calib_spill=False)
-    with pytest.raises(UsageError, match="a rank budget calibrates every layer in one pass .*: drop it"):
+    with pytest.raises(UsageError, match="a rank budget calibrates every layer in one pass .*: drop them"):
         lowrank_cli.factorize(model, budget=0.5, calib=str(text), tokenizer=str(folder), calib_spill=True)
+
+
+def test_spill_dir_on_a_model_calibrated_in_one_pass(tiny_vit_folder, digits_folder, tmp_path, capsys):
+    images = digits_folder(32, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_cli(["factorize", tiny_vit_folder, "--calib", images, "--calib-spill-dir", tmp_path,
+                            "-o", out / "v.safetensors"], capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "(its family's default) calibrates every layer in one pass" in lines[0]
+    assert "--calib-spill-dir" in lines[0] and list(out.iterdir()) == []
+    code, _, err = run_cli(["factorize", tiny_vit_folder, "--calib", images, "-o", out / "v.safetensors"], capsys)
+    assert code == 0, err  # the output's folder given as the default spill folder is no option of the user's
