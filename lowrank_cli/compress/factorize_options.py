@@ -157,8 +157,8 @@ class Calibration:
                             help="Text --calib: folder or Hub repo of the tokenizer (default: the source's).")
     calib_spill: bool | None = option(
         None, flag="--calib-spill/--no-calib-spill", panel=CALIB_PANEL,
-        help="--calib-mode sequential: hold the hidden states entering each decoder layer on disk (or in memory; "
-        "default: on disk when they are over 25% of the available memory).")
+        help="Sequential calibration: hold the hidden states entering each decoder layer on disk (--no-calib-spill: "
+        "in memory; default: on disk when they are over 25% of the available memory).")
     calib_spill_dir: str | None = option(
         None, cli_type=Path, metavar="DIR", panel=CALIB_PANEL,
         help="Folder for the temporary file of --calib-spill (default: the output's folder).")

@@ -11,9 +11,10 @@ truncation sees the inputs it will really get, and calibration memory does not g
        replace the held hidden states, batch by batch, as the next layer's inputs.
 
 What is held between layers is one (windows, seq_len, hidden) tensor set, the size of one layer's activations
-(logged: in memory, or on disk above a memory budget, compress.layer_inputs), and one layer's second moments; the parallel mode instead keeps every layer's second moments for the
-whole run. Each layer runs on `device` (moved there and back when the model lives elsewhere), so a model larger
-than the device's memory is calibrated one layer at a time.
+(logged; in memory, or on disk over a memory budget: compress.layer_inputs), and one layer's second moments; the
+parallel mode instead keeps every layer's second moments for the whole run. Each layer runs on `device` (moved
+there and back when the model lives elsewhere), so a model larger than the device's memory is calibrated one layer
+at a time.
 """
 
 from __future__ import annotations
