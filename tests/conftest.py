@@ -80,7 +80,8 @@ def hub_cache(monkeypatch, tmp_path):
         root = cache / f"models--{repo.replace('/', '--')}"
         snapshot = root / "snapshots" / commit
         snapshot.mkdir(parents=True)
-        for name, src in files.items():
+        for name, src in files.items():  # a name may hold a folder (1_Pooling/config.json)
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, snapshot / name)
         (root / "refs").mkdir(exist_ok=True)
         (root / "refs" / "main").write_text(commit)
