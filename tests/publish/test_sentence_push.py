@@ -149,3 +149,26 @@ def test_delta_on_a_sentence_model_without_pooling_is_refused(tmp_path, capsys):
     assert (code, stdout) == (2, "") and not out.exists()
     assert error_lines(err) == ["Error: --delta distils the pooled embedding, and this sentence-transformers model "
                                 "has no Pooling module: leave out --delta"]
+
+
+def test_pairs_without_text_pair_are_counted_on_the_command_line(tmp_path, capsys, caplog):
+    source = write_sentence_transformers(tmp_path / "st", seed=5)
+    lines = corpus_sentences(6, seed=2)
+    rows = [{"text": a, "text_pair": a} for a in lines] + [{"text": "a lonely text"}, {"text": "x", "text_pair": ""}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING"):  # the CLI's log handler prints it on stderr (pytest takes it over here)
+        code, stdout, err = run_cli(["eval", source, "--data", data, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["pairs"] == 6 and json.loads(stdout)["top1"] == pytest.approx(1.0)
+    assert '2 of 8 records' in caplog.text and 'have no "text_pair"' in caplog.text
+
+
+def test_an_lrc_folder_pushed_again_keeps_the_layout(tmp_path, capsys):
+    from lowrank_cli.publish.push import push
+
+    _, _, out, _ = _pushed(tmp_path, capsys, normalize=True, max_seq_length=48)
+    again = push(f"local-dir:{out}", "acme/st-lr2", dry_run=tmp_path / "again")
+    assert again.files == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json"):
+        assert (tmp_path / "again" / name).read_text() == (out / name).read_text()
