@@ -68,7 +68,7 @@ def read_modules(folder: Path) -> list[tuple[str, str]] | None:
                              "Transformer, Pooling and Normalize only, never code from a model folder): use a model "
                              "without it")
         where = str(m.get("path", "") or "")
-        if where.startswith(("/", "\\")) or ".." in Path(where).parts:
+        if Path(where).is_absolute() or where.startswith(("/", "\\")) or ".." in Path(where).parts:
             raise InputError(f"'{path}' places module '{m['type']}' at '{where}', outside the folder: refusing it")
         kinds.append((kind, where))
     if not kinds or kinds[0] != ("transformer", "") or [k for k, _ in kinds].count("transformer") != 1:

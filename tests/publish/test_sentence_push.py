@@ -135,6 +135,12 @@ def test_a_staged_folder_that_was_edited_is_checked(tmp_path, capsys):
         lowrank_cli.sentence_transformer(out)
     (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     assert lowrank_cli.sentence_transformer(out).max_seq_length == 48  # mended, it loads
+    from lowrank_cli.publish.push import push
+
+    bare = tmp_path / "bare"
+    push(lr, "acme/st-lr2", dry_run=bare, tokenizer=False)
+    with pytest.raises(InputError, match="has no tokenizer files .* push it with its tokenizer, or pass source"):
+        lowrank_cli.sentence_transformer(bare)
 
 
 def test_delta_on_a_sentence_model_without_pooling_is_refused(tmp_path, capsys):
