@@ -215,15 +215,16 @@ def sentence_section(info: CheckpointInfo, repo_id: str | None) -> str:
     if embedding is None:
         return ""
     repo = repo_id or "ORG/REPO"
-    pooling = " + ".join(embedding.get("pooling") or []) or "no"
+    modes = embedding.get("pooling") or []
+    pooling = f"{' + '.join(modes)} pooling over the tokens" if modes else "no Pooling module"
     normalized = ", then L2-normalised" if embedding.get("normalize") else ""
     return "\n".join([
         "## Use with sentence-transformers", "", "```bash", 'pip install "lowrank-cli[sentence-transformers]"', "```",
         "", "```python", "import lowrank_cli",
         f'model = lowrank_cli.sentence_transformer("hf-hub:{repo}")  # a sentence_transformers.SentenceTransformer',
         'embeddings = model.encode(["The first sentence.", "And a second one."])', "```", "",
-        f"The embedding is the original model's: {pooling} pooling over the tokens{normalized}; the repo holds its "
-        "`modules.json`, `sentence_bert_config.json` and pooling config. Plain `SentenceTransformer(...)` on this "
+        f"The embedding is the original model's: {pooling}{normalized}; the repo holds its `modules.json`, "
+        "`sentence_bert_config.json` and pooling config. Plain `SentenceTransformer(...)` on this "
         "repo does not work: its transformer is low-rank, a module type outside the `sentence_transformers` package, "
         "and sentence-transformers refuses such types unless you pass `trust_remote_code=True`, which we never ask "
         "you to enable. `lowrank_cli.sentence_transformer` builds the same pipeline without it: it accepts only the "
