@@ -201,3 +201,12 @@ def test_real_all_minilm_l6_v2_pushed_encodes_like_its_file(tmp_path):
     expected = lowrank_cli.sentence_transformer(lr, source=source).encode(texts, convert_to_tensor=True)
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_a_pooling_config_without_a_mode_is_one_error_line(tmp_path, capsys):
+    source = write_sentence_transformers(tmp_path / "st", pooling_mode="")
+    out = tmp_path / "lr.safetensors"
+    code, stdout, err = run_cli(["factorize", source, "--kappa", "2", "-o", out], capsys)
+    assert (code, stdout) == (3, "") and not out.exists()
+    [line] = error_lines(err)
+    assert "1_Pooling/config.json' sets no pooling mode" in line and "set the one the model was trained with" in line
