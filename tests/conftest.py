@@ -139,7 +139,8 @@ def fake_hub(monkeypatch):
                 return {"name": "alice", "type": "user"}
             if name == "upload_folder":
                 folder = Path(kwargs["folder_path"])
-                hub.uploaded.update({p.name: p.read_bytes() for p in folder.iterdir()})
+                hub.uploaded.update({p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+                                     if p.is_file()})
                 return CommitInfo(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc1234",
                                   commit_message=kwargs["commit_message"], commit_description="", oid="abc1234")
             return None

@@ -210,3 +210,14 @@ def test_a_pooling_config_without_a_mode_is_one_error_line(tmp_path, capsys):
     assert (code, stdout) == (3, "") and not out.exists()
     [line] = error_lines(err)
     assert "1_Pooling/config.json' sets no pooling mode" in line and "set the one the model was trained with" in line
+
+
+def test_push_uploads_the_layout_the_dry_run_writes(tmp_path, capsys, fake_hub):
+    _, lr, out, _ = _pushed(tmp_path, capsys, normalize=True, max_seq_length=48)
+    (tmp_path / "kept").rename(tmp_path / "st")  # the source where the file records it: the tokenizer is found
+    code, stdout, err = run_cli(["push", lr, "acme/st-lr2", "--json"], capsys)
+    assert code == 0, err
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert json.loads(stdout)["files"] == files == sorted(fake_hub.uploaded)
+    assert "1_Pooling/config.json" in files
+    assert fake_hub.uploaded == {name: (out / name).read_bytes() for name in files}
