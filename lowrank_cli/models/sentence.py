@@ -37,7 +37,7 @@ KNOWN = {"sentence_transformers.models.Transformer": "transformer",
          LOWRANK_TRANSFORMER: "transformer",
          "sentence_transformers.models.Pooling": "pooling",
          "sentence_transformers.models.Normalize": "normalize"}
-POOLING_DIR, NORMALIZE_DIR = "1_Pooling", "2_Normalize"
+POOLING_DIR = "1_Pooling"
 # Pooling config keys -> lrc's mode names, in the order sentence-transformers concatenates them.
 POOLING_MODES = (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
                  ("pooling_mode_mean_tokens", "mean"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"))
@@ -107,7 +107,7 @@ def staged_files(embedding: dict[str, Any], dimension: int) -> dict[str, Any]:
         modules.append({"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"})
     if embedding.get("normalize"):
         n = len(modules)
-        modules.append({"idx": n, "name": str(n), "path": NORMALIZE_DIR if n == 2 else f"{n}_Normalize",
+        modules.append({"idx": n, "name": str(n), "path": f"{n}_Normalize",
                         "type": "sentence_transformers.models.Normalize"})
     files: dict[str, Any] = {MODULES_FILE: modules,
                              ST_CONFIG: {"max_seq_length": embedding.get("max_seq_length"),
