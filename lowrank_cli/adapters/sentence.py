@@ -116,15 +116,21 @@ def _tokenizer_names(folder: Path) -> list[str]:
 def _staged_folder(files: Any) -> Path | None:
     """The folder with the sentence-transformers files `lrc push` staged beside the checkpoint (a Hub repo's come
     through the cache, from the commit of its checkpoint); None when it has no modules.json."""
-    from lowrank_cli.models.sentence import MODULES_FILE, ST_CONFIG, read_modules
+    from lowrank_cli.models.sentence import MODULES_FILE
 
     if files.source.get("kind") != "hf-hub":
         return files.folder if (files.folder / MODULES_FILE).is_file() else None
+    return _hub_sentence_files(files.source["id"], files.source.get("revision"))
+
+
+def _hub_sentence_files(repo: str, revision: str | None) -> Path | None:
+    """The cache snapshot of a Hub repo with its modules.json and the configs it names (never its weights: the
+    low-rank model is the lrc file's); None when the repo has no modules.json."""
     from huggingface_hub import errors as hf_errors
 
     from lowrank_cli.models.hub import hub_download
+    from lowrank_cli.models.sentence import MODULES_FILE, ST_CONFIG, read_modules
 
-    repo, revision = files.source["id"], files.source.get("revision")
     try:
         folder = hub_download(repo, MODULES_FILE, revision).parent
     except hf_errors.EntryNotFoundError:
@@ -138,17 +144,22 @@ def _staged_folder(files: Any) -> Path | None:
 
 
 def _source_folder(model: Any, path: str | Path) -> Path:
-    """The local folder of the source the file records (a Hub repo's files come through the cache)."""
+    """The local folder of the source the file records (a Hub repo's modules.json, configs and tokenizer come
+    through the cache)."""
     from lowrank_cli.checkpoint.format import info_of
 
     recorded = info_of(model).provenance.get("source") or {}
     if recorded.get("kind") == "local-dir" and Path(recorded["id"]).is_dir():
         return Path(recorded["id"])
     if recorded.get("kind") == "hf-hub":
-        from lowrank_cli.models.hub import hub_transformers_files, hub_tokenizer_folder
+        from lowrank_cli.models.hub import hub_tokenizer_folder
 
-        folder = hub_transformers_files(recorded["id"], recorded.get("revision"))
-        hub_tokenizer_folder(recorded["id"], recorded.get("revision"))
+        repo, revision = recorded["id"], recorded.get("revision")
+        folder = _hub_sentence_files(repo, revision)
+        if folder is None:
+            raise InputError(f"hf-hub:{repo}, the source '{path}' records, has no modules.json: pass `source` the "
+                             "sentence-transformers folder it was made from")
+        hub_tokenizer_folder(repo, revision)  # into the same snapshot
         return folder
     raise InputError(f"'{path}' records its source as {recorded.get('id', 'unknown')!r}, which is not here: pass "
                      "`source` the sentence-transformers folder it was made from")

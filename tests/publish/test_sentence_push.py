@@ -221,3 +221,23 @@ def test_push_uploads_the_layout_the_dry_run_writes(tmp_path, capsys, fake_hub):
     assert json.loads(stdout)["files"] == files == sorted(fake_hub.uploaded)
     assert "1_Pooling/config.json" in files
     assert fake_hub.uploaded == {name: (out / name).read_bytes() for name in files}
+
+
+def test_a_file_made_from_a_hub_repo_needs_only_its_configs_and_tokenizer(tmp_path, capsys, hub_cache, monkeypatch):
+    """sentence_transformer(FILE) of a file whose source is a Hub repo fetches modules.json, the configs and the
+    tokenizer, never the dense weights (gone from the cache here)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    source = write_sentence_transformers(tmp_path / "st", seed=5, dropout=0.0, initializer_range=0.2,
+                                         normalize=True, max_seq_length=40)
+    commit = hub_cache("acme/tiny-st", {p.relative_to(source).as_posix(): p for p in source.rglob("*") if p.is_file()})
+    lr = _factorize("hf-hub:acme/tiny-st", tmp_path / "lr.safetensors", capsys)
+    recorded = lowrank_cli.read_info(lr)[0].provenance["source"]
+    assert (recorded["kind"], recorded["id"], recorded["revision"]) == ("hf-hub", "acme/tiny-st", commit)
+    (hub_cache.path / "models--acme--tiny-st" / "snapshots" / commit / "model.safetensors").unlink()
+    model = lowrank_cli.sentence_transformer(lr)
+    assert model.max_seq_length == 40
+    got = model.encode(TEXTS, convert_to_tensor=True).float()
+    expected = lowrank_cli.sentence_transformer(lr, source=source).encode(TEXTS, convert_to_tensor=True).float()
+    assert torch.allclose(got, expected, atol=1e-5)
