@@ -241,3 +241,33 @@ def test_a_file_made_from_a_hub_repo_needs_only_its_configs_and_tokenizer(tmp_pa
     got = model.encode(TEXTS, convert_to_tensor=True).float()
     expected = lowrank_cli.sentence_transformer(lr, source=source).encode(TEXTS, convert_to_tensor=True).float()
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_do_lower_case_is_recorded_staged_and_applied(tmp_path, capsys):
+    """A cased tokenizer under a sentence_bert_config.json with do_lower_case: every path lowercases the texts
+    first (upper-case words would be unknown tokens otherwise)."""
+    import inspect
+
+    source = write_sentence_transformers(tmp_path / "st", seed=5, dropout=0.0, initializer_range=0.2)
+    cls = transformers.BertTokenizerFast
+    key = "vocab" if "vocab" in inspect.signature(cls.__init__).parameters else "vocab_file"
+    cls(**{key: str(source / "vocab.txt")}, do_lower_case=False).save_pretrained(source)
+    (source / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": True}))
+    lr = _factorize(source, tmp_path / "lr.safetensors", capsys)
+    from lowrank_cli.models.sentence import embedding_of
+
+    assert embedding_of(lowrank_cli.load(lr))["do_lower_case"] is True
+    out = tmp_path / "out"
+    assert run_cli(["push", lr, "acme/st-lr2", "--dry-run", out], capsys)[0] == 0
+    assert json.loads((out / "sentence_bert_config.json").read_text())["do_lower_case"] is True
+    model = lowrank_cli.sentence_transformer(out)
+    upper = [t.upper() for t in TEXTS]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.tokenize(upper[0]) != tokenizer.tokenize(TEXTS[0])  # cased: lowering matters
+    got = model.encode(upper, convert_to_tensor=True).float()
+    assert torch.allclose(got, model.encode(TEXTS, convert_to_tensor=True).float(), atol=1e-6)
+    from lowrank_cli.evaluation.embedding import embeddings
+
+    ours = embeddings(lowrank_cli.load(lr), upper, tokenizer, embedding_of(lowrank_cli.load(lr)), max_length=None,
+                      batch_size=4, device=torch.device("cpu"))
+    assert torch.allclose(got, ours, atol=1e-5)
