@@ -80,7 +80,8 @@ def hub_cache(monkeypatch, tmp_path):
         root = cache / f"models--{repo.replace('/', '--')}"
         snapshot = root / "snapshots" / commit
         snapshot.mkdir(parents=True)
-        for name, src in files.items():
+        for name, src in files.items():  # a name may hold a folder (1_Pooling/config.json)
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, snapshot / name)
         (root / "refs").mkdir(exist_ok=True)
         (root / "refs" / "main").write_text(commit)
@@ -138,7 +139,8 @@ def fake_hub(monkeypatch):
                 return {"name": "alice", "type": "user"}
             if name == "upload_folder":
                 folder = Path(kwargs["folder_path"])
-                hub.uploaded.update({p.name: p.read_bytes() for p in folder.iterdir()})
+                hub.uploaded.update({p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+                                     if p.is_file()})
                 return CommitInfo(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc1234",
                                   commit_message=kwargs["commit_message"], commit_description="", oid="abc1234")
             return None

@@ -56,6 +56,8 @@ def embeddings(model: Any, texts: list[str], tokenizer: Any, embedding: dict[str
 
     model.to(device).float().eval()
     length = max_length or embedding.get("max_seq_length") or 512
+    if embedding.get("do_lower_case"):  # as sentence-transformers' Transformer does before tokenizing
+        texts = [t.lower() for t in texts]
     out = []
     for i in range(0, len(texts), batch_size):
         batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=length,

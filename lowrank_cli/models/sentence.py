@@ -6,9 +6,14 @@ the checkpoint's provenance says it), and computed here for recovery, held-out s
     embed(hidden, mask, emb)      # (batch, dim) embeddings from a last hidden state and its attention mask
     embedding_of(loaded)          # the record of a LoadedModel (a dense folder or an lrc file); None: a plain model
 
-Only the module types sentence-transformers ships for this (Transformer, Pooling, Normalize) are read; any other
-(Dense, a custom code module) is refused with its name: lrc never runs code from a model folder. Files written
-before this record keep behaving as before (no embedding: the pooler or the mean of the last hidden state).
+Only the module types sentence-transformers ships for this (Transformer, Pooling, Normalize) and lrc's own
+low-rank transformer (what `lrc push` stages, LOWRANK_TRANSFORMER) are read; any other (Dense, a custom code
+module) is refused with its name: lrc never runs code from a model folder. Files written before this record keep
+behaving as before (no embedding: the pooler or the mean of the last hidden state).
+
+    staged_files(emb, dim)        # {"modules.json": [...], "sentence_bert_config.json": {...}, "1_Pooling/config.json": {...}}
+
+is the sentence-transformers layout `lrc push` writes beside the checkpoint, from the record alone.
 """
 
 from __future__ import annotations
@@ -24,9 +29,15 @@ if TYPE_CHECKING:
 
 MODULES_FILE = "modules.json"
 ST_CONFIG = "sentence_bert_config.json"
+# The module type of the transformer in a folder `lrc push` wrote: its weights are the lrc checkpoint's, which
+# sentence-transformers' own Transformer cannot read (and it imports no type outside its package unless told to
+# trust remote code, which lrc never does): `lowrank_cli.sentence_transformer` builds it.
+LOWRANK_TRANSFORMER = "lowrank_cli.LowRankTransformer"
 KNOWN = {"sentence_transformers.models.Transformer": "transformer",
+         LOWRANK_TRANSFORMER: "transformer",
          "sentence_transformers.models.Pooling": "pooling",
          "sentence_transformers.models.Normalize": "normalize"}
+POOLING_DIR = "1_Pooling"
 # Pooling config keys -> lrc's mode names, in the order sentence-transformers concatenates them.
 POOLING_MODES = (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
                  ("pooling_mode_mean_tokens", "mean"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"))
@@ -40,9 +51,9 @@ def _json(path: Path) -> Any:
         raise InputError(f"'{path}' is not valid JSON ({e}): fix or re-export the sentence-transformers folder") from None
 
 
-def read_embedding(folder: Path) -> dict[str, Any] | None:
-    """The embedding a sentence-transformers folder defines; None when it has no modules.json (a plain
-    transformers folder)."""
+def read_modules(folder: Path) -> list[tuple[str, str]] | None:
+    """The (kind, path) of each module of a sentence-transformers folder's modules.json, each type checked
+    against KNOWN (an unknown one is refused with its name); None when the folder has no modules.json."""
     path = Path(folder) / MODULES_FILE
     if not path.is_file():
         return None
@@ -56,15 +67,63 @@ def read_embedding(folder: Path) -> dict[str, Any] | None:
             raise InputError(f"'{path}' names module type '{m['type']}', which lrc does not know (it reads "
                              "Transformer, Pooling and Normalize only, never code from a model folder): use a model "
                              "without it")
-        kinds.append(kind)
-    if not kinds or kinds[0] != "transformer" or kinds.count("transformer") != 1 or str(modules[0].get("path", "")):
+        where = str(m.get("path", "") or "")
+        if Path(where).is_absolute() or where.startswith(("/", "\\")) or ".." in Path(where).parts:
+            raise InputError(f"'{path}' places module '{m['type']}' at '{where}', outside the folder: refusing it")
+        kinds.append((kind, where))
+    if not kinds or kinds[0] != ("transformer", "") or [k for k, _ in kinds].count("transformer") != 1:
         raise InputError(f"'{path}' must start with the one Transformer module at the folder's root: fix the folder")
-    pooling = [m for m, k in zip(modules, kinds) if k == "pooling"]
-    modes = read_pooling(Path(folder) / str(pooling[0].get("path", "")) / "config.json") if pooling else []
+    return kinds
+
+
+def read_embedding(folder: Path) -> dict[str, Any] | None:
+    """The embedding a sentence-transformers folder defines; None when it has no modules.json (a plain
+    transformers folder)."""
+    modules = read_modules(folder)
+    if modules is None:
+        return None
+    kinds = [k for k, _ in modules]
+    pooling = [where for k, where in modules if k == "pooling"]
+    modes = read_pooling(Path(folder) / pooling[0] / "config.json") if pooling else []
     config = Path(folder) / ST_CONFIG
-    max_len = _json(config).get("max_seq_length") if config.is_file() else None
-    return {"modules": kinds, "pooling": modes, "normalize": "normalize" in kinds,
-            "max_seq_length": int(max_len) if isinstance(max_len, int) and max_len > 0 else None}
+    st = _json(config) if config.is_file() else {}
+    st = st if isinstance(st, dict) else {}
+    max_len = st.get("max_seq_length")
+    record = {"modules": kinds, "pooling": modes, "normalize": "normalize" in kinds,
+              "max_seq_length": int(max_len) if isinstance(max_len, int) and max_len > 0 else None}
+    if st.get("do_lower_case") is True:  # recorded only when set: records of files written before read the same
+        record["do_lower_case"] = True
+    return record
+
+
+def staged_files(embedding: dict[str, Any], dimension: int) -> dict[str, Any]:
+    """The sentence-transformers files of an embedding record, as `lrc push` writes them beside the checkpoint
+    (relative path -> JSON document): modules.json (the low-rank transformer at the root, then Pooling and
+    Normalize as the source had them), sentence_bert_config.json and 1_Pooling/config.json (the pooling keys every
+    sentence-transformers version reads). Normalize has no config: its entry in modules.json is all it needs."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": LOWRANK_TRANSFORMER}]
+    pooling = list(embedding.get("pooling") or [])
+    if pooling:
+        modules.append({"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"})
+    if embedding.get("normalize"):
+        n = len(modules)
+        modules.append({"idx": n, "name": str(n), "path": f"{n}_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    files: dict[str, Any] = {MODULES_FILE: modules,
+                             ST_CONFIG: {"max_seq_length": embedding.get("max_seq_length"),
+                                         "do_lower_case": bool(embedding.get("do_lower_case"))}}
+    if pooling:
+        flags = {key: mode in pooling for key, mode in POOLING_MODES}
+        files[f"{POOLING_DIR}/config.json"] = {"word_embedding_dimension": int(dimension), **flags,
+                                               **{key: False for key in UNSUPPORTED_MODES}, "include_prompt": True}
+    return files
+
+
+def recorded_embedding(info: Any) -> dict[str, Any] | None:
+    """The embedding record a checkpoint's provenance holds (a CheckpointInfo); None for other models."""
+    recorded = ((getattr(info, "provenance", None) or {}).get("source") or {}) if info is not None else {}
+    found = recorded.get("embedding") if isinstance(recorded, dict) else None
+    return found if isinstance(found, dict) else None
 
 
 def read_pooling(path: Path) -> list[str]:
@@ -113,7 +172,4 @@ def embedding_of(loaded: Any) -> dict[str, Any] | None:
     source = getattr(loaded, "source", None) or {}
     if isinstance(source.get("embedding"), dict):
         return source["embedding"]
-    info = getattr(getattr(loaded, "model", loaded), "lrc_info", None)
-    recorded = ((info.provenance or {}).get("source") or {}) if info is not None else {}
-    found = recorded.get("embedding") if isinstance(recorded, dict) else None
-    return found if isinstance(found, dict) else None
+    return recorded_embedding(getattr(getattr(loaded, "model", loaded), "lrc_info", None))

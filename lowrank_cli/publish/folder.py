@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lowrank_cli._version import __version__
 from lowrank_cli.checkpoint.format import CheckpointInfo
@@ -82,19 +83,42 @@ def tokenizer_names(folder: Path) -> list[str]:
 
 
 def stage_folder(card: Card, folder: Path, tokenizer: Path | None) -> list[str]:
-    """Fill the empty `folder` with what is uploaded; returns the file names, sorted. `card.card` must already
-    name the tokenizer files (build_card's `tokenizer`)."""
+    """Fill the empty `folder` with what is uploaded; returns the file paths relative to it, sorted. `card.card`
+    must already name the tokenizer files (build_card's `tokenizer`). A checkpoint that records a
+    sentence-transformers embedding also gets that layout (sentence_files)."""
     names = tokenizer_names(tokenizer) if tokenizer is not None else []
     _place_checkpoint(card.checkpoint, folder / CHECKPOINT_FILE)
     for name in names:
         _link_or_copy(tokenizer / name, folder / name)
+    for name, doc in sentence_files(card.info).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     (folder / CARD_FILE).write_text(str(card.card), encoding="utf-8")
     marker = marker_document(library=card.info.spec.library, architecture=card.info.spec.architecture,
                              lrc_version=__version__, tokenizer=names)
     (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    for path in folder.iterdir():
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
         _fsync(path)
-    return sorted(p.name for p in folder.iterdir())
+    return sorted(p.relative_to(folder).as_posix() for p in files)
+
+
+def sentence_files(info: CheckpointInfo) -> dict[str, Any]:
+    """The sentence-transformers files (relative path -> JSON document) of a checkpoint that records an
+    embedding (models.sentence.staged_files), so that `lowrank_cli.sentence_transformer(REPO)` needs no source
+    folder; none for any other checkpoint."""
+    from lowrank_cli.models.sentence import recorded_embedding, staged_files
+
+    embedding = recorded_embedding(info)
+    if embedding is None:
+        return {}
+    args = info.spec.model_args or {}
+    dimension = next((args[k] for k in ("hidden_size", "d_model", "dim", "n_embd") if isinstance(args.get(k), int)),
+                     None)
+    if dimension is None:
+        raise InputError(f"the config of {info.spec.architecture} names no hidden size (hidden_size, d_model, ...), "
+                         "which the sentence-transformers pooling config needs: push it with a config that has one")
+    return staged_files(embedding, dimension)
 
 
 def check_folder_output(out: str | Path, force: bool) -> Path:

@@ -22,7 +22,8 @@ from typing import Any
 from lowrank_cli.checkpoint.format import read_info
 from lowrank_cli.errors import EnvironmentProblem, LrcError, OutputError, UsageError
 from lowrank_cli.publish.card import build_card, resolve_checkpoint
-from lowrank_cli.publish.folder import check_folder_output, find_tokenizer, stage_folder, tokenizer_names, write_folder
+from lowrank_cli.publish.folder import (check_folder_output, find_tokenizer, sentence_files, stage_folder,
+                                        tokenizer_names, write_folder)
 
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 
@@ -65,6 +66,7 @@ def push(
     out = check_folder_output(dry_run, force) if dry_run is not None else None
     path, files = resolve_checkpoint(checkpoint)
     info, _ = read_info(path)
+    sentence_files(info)  # a sentence model's layout is refused here, if it must be, not half-way through staging
     tokenizer_dir = find_tokenizer(info, files, tokenizer, log)
     names = tokenizer_names(tokenizer_dir) if tokenizer_dir is not None else []
     api = user = None

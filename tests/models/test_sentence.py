@@ -109,7 +109,7 @@ def test_sentence_transformer_runs_the_compressed_model_with_the_original_module
     out = _factorize(st_folder, tmp_path / "lr.safetensors", capsys)
     model = lowrank_cli.sentence_transformer(out)
     assert isinstance(model, st.SentenceTransformer)
-    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    assert [type(m).__name__ for m in model] == ["LowRankTransformer", "Pooling", "Normalize"]
     assert model.max_seq_length == 48
     from lowrank_cli.layers.lowrank_linear import LowRankLinear
 
