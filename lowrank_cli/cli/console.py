@@ -10,9 +10,35 @@ import os
 import sys
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
-out = Console(soft_wrap=True)
+OFF_TERMINAL_WIDTH = 1000  # a table off a terminal: its whole width, never cut to "ba…" at 80 columns
+
+
+class StdoutConsole(Console):
+    """stdout's console. On a terminal, rich's own width (the terminal's, or COLUMNS). Off one (a CI log, `| tee`,
+    a subprocess capture) OFF_TERMINAL_WIDTH, or COLUMNS where that is wider: every table (bench, report, recover,
+    factorize, ...) is printed at its natural width, where rich's fallback of 80 columns (or a CI's COLUMNS=80)
+    cut each cell to "ba…" and dropped whole columns. Nothing off a terminal is folded for a screen anyway: the
+    text lines are soft-wrapped (one line each), and a log viewer scrolls."""
+
+    _set_size: tuple[int, int] | None = None  # `console.size = (w, h)` wins over both
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or self._set_size is not None:
+            return size
+        columns = os.environ.get("COLUMNS", "").strip()
+        return ConsoleDimensions(max(OFF_TERMINAL_WIDTH, int(columns) if columns.isdigit() else 0), size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._set_size = new_size
+        Console.size.fset(self, new_size)
+
+
+out = StdoutConsole(soft_wrap=True)
 err = Console(stderr=True)
 
 

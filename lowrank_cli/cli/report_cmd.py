@@ -154,10 +154,7 @@ def print_report(doc: dict, per_layer: bool) -> None:
 
     if not console.is_main_process():  # under torchrun, rank 0 alone prints
         return
-    from rich.console import Console
-
-    # A terminal wraps tables to its width; a pipe or a file gets them whole (up to 200 columns), not cut at 80.
-    out = console.out if console.out.is_terminal else Console(file=console.out.file, width=200, soft_wrap=True)
+    out = console.out  # a terminal wraps tables to its width; a pipe or a file gets them whole (console.out)
     name = doc["source"]["argument"] or doc["source"]["id"]
     table = Table(title=f"lrc report: {escape(str(name))}", show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)

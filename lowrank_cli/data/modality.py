@@ -26,6 +26,7 @@ from lowrank_cli.errors import InputError, UsageError
 class ImageData:
     name = "images"
     unit = "img"  # what the progress bar counts per second
+    sample_name = "images"  # what the metrics lines count: images_per_s, images
     augments = True  # random crops and flips can apply
 
     def find(self, data: Path, *, evaluate: bool, val_data: Path | None = None, val_fraction: float | None = None,
@@ -111,6 +112,7 @@ class ImageData:
 class TextData:
     name = "texts"
     unit = "texts"
+    sample_name = "texts"  # texts_per_s, texts in the metrics lines
     augments = False
 
     def __init__(self) -> None:

@@ -84,6 +84,7 @@ def cut(ids: torch.Tensor, seq_len: int, root: Path) -> WindowSet:
 class StreamData:
     name = "tokens"
     unit = "windows"  # what the progress bar counts per second
+    sample_name = "windows"  # windows_per_s, windows in the metrics lines (token windows of seq_len)
     augments = False
 
     def __init__(self, data: Path, *, val_data: Path | None, val_fraction: float | None, seq_len: int | None,

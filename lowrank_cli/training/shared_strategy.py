@@ -49,6 +49,10 @@ class TasksData:
         return self.tasks[0].unit
 
     @property
+    def sample_name(self) -> str:
+        return self.tasks[0].sample_name
+
+    @property
     def modality(self) -> Any:
         return self.tasks[0].modality
 

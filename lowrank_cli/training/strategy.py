@@ -60,6 +60,10 @@ class RunData:
         return self.modality.unit  # what the progress bar counts per second
 
     @property
+    def sample_name(self) -> str:
+        return self.modality.sample_name  # images, texts or windows: <name>_per_s and <name> in the metrics lines
+
+    @property
     def labelled_val(self) -> bool:
         """Held-out images with labels: scored by accuracy (the teacher's too)."""
         return (self.val is not None and self.modality.name == "images" and self.val.labelled

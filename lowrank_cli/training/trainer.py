@@ -158,18 +158,19 @@ class Trainer:
             return
         elapsed = time.perf_counter() - self._interval_start
         gauges = {k: v for callback in self.callbacks for k, v in callback.gauges().items()}
+        samples = self.setup.data.sample_name  # images, texts or windows (a causal LM's token windows)
         line = {"step": state.step, "epoch": round(state.images_seen / self.setup.data.samples, 4),
                 "lr": self.optimizer.param_groups[0]["lr"], **gauges,
                 **{k: v / self._interval_steps for k, v in self._interval.items()},
-                "images_per_s": round(self._interval_samples / elapsed, 2) if elapsed > 0 else None,
-                "images": state.images_seen, "skipped": state.skipped, "seconds": round(state.seconds, 3),
+                f"{samples}_per_s": round(self._interval_samples / elapsed, 2) if elapsed > 0 else None,
+                samples: state.images_seen, "skipped": state.skipped, "seconds": round(state.seconds, 3),
                 **(held_out or {})}
         self.history.append(line)
         if self.ctx.is_main:
             with open(self.setup.metrics, "a") as f:
                 f.write(json.dumps(line) + "\n")
         status = " ".join(f"{k} {line[k]:.3g}" for k in [*self.step_fn.terms, *gauges]) + (
-            f" | {line['images_per_s']:.0f} {self.setup.data.unit}/s" if line["images_per_s"] else "")
+            f" | {line[f'{samples}_per_s']:.0f} {self.setup.data.unit}/s" if line[f"{samples}_per_s"] else "")
         status += "".join(callback.status() for callback in self.callbacks)
         progress(phase, state.step, self.total, status)
         self._interval, self._interval_steps, self._interval_samples = {}, 0, 0

@@ -158,3 +158,43 @@ def test_greedy_generation_is_the_same_grouped_and_not(llama):
             tokens.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
                                          do_sample=False, pad_token_id=0))
     assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize("columns", [None, "80"])
+def test_bench_generate_table_is_whole_off_a_terminal(llama, capsys, monkeypatch, columns):
+    # stdout captured (a pipe, a CI log, which may export COLUMNS=80): rich's 80 columns cut every cell to "ba…",
+    # "dyna…" and dropped the model column; off a terminal the table is printed at its natural width
+    lr, dense, _ = llama
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    code, out, err = run_cli(["bench", str(lr), "--against", str(dense), "--device", "cpu", "--generate", "2",
+                              "--batch-size", "1", "--seq-len", "8", "--repeats", "1", "--threads", "1"], capsys)
+    assert code == 0, err
+    assert "…" not in out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("model"))
+    assert header.split() == ["model", "batch", "cache", "prefill", "ms", "decode", "ms/step", "tokens/s", "prefill",
+                              "speed-up", "decode", "speed-up"]
+    assert len(header.rstrip()) > 80  # wider than rich's fallback: the table was not squeezed into it
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if " dynamic " in line}
+    assert set(rows) == {"llama_lr.safetensors", "llama"}
+    assert rows["llama_lr.safetensors"][1:4] == ["(grouped)", "1", "dynamic"]
+    assert rows["llama"][1:4] == ["(ref)", "1", "dynamic"] and rows["llama"][-2:] == ["1.00x", "1.00x"]
+    assert "lrc bench --generate on" in out and "prompt 8 tokens, 2 new (greedy)" in out
+
+
+def test_bench_table_is_whole_off_a_terminal(llama, capsys, monkeypatch):
+    # the forward-pass table (no --generate) goes through the same console (console.out): whole off a terminal
+    lr, dense, _ = llama
+    monkeypatch.setenv("COLUMNS", "50")
+    code, out, err = run_cli(["bench", str(lr), "--against", str(dense), "--device", "cpu", "--batch-size", "1",
+                              "--seq-len", "8", "--group", *FAST], capsys)
+    assert code == 0, err
+    assert "…" not in out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("model"))
+    assert header.split() == ["model", "mode", "batch", "median", "ms", "p10-p90", "ms", "img/s", "speed-up", "MAC",
+                              "ratio"]
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if " eager" in line}
+    assert rows["llama_lr.safetensors"][1:4] == ["eager,", "grouped", "1"]
+    assert rows["llama"][1:4] == ["(ref)", "eager", "1"] and rows["llama"][-2:] == ["1.00x", "1.00x"]

@@ -4,6 +4,7 @@ a teacher are clear usage errors."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -58,6 +59,9 @@ def test_next_token_finetune_merges_at_the_same_ranks_and_lowers_perplexity(lms,
     assert settings["train_samples"] == 56 and scores["samples"] == 6 and scores["metric"] == "val_perplexity"
     before, after = scores["before"]["val_perplexity"], scores["after"]["val_perplexity"]
     assert after < 0.9 * before, (before, after)  # a random model learns the text's token statistics at once
+    lines = [json.loads(line) for line in result.metrics.read_text().splitlines()]
+    assert lines[-1]["step"] == 12 and [line["windows"] for line in lines] == [8 * line["step"] for line in lines]
+    assert all("windows_per_s" in line and not {"images_per_s", "images"} & set(line) for line in lines)
     source = lowrank_cli.load(lms["root"] / f"{kind}_lr.safetensors")
     written = lowrank_cli.load(result.output)
     assert lowrank_ranks(written) == lowrank_ranks(source) and lowrank_ranks(written)

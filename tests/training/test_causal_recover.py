@@ -73,6 +73,10 @@ def test_recover_a_llama_on_a_token_stream_tracks_held_out_perplexity(lms, tmp_p
     lines = [json.loads(line) for line in result.metrics.read_text().splitlines()]
     scored = {line["step"]: line["val_perplexity"] for line in lines if "val_perplexity" in line}
     assert sorted(scored) == [4, 8]
+    # the throughput counts token windows (of seq_len tokens), not images
+    assert [line["windows"] for line in lines] == [8 * line["step"] for line in lines] and lines[-1]["windows"] == 64
+    assert all(line["windows_per_s"] > 0 and not {"images_per_s", "images"} & set(line) for line in lines)
+    assert result.images_seen == 64
     best = min(scored, key=scored.get)
     assert settings["kept"]["step"] == best and settings["kept"]["value"] == pytest.approx(scored[best])
 

@@ -190,6 +190,9 @@ def test_text_pairs_with_scores(berts, sentences, tmp_path):
     back = lowrank_cli.load(result.output)
     assert back.config.num_labels == 1 and back.config.problem_type == "regression"
     assert set(result.losses) == {"loss", "mse"}
+    lines = [json.loads(line) for line in metrics_path(result.output).read_text().splitlines()]
+    assert [line["texts"] for line in lines] == [8, 16, 24]  # a text run counts texts, not images
+    assert all(line["texts_per_s"] > 0 and not {"images_per_s", "images"} & set(line) for line in lines)
     assert set(result.scores["after"]) == {"val_pearson", "val_spearman"} and result.scores["samples"] == 12
     from lowrank_cli.data.texts import load_tokenizer
     from lowrank_cli.evaluation.task_scores import evaluate_texts

@@ -149,6 +149,7 @@ def test_loss_terms_go_down_and_are_logged(recovered) -> None:
     assert recovered.metrics == metrics_path(recovered.output)
     assert [line["step"] for line in lines] == [1, *range(10, 251, 10)]
     assert {"step", "lr", "loss", "ce", "fd", "grad_norm", "images_per_s", "images", "skipped"} <= set(lines[-1])
+    assert not {"windows_per_s", "windows", "texts_per_s", "texts"} & set(lines[-1])  # an image run counts images
     assert lines[-1]["images"] == 250 * 32 == recovered.images_seen
     peak = max(line["lr"] for line in lines)
     assert peak <= 3e-3 and lines[-1]["lr"] < 0.01 * peak  # warm-up, then cosine down to ~0
