@@ -312,6 +312,8 @@ def test_prompts_and_similarity_are_recorded_staged_and_applied(tmp_path, capsys
     assert json.loads((out / "config_sentence_transformers.json").read_text()) == {
         "prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "dot"}
     assert json.loads((out / "1_Pooling" / "config.json").read_text())["include_prompt"] is include_prompt
+    assert 'model.encode(["A question?"], prompt_name="query")  # its prompts: query, passage' in (
+        out / "README.md").read_text()
     dense = st.SentenceTransformer(str(source), device="cpu")
     kept = tmp_path / "kept"
     shutil.move(source, kept)
