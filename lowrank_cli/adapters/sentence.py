@@ -134,18 +134,22 @@ def _hub_sentence_files(repo: str, revision: str | None) -> Path | None:
     low-rank model is the lrc file's); None when the repo has no modules.json."""
     from huggingface_hub import errors as hf_errors
 
-    from lowrank_cli.models.hub import hub_download
+    from lowrank_cli.models.hub import NotCached, hub_download
     from lowrank_cli.models.sentence import MODEL_CONFIG, MODULES_FILE, ST_CONFIG, read_modules
 
     try:
         folder = hub_download(repo, MODULES_FILE, revision).parent
     except hf_errors.EntryNotFoundError:
         return None
-    for name in [ST_CONFIG, MODEL_CONFIG, *(f"{where}/config.json" for kind, where in read_modules(folder)[1:] if kind == "pooling")]:
+    for name in [ST_CONFIG, *(f"{where}/config.json" for kind, where in read_modules(folder)[1:] if kind == "pooling")]:
         try:
             hub_download(repo, name, revision)
         except hf_errors.EntryNotFoundError:
             continue  # read_embedding says what is missing and whether it matters
+    try:
+        hub_download(repo, MODEL_CONFIG, revision)
+    except (hf_errors.EntryNotFoundError, NotCached):
+        pass  # no prompts (a cache filled before lrc read them, offline: the model loads as it did then)
     return folder
 
 

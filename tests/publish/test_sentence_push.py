@@ -103,6 +103,11 @@ def test_a_hub_repo_loads_from_the_cache(tmp_path, capsys, hub_cache, monkeypatc
     assert model.max_seq_length == 48
     got = model.encode(TEXTS, convert_to_tensor=True).float()
     assert torch.allclose(got, _lrc_embeddings(lr, out), atol=1e-5)
+    # a cache filled before lrc staged config_sentence_transformers.json, offline: loads as it did then
+    hub_cache("acme/st-old", {p.relative_to(out).as_posix(): p for p in out.rglob("*")
+                              if p.is_file() and p.name != "config_sentence_transformers.json"})
+    old = lowrank_cli.sentence_transformer("hf-hub:acme/st-old")
+    assert torch.allclose(old.encode(TEXTS, convert_to_tensor=True).float(), got, atol=1e-5)
 
 
 def test_plain_sentence_model_is_unchanged_by_push(tmp_path, bert_folder):
