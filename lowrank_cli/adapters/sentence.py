@@ -1,6 +1,7 @@
 """`lowrank_cli.sentence_transformer(path)`: a compressed sentence-transformers model back inside the library its
 users work with: a `sentence_transformers.SentenceTransformer` whose transformer is the lrc file's low-rank model,
-followed by the Pooling and Normalize modules a modules.json names.
+followed by the Pooling and Normalize modules a modules.json names, with the prompts, default prompt and
+similarity function of its config_sentence_transformers.json.
 
     st = lowrank_cli.sentence_transformer("hf-hub:org/minilm-lr2")            # a folder or repo lrc push wrote
     st = lowrank_cli.sentence_transformer("minilm_lr.safetensors")            # the source folder the file records
@@ -59,7 +60,7 @@ def assemble(model: Any, folder: Path, embedding: dict[str, Any], device: str = 
     modules.json names (read_embedding has refused any other type)."""
     from sentence_transformers import SentenceTransformer
 
-    from lowrank_cli.models.sentence import read_modules
+    from lowrank_cli.models.sentence import MODEL_CONFIG_KEYS, read_modules
 
     _, Pooling, Normalize = _module_classes()
 
@@ -73,7 +74,12 @@ def assemble(model: Any, folder: Path, embedding: dict[str, Any], device: str = 
             modules.append(Pooling.load(str(folder / where)))  # its config.json only: read_pooling checked it
         else:
             modules.append(Normalize())
-    return SentenceTransformer(modules=modules, device=device).eval()
+    # the folder's config_sentence_transformers.json (read_model_config checked it): encode(prompt_name=...) and
+    # similarity() as the original model; passed only when set, so a folder without the file builds as before
+    config = {key: embedding[key] for key in MODEL_CONFIG_KEYS if embedding.get(key) is not None}
+    if "prompts" in config:
+        config["prompts"] = dict(config["prompts"])  # sentence-transformers edits its own copy
+    return SentenceTransformer(modules=modules, device=device, **config).eval()
 
 
 def _transformer(model: Any, folder: Path, embedding: dict[str, Any]) -> Any:
@@ -128,8 +134,8 @@ def _hub_sentence_files(repo: str, revision: str | None) -> Path | None:
     low-rank model is the lrc file's); None when the repo has no modules.json."""
     from huggingface_hub import errors as hf_errors
 
-    from lowrank_cli.models.hub import hub_download
-    from lowrank_cli.models.sentence import MODULES_FILE, ST_CONFIG, read_modules
+    from lowrank_cli.models.hub import NotCached, hub_download
+    from lowrank_cli.models.sentence import MODEL_CONFIG, MODULES_FILE, ST_CONFIG, read_modules
 
     try:
         folder = hub_download(repo, MODULES_FILE, revision).parent
@@ -140,6 +146,10 @@ def _hub_sentence_files(repo: str, revision: str | None) -> Path | None:
             hub_download(repo, name, revision)
         except hf_errors.EntryNotFoundError:
             continue  # read_embedding says what is missing and whether it matters
+    try:
+        hub_download(repo, MODEL_CONFIG, revision)
+    except (hf_errors.EntryNotFoundError, NotCached):
+        pass  # no prompts (a cache filled before lrc read them, offline: the model loads as it did then)
     return folder
 
 

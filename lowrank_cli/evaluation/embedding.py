@@ -4,6 +4,10 @@
 - against the dense model (`against`): the mean cosine of each text's embedding to the dense model's;
 - on sentence pairs ({"text", "text_pair"} records of a .jsonl): retrieval top-1, the share of texts whose own pair
   is the most similar (cosine) of all the pairs in the file.
+
+The texts are encoded as the file gives them: no prompt of the model's config_sentence_transformers.json is added
+(not even its default_prompt_name), for the low-rank model and the dense one alike, so both see the same tokens.
+Data meant for a prompted model carries its prompt in the text ("query: ...").
 """
 
 from __future__ import annotations

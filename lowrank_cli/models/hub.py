@@ -106,7 +106,8 @@ def snapshot_revision(path: Path) -> str | None:
 
 
 # What a sentence-transformers repo says of its embedding (models.sentence), fetched beside the weights when present.
-SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
+SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
+                  "config_sentence_transformers.json")
 
 
 def hub_transformers_files(repo: str, revision: str | None) -> Path:

@@ -14,6 +14,13 @@ behaving as before (no embedding: the pooler or the mean of the last hidden stat
     staged_files(emb, dim)        # {"modules.json": [...], "sentence_bert_config.json": {...}, "1_Pooling/config.json": {...}}
 
 is the sentence-transformers layout `lrc push` writes beside the checkpoint, from the record alone.
+
+A folder's config_sentence_transformers.json adds its `prompts`, `default_prompt_name` and `similarity_fn_name`
+to the record (read_model_config: those keys only, each checked; `__version__` and the rest are not kept), and the
+pooling config's `include_prompt: false` is kept too: `lrc push` stages them and `lowrank_cli.sentence_transformer`
+hands them to SentenceTransformer, so `encode(texts, prompt_name="query")` does what the original model does.
+lrc's own embedding path (`embed`, `lrc eval`, recovery's texts) never adds a prompt: it encodes the texts as given,
+the dense model and the low-rank one alike.
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ if TYPE_CHECKING:
 
 MODULES_FILE = "modules.json"
 ST_CONFIG = "sentence_bert_config.json"
+MODEL_CONFIG = "config_sentence_transformers.json"
+# The keys of config_sentence_transformers.json lrc records and stages (the rest, `__version__` included, is not
+# kept), and the similarity functions sentence-transformers' SentenceTransformer accepts (SimilarityFunction).
+MODEL_CONFIG_KEYS = ("prompts", "default_prompt_name", "similarity_fn_name")
+SIMILARITY_FUNCTIONS = ("cosine", "dot", "euclidean", "manhattan")
 # The module type of the transformer in a folder `lrc push` wrote: its weights are the lrc checkpoint's, which
 # sentence-transformers' own Transformer cannot read (and it imports no type outside its package unless told to
 # trust remote code, which lrc never does): `lowrank_cli.sentence_transformer` builds it.
@@ -93,14 +105,50 @@ def read_embedding(folder: Path) -> dict[str, Any] | None:
               "max_seq_length": int(max_len) if isinstance(max_len, int) and max_len > 0 else None}
     if st.get("do_lower_case") is True:  # recorded only when set: records of files written before read the same
         record["do_lower_case"] = True
+    if pooling and _json(Path(folder) / pooling[0] / "config.json").get("include_prompt") is False:
+        record["include_prompt"] = False  # prompt tokens left out of the pooling (sentence-transformers' encode)
+    record.update(read_model_config(folder))
     return record
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The prompts, default prompt name and similarity function of a folder's config_sentence_transformers.json,
+    each checked (a malformed one is refused with its key); only those set, so none for a folder without the file."""
+    path = Path(folder) / MODEL_CONFIG
+    if not path.is_file():
+        return {}
+    cfg = _json(path)
+    if not isinstance(cfg, dict):
+        raise InputError(f"'{path}' is not a JSON object: fix or re-export the sentence-transformers folder")
+    prompts = cfg.get("prompts")
+    if prompts is not None and not (isinstance(prompts, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
+        raise InputError(f"'{path}' key 'prompts' is {_short(prompts)}, not an object of prompt names to prompt "
+                         'texts (such as {"query": "query: "}): fix the file')
+    default = cfg.get("default_prompt_name")
+    if default is not None and not (isinstance(default, str) and default in (prompts or {})):
+        raise InputError(f"'{path}' key 'default_prompt_name' is {_short(default)}, which is not one of its 'prompts' "
+                         f"({', '.join(map(repr, prompts or {})) or 'none'}): set it to one of them, or null")
+    similarity = cfg.get("similarity_fn_name")
+    if similarity is not None and similarity not in SIMILARITY_FUNCTIONS:
+        raise InputError(f"'{path}' key 'similarity_fn_name' is {_short(similarity)}, not one of "
+                         f"{', '.join(SIMILARITY_FUNCTIONS)}: fix the file")
+    found = {"prompts": dict(prompts) if prompts else None, "default_prompt_name": default,
+             "similarity_fn_name": similarity}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def staged_files(embedding: dict[str, Any], dimension: int) -> dict[str, Any]:
     """The sentence-transformers files of an embedding record, as `lrc push` writes them beside the checkpoint
     (relative path -> JSON document): modules.json (the low-rank transformer at the root, then Pooling and
     Normalize as the source had them), sentence_bert_config.json and 1_Pooling/config.json (the pooling keys every
-    sentence-transformers version reads). Normalize has no config: its entry in modules.json is all it needs."""
+    sentence-transformers version reads), and config_sentence_transformers.json when the record has prompts or a
+    similarity function (those keys only). Normalize has no config: its entry in modules.json is all it needs."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": LOWRANK_TRANSFORMER}]
     pooling = list(embedding.get("pooling") or [])
     if pooling:
@@ -115,7 +163,12 @@ def staged_files(embedding: dict[str, Any], dimension: int) -> dict[str, Any]:
     if pooling:
         flags = {key: mode in pooling for key, mode in POOLING_MODES}
         files[f"{POOLING_DIR}/config.json"] = {"word_embedding_dimension": int(dimension), **flags,
-                                               **{key: False for key in UNSUPPORTED_MODES}, "include_prompt": True}
+                                               **{key: False for key in UNSUPPORTED_MODES},
+                                               "include_prompt": embedding.get("include_prompt", True) is not False}
+    if any(key in embedding for key in MODEL_CONFIG_KEYS):
+        files[MODEL_CONFIG] = {"prompts": dict(embedding.get("prompts") or {}),
+                               "default_prompt_name": embedding.get("default_prompt_name"),
+                               "similarity_fn_name": embedding.get("similarity_fn_name")}
     return files
 
 

@@ -222,7 +222,7 @@ def sentence_section(info: CheckpointInfo, repo_id: str | None) -> str:
         "## Use with sentence-transformers", "", "```bash", 'pip install "lowrank-cli[sentence-transformers]"', "```",
         "", "```python", "import lowrank_cli",
         f'model = lowrank_cli.sentence_transformer("hf-hub:{repo}")  # a sentence_transformers.SentenceTransformer',
-        'embeddings = model.encode(["The first sentence.", "And a second one."])', "```", "",
+        'embeddings = model.encode(["The first sentence.", "And a second one."])', *_prompt_lines(embedding), "```", "",
         f"The embedding is the original model's: {pooling}{normalized}; the repo holds its `modules.json`, "
         "`sentence_bert_config.json` and pooling config. Plain `SentenceTransformer(...)` on this "
         "repo does not work: its transformer is low-rank, a module type outside the `sentence_transformers` package, "
@@ -230,6 +230,15 @@ def sentence_section(info: CheckpointInfo, repo_id: str | None) -> str:
         "you to enable. `lowrank_cli.sentence_transformer` builds the same pipeline without it: it accepts only the "
         "Transformer, Pooling and Normalize modules and imports no code from the repo.",
     ])
+
+
+def _prompt_lines(embedding: dict[str, Any]) -> list[str]:
+    """The usage line of the prompts the model was trained with (config_sentence_transformers.json), if any."""
+    names = [name for name, text in (embedding.get("prompts") or {}).items() if text]
+    if not names:
+        return []
+    return [f'queries = model.encode(["A question?"], prompt_name="{names[0]}")  # its prompts: '
+            f'{", ".join(names)}']
 
 
 def sentence_names(info: CheckpointInfo) -> list[str]:

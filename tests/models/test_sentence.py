@@ -31,7 +31,8 @@ def test_embedding_is_the_one_sentence_transformers_computes(tmp_path, mode):
                                          pooling_mode=mode, normalize=mode != "max")
     emb = read_embedding(folder)
     assert emb == {"modules": ["transformer", "pooling"] + (["normalize"] if mode != "max" else []),
-                   "pooling": [mode], "normalize": mode != "max", "max_seq_length": 64}
+                   "pooling": [mode], "normalize": mode != "max", "max_seq_length": 64,
+                   "similarity_fn_name": "cosine"}  # from its config_sentence_transformers.json (empty prompts: none)
     texts = corpus_sentences(6, seed=2)  # different lengths: padding must not count
     reference = st.SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
     model = load_model(str(folder)).model
@@ -69,7 +70,7 @@ def _factorize(folder, out, capsys, kappa="2"):
 
 def test_embedding_is_recorded_in_the_checkpoint(st_folder, tmp_path, capsys):
     expected = {"modules": ["transformer", "pooling", "normalize"], "pooling": ["mean"], "normalize": True,
-                "max_seq_length": 48}
+                "max_seq_length": 48, "similarity_fn_name": "cosine"}
     assert embedding_of(load_model(str(st_folder))) == expected
     out = _factorize(st_folder, tmp_path / "lr.safetensors", capsys)
     assert embedding_of(load_model(str(out))) == expected

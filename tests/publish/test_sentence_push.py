@@ -103,6 +103,11 @@ def test_a_hub_repo_loads_from_the_cache(tmp_path, capsys, hub_cache, monkeypatc
     assert model.max_seq_length == 48
     got = model.encode(TEXTS, convert_to_tensor=True).float()
     assert torch.allclose(got, _lrc_embeddings(lr, out), atol=1e-5)
+    # a cache filled before lrc staged config_sentence_transformers.json, offline: loads as it did then
+    hub_cache("acme/st-old", {p.relative_to(out).as_posix(): p for p in out.rglob("*")
+                              if p.is_file() and p.name != "config_sentence_transformers.json"})
+    old = lowrank_cli.sentence_transformer("hf-hub:acme/st-old")
+    assert torch.allclose(old.encode(TEXTS, convert_to_tensor=True).float(), got, atol=1e-5)
 
 
 def test_plain_sentence_model_is_unchanged_by_push(tmp_path, bert_folder):
@@ -271,3 +276,116 @@ def test_do_lower_case_is_recorded_staged_and_applied(tmp_path, capsys):
     ours = embeddings(lowrank_cli.load(lr), upper, tokenizer, embedding_of(lowrank_cli.load(lr)), max_length=None,
                       batch_size=4, device=torch.device("cpu"))
     assert torch.allclose(got, ours, atol=1e-5)
+
+
+def _with_model_config(folder, **config):
+    """The folder's config_sentence_transformers.json set to `config` (beside the `__version__` block it has)."""
+    path = folder / "config_sentence_transformers.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return folder
+
+
+def _encode(model, texts, **kw):
+    return model.encode(texts, convert_to_tensor=True, **kw).float()
+
+
+@pytest.mark.parametrize("default_prompt_name,include_prompt", [(None, True), ("query", False)])
+def test_prompts_and_similarity_are_recorded_staged_and_applied(tmp_path, capsys, hub_cache, monkeypatch,
+                                                               default_prompt_name, include_prompt):
+    """config_sentence_transformers.json's prompts, default prompt and similarity function (and the pooling's
+    include_prompt): recorded at factorize, staged by push, and what sentence_transformer's model encodes with,
+    from the pushed folder, from the Hub repo and from the file with its source; lrc's own embedding adds no prompt."""
+    from huggingface_hub import constants
+
+    from lowrank_cli.models.sentence import embedding_of
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    source = write_sentence_transformers(tmp_path / "st", seed=5, dropout=0.0, initializer_range=0.2, normalize=False)
+    prompts = {"query": "query: ", "passage": "passage: "}
+    _with_model_config(source, prompts=prompts, default_prompt_name=default_prompt_name, similarity_fn_name="dot")
+    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
+    (source / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "include_prompt": include_prompt}))
+    lr = _factorize(source, tmp_path / "lr.safetensors", capsys)
+    recorded = embedding_of(lowrank_cli.load(lr))
+    assert recorded["prompts"] == prompts and recorded["similarity_fn_name"] == "dot" and "__version__" not in recorded
+    assert recorded.get("default_prompt_name") == default_prompt_name
+    assert recorded.get("include_prompt", True) is include_prompt
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["push", lr, "acme/st-lr2", "--dry-run", out], capsys)
+    assert code == 0, err
+    assert "config_sentence_transformers.json" in stdout
+    assert json.loads((out / "config_sentence_transformers.json").read_text()) == {
+        "prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "dot"}
+    assert json.loads((out / "1_Pooling" / "config.json").read_text())["include_prompt"] is include_prompt
+    assert 'model.encode(["A question?"], prompt_name="query")  # its prompts: query, passage' in (
+        out / "README.md").read_text()
+    dense = st.SentenceTransformer(str(source), device="cpu")
+    kept = tmp_path / "kept"
+    shutil.move(source, kept)
+    hub_cache("acme/st-lr2", {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()})
+
+    texts = ["x", "a longer sentence to encode"]
+    pushed = lowrank_cli.sentence_transformer(out)
+    ours = _lrc_embeddings(lr, out)  # TEXTS as given: no prompt, whatever the default
+    assert torch.allclose(_encode(pushed, TEXTS, prompt=""), ours, atol=1e-5)
+    reference = _encode(pushed, texts, prompt_name="query")
+    for model in (pushed, lowrank_cli.sentence_transformer("hf-hub:acme/st-lr2"),
+                  lowrank_cli.sentence_transformer(lr, source=kept)):
+        assert model.prompts == dense.prompts and prompts.items() <= model.prompts.items()  # 6.x adds empty ones
+        assert model.default_prompt_name == default_prompt_name == dense.default_prompt_name
+        assert model.similarity_fn_name == "dot" == dense.similarity_fn_name
+        query = _encode(model, texts, prompt_name="query")
+        assert torch.allclose(query, reference, atol=1e-5), (query - reference).abs().max()
+        bare = _encode(model, texts, prompt="")  # an empty prompt: none, not even the default
+        assert not torch.allclose(query, bare, atol=1e-3)
+        assert torch.allclose(_encode(model, texts), query if default_prompt_name else bare, atol=1e-5)
+        prefixed = _encode(model, [f"query: {t}" for t in texts], prompt="")
+        if include_prompt:  # the prompt's tokens are pooled with the text's
+            assert torch.allclose(query, prefixed, atol=1e-5), (query - prefixed).abs().max()
+        else:  # pooled over the text's tokens only
+            assert not torch.allclose(query, prefixed, atol=1e-3)
+        passage = _encode(model, texts, prompt_name="passage")
+        assert torch.allclose(model.similarity(query, passage), query @ passage.T, atol=1e-4)  # dot, not cosine
+    dense_query = _encode(dense, texts, prompt_name="query")
+    assert not torch.allclose(reference, dense_query, atol=1e-3)  # the low-rank layers ran
+
+
+def test_a_folder_without_config_sentence_transformers_json_is_as_before(tmp_path, capsys):
+    from lowrank_cli.models.sentence import embedding_of
+
+    source = write_sentence_transformers(tmp_path / "st", seed=5, dropout=0.0, initializer_range=0.2, normalize=True)
+    (source / "config_sentence_transformers.json").unlink()
+    lr = _factorize(source, tmp_path / "lr.safetensors", capsys)
+    assert embedding_of(lowrank_cli.load(lr)) == {"modules": ["transformer", "pooling", "normalize"],
+                                                  "pooling": ["mean"], "normalize": True, "max_seq_length": 64}
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["push", lr, "acme/st-lr2", "--dry-run", out], capsys)
+    assert code == 0, err
+    assert not (out / "config_sentence_transformers.json").exists() and "config_sentence_transformers" not in stdout
+    model = lowrank_cli.sentence_transformer(out)
+    dense = st.SentenceTransformer(str(source), device="cpu")
+    assert model.prompts == dense.prompts and not any(model.prompts.values())  # 6.x's empty defaults, if any
+    assert model.default_prompt_name is None and model.similarity_fn_name == "cosine" == dense.similarity_fn_name
+    assert torch.allclose(_encode(model, TEXTS), _lrc_embeddings(lr, out), atol=1e-5)
+
+
+@pytest.mark.parametrize("config,key", [
+    ({"prompts": ["query: "]}, "prompts"),
+    ({"prompts": {"query": 1}}, "prompts"),
+    ({"prompts": {"query": "query: "}, "default_prompt_name": "passage"}, "default_prompt_name"),
+    ({"prompts": {}, "default_prompt_name": 3}, "default_prompt_name"),
+    ({"similarity_fn_name": "maxsim"}, "similarity_fn_name"),
+])
+def test_a_malformed_config_sentence_transformers_json_is_one_error_line(tmp_path, capsys, config, key):
+    source = _with_model_config(write_sentence_transformers(tmp_path / "st"), **config)
+    out = tmp_path / "lr.safetensors"
+    code, stdout, err = run_cli(["factorize", source, "--kappa", "2", "-o", out], capsys)
+    assert (code, stdout) == (3, "") and not out.exists()
+    [line] = error_lines(err)
+    assert f"{source / 'config_sentence_transformers.json'}' key '{key}' is " in line, line
+    assert line.endswith(": set it to one of them, or null" if key == "default_prompt_name" else ": fix the file")
+    from lowrank_cli.models.sentence import read_embedding
+
+    (source / "config_sentence_transformers.json").write_text("[]")
+    with pytest.raises(InputError, match="config_sentence_transformers.json' is not a JSON object"):
+        read_embedding(source)
