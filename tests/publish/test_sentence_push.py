@@ -110,6 +110,31 @@ def test_a_hub_repo_loads_from_the_cache(tmp_path, capsys, hub_cache, monkeypatc
     assert torch.allclose(old.encode(TEXTS, convert_to_tensor=True).float(), got, atol=1e-5)
 
 
+def test_a_hub_repo_cached_before_the_layout_was_staged_loads_from_its_recorded_source(tmp_path, capsys, hub_cache,
+                                                                                       monkeypatch):
+    """Offline, a Hub lrc repo whose cache holds only what lrc pushed before it staged the sentence-transformers
+    layout (checkpoint, marker, card, tokenizer; never a modules.json): sentence_transformer("hf-hub:...") builds
+    the pipeline from the source the checkpoint records, as it did then, instead of failing on the modules.json
+    the cache does not have."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _, lr, out, _ = _pushed(tmp_path, capsys, normalize=True, max_seq_length=48)
+    (tmp_path / "kept").rename(tmp_path / "st")  # the source back where the file records it
+    staged = {"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"}
+    files = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
+    assert staged <= set(files)
+    hub_cache("acme/st-pre", {name: p for name, p in files.items() if name not in staged})
+    model = lowrank_cli.sentence_transformer("hf-hub:acme/st-pre")
+    assert [type(m).__name__ for m in model] == ["LowRankTransformer", "Pooling", "Normalize"]
+    assert model.max_seq_length == 48
+    got = model.encode(TEXTS, convert_to_tensor=True).float()
+    assert torch.allclose(got, _lrc_embeddings(lr, out), atol=1e-5), (got - _lrc_embeddings(lr, out)).abs().max()
+    shutil.move(tmp_path / "st", tmp_path / "gone")  # no recorded source either: that is what the error names
+    with pytest.raises(InputError, match="records its source as .*pass `?source`? the sentence-transformers folder"):
+        lowrank_cli.sentence_transformer("hf-hub:acme/st-pre")
+
+
 def test_plain_sentence_model_is_unchanged_by_push(tmp_path, bert_folder):
     """A checkpoint without an embedding record gets no sentence-transformers files and no card section."""
     from lowrank_cli.compress.factorize_source import factorize_file
