@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from lowrank_cli.atomic import _alive
 from lowrank_cli.errors import OutputError
 
 SHARE = 0.25  # of the available memory: the default budget
-PREFIX = ".lrc-calib-"  # the temporary folder's name: .lrc-calib-XXXXXXXX
+PREFIX = ".lrc-calib-"  # the temporary folder's name: .lrc-calib-<pid>-XXXXXXXX (a killed run's is removed by the next)
 FILE = "hidden-states.bin"
 
 
@@ -96,8 +97,9 @@ class HeldStates:
     def _file_tensor(self, numel: int, needed: int, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of `numel` elements backed by a file whose room is reserved first."""
         parent = Path(self.parent) if self.parent is not None else Path(tempfile.gettempdir())
+        _remove_stale(parent)
         try:
-            self.folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
             path = self.folder / FILE
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -119,6 +121,16 @@ class HeldStates:
             return f"held in memory on {self.device}: {nbytes / 2**20:.1f} MiB ({kind}, one layer at a time)"
         return (f"spilled to disk in {self.folder}: {nbytes / 2**20:.1f} MiB ({kind}, one layer at a time; "
                 f"{self.reason})")
+
+
+def _remove_stale(parent: Path) -> None:
+    """The folders that runs killed outright (SIGKILL, the OOM killer: no clean-up of theirs ran) left in `parent`:
+    removed, as atomic.py does with a killed write's temporary file; a live process's folder is left alone."""
+    with contextlib.suppress(OSError):
+        for old in parent.glob(f"{PREFIX}*"):
+            pid = old.name[len(PREFIX):].split("-")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _reserve(fd: int, size: int) -> None:
