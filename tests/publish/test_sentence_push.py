@@ -185,6 +185,12 @@ def test_delta_on_a_sentence_model_without_pooling_is_refused(tmp_path, capsys):
     assert (code, stdout) == (2, "") and not out.exists()
     assert error_lines(err) == ["Error: --delta distils the pooled embedding, and this sentence-transformers model "
                                 "has no Pooling module: leave out --delta"]
+    pushed = tmp_path / "pushed"  # its card names the files the repo holds: no pooling config among them
+    code, _, err = run_cli(["push", lr, "acme/st-lr2", "--dry-run", pushed], capsys)
+    assert code == 0, err
+    assert not (pushed / "1_Pooling").exists()
+    assert ("no Pooling module; the repo holds its `modules.json`, `sentence_bert_config.json`, "
+            "`config_sentence_transformers.json`. Plain `SentenceTransformer(...)`") in (pushed / "README.md").read_text()
 
 
 def test_pairs_without_text_pair_are_counted_on_the_command_line(tmp_path, capsys, caplog):
