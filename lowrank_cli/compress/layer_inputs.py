@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.atomic import _alive
+from lowrank_cli.atomic import process_alive
 from lowrank_cli.errors import OutputError
 
 SHARE = 0.25  # of the available memory: the default budget
@@ -129,7 +129,7 @@ def _remove_stale(parent: Path) -> None:
     with contextlib.suppress(OSError):
         for old in parent.glob(f"{PREFIX}*"):
             pid = old.name[len(PREFIX):].split("-")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and old.is_dir():
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)) and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
 
 
