@@ -50,13 +50,13 @@ def _remove_stale(path: Path) -> None:
     """Temporary files of earlier writes to `path` whose process is gone (killed during the write)."""
     for tmp in path.parent.glob(f".{path.name}{TMP_INFIX}*"):
         pid = tmp.name[len(f".{path.name}{TMP_INFIX}"):].split("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             tmp.unlink()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -126,12 +126,15 @@ def _staged_folder(files: Any) -> Path | None:
 
     if files.source.get("kind") != "hf-hub":
         return files.folder if (files.folder / MODULES_FILE).is_file() else None
-    return _hub_sentence_files(files.source["id"], files.source.get("revision"))
+    # offline, a repo cached before lrc staged these files (or pushed before it did) has no modules.json in the
+    # cache: the source the checkpoint records serves, as it did then
+    return _hub_sentence_files(files.source["id"], files.source.get("revision"), uncached_ok=True)
 
 
-def _hub_sentence_files(repo: str, revision: str | None) -> Path | None:
+def _hub_sentence_files(repo: str, revision: str | None, *, uncached_ok: bool = False) -> Path | None:
     """The cache snapshot of a Hub repo with its modules.json and the configs it names (never its weights: the
-    low-rank model is the lrc file's); None when the repo has no modules.json."""
+    low-rank model is the lrc file's); None when the repo has no modules.json (with `uncached_ok`, also when,
+    offline, the cache has none)."""
     from huggingface_hub import errors as hf_errors
 
     from lowrank_cli.models.hub import NotCached, hub_download
@@ -141,6 +144,10 @@ def _hub_sentence_files(repo: str, revision: str | None) -> Path | None:
         folder = hub_download(repo, MODULES_FILE, revision).parent
     except hf_errors.EntryNotFoundError:
         return None
+    except NotCached:
+        if uncached_ok:
+            return None
+        raise
     for name in [ST_CONFIG, *(f"{where}/config.json" for kind, where in read_modules(folder)[1:] if kind == "pooling")]:
         try:
             hub_download(repo, name, revision)

@@ -37,6 +37,14 @@ class StdoutConsole(Console):
         self._set_size = new_size
         Console.size.fset(self, new_size)
 
+    @property
+    def width(self) -> int:
+        return self.size.width
+
+    @width.setter
+    def width(self, width: int) -> None:  # rich's own setter, kept like `size` (it set a width this ignored)
+        self.size = (width, self.size.height)
+
 
 out = StdoutConsole(soft_wrap=True)
 err = Console(stderr=True)

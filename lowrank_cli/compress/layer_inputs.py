@@ -7,10 +7,10 @@ the full (windows, seq_len, hidden) shape in a temporary folder (beside the outp
     needed: windows x seq_len x hidden x element size, known from the first batch that reaches the first layer
     `calib_spill`: None by the budget, True always on disk, False always in memory
 
-On disk the file's room is reserved up front (os.posix_fallocate), so a disk that cannot hold it fails before any
-layer runs, with one error naming the folder and the size; each batch is a view of the one tensor, and a layer's
-outputs are copied into the views in place (the next layer's inputs). The folder is removed on the way out,
-whatever ends the run (success, an error, Ctrl-C).
+On disk the file's room is reserved up front (os.posix_fallocate, or zeros written where os has none), so a
+disk that cannot hold it fails before any layer runs, with one error naming the folder and the size; each batch
+is a view of the one tensor, and a layer's outputs are copied into the views in place (the next layer's inputs).
+The folder is removed on the way out, whatever ends the run (success, an error, Ctrl-C).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from lowrank_cli.atomic import process_alive
 from lowrank_cli.errors import OutputError
 
 SHARE = 0.25  # of the available memory: the default budget
-PREFIX = ".lrc-calib-"  # the temporary folder's name: .lrc-calib-XXXXXXXX
+PREFIX = ".lrc-calib-"  # the temporary folder's name: .lrc-calib-<pid>-XXXXXXXX (a killed run's is removed by the next)
 FILE = "hidden-states.bin"
 
 
@@ -96,12 +97,13 @@ class HeldStates:
     def _file_tensor(self, numel: int, needed: int, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of `numel` elements backed by a file whose room is reserved first."""
         parent = Path(self.parent) if self.parent is not None else Path(tempfile.gettempdir())
+        _remove_stale(parent)
         try:
-            self.folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
             path = self.folder / FILE
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.posix_fallocate(fd, 0, needed)
+                _reserve(fd, needed)
             finally:
                 os.close(fd)
             return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
@@ -119,6 +121,29 @@ class HeldStates:
             return f"held in memory on {self.device}: {nbytes / 2**20:.1f} MiB ({kind}, one layer at a time)"
         return (f"spilled to disk in {self.folder}: {nbytes / 2**20:.1f} MiB ({kind}, one layer at a time; "
                 f"{self.reason})")
+
+
+def _remove_stale(parent: Path) -> None:
+    """The folders that runs killed outright (SIGKILL, the OOM killer: no clean-up of theirs ran) left in `parent`:
+    removed, as atomic.py does with a killed write's temporary file; a live process's folder is left alone."""
+    with contextlib.suppress(OSError):
+        for old in parent.glob(f"{PREFIX}*"):
+            pid = old.name[len(PREFIX):].split("-")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)) and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """The file's `size` bytes reserved on disk: posix_fallocate where the system has it (Linux), else zeros
+    written (macOS and Windows have no os.posix_fallocate; a sparse file would fail only when the layers write
+    into its pages, past any error message)."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+        return
+    zeros = bytes(min(size, 1 << 24))
+    left = size
+    while left > 0:
+        left -= os.write(fd, zeros[:left] if left < len(zeros) else zeros)
 
 
 def _cannot_hold(folder: Path, needed: int, error: OSError) -> OutputError:

@@ -48,12 +48,18 @@ LOWRANK_TRANSFORMER = "lowrank_cli.LowRankTransformer"
 KNOWN = {"sentence_transformers.models.Transformer": "transformer",
          LOWRANK_TRANSFORMER: "transformer",
          "sentence_transformers.models.Pooling": "pooling",
-         "sentence_transformers.models.Normalize": "normalize"}
+         "sentence_transformers.models.Normalize": "normalize",
+         # the same three as sentence-transformers 6 saves them (where 6.x moved them)
+         "sentence_transformers.base.modules.transformer.Transformer": "transformer",
+         "sentence_transformers.sentence_transformer.modules.pooling.Pooling": "pooling",
+         "sentence_transformers.base.modules.normalize.Normalize": "normalize"}
 POOLING_DIR = "1_Pooling"
 # Pooling config keys -> lrc's mode names, in the order sentence-transformers concatenates them.
 POOLING_MODES = (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
                  ("pooling_mode_mean_tokens", "mean"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"))
 UNSUPPORTED_MODES = ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+# sentence-transformers 6's `pooling_mode` (one name, or a list in concatenation order) -> lrc's mode names
+POOLING_MODE_NAMES = {"cls": "cls", "max": "max", "mean": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len"}
 
 
 def _json(path: Path) -> Any:
@@ -186,11 +192,23 @@ def read_pooling(path: Path) -> list[str]:
     cfg = _json(path)
     if not isinstance(cfg, dict):
         raise InputError(f"'{path}' is not a JSON object: fix the pooling config")
-    for key in UNSUPPORTED_MODES:
-        if cfg.get(key):
-            raise InputError(f"'{path}' sets {key}, a pooling lrc does not compute: use a model with cls, mean, max "
-                             "or mean_sqrt_len pooling")
-    modes = [mode for key, mode in POOLING_MODES if cfg.get(key)]
+    if "pooling_mode" in cfg:  # sentence-transformers 6 writes the modes by name (and no pooling_mode_* keys)
+        named = cfg["pooling_mode"]
+        named = [named] if isinstance(named, str) else named
+        if not isinstance(named, list) or not all(isinstance(n, str) for n in named):
+            raise InputError(f"'{path}' key 'pooling_mode' is {_short(named)}, not a pooling mode name or a list of "
+                             "them: fix the pooling config")
+        for name in named:
+            if name not in POOLING_MODE_NAMES:
+                raise InputError(f"'{path}' sets pooling_mode {name!r}, a pooling lrc does not compute: use a model "
+                                 "with cls, mean, max or mean_sqrt_len_tokens pooling")
+        modes = [POOLING_MODE_NAMES[n] for n in named]
+    else:
+        for key in UNSUPPORTED_MODES:
+            if cfg.get(key):
+                raise InputError(f"'{path}' sets {key}, a pooling lrc does not compute: use a model with cls, mean, "
+                                 "max or mean_sqrt_len pooling")
+        modes = [mode for key, mode in POOLING_MODES if cfg.get(key)]
     if not modes:
         raise InputError(f"'{path}' sets no pooling mode (pooling_mode_mean_tokens, pooling_mode_cls_token, ...): "
                          "set the one the model was trained with")

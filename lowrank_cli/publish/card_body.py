@@ -223,8 +223,8 @@ def sentence_section(info: CheckpointInfo, repo_id: str | None) -> str:
         "", "```python", "import lowrank_cli",
         f'model = lowrank_cli.sentence_transformer("hf-hub:{repo}")  # a sentence_transformers.SentenceTransformer',
         'embeddings = model.encode(["The first sentence.", "And a second one."])', *_prompt_lines(embedding), "```", "",
-        f"The embedding is the original model's: {pooling}{normalized}; the repo holds its `modules.json`, "
-        "`sentence_bert_config.json` and pooling config. Plain `SentenceTransformer(...)` on this "
+        f"The embedding is the original model's: {pooling}{normalized}; the repo holds its "
+        f"{', '.join(f'`{n}`' for n in staged_files(embedding, 0))}. Plain `SentenceTransformer(...)` on this "
         "repo does not work: its transformer is low-rank, a module type outside the `sentence_transformers` package, "
         "and sentence-transformers refuses such types unless you pass `trust_remote_code=True`, which we never ask "
         "you to enable. `lowrank_cli.sentence_transformer` builds the same pipeline without it: it accepts only the "

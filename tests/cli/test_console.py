@@ -49,3 +49,12 @@ def test_a_wider_columns_is_kept_and_a_terminal_is_rich_s_own(monkeypatch):
     assert ours.width == rich_s.width == 80
     on_terminal = _printed(rich_s)
     assert _printed(ours) == on_terminal and "…" in on_terminal  # an 80-column terminal still cuts, as rich does
+
+
+def test_a_width_set_on_the_console_is_kept_off_a_terminal(monkeypatch):
+    # rich's `console.width = N` (as tests/evaluation/test_bench.py narrows console.out) is kept, like `size`
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console = StdoutConsole(file=io.StringIO(), soft_wrap=True)
+    console.width = 60
+    assert console.width == 60 and console.size.width == 60
+    assert "…" in _printed(console)  # narrowed on purpose: cut to it, as rich does

@@ -152,6 +152,58 @@ def test_a_disk_that_cannot_hold_them_fails_first_with_one_error(llama, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_run_s_folder_is_removed_by_the_next(llama, tmp_path):
+    """A run killed outright (SIGKILL, the OOM killer) runs no clean-up and leaves its folder, the size of the
+    hidden states: the next run that spills there removes it (its process is gone), as atomic.py does with a killed
+    write's temporary file; a live process's folder and anything else are left alone."""
+    import subprocess
+
+    folder, text = llama
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"{layer_inputs.PREFIX}{gone.pid}-abcd1234"
+    live = tmp_path / f"{layer_inputs.PREFIX}{os.getppid()}-efgh5678"
+    for d in (dead, live):
+        d.mkdir()
+        (d / layer_inputs.FILE).write_bytes(bytes(HELD))
+    (tmp_path / "keep.txt").write_text("x")
+    _, cal, log = _factorize(folder, text, calib_spill=True, calib_spill_dir=str(tmp_path))
+    assert cal["held"] == "disk" and f"{layer_inputs.PREFIX}{os.getpid()}-" in log
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "keep.txt"])
+
+
+def test_without_posix_fallocate_the_room_is_written(llama, tmp_path, monkeypatch):
+    """macOS and Windows have no os.posix_fallocate: the file's room is reserved by writing it, the run is bit for
+    bit the in-memory one, and a disk that fills while it is reserved is the same one OutputError, nothing left."""
+    folder, text = llama
+    kept, _, _ = _factorize(folder, text)
+    monkeypatch.delattr(os, "posix_fallocate")
+    sizes: list[int] = []
+    real = factorization.swap_planned
+
+    def watching(*args, **kwargs):
+        sizes.extend(os.path.getsize(p / layer_inputs.FILE) for p in _spilled(tmp_path))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(factorization, "swap_planned", watching)
+    spilled, cal, _ = _factorize(folder, text, calib_spill=True, calib_spill_dir=str(tmp_path))
+    assert cal["held"] == "disk" and sizes == [HELD] * 3
+    a, b = kept.state_dict(), spilled.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _spilled(tmp_path) == []
+    real_write = os.write
+
+    def full(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(layer_inputs.FILE):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OutputError, match=r"on disk \(0\.0 MiB\) in .* and the disk is full"):
+        _factorize(folder, text, calib_spill=True, calib_spill_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args,where", [
     ([], "held in memory on cpu"),
     (["--no-calib-spill"], "held in memory on cpu"),

@@ -110,6 +110,31 @@ def test_a_hub_repo_loads_from_the_cache(tmp_path, capsys, hub_cache, monkeypatc
     assert torch.allclose(old.encode(TEXTS, convert_to_tensor=True).float(), got, atol=1e-5)
 
 
+def test_a_hub_repo_cached_before_the_layout_was_staged_loads_from_its_recorded_source(tmp_path, capsys, hub_cache,
+                                                                                       monkeypatch):
+    """Offline, a Hub lrc repo whose cache holds only what lrc pushed before it staged the sentence-transformers
+    layout (checkpoint, marker, card, tokenizer; never a modules.json): sentence_transformer("hf-hub:...") builds
+    the pipeline from the source the checkpoint records, as it did then, instead of failing on the modules.json
+    the cache does not have."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _, lr, out, _ = _pushed(tmp_path, capsys, normalize=True, max_seq_length=48)
+    (tmp_path / "kept").rename(tmp_path / "st")  # the source back where the file records it
+    staged = {"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"}
+    files = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
+    assert staged <= set(files)
+    hub_cache("acme/st-pre", {name: p for name, p in files.items() if name not in staged})
+    model = lowrank_cli.sentence_transformer("hf-hub:acme/st-pre")
+    assert [type(m).__name__ for m in model] == ["LowRankTransformer", "Pooling", "Normalize"]
+    assert model.max_seq_length == 48
+    got = model.encode(TEXTS, convert_to_tensor=True).float()
+    assert torch.allclose(got, _lrc_embeddings(lr, out), atol=1e-5), (got - _lrc_embeddings(lr, out)).abs().max()
+    shutil.move(tmp_path / "st", tmp_path / "gone")  # no recorded source either: that is what the error names
+    with pytest.raises(InputError, match="records its source as .*pass `?source`? the sentence-transformers folder"):
+        lowrank_cli.sentence_transformer("hf-hub:acme/st-pre")
+
+
 def test_plain_sentence_model_is_unchanged_by_push(tmp_path, bert_folder):
     """A checkpoint without an embedding record gets no sentence-transformers files and no card section."""
     from lowrank_cli.compress.factorize_source import factorize_file
@@ -160,6 +185,13 @@ def test_delta_on_a_sentence_model_without_pooling_is_refused(tmp_path, capsys):
     assert (code, stdout) == (2, "") and not out.exists()
     assert error_lines(err) == ["Error: --delta distils the pooled embedding, and this sentence-transformers model "
                                 "has no Pooling module: leave out --delta"]
+    pushed = tmp_path / "pushed"  # its card names the files the repo holds: no pooling config among them
+    code, _, err = run_cli(["push", lr, "acme/st-lr2", "--dry-run", pushed], capsys)
+    assert code == 0, err
+    assert not (pushed / "1_Pooling").exists()
+    card = (pushed / "README.md").read_text()
+    assert ("no Pooling module; the repo holds its `modules.json`, `sentence_bert_config.json`, "
+            "`config_sentence_transformers.json`. Plain `SentenceTransformer(...)`") in card
 
 
 def test_pairs_without_text_pair_are_counted_on_the_command_line(tmp_path, capsys, caplog):
@@ -389,3 +421,34 @@ def test_a_malformed_config_sentence_transformers_json_is_one_error_line(tmp_pat
     (source / "config_sentence_transformers.json").write_text("[]")
     with pytest.raises(InputError, match="config_sentence_transformers.json' is not a JSON object"):
         read_embedding(source)
+
+
+def test_a_folder_saved_by_sentence_transformers_6_is_read(tmp_path, capsys):
+    """sentence-transformers 6 saves its modules under their new paths (sentence_transformers.base.modules...) and
+    the pooling by name ({"embedding_dimension": ..., "pooling_mode": "mean"}): lrc reads that folder as the one it
+    was saved from (it refused every module type of it), and its low-rank file encodes like the original's."""
+    from lowrank_cli.models.sentence import read_embedding, read_pooling
+
+    legacy = write_sentence_transformers(tmp_path / "st", seed=5, dropout=0.0, initializer_range=0.2,
+                                         normalize=True, max_seq_length=48)
+    saved = tmp_path / "saved"
+    st.SentenceTransformer(str(legacy), device="cpu").save(str(saved))
+    types = [m["type"] for m in json.loads((saved / "modules.json").read_text())]
+    pooling = json.loads((saved / "1_Pooling" / "config.json").read_text())
+    if types[0] == "sentence_transformers.models.Transformer" or "pooling_mode" not in pooling:
+        pytest.skip("this sentence-transformers saves the legacy layout")
+    got, want = read_embedding(saved), read_embedding(legacy)
+    assert (got["modules"], got["pooling"], got["normalize"]) == (want["modules"], ["mean"], True)
+    lr = _factorize(saved, tmp_path / "lr.safetensors", capsys)
+    model = lowrank_cli.sentence_transformer(lr)  # the recorded source: the saved folder
+    assert [type(m).__name__ for m in model] == ["LowRankTransformer", "Pooling", "Normalize"]
+    encoded = model.encode(TEXTS, convert_to_tensor=True).float()
+    expected = lowrank_cli.sentence_transformer(lr, source=legacy).encode(TEXTS, convert_to_tensor=True).float()
+    assert torch.allclose(encoded, expected, atol=1e-5), (encoded - expected).abs().max()
+    config = saved / "1_Pooling" / "config.json"
+    for mode, modes in ((["cls", "mean"], ["cls", "mean"]), ("mean_sqrt_len_tokens", ["mean_sqrt_len"])):
+        config.write_text(json.dumps({**pooling, "pooling_mode": mode}))
+        assert read_pooling(config) == modes
+    config.write_text(json.dumps({**pooling, "pooling_mode": "weightedmean"}))
+    with pytest.raises(InputError, match="sets pooling_mode 'weightedmean', a pooling lrc does not compute"):
+        read_pooling(config)
