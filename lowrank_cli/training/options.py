@@ -134,6 +134,12 @@ class TrainingOptions:
         return asdict(self)
 
 
+# recover's peak learning rate when `lr` is not given. A sentence-transformers model learns its embedding term
+# faster at a larger one (benchmarks/sentence_embedding.py: all-MiniLM-L6-v2, kappa 2, 400 x 32).
+RECOVER_LR = 1e-4
+SENTENCE_LR = 5e-4
+
+
 @dataclass
 class RecoverOptions(TrainingOptions):
     """Everything `recover` can be told besides what to train (student, teacher, data, output): the shared
@@ -148,6 +154,9 @@ class RecoverOptions(TrainingOptions):
     gamma: float | None = option(None, low=0, panel=LOSS_PANEL,
                                  help="Weight of the logit distillation (KL at --temperature), >= 0 (default: 1 for "
                                  "causal LMs, token-level KL; else 0).")
+    lr: float | None = option(None, low=0, low_open=True, panel=TRAINING_PANEL,
+                              help="Peak learning rate of AdamW (linear warm-up, then cosine to 0), > 0 (default: "
+                              f"{RECOVER_LR:g}; {SENTENCE_LR:g} for a sentence-transformers model).")
     delta: float | None = option(None, low=0, panel=LOSS_PANEL,
                                  help="Text models: weight of the MSE on the final pooled output (a sentence-"
                                  "transformers model's embedding), >= 0 (default: 1 for those models, else 0).")

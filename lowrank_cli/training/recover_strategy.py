@@ -30,6 +30,7 @@ from lowrank_cli.training.callbacks import held_out_eval, measured_before
 from lowrank_cli.training.heldout import (AccuracyScorer, DistillationScorer, PerplexityScorer,
                                           windows_perplexity)
 from lowrank_cli.training.losses import RecoveryLoss
+from lowrank_cli.training.options import RECOVER_LR, SENTENCE_LR
 from lowrank_cli.training.parallel import distribution
 from lowrank_cli.training.progressive import Progressive, factorized_layer_types
 from lowrank_cli.training.result import RecoverResult
@@ -127,6 +128,8 @@ class RecoverStrategy:
             embedding = None
         if embedding is not None and o.delta is None:
             weights = replace(weights, delta=SENTENCE_DELTA)
+        if o.lr is None:  # settled here, once the models say what they are; build_setup reads it after loss()
+            self.opts = replace(o, lr=SENTENCE_LR if embedding is not None else RECOVER_LR)
         self.delta = weights.delta
         return weights, embedding
 

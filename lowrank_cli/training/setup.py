@@ -142,6 +142,7 @@ def build_setup(strategy: Strategy, env: RunEnv) -> Setup:
     models = strategy.load_models(env, data)
     _check_finite(models)
     loss = strategy.loss(env, data, models)
+    opts = strategy.opts  # the loss settles what depends on the models (recover: a sentence model's lr)
     total = total_steps(opts, data.samples, ctx.world_size)
     loader, sampler = strategy.loader(env, data, models, total)
     schedule = Schedule(opts.lr, warmup_steps(opts, total), total)

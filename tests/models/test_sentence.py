@@ -105,6 +105,31 @@ def test_recovery_distils_and_scores_the_embedding(st_folder, tmp_path, capsys, 
     assert held["after"]["val_cosine"] > held["before"]["val_cosine"]
 
 
+def test_recovery_lr_defaults_by_model_and_a_given_lr_wins(st_folder, tmp_path, capsys, one_thread):
+    from lowrank_cli.training.options import RECOVER_LR, SENTENCE_LR
+
+    corpus = write_corpus(tmp_path / "c.txt", n=32)
+    student = _factorize(st_folder, tmp_path / "lr.safetensors", capsys, kappa="4")
+    from hf_fixtures import write_tiny_bert
+
+    plain = write_tiny_bert(tmp_path / "plain", head=None)  # the same BERT without modules.json: no embedding
+    plain_lr = _factorize(plain, tmp_path / "plain_lr.safetensors", capsys, kappa="4")
+
+    def run(student_, teacher, name, **kw):
+        out = tmp_path / f"{name}.safetensors"
+        result = lowrank_cli.recover(str(student_), str(teacher), str(corpus), output=out, steps=4, batch_size=8,
+                                     seed=0, device="cpu", log_every=1, warn=lambda m: None, **kw)
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.metrics.jsonl").read_text().splitlines()]
+        return result.settings["lr"], next(r["lr"] for r in rows if r.get("step") == 2)  # what the schedule ran
+
+    assert SENTENCE_LR != RECOVER_LR
+    (lr, ran), (plain_lr_, plain_ran) = run(student, st_folder, "sentence"), run(plain_lr, plain, "plain")
+    assert (lr, plain_lr_) == (SENTENCE_LR, RECOVER_LR)
+    assert ran / plain_ran == pytest.approx(SENTENCE_LR / RECOVER_LR)  # same schedule, scaled by the peak
+    given, given_ran = run(student, st_folder, "given", lr=2e-4)
+    assert given == 2e-4 and given_ran / plain_ran == pytest.approx(2e-4 / RECOVER_LR)
+
+
 def test_sentence_transformer_runs_the_compressed_model_with_the_original_modules(st_folder, tmp_path, capsys):
     st = pytest.importorskip("sentence_transformers")
     out = _factorize(st_folder, tmp_path / "lr.safetensors", capsys)
