@@ -106,7 +106,10 @@ class HeldStates:
                 _reserve(fd, needed)
             finally:
                 os.close(fd)
-            return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+            try:
+                return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+            except RuntimeError as e:  # torch's mmap failure (no address space, a file system without mmap)
+                raise OSError(errno.EIO, f"it cannot be mapped into memory ({e})") from e
         except OSError as e:
             if self.folder is not None:
                 with contextlib.suppress(OSError):

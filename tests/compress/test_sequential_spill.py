@@ -152,6 +152,21 @@ def test_a_disk_that_cannot_hold_them_fails_first_with_one_error(llama, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_that_cannot_be_mapped_is_one_error_and_nothing_left(llama, tmp_path, capsys, monkeypatch):
+    folder, text = llama
+
+    def no_mmap(*args, **kwargs):
+        raise RuntimeError("unable to mmap 1048576 bytes: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(torch, "from_file", no_mmap)
+    code, _, err = run_cli(["factorize", folder, "--ratio", "0.4", "--calib", text, "--calib-samples", WINDOWS,
+                            "--seq-len", SEQ, "--calib-spill", "-o", tmp_path / "o.safetensors"], capsys)
+    lines = error_lines(err)
+    assert code == OutputError.exit_code and len(lines) == 1, err
+    assert "cannot be mapped into memory" in lines[0] and "unable to mmap" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_run_s_folder_is_removed_by_the_next(llama, tmp_path):
     """A run killed outright (SIGKILL, the OOM killer) runs no clean-up and leaves its folder, the size of the
     hidden states: the next run that spills there removes it (its process is gone), as atomic.py does with a killed
